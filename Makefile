@@ -1,0 +1,32 @@
+# Two commands for a new user: `make demo` (a real tiny MoE run on the CPU) and `make test`.
+# Both create .venv on first use (pinned torch/megatron-core) and re-use it afterwards.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# A local directory of wheels (CI machines keep the torch CPU wheel there); used when present.
+WHEELS ?= /opt/wheels
+PIP_FLAGS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
+
+.PHONY: demo test test-fast install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned, so nothing can pull a multi-GB CUDA build instead.
+	$(PY) -m pip install -q $(PIP_FLAGS) torch==2.13.0
+	$(PY) -m pip install -q $(PIP_FLAGS) -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) pretrain_moe.py --config configs/tiny-cpu.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs --timeout=900 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -rs tests/unit
+
+clean:
+	rm -rf runs .cache .pytest_cache

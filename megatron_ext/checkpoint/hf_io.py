@@ -1,0 +1,328 @@
+"""Read and write HF checkpoint directories tensor by tensor.
+
+Reading: every safetensors file's header is parsed and checked against the file size before
+anything is loaded, so a truncated or corrupt file is one ``ConversionError`` line, not a crash
+inside the Rust reader. Tensors are then read with ``safetensors.safe_open`` opened per tensor:
+a long-lived handle keeps the whole file mapped and every page it has touched counts towards the
+process RSS (1.4 GB after reading a 1.2 GB file), while a short-lived one releases them.
+
+Writing: the full list of (name, shape, dtype) is known before the first tensor arrives (it
+follows from the architecture), so shards and headers are planned up front and each tensor is
+written straight to its offset. Memory stays at one tensor, whatever the shard size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from megatron_ext.checkpoint.keymaps import ConversionError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Copied verbatim from the input when present: the tokenizer travels with the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+)
+_MAX_HEADER = 100 * 1024 * 1024  # same bound the safetensors reader enforces
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def parse_size(text: str) -> int:
+    """'2GB' / '500MB' / '1.5GiB' / '123' -> bytes (decimal units like HF, binary with 'i')."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper()
+    num = s.rstrip("KMGTIB")
+    try:
+        value = int(float(num) * units[s[len(num):]])
+    except (ValueError, KeyError):
+        raise ConversionError(f"bad size {text!r} (use e.g. 2GB, 500MB)") from None
+    if value <= 0:
+        raise ConversionError(f"size must be positive: {text!r}")
+    return value
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check one file's header: offsets contiguous, sizes right, file complete."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConversionError(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ConversionError(f"{path}: truncated safetensors file (header of {n} bytes, "
+                                  f"file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ConversionError(f"{path}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header")
+    header.pop("__metadata__", None)
+    out: dict[str, TensorInfo] = {}
+    spans = []
+    for name, meta in header.items():
+        try:
+            dtype = DTYPES[meta["dtype"]]
+            shape = tuple(int(x) for x in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ConversionError(f"{path}: bad header entry for {name}") from None
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - begin != numel * dtype.itemsize:
+            raise ConversionError(f"{path}: {name} spans {end - begin} bytes, shape needs "
+                                  f"{numel * dtype.itemsize}")
+        spans.append((begin, end, name))
+        out[name] = TensorInfo(path, dtype, shape)
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise ConversionError(f"{path}: {name} does not start where the previous tensor ends")
+        pos = end
+    data = size - 8 - n
+    if pos > data:
+        raise ConversionError(f"{path}: truncated safetensors file (needs {8 + n + pos} bytes, "
+                              f"has {size})")
+    if pos < data:
+        raise ConversionError(f"{path}: {data - pos} unexpected trailing bytes")
+    return out
+
+
+class HFCheckpoint:
+    """A validated HF checkpoint directory: ``config``, ``keys()``, ``info(name)``, ``get(name)``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ConversionError(f"{self.path}: not a directory")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise ConversionError(f"{self.path}: no config.json (not an HF checkpoint)")
+        try:
+            self.config: dict[str, Any] = json.loads(config_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConversionError(f"{config_path}: invalid JSON ({e.msg})") from None
+        self._tensors: dict[str, TensorInfo] = {}
+        for file in self._weight_files():
+            for name, info in read_safetensors_header(file).items():
+                if name in self._tensors:
+                    raise ConversionError(f"{self.path}: {name} stored in two files")
+                self._tensors[name] = info
+        if self._weight_map is not None:
+            for name in sorted(set(self._weight_map) ^ set(self._tensors)):
+                raise ConversionError(f"{self.path}: index and shards disagree about {name}")
+            for name, info in self._tensors.items():
+                if self._weight_map[name] != info.file.name:
+                    raise ConversionError(f"{self.path}: index puts {name} in another shard")
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
+                raise ConversionError(f"{index}: invalid index file") from None
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (self.path / name).is_file():
+                    raise ConversionError(f"{index}: shard {name} is missing")
+            self._weight_map = weight_map
+            return [self.path / name for name in files]
+        single = self.path / SINGLE_NAME
+        if not single.is_file():
+            raise ConversionError(f"{self.path}: no {SINGLE_NAME} or {INDEX_NAME}")
+        self._weight_map = None
+        return [single]
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._tensors[name]
+
+    def get(self, name: str) -> Tensor:
+        """Load one tensor (KeyError when absent, like a dict)."""
+        info = self._tensors[name]
+        # Short-lived handle on purpose: see the module docstring.
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    __call__ = get
+
+
+def plan_shards(layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+                max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
+    """Split ``layout`` in order into shards of at most ``max_shard_bytes`` (a lone bigger tensor
+    gets its own shard, as HF does)."""
+    shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+    used = 0
+    for entry in layout:
+        nbytes = _nbytes(entry[1], entry[2])
+        if shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(entry)
+        used += nbytes
+    return shards
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for dim in shape:
+        n *= dim
+    return n
+
+
+class ShardedWriter:
+    """Write tensors of a known layout into planned safetensors shards, in any order.
+
+    Files are named ``model-0000i-of-0000n.safetensors`` (or ``model.safetensors`` when there is
+    one shard, as HF does) and an index is written when there are several.
+    """
+
+    def __init__(self, out_dir: Path, layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int) -> None:
+        self.out_dir = Path(out_dir)
+        shards = plan_shards(layout, max_shard_bytes)
+        n = len(shards)
+        self._slots: dict[str, tuple[str, int, tuple[int, ...], torch.dtype]] = {}
+        self._headers: dict[str, bytes] = {}
+        self._remaining: dict[str, int] = {}
+        self.total_bytes = 0
+        for i, shard in enumerate(shards):
+            fname = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            pos = 0
+            for name, shape, dtype in shard:
+                nbytes = _nbytes(shape, dtype)
+                header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                                "data_offsets": [pos, pos + nbytes]}
+                self._slots[name] = (fname, pos, tuple(shape), dtype)
+                pos += nbytes
+            self.total_bytes += pos
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, like the reference
+            self._headers[fname] = struct.pack("<Q", len(raw)) + raw
+            self._remaining[fname] = len(shard)
+        self._open: dict[str, BinaryIO] = {}
+        self._written: set[str] = set()
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        if name not in self._slots:
+            raise ConversionError(f"output: unexpected tensor {name}")
+        if name in self._written:
+            raise ConversionError(f"output: tensor {name} written twice")
+        fname, offset, shape, dtype = self._slots[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ConversionError(f"output: {name} is {list(tensor.shape)} {tensor.dtype}, "
+                                  f"planned {list(shape)} {dtype}")
+        f = self._open.get(fname)
+        if f is None:
+            f = self._open[fname] = open(self.out_dir / fname, "wb")
+            f.write(self._headers[fname])
+        f.seek(len(self._headers[fname]) + offset)
+        # Reinterpret as bytes without a copy (bf16 has no numpy dtype).
+        f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._written.add(name)
+        self._remaining[fname] -= 1
+        if self._remaining[fname] == 0:
+            self._open.pop(fname).close()
+
+    def finish(self) -> None:
+        missing = [n for n in self._slots if n not in self._written]
+        if missing:
+            raise ConversionError(f"output: tensor {missing[0]} never written "
+                                  f"({len(missing)} missing)")
+        files = {slot[0] for slot in self._slots.values()}
+        if len(files) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {n: slot[0] for n, slot in self._slots.items()}}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+
+def write_hf_checkpoint(
+    out_dir: Path,
+    tensors: Iterable[tuple[str, Tensor]],
+    layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    config: dict[str, Any],
+    max_shard_bytes: int = 2 * 10**9,
+    copy_from: Path | None = None,
+) -> None:
+    """Write weights, config.json and (from ``copy_from``) tokenizer and generation_config files
+    into the existing directory ``out_dir``; staging and renaming is the caller's (``staged_dir``)."""
+    writer = ShardedWriter(out_dir, layout, max_shard_bytes)
+    try:
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+        writer.finish()
+    finally:
+        writer.close()
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if copy_from is not None:
+        for fname in (*TOKENIZER_FILES, "generation_config.json"):
+            if (copy_from / fname).is_file():
+                shutil.copy2(copy_from / fname, out_dir / fname)
+
+
+@contextmanager
+def staged_dir(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh temp dir beside ``output``; on success it becomes ``output``, on any error
+    (or Ctrl-C) it is removed, so a failed run leaves nothing at the output path."""
+    output = Path(output).absolute()
+    if output.exists() and not overwrite:
+        raise ConversionError(f"{output} exists (pass --overwrite to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if output.exists():
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            output.rename(old)
+            tmp.rename(output)
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,231 @@
+"""The typed configuration tree.
+
+Every run is described by one ``Config``; each component receives only its own section.
+Each field's docstring-comment is the user documentation (``--print-config`` shows the values,
+``docs/config.md`` is generated from these comments by ``megatron_ext.config.docs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads (grouped-query attention when fewer than the query heads); None = heads."""
+    ffn_hidden_size: int = 256
+    """SwiGLU intermediate size d_ff (per expert in MoE layers)."""
+    vocab_size: int = 256
+    """Tokenizer vocabulary; the model pads it to a multiple of `vocab_multiple`."""
+    vocab_multiple: int = 128
+    """Pad the embedding/output rows to a multiple of this (times the tensor-parallel size)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the RoPE tables are built for."""
+    rotary_base: float = 10000.0
+    """RoPE theta."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    init_method_std: float = 0.02
+    """Std of the normal init for linear and embedding weights (from-scratch runs)."""
+    attention_backend: Literal["auto", "te", "flash", "sdpa", "unfused"] = "auto"
+    """Core attention: auto picks Transformer Engine, then flash-attn, then PyTorch SDPA."""
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0
+    """Experts per MoE layer; 0 builds a dense model."""
+    top_k: int = 2
+    """Experts each token is routed to (weights renormalized over the top-k, as in Mixtral)."""
+    aux_loss_coeff: float = 0.02
+    """Load-balancing (Switch) loss coefficient."""
+    z_loss_coeff: Optional[float] = None
+    """Router z-loss coefficient; None disables it."""
+    token_dispatcher: Literal["auto", "alltoall", "allgather"] = "auto"
+    """Token dispatcher; auto = alltoall on GPU, allgather on CPU (gloo lacks alltoall of splits)."""
+    grouped_gemm: bool = True
+    """Run all local experts in one grouped GEMM per projection (falls back to a loop on CPU)."""
+    layer_freq: Union[int, list] = 1
+    """Every N-th layer is MoE (1 = all), or an explicit 0/1 list with one entry per layer."""
+    capacity_factor: Optional[float] = None
+    """Expert capacity factor; None = dropless. Overflow tokens are dropped when set."""
+    token_drop_policy: Literal["probs", "position"] = "probs"
+    """Which tokens are dropped past capacity: lowest router probability, or latest position."""
+    pad_to_capacity: bool = False
+    """Pad every expert's input to its full capacity (static shapes)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size."""
+    pipeline: int = 1
+    """Pipeline-parallel size."""
+    expert: int = 1
+    """Expert-parallel size (experts are split across this many data-parallel ranks)."""
+    sequence_parallel: bool = False
+    """Sequence parallelism (needs tensor > 1)."""
+    distributed_optimizer: Optional[bool] = None
+    """Shard optimizer state over data-parallel ranks; None = on for GPU, off for CPU."""
+    world_size: Optional[int] = None
+    """Processes the run is planned for (dry-run / validation). None = read from the launcher."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-4
+    """Peak learning rate."""
+    min_lr: float = 2e-5
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 2
+    """Linear warmup steps (the paper: 2000)."""
+    warmup_init_lr: Optional[float] = None
+    """LR the warmup starts from; None = min_lr (as the paper's stack did)."""
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, to min_lr at the last step."""
+    decay_steps: Optional[int] = None
+    """Steps over which warmup+decay run; None = train.train_steps."""
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 8
+    """Sequences per optimizer step (across all data-parallel ranks)."""
+    micro_batch_size: int = 2
+    """Sequences per forward/backward on one rank; gradients accumulate to the global batch."""
+    train_steps: Optional[int] = 30
+    """Optimizer steps. Give this or train_tokens."""
+    train_tokens: Optional[int] = None
+    """Train until this many tokens (rounded up to whole steps); overrides train_steps."""
+    seed: int = 1234
+    """Seed for weights, dropout and data order."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 on GPU, fp32 on CPU."""
+    log_interval: int = 1
+    """Steps between log lines / metrics records."""
+    eval_interval: int = 0
+    """Steps between validation runs; 0 disables validation."""
+    eval_iters: int = 2
+    """Validation batches (of global_batch_size) per validation run."""
+    max_skipped_steps: int = 10
+    """Non-finite loss/grad-norm steps that are skipped before the run stops."""
+    peak_tflops: float = 989.0
+    """Per-device peak (dense bf16) used for MFU; 989 = H100 SXM data sheet."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation."""
+    deterministic: bool = True
+    """Fix CPU threads and pick deterministic algorithms so reruns are bit-identical on CPU."""
+    nan_injection_step: Optional[int] = None
+    """Test hook: make the loss NaN at this step (exercises the skip logic)."""
+
+
+@dataclass
+class DataConfig:
+    mock: bool = True
+    """Use megatron-core's mock GPT dataset (random tokens) instead of `blend`."""
+    blend: list = field(default_factory=list)
+    """[weight, prefix, weight, prefix, ...] or [prefix, ...] of Megatron .bin/.idx datasets."""
+    split: str = "998,1,1"
+    """Train/validation/test split of each dataset, as relative weights."""
+    seq_length: int = 128
+    """Tokens per training sequence."""
+    tokenizer: Optional[str] = None
+    """SentencePiece .model file or Hugging Face tokenizer directory."""
+    cache_dir: Optional[str] = None
+    """Where dataset index caches go; None = next to the data."""
+    demo_corpus: bool = False
+    """Build the shipped bilingual demo corpus (tokenizer + .bin/.idx, cached) and train on it."""
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    """Directory for this run's checkpoints; a run with checkpoints there resumes automatically."""
+    load: Optional[str] = None
+    """Initial weights only (e.g. an upcycled MoE); the optimizer starts fresh."""
+    save_interval: int = 0
+    """Steps between saves; 0 = save only at the end (and on preemption)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted after a successful save."""
+    async_save: bool = False
+    """Write checkpoints in the background (GPU only)."""
+    fully_reshardable_optimizer: bool = True
+    """Save optimizer state in the format that reshards across TP/PP/EP changes."""
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    """online needs credentials (falls back to offline with a warning)."""
+    project: str = "drop-upcycling"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B team or user."""
+    name: Optional[str] = None
+    """Run name; None = the config file's name."""
+    tags: list = field(default_factory=list)
+    """Run tags."""
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events."""
+    tensorboard: bool = False
+    """Also write TensorBoard events."""
+    expert_load: bool = True
+    """Log per-layer expert load, load imbalance and routing entropy."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases."""
+
+
+@dataclass
+class UpcyclingConfig:
+    method: Literal["scratch", "naive", "noise", "drop", "btx"] = "drop"
+    """Dense -> MoE initializer used by tools/convert/upcycle.py."""
+    ratio: float = 0.5
+    """Drop-Upcycling re-initialization ratio r (also the noise subset ratio)."""
+    seed: int = 1234
+    """Seed of the upcycler."""
+    index_sharing: Literal["per_projection", "shared"] = "per_projection"
+    """per_projection = the published code; shared = the paper's equations."""
+    router_init: Literal["uniform_std002", "normal_std002"] = "uniform_std002"
+    """Router weight init."""
+    noise_std: float = 0.02
+    """Std of the noise added by the `noise` method."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    upcycling: UpcyclingConfig = field(default_factory=UpcyclingConfig)

@@ -1,0 +1,153 @@
+"""Train a byte-level BPE tokenizer with the ``tokenizers`` library.
+
+The output directory loads with ``transformers.AutoTokenizer.from_pretrained(DIR)`` and with
+``megatron_ext.data.tokenizer.load_tokenizer(DIR)``. Byte-level BPE (GPT-2 style) never produces an
+unknown token, so any UTF-8 text, Japanese included, round-trips exactly through encode/decode.
+
+Special tokens get the lowest ids in the order given: ``<|endoftext|>`` (end of document, also
+used as BOS/EOS by the Hugging Face config, as in GPT-2) is id 0 and ``<pad>`` is id 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Iterator, Sequence
+
+from megatron_ext.data.errors import DataError
+
+EOD_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<pad>"
+DEFAULT_SPECIAL_TOKENS = (EOD_TOKEN, PAD_TOKEN)
+BYTE_ALPHABET_SIZE = 256
+
+
+def _iter_texts(inputs: Sequence[str], json_key: str) -> Iterator[str]:
+    # Reuse the preprocessing readers so the tokenizer sees exactly the documents that get
+    # tokenized later (and .jsonl/.jsonl.gz work); lines that would be skipped are skipped here.
+    from megatron_ext.data.preprocess import iter_valid_texts
+
+    yield from iter_valid_texts(inputs, json_key=json_key)
+
+
+def train_bpe_tokenizer(
+    inputs: Sequence[str],
+    vocab_size: int,
+    output_dir: str,
+    overwrite: bool = False,
+    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    min_frequency: int = 2,
+    json_key: str = "text",
+) -> str:
+    """Train byte-level BPE on text files and write a Hugging Face tokenizer directory.
+
+    ``inputs`` may be .txt, .jsonl or .jsonl.gz (``json_key`` selects the text field). The first
+    special token is the end-of-document token. The directory is built next to ``output_dir`` under
+    a temporary name and renamed into place, so a failed run leaves nothing at ``output_dir``.
+    Returns ``output_dir``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if not inputs:
+        raise DataError("no input files given")
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise DataError(f"input file not found: {path}")
+    if not special_tokens or len(set(special_tokens)) != len(special_tokens):
+        raise DataError(f"special tokens must be non-empty and unique, got {list(special_tokens)}")
+    minimum = BYTE_ALPHABET_SIZE + len(special_tokens)
+    if vocab_size <= minimum:
+        raise DataError(
+            f"vocab size {vocab_size} too small: byte-level BPE needs more than {minimum} "
+            f"(256 byte tokens + {len(special_tokens)} special tokens)"
+        )
+    output_dir = os.path.normpath(output_dir)
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    if os.path.exists(output_dir) and not overwrite:
+        raise DataError(f"output exists: {output_dir} (pass --overwrite to replace it)")
+    os.makedirs(parent, exist_ok=True)
+
+    start = time.time()
+    tokenizer = Tokenizer(models.BPE())
+    # add_prefix_space=False keeps decode(encode(text)) == text for every text.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
+        # All 256 bytes up front, so text unseen in training still encodes without <unk>.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    if all(path.endswith(".txt") for path in inputs):
+        tokenizer.train(list(inputs), trainer)  # Rust reads the files itself (faster)
+    else:
+        tokenizer.train_from_iterator(_iter_texts(inputs, json_key), trainer)
+
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+        tokenizer.save(os.path.join(tmp_dir, "tokenizer.json"))
+        _write_json(os.path.join(tmp_dir, "tokenizer_config.json"), _hf_config(special_tokens))
+        _write_json(
+            os.path.join(tmp_dir, "training_info.json"),
+            {
+                "inputs": [os.path.abspath(path) for path in inputs],
+                "requested_vocab_size": vocab_size,
+                "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+                "special_tokens": list(special_tokens),
+                "min_frequency": min_frequency,
+                "seconds": round(time.time() - start, 3),
+            },
+        )
+        _replace_dir(tmp_dir, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _hf_config(special_tokens: Sequence[str]) -> dict:
+    eod = special_tokens[0]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eod,
+        "eos_token": eod,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        # Byte-level decode is already exact; transformers' space cleanup would break it.
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+    }
+    if PAD_TOKEN in special_tokens:
+        config["pad_token"] = PAD_TOKEN
+    return config
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+
+def _replace_dir(new_dir: str, target: str) -> None:
+    """Move ``new_dir`` to ``target``; an existing target is swapped out, then removed."""
+    if not os.path.exists(target):
+        os.rename(new_dir, target)
+        return
+    parent = os.path.dirname(os.path.abspath(target))
+    backup = os.path.join(parent, f".{os.path.basename(target)}.old-{os.getpid()}")
+    os.rename(target, backup)
+    try:
+        os.rename(new_dir, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,143 @@
+"""Config -> megatron-core GPTModel with MoE layers, and the backend choices made on the way.
+
+Backends (chosen here, logged by the caller via ``Backends.describe()``):
+- Transformer Engine layer spec when ``transformer_engine`` imports on a CUDA machine;
+- otherwise megatron's local spec with our core attention (flash-attn or torch SDPA) swapped in,
+  and our grouped-GEMM experts in place of the SequentialMLP loop when ``moe.grouped_gemm``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+from megatron_ext.config.schema import Config
+from megatron_ext.config.validate import moe_layer_pattern
+from megatron_ext.model.attention import HAVE_FLASH_ATTN, FlashAttention, SDPAttention
+from megatron_ext.model.params import padded_vocab
+
+
+@dataclass
+class Backends:
+    precision: str  # "bf16" | "fp32"
+    spec: str  # "te" | "local"
+    attention: str  # "te" | "flash" | "sdpa" | "unfused"
+    experts: str  # "te-grouped" | "grouped" | "sequential" | "none"
+    dispatcher: str  # "alltoall" | "allgather" | "none"
+
+    def describe(self) -> str:
+        return (f"precision={self.precision} spec={self.spec} attention={self.attention} "
+                f"experts={self.experts} dispatcher={self.dispatcher}")
+
+
+def have_te() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_backends(cfg: Config, cuda: Optional[bool] = None) -> Backends:
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    want = cfg.model.attention_backend
+    if want == "te" and not (cuda and have_te()):
+        raise ValueError("model.attention_backend: te needs CUDA and transformer_engine")
+    if want == "flash" and not (cuda and HAVE_FLASH_ATTN):
+        raise ValueError("model.attention_backend: flash needs CUDA and the flash_attn package")
+    if want == "auto":
+        want = "te" if cuda and have_te() else ("flash" if cuda and HAVE_FLASH_ATTN else "sdpa")
+    spec = "te" if want == "te" else "local"
+    moe = cfg.moe.num_experts > 0
+    if not moe:
+        experts = "none"
+    elif spec == "te":
+        experts = "te-grouped" if cfg.moe.grouped_gemm else "sequential"
+    else:
+        experts = "grouped" if cfg.moe.grouped_gemm else "sequential"
+    dispatcher = cfg.moe.token_dispatcher
+    if dispatcher == "auto":
+        dispatcher = "alltoall" if cuda else "allgather"
+    return Backends(precision, spec, want, experts, dispatcher if moe else "none")
+
+
+def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
+    m, moe, par = cfg.model, cfg.moe, cfg.parallel
+    bf16 = backends.precision == "bf16"
+    kwargs = dict(
+        num_layers=m.num_layers, hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_kv_heads or m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.hidden_size // m.num_attention_heads,
+        normalization="RMSNorm", layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_method_std,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        tensor_model_parallel_size=par.tensor, pipeline_model_parallel_size=par.pipeline,
+        expert_model_parallel_size=par.expert, sequence_parallel=par.sequence_parallel,
+        # Init on the host keeps weights identical across layouts for one seed, and is the only
+        # option on CPU; on GPU megatron initializes on the device (faster, per-rank RNG).
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+        deterministic_mode=cfg.train.deterministic and not torch.cuda.is_available(),
+        cross_entropy_loss_fusion=False,
+    )
+    if cfg.train.recompute != "none":
+        kwargs["recompute_granularity"] = cfg.train.recompute
+        if cfg.train.recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    if moe.num_experts > 0:
+        kwargs.update(
+            num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k,
+            moe_aux_loss_coeff=moe.aux_loss_coeff, moe_z_loss_coeff=moe.z_loss_coeff,
+            moe_router_load_balancing_type="aux_loss", moe_router_dtype="fp32",
+            moe_token_dispatcher_type=backends.dispatcher,
+            moe_grouped_gemm=backends.experts == "te-grouped",
+            moe_layer_freq=moe_layer_pattern(cfg),
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_token_drop_policy=moe.token_drop_policy,
+            moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+            moe_ffn_hidden_size=m.ffn_hidden_size,
+        )
+    return TransformerConfig(**kwargs)
+
+
+def layer_specs(config: TransformerConfig, backends: Backends):
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=backends.spec == "te", normalization="RMSNorm"
+    )
+    if backends.spec == "te":
+        return block
+    core = {"sdpa": SDPAttention, "flash": FlashAttention, "unfused": DotProductAttention}[
+        backends.attention
+    ]
+    for spec in block.layer_specs:
+        spec.submodules.self_attention.submodules.core_attention = core
+    if backends.experts == "grouped":
+        from megatron_ext.model.experts import use_grouped_experts
+
+        block = use_grouped_experts(block)
+    return block
+
+
+def build_model(cfg: Config, backends: Backends) -> GPTModel:
+    """Build this rank's GPTModel (parallel state must be initialized)."""
+    config = transformer_config(cfg, backends)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_specs(config, backends),
+        vocab_size=padded_vocab(cfg),
+        max_sequence_length=cfg.model.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rotary_base),
+        share_embeddings_and_output_weights=False,
+    )
+    return model

@@ -1,0 +1,96 @@
+"""Process groups and the parallel layout, from torchrun or SLURM environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_ext.config.schema import Config
+from megatron_ext.platform import cpu
+
+
+@dataclass
+class Layout:
+    rank: int
+    world_size: int
+    local_rank: int
+    tensor: int
+    pipeline: int
+    expert: int
+    data: int
+    device: torch.device
+    backend: str
+
+    def describe(self) -> str:
+        return (f"world={self.world_size} tp={self.tensor} pp={self.pipeline} "
+                f"ep={self.expert} dp={self.data} backend={self.backend} device={self.device.type}")
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun, else SLURM's srun, else a single process."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    return rank, world, local
+
+
+def init_distributed(cfg: Config, timeout_minutes: int = 30) -> Layout:
+    """Create the default process group and megatron's TP/PP/EP/DP groups; seed the RNGs."""
+    rank, world, local = environment()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        cpu.enable()
+        device, backend = torch.device("cpu"), "gloo"
+        if cfg.train.deterministic:
+            # Fixed intra-op threads make CPU float reductions reproducible run to run.
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    par = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=par.tensor,
+        pipeline_model_parallel_size=par.pipeline,
+        expert_model_parallel_size=par.expert,
+    )
+    seed_everything(cfg.train.seed)
+    return Layout(rank, world, local, par.tensor, par.pipeline, par.expert,
+                  parallel_state.get_data_parallel_world_size(), device, backend)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    # megatron's tracker gives TP/EP ranks their own streams for partitioned weights.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,173 @@
+"""Command line of pretrain_moe.py: parse -> validate -> (print | dry-run | train)."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from megatron_ext.config.loader import ConfigError, load_config, to_yaml
+from megatron_ext.config.schema import Config
+from megatron_ext.config.validate import check_paths, planned_world_size, total_steps, validate
+from megatron_ext.training.exit_codes import CONFIG as EXIT_CONFIG
+from megatron_ext.training.exit_codes import FAILED as EXIT_FAILED
+from megatron_ext.training.exit_codes import OK as EXIT_OK
+
+# megatron-core warns at import when TE/apex are absent; the "backends:" log line says what runs.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="pretrain_moe.py",
+        description="Pretrain a (Mixture-of-Experts) GPT with megatron-core. Exit codes: 0 done, "
+        "1 failure, 2 config error, 3 preempted and saved (requeue), 4 too many non-finite steps.",
+    )
+    p.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+                   help="override a config field (value parsed as YAML); repeatable")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved config as YAML and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, count parameters, show layout and memory estimates; no training")
+    return p.parse_args(argv)
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def load_and_validate(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg)
+    if cfg.logging.wandb.name is None and args.config:
+        cfg.logging.wandb.name = Path(args.config).stem
+    return cfg
+
+
+def dry_run(cfg: Config) -> str:
+    from megatron_ext.model.params import count_params, flops_per_token, memory_estimate_gb, \
+        padded_vocab
+
+    c = count_params(cfg)
+    world = planned_world_size(cfg)
+    par = cfg.parallel
+    dp = world // (par.tensor * par.pipeline)
+    mem = memory_estimate_gb(cfg, world, bf16=cfg.train.precision != "fp32")
+    steps = total_steps(cfg)
+    lines = [
+        f"parameters: total {c.total / 1e9:.3f}B ({c.total:,}), "
+        f"active per token {c.active / 1e9:.3f}B ({c.active:,})",
+        f"  embedding+output {c.embedding:,} | attention {c.attention:,} | experts "
+        f"{c.experts_total:,} ({c.moe_layers} MoE layers) | dense MLP {c.dense_mlp:,} | "
+        f"router {c.router:,} | norms {c.norms:,}",
+        f"vocab: {cfg.model.vocab_size} padded to {padded_vocab(cfg)}",
+        f"layout: world {world} = tp {par.tensor} x pp {par.pipeline} x dp {dp}; "
+        f"ep {par.expert} (experts per rank {cfg.moe.num_experts // par.expert if cfg.moe.num_experts else 0})",
+        f"batch: global {cfg.train.global_batch_size} x seq {cfg.data.seq_length} = "
+        f"{cfg.train.global_batch_size * cfg.data.seq_length:,} tokens/step, "
+        f"micro {cfg.train.micro_batch_size}, grad accumulation "
+        f"{cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)}",
+        f"steps: {steps:,} ({steps * cfg.train.global_batch_size * cfg.data.seq_length / 1e9:.1f}B "
+        f"tokens), {flops_per_token(cfg) / 1e9:.2f} GFLOP/token",
+        "memory per GPU (estimate, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()),
+    ]
+    return "\n".join(lines)
+
+
+def train_main(cfg: Config) -> int:
+    from megatron_ext.checkpoint import dist as ckpt
+    from megatron_ext.config.loader import to_dict
+    from megatron_ext.platform.dist import init_distributed, shutdown
+    from megatron_ext.training.loggers import MetricsWriter, log, warn
+    from megatron_ext.training.loop import layout_dict, train
+    from megatron_ext.training.setup import build_run, run_dir
+
+    layout = init_distributed(cfg)
+    rank0 = layout.rank == 0
+    try:
+        run = build_run(cfg, layout)
+        if rank0:
+            log(f"layout: {layout.describe()}")
+            log(f"backends: {run.backends.describe()}")
+        out = run_dir(cfg)
+        resolved = to_dict(cfg)
+        if rank0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+        state = ckpt.TrainState()
+        resume, warnings = (ckpt.find_resumable(cfg.checkpoint.save)
+                            if cfg.checkpoint.save else (None, []))
+        for w in warnings:
+            warn(w) if rank0 else None
+        if resume is not None:
+            ckpt.check_compatible(resume, resolved)
+            state, warnings = ckpt.load(resume, run.model, run.optimizer, layout_dict(run),
+                                        cfg.checkpoint.fully_reshardable_optimizer)
+            run.scheduler.load_state_dict(state.scheduler)
+            for w in warnings:
+                warn(w) if rank0 else None
+            if rank0:
+                log(f"resumed from {resume} at step {state.step}")
+        elif cfg.checkpoint.load:
+            path = ckpt.load_weights(cfg.checkpoint.load, run.model)
+            if rank0:
+                log(f"initial weights from {path}")
+        writer = MetricsWriter(cfg.logging, out, resolved, cfg.logging.wandb.name or "run",
+                               enabled=rank0)
+        try:
+            code, summary = train(run, state, writer)
+        finally:
+            writer.close()
+        if rank0:
+            log(_summary_line(summary, cfg, writer.jsonl_path))
+        return code
+    except ckpt.CheckpointError as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    finally:
+        shutdown()
+
+
+def _summary_line(s: dict, cfg: Config, metrics_path: Path) -> str:
+    fl = "n/a" if s["first_loss"] is None else f"{s['first_loss']:.4f}"
+    ll = "n/a" if s["last_loss"] is None else f"{s['last_loss']:.4f}"
+    where = cfg.checkpoint.save or "(checkpoint.save not set)"
+    return (f"summary: steps {s['steps']} | tokens {s['tokens']:,} | first loss {fl} | "
+            f"last loss {ll} | skipped {s['skipped_steps']} | wall {s['wall_s']:.1f}s | "
+            f"checkpoint {where} | metrics {metrics_path}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_and_validate(args)
+    except ConfigError as e:
+        if _rank0():
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return EXIT_OK
+    if args.dry_run:
+        print(dry_run(cfg))
+        return EXIT_OK
+    try:
+        check_paths(cfg)
+    except ConfigError as e:
+        if _rank0():
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    try:
+        return train_main(cfg)
+    except ValueError as e:  # e.g. a backend requested that this machine lacks
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except Exception:  # noqa: BLE001 - report, then a distinct exit code for the launcher
+        traceback.print_exc()
+        return EXIT_FAILED

@@ -1,0 +1,263 @@
+"""The training loop: megatron-core forward/backward schedule, optimizer step, metrics, saves.
+
+Exit codes: ``megatron_ext.training.exit_codes``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import time
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
+
+from megatron_ext.checkpoint import dist as ckpt
+from megatron_ext.config.loader import to_dict
+from megatron_ext.model.params import flops_per_token
+from megatron_ext.training.batches import MicroBatches
+from megatron_ext.training.loggers import MetricsWriter, format_line, log, warn
+from megatron_ext.training.optim import clip_and_step, prepare_and_norm
+from megatron_ext.training.router_stats import RouterStats
+from megatron_ext.training.setup import Run, dp_rank_and_size, run_dir
+
+from megatron_ext.training import exit_codes
+
+EXIT_OK, EXIT_PREEMPTED, EXIT_NONFINITE = exit_codes.OK, exit_codes.PREEMPTED, exit_codes.NONFINITE
+
+
+class _Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, saves and exits 3.
+
+    A second signal only sets the flag again, so it cannot interrupt a save in progress.
+    """
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def requested(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank must stop at the same step
+        return flag.item() > 0
+
+
+def _forward_step_factory(nan_step: bool):
+    def forward_step(data_iterator: Iterator, model):
+        batch = next(data_iterator)
+        losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+        def loss_func(output):
+            mask = batch["loss_mask"]
+            loss_sum = (output.float() * mask).sum()
+            if nan_step:
+                loss_sum = loss_sum * float("nan")
+            ntok = mask.sum()
+            # megatron divides the returned loss by ntok and the number of micro-batches.
+            return loss_sum, ntok.int(), {"lm": torch.stack([loss_sum.detach(), ntok.detach()])}
+
+        return losses, loss_func
+
+    return forward_step
+
+
+def _reduce_loss(reports: list[dict], device) -> float:
+    if not reports:
+        return float("nan")
+    tot = torch.stack([r["lm"] for r in reports]).sum(0).to(device)
+    if dist.is_initialized():
+        dist.all_reduce(tot, group=parallel_state.get_data_parallel_group())
+    return (tot[0] / tot[1].clamp(min=1)).item()
+
+
+def _router_losses(forwards: int) -> dict[str, float]:
+    """Unscaled load-balancing (and z-) loss per micro-batch, averaged over MoE layers.
+
+    megatron's router adds each forward's unscaled loss into a per-layer tracker; ``forwards`` is
+    the number of micro-batch forwards since the last clear.
+    """
+    out = {}
+    tracker = get_moe_layer_wise_logging_tracker()
+    for name, key in (("load_balancing_loss", "aux_loss"), ("z_loss", "z_loss")):
+        vals = tracker.get(name, {}).get("values")
+        if vals is None:
+            continue
+        vals = vals.clone().float()
+        if dist.is_initialized():
+            dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
+            vals /= parallel_state.get_data_parallel_world_size()
+        nz = vals[vals != 0]
+        out[key] = nz.mean().item() / max(forwards, 1) if nz.numel() else 0.0
+    clear_aux_losses_tracker()
+    return out
+
+
+def evaluate(run: Run, consumed_eval: int) -> dict[str, float]:
+    cfg = run.cfg
+    dp_rank, dp = dp_rank_and_size()
+    mb = MicroBatches(run.valid_ds, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                      dp, dp_rank, run.layout.device)
+    fb = get_forward_backward_func()
+    reports = []
+    run.model.eval()
+    with torch.no_grad():
+        for i in range(cfg.train.eval_iters):
+            it = mb.step(consumed_eval + i * cfg.train.global_batch_size)
+            reports += fb(forward_step_func=_forward_step_factory(False), data_iterator=it,
+                          model=[run.model], num_microbatches=mb.num_microbatches,
+                          seq_length=cfg.data.seq_length,
+                          micro_batch_size=cfg.train.micro_batch_size, forward_only=True)
+    run.model.train()
+    clear_aux_losses_tracker()
+    loss = _reduce_loss(reports, run.layout.device)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter) -> tuple[int, dict]:
+    """Train from ``state`` to the end (or a stop). Returns (exit code, summary)."""
+    cfg, layout, tr = run.cfg, run.layout, run.cfg.train
+    dp_rank, dp = dp_rank_and_size()
+    micro = MicroBatches(run.train_ds, tr.global_batch_size, tr.micro_batch_size, dp, dp_rank,
+                         layout.device)
+    fb = get_forward_backward_func()
+    stats = RouterStats(run.model, cfg.moe.top_k) if cfg.logging.expert_load else None
+    preempt = _Preemption()
+    tokens_per_step = tr.global_batch_size * cfg.data.seq_length
+    fpt = flops_per_token(cfg)
+    resolved = to_dict(cfg)
+    layout_key = layout_dict(run)
+    first_loss = last_loss = None
+    t_start = time.time()
+    window = {"t": time.time(), "steps": 0, "fb": 0.0, "opt": 0.0, "data": 0.0}
+    code = EXIT_OK
+    while state.step < run.total_steps:
+        t0 = time.time()
+        batches = list(micro.step(state.consumed_samples))
+        t1 = time.time()
+        run.model.zero_grad_buffer()
+        run.optimizer.zero_grad()
+        nan_step = tr.nan_injection_step is not None and state.step + 1 == tr.nan_injection_step
+        reports = fb(forward_step_func=_forward_step_factory(nan_step), data_iterator=iter(batches),
+                     model=[run.model], num_microbatches=micro.num_microbatches,
+                     seq_length=cfg.data.seq_length, micro_batch_size=tr.micro_batch_size,
+                     forward_only=False)
+        t2 = time.time()
+        loss = _reduce_loss(reports, layout.device)
+        found_inf, grad_norm = prepare_and_norm(run.optimizer)
+        skipped = found_inf or not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            state.skipped_steps += 1
+            warn(f"step {state.step + 1}: non-finite loss ({loss}) or grad norm ({grad_norm}); "
+                 f"step skipped ({state.skipped_steps}/{tr.max_skipped_steps})") \
+                if layout.rank == 0 else None
+            if state.skipped_steps > tr.max_skipped_steps:
+                if layout.rank == 0:
+                    warn(f"stopping: {state.skipped_steps} non-finite steps exceed "
+                         f"train.max_skipped_steps={tr.max_skipped_steps}; no checkpoint written")
+                code = EXIT_NONFINITE
+                break
+        else:
+            clip_and_step(run.optimizer, grad_norm, cfg.optimizer.clip_grad)
+            run.scheduler.step(increment=1)
+        t3 = time.time()
+        # The batch is consumed either way: a skipped batch is not retried.
+        state.step += 1
+        state.consumed_samples += tr.global_batch_size
+        state.consumed_tokens += tokens_per_step
+        window["steps"] += 1
+        window["fb"] += t2 - t1
+        window["opt"] += t3 - t2
+        window["data"] += t1 - t0
+        if not skipped:
+            first_loss = loss if first_loss is None else first_loss
+            last_loss = loss
+
+        if state.step % tr.log_interval == 0 or state.step == run.total_steps:
+            metrics = _interval_metrics(run, state, window, loss, grad_norm, fpt, stats, t_start)
+            if layout.rank == 0:
+                log(format_line(state.step, run.total_steps, metrics))
+            writer.write(state.step, metrics)
+            window = {"t": time.time(), "steps": 0, "fb": 0.0, "opt": 0.0, "data": 0.0}
+
+        if run.valid_ds is not None and tr.eval_interval and state.step % tr.eval_interval == 0:
+            ev = evaluate(run, (state.step // tr.eval_interval - 1) * tr.eval_iters
+                          * tr.global_batch_size)
+            if layout.rank == 0:
+                log(f"validation at step {state.step} | loss {ev['val_loss']:.4f} | "
+                    f"ppl {ev['val_ppl']:.2f}")
+            writer.write(state.step, ev, kind="valid")
+
+        stop = preempt.requested(layout.device)
+        ck = cfg.checkpoint
+        periodic = ck.save_interval and state.step % ck.save_interval == 0
+        if ck.save and (stop or periodic or state.step == run.total_steps):
+            _save(run, state, resolved, layout_key)
+        if stop:
+            if layout.rank == 0:
+                log(f"received signal {preempt.signum}; saved step {state.step}, exiting for requeue"
+                    if ck.save else f"received signal {preempt.signum}; no checkpoint.save set")
+            code = EXIT_PREEMPTED
+            break
+    if stats is not None:
+        stats.remove()
+    summary = {"steps": state.step, "tokens": state.consumed_tokens, "first_loss": first_loss,
+               "last_loss": last_loss, "wall_s": time.time() - t_start,
+               "skipped_steps": state.skipped_steps}
+    return code, summary
+
+
+def _save(run: Run, state: ckpt.TrainState, resolved: dict, layout_key: dict) -> None:
+    state.scheduler = run.scheduler.state_dict()
+    path = ckpt.save(run.cfg.checkpoint.save, state, run.model, run.optimizer, resolved,
+                     layout_key, run.cfg.checkpoint.keep_last,
+                     run.cfg.checkpoint.fully_reshardable_optimizer)
+    if run.layout.rank == 0:
+        log(f"saved checkpoint {path}")
+
+
+def layout_dict(run: Run) -> dict:
+    lay = run.layout
+    return {"world_size": lay.world_size, "tensor": lay.tensor, "pipeline": lay.pipeline,
+            "expert": lay.expert, "distributed_optimizer": run.distributed_optimizer}
+
+
+def _interval_metrics(run, state, window, loss, grad_norm, fpt, stats, t_start) -> dict:
+    cfg, lay = run.cfg, run.layout
+    elapsed = max(time.time() - window["t"], 1e-9)
+    n = max(window["steps"], 1)
+    tokens_per_s = n * cfg.train.global_batch_size * cfg.data.seq_length / elapsed
+    tflops = fpt * tokens_per_s / lay.world_size / 1e12
+    remaining = run.total_steps - state.step
+    m = {
+        "loss": loss, "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "tokens": state.consumed_tokens,
+        "consumed_samples": state.consumed_samples, "tokens_per_s": tokens_per_s,
+        "tflops": tflops, "mfu": tflops / cfg.train.peak_tflops,
+        "eta_s": remaining * elapsed / n, "skipped": state.skipped_steps,
+        "time/step_s": elapsed / n, "time/forward_backward_s": window["fb"] / n,
+        "time/optimizer_s": window["opt"] / n, "time/data_s": window["data"] / n,
+        "elapsed_s": time.time() - t_start,
+    }
+    if cfg.moe.num_experts:
+        m.update(_router_losses(n * cfg.train.global_batch_size
+                                // (cfg.train.micro_batch_size * lay.data)))
+    if torch.cuda.is_available():
+        m["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        m["memory/max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    if stats is not None:
+        m.update(stats.collect())
+    return m

@@ -1,0 +1,60 @@
+"""AdamW (megatron-core's optimizer, distributed on GPU) and the warmup + cosine LR schedule."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_ext.config.schema import Config
+
+
+def build_optimizer(cfg: Config, model, bf16: bool, distributed: bool):
+    o = cfg.optimizer
+    mcfg = McoreOptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed,
+    )
+    return get_megatron_optimizer(mcfg, [model])
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int) -> OptimizerParamScheduler:
+    """Units are optimizer steps (the loop calls ``step(increment=1)``)."""
+    s, o = cfg.schedule, cfg.optimizer
+    decay = s.decay_steps or total_steps
+    return OptimizerParamScheduler(
+        optimizer,
+        # The paper's stack ramps up from the minimum LR, not from 0.
+        init_lr=o.min_lr if s.warmup_init_lr is None else s.warmup_init_lr,
+        max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=s.warmup_steps, lr_decay_steps=decay, lr_decay_style=s.decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay,
+        wd_incr_style="constant",
+    )
+
+
+def _chained(optimizer) -> list:
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+@torch.no_grad()
+def prepare_and_norm(optimizer) -> tuple[bool, float]:
+    """Move grads into the optimizer's main grads; return (found_inf, global grad norm)."""
+    found_inf = optimizer.prepare_grads()
+    norm = optimizer.get_grad_norm()
+    return bool(found_inf), float(norm)
+
+
+@torch.no_grad()
+def clip_and_step(optimizer, grad_norm: float, clip: float) -> None:
+    """The second half of megatron's ChainedOptimizer.step, after we inspected the norm."""
+    if clip > 0:
+        for opt in _chained(optimizer):
+            params = opt.get_parameters()
+            if params:
+                clip_grad_by_total_norm_fp32(params, clip, grad_norm)
+    optimizer.step_with_ready_grads()

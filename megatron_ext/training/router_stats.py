@@ -1,0 +1,84 @@
+"""Per-layer expert load, imbalance, routing entropy and dropped tokens, at low overhead.
+
+A forward hook on every megatron ``TopKRouter`` adds the routing map's per-expert token counts into
+a device tensor (no host sync). ``collect()`` is called once per log interval: it all-reduces the
+counts over the data-parallel group (experts see different tokens on different ranks) and moves
+them to the host once. With a capacity factor, megatron's router drops overflow tokens from the
+routing map it returns, so ``1 - routed / (tokens * top_k)`` is the exact dropped fraction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.router import TopKRouter
+
+
+class RouterStats:
+    def __init__(self, model: torch.nn.Module, top_k: int):
+        self.top_k = top_k
+        self.layers: list[int] = []
+        self.counts: list[torch.Tensor | None] = []
+        self.tokens: list[int] = []
+        self._handles = []
+        for name, module in model.named_modules():
+            if isinstance(module, TopKRouter):
+                idx = len(self.layers)
+                self.layers.append(module.layer_number)
+                self.counts.append(None)
+                self.tokens.append(0)
+                self._handles.append(module.register_forward_hook(self._hook(idx)))
+
+    def _hook(self, idx: int):
+        def hook(module, inputs, outputs):
+            routing_map = outputs[1]  # [tokens, experts] bool after capacity dropping
+            if not torch.is_grad_enabled():
+                return  # skip validation / analysis forwards
+            c = routing_map.sum(dim=0, dtype=torch.float32).detach()
+            self.counts[idx] = c if self.counts[idx] is None else self.counts[idx] + c
+            self.tokens[idx] += routing_map.shape[0]
+
+        return hook
+
+    def collect(self) -> dict[str, float]:
+        """Reduce and reset; returns flat metrics ``moe/layer{L}/...`` plus averages."""
+        if not self.layers or self.counts[0] is None:
+            return {}
+        counts = torch.stack(self.counts)  # [moe_layers, experts]
+        tokens = torch.tensor(self.tokens, dtype=torch.float32, device=counts.device)
+        if dist.is_initialized():
+            group = parallel_state.get_data_parallel_group()
+            dist.all_reduce(counts, group=group)
+            dist.all_reduce(tokens, group=group)
+        counts, tokens = counts.cpu(), tokens.cpu()
+        self.counts = [None] * len(self.layers)
+        self.tokens = [0] * len(self.layers)
+        out: dict[str, float] = {}
+        ratios, entropies, dropped = [], [], []
+        E = counts.shape[1]
+        for i, layer in enumerate(self.layers):
+            routed = counts[i].sum().item()
+            frac = counts[i] / max(routed, 1.0)
+            nz = frac[frac > 0]
+            entropy = float(-(nz * nz.log()).sum())
+            ratio = float(frac.max() / frac.min()) if frac.min() > 0 else math.inf
+            drop = 1.0 - routed / max(tokens[i].item() * self.top_k, 1.0)
+            for e in range(E):
+                out[f"moe/layer{layer}/load_e{e}"] = float(frac[e])
+            out[f"moe/layer{layer}/max_min_ratio"] = ratio
+            out[f"moe/layer{layer}/entropy"] = entropy
+            out[f"moe/layer{layer}/dropped_frac"] = drop
+            ratios.append(ratio)
+            entropies.append(entropy)
+            dropped.append(drop)
+        out["moe/max_min_ratio"] = max(ratios)
+        out["moe/entropy"] = sum(entropies) / len(entropies)
+        out["moe/dropped_frac"] = sum(dropped) / len(dropped)
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

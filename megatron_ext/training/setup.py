@@ -1,0 +1,102 @@
+"""Build everything a run needs, in order: model, DDP wrapper, optimizer, schedule, data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.transformer.module import Float16Module
+
+from megatron_ext.config.schema import Config
+from megatron_ext.config.validate import total_steps
+from megatron_ext.model.builder import Backends, build_model, resolve_backends
+from megatron_ext.model.params import padded_vocab
+from megatron_ext.platform.dist import Layout
+from megatron_ext.training.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class Run:
+    cfg: Config
+    layout: Layout
+    backends: Backends
+    model: Any  # DDP(Float16Module?(GPTModel))
+    optimizer: Any
+    scheduler: Any
+    train_ds: Any
+    valid_ds: Optional[Any]
+    total_steps: int
+    distributed_optimizer: bool
+
+
+def use_distributed_optimizer(cfg: Config) -> bool:
+    if cfg.parallel.distributed_optimizer is not None:
+        return cfg.parallel.distributed_optimizer
+    return torch.cuda.is_available()
+
+
+def build_run(cfg: Config, layout: Layout) -> Run:
+    backends = resolve_backends(cfg)
+    bf16 = backends.precision == "bf16"
+    model = build_model(cfg, backends)
+    tconfig = model.config
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if bf16:
+        model = Float16Module(tconfig, model)
+    distributed = use_distributed_optimizer(cfg)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed, check_for_nan_in_grad=False,
+        bucket_size=None if layout.data == 1 else 40_000_000,
+    )
+    model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
+    # The schedule calls these between micro-batches and after the last backward.
+    tconfig.no_sync_func = model.no_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    optimizer = build_optimizer(cfg, model, bf16, distributed)
+    steps = total_steps(cfg)
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    train_ds, valid_ds = build_datasets(cfg, steps)
+    return Run(cfg, layout, backends, model, optimizer, scheduler, train_ds, valid_ds, steps,
+               distributed)
+
+
+def build_datasets(cfg: Config, steps: int):
+    from megatron_ext.data import datasets as D
+
+    d, tr = cfg.data, cfg.train
+    n_eval = (steps // tr.eval_interval + 1) * tr.eval_iters * tr.global_batch_size \
+        if tr.eval_interval else 0
+    num_samples = (steps * tr.global_batch_size, n_eval, 0)
+    if d.mock:
+        train, valid, _ = D.build_mock_datasets(d.seq_length, tr.seed, num_samples,
+                                                cfg.model.vocab_size)
+        return train, (valid if n_eval else None)
+    blend, tokenizer_path = list(d.blend), d.tokenizer
+    if d.demo_corpus:
+        from megatron_ext.data.demo import ensure_demo_data
+
+        tokenizer_path, prefixes = ensure_demo_data()
+        blend = prefixes
+    from megatron_ext.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    D.check_vocab(tok.vocab_size, padded_vocab(cfg), None)
+    train, valid, _ = D.build_gpt_datasets(blend, d.split, d.seq_length, tr.seed, num_samples,
+                                           tok, d.cache_dir)
+    return train, (valid if n_eval else None)
+
+
+def dp_rank_and_size() -> tuple[int, int]:
+    return (parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size())
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.logging.output_dir)

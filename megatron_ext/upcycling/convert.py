@@ -1,0 +1,177 @@
+"""Directory to directory upcycling: the library function behind ``tools/convert/upcycle.py``.
+
+Checkpoint formats are dispatched in one place (``_READERS`` / ``_WRITERS``): HF today; the
+megatron-core ``torch_dist`` format plugs in through ``megatron_ext.checkpoint.dist`` later.
+The output is staged in a temp dir beside the target and renamed only after writing and
+validation succeed, so any failure leaves nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from megatron_ext.checkpoint.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
+from megatron_ext.checkpoint.keymaps import (
+    HF_EMBED, Arch, ConversionError, arch_from_hf_config, hf_config_for, hf_settings_from_config,
+)
+from megatron_ext.upcycling.spec import UpcycleError, UpcycleSpec
+from megatron_ext.upcycling.upcycle import output_layout, upcycle
+from megatron_ext.upcycling.validate import ValidationError, ValidationReport, validate_upcycled
+
+FORMATS = ("auto", "hf", "mcore")
+INFO_FILE = "upcycling.json"
+# Files that mark a megatron-core checkpoint: torch_dist metadata, our checkpoint.save layout
+# (``latest``, ``meta.json``), or Megatron-LM's tracker file.
+_MCORE_MARKERS = (".metadata", "metadata.json", "latest", "meta.json",
+                  "latest_checkpointed_iteration.txt")
+
+
+@dataclass(frozen=True)
+class DenseModel:
+    """A dense checkpoint opened for streaming: a getter plus what can be known without reading."""
+
+    path: Path
+    arch: Arch
+    config: dict[str, Any]
+    keys: list[str]
+    get: Callable[[str], Tensor]
+    dtype_of: Callable[[str], torch.dtype]
+    shape_of: Callable[[str], tuple[int, ...]]
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise ConversionError(f"{path}: input does not exist")
+    if not path.is_dir():
+        raise ConversionError(f"{path}: input is not a directory")
+    if (path / "config.json").is_file():
+        return "hf"
+    if any((path / marker).exists() for marker in _MCORE_MARKERS):
+        return "mcore"
+    raise ConversionError(f"{path}: neither an HF checkpoint (no config.json) nor a "
+                          "megatron-core checkpoint")
+
+
+def _open_hf(path: Path) -> DenseModel:
+    ckpt = HFCheckpoint(path)
+    model_type = ckpt.config.get("model_type")
+    if model_type != "llama":
+        raise ConversionError(f"{path}: model_type {model_type!r}, expected a dense Llama "
+                              "checkpoint (model_type 'llama')")
+    return DenseModel(path, arch_from_hf_config(ckpt.config), ckpt.config, ckpt.keys(), ckpt.get,
+                      lambda n: ckpt.info(n).dtype, lambda n: ckpt.info(n).shape)
+
+
+def _write_hf(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseModel,
+              spec: UpcycleSpec, max_shard_bytes: int) -> None:
+    moe_arch = spec.moe_arch(dense.arch)
+    dtype = str(dense.dtype_of(HF_EMBED)).removeprefix("torch.")
+    config = hf_config_for(moe_arch, top_k=spec.top_k, dtype=dtype,
+                           **hf_settings_from_config(dense.config))
+    layout = output_layout(dense.arch, spec, dense.dtype_of)
+    write_hf_checkpoint(out, tensors, layout, config, max_shard_bytes, copy_from=dense.path)
+
+
+# None = a format that will plug in here (megatron_ext.checkpoint.dist) but is not wired yet.
+_READERS: dict[str, Callable[[Path], DenseModel] | None] = {"hf": _open_hf, "mcore": None}
+_WRITERS: dict[str, Callable[..., None] | None] = {"hf": _write_hf, "mcore": None}
+
+
+def _lookup(table: dict[str, Any], fmt: str, what: str) -> Any:
+    if fmt not in table:
+        raise ConversionError(f"unknown {what} format {fmt!r} (use {', '.join(table)})")
+    if table[fmt] is None:
+        raise ConversionError(f"{what} format {fmt!r} is not yet supported (use hf)")
+    return table[fmt]
+
+
+def open_dense(path: Path, input_format: str = "auto") -> DenseModel:
+    path = Path(path)
+    fmt = detect_format(path) if input_format == "auto" else input_format
+    reader = _lookup(_READERS, fmt, "input")
+    if not path.is_dir():
+        raise ConversionError(f"{path}: input is not a directory")
+    return reader(path)
+
+
+def _check_same_shapes(base: DenseModel, other: DenseModel) -> None:
+    """btx sources must be interchangeable with the input: same keys, shapes and dtypes."""
+    if set(other.keys) != set(base.keys):
+        diff = sorted(set(other.keys) ^ set(base.keys))
+        raise ConversionError(f"btx source {other.path}: key {diff[0]} differs from the input")
+    for name in base.keys:
+        if (other.shape_of(name), other.dtype_of(name)) != (base.shape_of(name), base.dtype_of(name)):
+            raise ConversionError(
+                f"btx source {other.path}: {name} is {list(other.shape_of(name))} "
+                f"{other.dtype_of(name)}, the input has {list(base.shape_of(name))} "
+                f"{base.dtype_of(name)}")
+
+
+def _no_getter(name: str) -> Tensor:
+    raise KeyError(name)
+
+
+def _with_progress(stream: Iterator[tuple[str, Tensor]], num_layers: int,
+                   log: Callable[[str], None]) -> Iterator[tuple[str, Tensor]]:
+    start, last = time.monotonic(), -1
+    for name, tensor in stream:
+        parts = name.split(".")
+        if len(parts) > 2 and parts[1] == "layers" and int(parts[2]) != last:
+            last = int(parts[2])
+            log(f"upcycle: layer {last + 1}/{num_layers} ({time.monotonic() - start:.0f}s)")
+        yield name, tensor
+
+
+def upcycle_checkpoint(
+    input_dir: Path,
+    output_dir: Path,
+    spec: UpcycleSpec,
+    *,
+    btx_dirs: Sequence[Path] = (),
+    input_format: str = "auto",
+    output_format: str = "hf",
+    overwrite: bool = False,
+    validate: bool = True,
+    max_shard_bytes: int = 2 * 10**9,
+    log: Callable[[str], None] = print,
+) -> ValidationReport | None:
+    """Upcycle the dense checkpoint at ``input_dir`` into ``output_dir`` (see module docstring).
+
+    Bad inputs raise ``ConversionError`` / ``UpcycleError`` before anything is written; a failed
+    validation raises ``ValidationError``. btx: the input is source 0, ``btx_dirs`` the others.
+    """
+    writer = _lookup(_WRITERS, output_format, "output")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise ConversionError(f"{output_dir} exists (pass --overwrite to replace it)")
+    if spec.btx_sources:
+        raise UpcycleError("pass btx sources as btx_dirs, not as getters")
+    # Placeholders stand in for the sources so that the recipe is checked before any input is read.
+    replace(spec, btx_sources=tuple(_no_getter for _ in btx_dirs)).validate()
+    dense = open_dense(Path(input_dir), input_format)
+    sources = [open_dense(Path(d), input_format) for d in btx_dirs]
+    for source in sources:
+        _check_same_shapes(dense, source)
+    spec = replace(spec, btx_sources=tuple(s.get for s in sources))
+    stream = upcycle(dense.get, dense.keys, dense.arch, spec)  # validates spec against the arch
+    report = None
+    with staged_dir(output_dir, overwrite) as tmp:
+        writer(tmp, _with_progress(stream, dense.arch.num_layers, log), dense,
+                                spec, max_shard_bytes)
+        info = {**spec.describe(), "input": str(Path(input_dir).absolute()),
+                "btx_sources": [str(Path(d).absolute()) for d in btx_dirs]}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if validate:
+            report = validate_upcycled(Path(input_dir), tmp, spec.function_preserving())
+            log(report.summary())
+            if not report.passed:
+                raise ValidationError(report.summary())
+    return report

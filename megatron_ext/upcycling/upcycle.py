@@ -1,0 +1,219 @@
+"""The upcycler: dense Llama tensors in, Mixtral tensors out, one tensor at a time.
+
+``upcycle`` is the single entry point for every method (scratch, naive, noise, drop, btx); it
+works in HF naming. ``upcycle_mcore`` runs the same function on megatron-core names by
+converting on the fly. Only one layer's dense MLP (per btx source) and one expert are alive at a
+time, so memory does not grow with the model.
+
+Random draws come from ONE ``torch.Generator`` (CPU) seeded once with ``spec.seed``, consumed in
+this order, which is a property of the function and not of how the caller streams its tensors:
+
+1. Router weights of every MoE layer, ascending layer index, [E, H] each (fp32):
+   ``uniform_std002``: ``torch.rand`` then ``(u - mean(u)) * 0.02 * sqrt(12)``;
+   ``normal_std002``: ``torch.normal(0, 0.02)``.
+   (All routers come first, as in the reference implementation.)
+2. Then layer by layer, ascending; within a layer, in output order:
+   - drop / noise, MoE layers, expert e = 0..E-1:
+     ``perm = randperm(F)``; then with ``per_projection`` for gate (w1), down (w2), up (w3) in
+     this order (the reference's order): ``idx = randperm(F)[:k]`` and the slice's samples
+     (``torch.normal``, slice shape: [k, H] for gate/up, [H, k] for down); with ``shared``:
+     one ``idx = randperm(F)[:k]`` after ``perm``, then the samples for gate, down, up.
+     k = floor(r * F). drop samples ``Normal(mean, std)`` of the selected slice (fp32 stats,
+     unbiased std); noise samples ``Normal(0, noise_std)`` and adds them (fp32, then cast).
+   - scratch: ``torch.normal(0, init_std)`` for every non-norm tensor, in output order
+     (experts: w1, w3, w2). Norm weights are ones.
+   - naive / btx draw nothing after the routers.
+
+Output order = ``keymaps.hf_shapes(moe_arch)`` order: embedding; per layer input norm, q, k, v,
+o, post-attention norm, then router + experts (w1, w3, w2) or the dense gate, up, down; final
+norm; lm_head. Shape legend: E experts, H hidden, F d_ff, k re-initialized neurons.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from megatron_ext.checkpoint.keymaps import (
+    HF_DENSE_MLP, HF_EMBED, HF_EXPERT, HF_FINAL_NORM, HF_INPUT_NORM, HF_K, HF_LM_HEAD, HF_O,
+    HF_POST_ATTN_NORM, HF_Q, HF_ROUTER, HF_V, Arch, StreamGetter, check_key_set, fetch,
+    hf_shapes, hf_to_mcore, mcore_shapes, mcore_to_hf,
+)
+from megatron_ext.upcycling.spec import UpcycleSpec
+
+Getter = Callable[[str], Tensor]
+_ROLES = ("gate", "up", "down")  # output order of an expert's matrices
+_DRAW_ROLES = ("gate", "down", "up")  # RNG order, as the reference (w1, w2, w3)
+_LAYER_TENSORS = (HF_INPUT_NORM, HF_Q, HF_K, HF_V, HF_O, HF_POST_ATTN_NORM)
+
+
+def upcycle(
+    get_dense: Getter, dense_keys: Iterable[str], arch: Arch, spec: UpcycleSpec
+) -> Iterator[tuple[str, Tensor]]:
+    """Stream the Mixtral tensors ``spec`` makes from the dense Llama model behind ``get_dense``.
+
+    ``dense_keys`` is checked against ``arch`` up front (strict: missing or extra keys raise), and
+    so is ``spec``; nothing is read until the caller iterates. btx sources are
+    ``spec.btx_sources`` (the input is source 0). Yielded tensors are fresh: callers may keep them.
+    """
+    spec.validate(arch)
+    check_key_set(dense_keys, hf_shapes(arch), "dense checkpoint")
+    return _Upcycler(get_dense, arch, spec).run()
+
+
+def upcycle_mcore(
+    get_dense: Getter,
+    dense_keys: Iterable[str],
+    arch: Arch,
+    spec: UpcycleSpec,
+    padded_vocab_size: int | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """``upcycle`` on megatron-core names: dense mcore tensors in, MoE mcore tensors out.
+
+    Same draws, same values as the HF path. btx sources must be mcore getters too. Padded
+    vocabulary rows are cut on the way in and re-padded with zeros on the way out.
+    """
+    spec.validate(arch)
+    check_key_set(dense_keys, mcore_shapes(arch, padded_vocab_size), "dense mcore checkpoint")
+
+    def as_hf(get: Getter) -> Getter:
+        return StreamGetter(mcore_to_hf(get, arch, padded_vocab_size=padded_vocab_size))
+
+    hf_spec = replace(spec, btx_sources=tuple(as_hf(s) for s in spec.btx_sources))
+    hf_stream = upcycle(as_hf(get_dense), hf_shapes(arch), arch, hf_spec)
+    return hf_to_mcore(StreamGetter(hf_stream), spec.moe_arch(arch),
+                       padded_vocab_size=padded_vocab_size)
+
+
+_MOE_NAME = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.(?:gate|experts\.\d+\.(w[123]))\.weight")
+
+
+def dense_source_key(moe_name: str) -> str:
+    """The dense tensor an output tensor derives from (its dtype is the output's dtype)."""
+    m = _MOE_NAME.fullmatch(moe_name)
+    if m is None:
+        return moe_name
+    role = {"w1": "gate", "w3": "up", "w2": "down", None: "gate"}[m.group(2)]
+    return HF_DENSE_MLP[role].format(layer=m.group(1))
+
+
+def output_layout(
+    arch: Arch, spec: UpcycleSpec, dtype_of: Callable[[str], torch.dtype]
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every output tensor, in output order; ``dtype_of`` answers for
+    dense names (e.g. from the safetensors headers), so files can be planned before any read."""
+    return [(name, shape, dtype_of(dense_source_key(name)))
+            for name, shape in hf_shapes(spec.moe_arch(arch)).items()]
+
+
+def init_router(num_experts: int, hidden: int, how: str, g: torch.Generator) -> Tensor:
+    """Router weight [E, H] in fp32 with std 0.02 (both options)."""
+    if how == "uniform_std002":
+        u_EH = torch.rand(num_experts, hidden, generator=g)
+        # Centred on the sample mean; U(0,1) has std 1/sqrt(12), hence the factor.
+        return (u_EH - u_EH.mean()) * 0.02 * math.sqrt(12)
+    return torch.normal(0.0, 0.02, (num_experts, hidden), generator=g)
+
+
+def perturb_expert(
+    mlp: dict[str, Tensor], spec: UpcycleSpec, g: torch.Generator
+) -> dict[str, Tensor]:
+    """One drop/noise expert from the dense MLP {gate [F,H], up [F,H], down [H,F]} (not modified)."""
+    d_ff = mlp["gate"].shape[0]
+    k = math.floor(spec.ratio * d_ff)
+    perm = torch.randperm(d_ff, generator=g)
+    # Reordering neurons alone keeps the function: rows of gate/up, columns of down.
+    out = {"gate": mlp["gate"][perm], "up": mlp["up"][perm], "down": mlp["down"][:, perm]}
+    shared_idx = torch.randperm(d_ff, generator=g)[:k] if spec.index_sharing == "shared" else None
+    for role in _DRAW_ROLES:
+        idx = shared_idx if shared_idx is not None else torch.randperm(d_ff, generator=g)[:k]
+        if k == 0:
+            continue
+        w = out[role]
+        dim = 1 if role == "down" else 0  # the neuron axis
+        sel = w.index_select(dim, idx).float()
+        if spec.method == "drop":
+            mean = sel.mean().item()
+            std = sel.std().item() if sel.numel() > 1 else 0.0
+            new = torch.normal(mean, std, tuple(sel.shape), generator=g)
+        else:
+            new = sel + torch.normal(0.0, spec.noise_std, tuple(sel.shape), generator=g)
+        w.index_copy_(dim, idx, new.to(w.dtype))
+    return out
+
+
+class _Upcycler:
+    def __init__(self, get_dense: Getter, arch: Arch, spec: UpcycleSpec) -> None:
+        self.arch, self.spec = arch, spec
+        self.moe_arch = spec.moe_arch(arch)
+        self.sources: list[Getter] = [get_dense, *spec.btx_sources]
+        self.shapes = hf_shapes(arch)
+        self.g = torch.Generator(device="cpu").manual_seed(spec.seed)
+
+    def _fetch(self, name: str, source: int = 0) -> Tensor:
+        what = "dense checkpoint" if source == 0 else f"btx source {source}"
+        return fetch(self.sources[source], name, self.shapes[name], what)
+
+    def _random(self, name: str, like: Tensor) -> Tensor:
+        if name.endswith("norm.weight"):
+            return torch.ones_like(like)
+        return torch.normal(0.0, self.spec.init_std, tuple(like.shape), generator=self.g).to(like.dtype)
+
+    def _plain(self, name: str) -> Tensor:
+        """A tensor that is not an expert: copied, averaged (btx) or random (scratch)."""
+        t = self._fetch(name)
+        if self.spec.method == "scratch":
+            return self._random(name, t)
+        if self.spec.method == "btx":
+            acc = t.float()
+            for s in range(1, len(self.sources)):
+                acc += self._fetch(name, s).float()
+            return (acc / len(self.sources)).to(t.dtype)
+        return t
+
+    def run(self) -> Iterator[tuple[str, Tensor]]:
+        routers = {
+            layer: init_router(self.spec.num_experts, self.arch.hidden_size, self.spec.router_init,
+                               self.g)
+            for layer in sorted(self.moe_arch.moe_layers)
+        }
+        yield HF_EMBED, self._plain(HF_EMBED)
+        for layer in range(self.arch.num_layers):
+            for template in _LAYER_TENSORS:
+                name = template.format(layer=layer)
+                yield name, self._plain(name)
+            if layer in routers:
+                yield from self._moe_layer(layer, routers.pop(layer))
+            else:
+                for role in _ROLES:
+                    name = HF_DENSE_MLP[role].format(layer=layer)
+                    yield name, self._plain(name)
+        yield HF_FINAL_NORM, self._plain(HF_FINAL_NORM)
+        yield HF_LM_HEAD, self._plain(HF_LM_HEAD)
+
+    def _moe_layer(self, layer: int, router_EH: Tensor) -> Iterator[tuple[str, Tensor]]:
+        names = {role: HF_DENSE_MLP[role].format(layer=layer) for role in _ROLES}
+        mlp = {role: self._fetch(name) for role, name in names.items()}
+        dtypes = {role: t.dtype for role, t in mlp.items()}
+        yield HF_ROUTER.format(layer=layer), router_EH.to(dtypes["gate"])
+        mlp_source = 0
+        per_source = self.spec.num_experts // len(self.sources)
+        for expert in range(self.spec.num_experts):
+            if self.spec.method == "btx" and expert // per_source != mlp_source:
+                # Experts are grouped by source, so each source's MLP is read once per layer.
+                mlp_source = expert // per_source
+                mlp = {role: self._fetch(name, mlp_source).to(dtypes[role])
+                       for role, name in names.items()}
+            if self.spec.method in ("drop", "noise"):
+                weights = perturb_expert(mlp, self.spec, self.g)
+            elif self.spec.method == "scratch":
+                weights = {role: self._random(names[role], mlp[role]) for role in _ROLES}
+            else:  # naive, btx: exact copies
+                weights = {role: mlp[role].clone() for role in _ROLES}
+            for role in _ROLES:
+                yield HF_EXPERT[role].format(layer=layer, expert=expert), weights[role]

@@ -1,0 +1,144 @@
+#!/bin/bash
+# Shared SLURM launcher for pretrain_moe.py.
+#
+# The per-model scripts next to this file hold the #SBATCH lines, set CONFIG and `exec` this file,
+# so it *is* the batch shell and receives the batch-shell signal of `--signal=B:USR1@<secs>`.
+# Arguments are passed on to pretrain_moe.py after `--config`, e.g. `--set optimizer.lr=1e-4`.
+#
+# Layout: one srun task per node runs one torchrun, which starts GPUS_PER_NODE training processes
+# and meets the other nodes at a c10d rendezvous hosted on the first node of the allocation.
+#
+# Time limit / preemption -> requeue:
+#   1. SLURM sends USR1 to this shell only (B:), <secs> before the time limit (or at preemption
+#      where the cluster sets SlurmctldParameters=preempt_send_user_signal; by hand:
+#      `scancel --batch --signal=USR1 <jobid>`).
+#   2. We forward it to srun, which relays it to every process of the step. torchrun is started
+#      with USR1 ignored: it would otherwise die of it (default action) and orphan its workers,
+#      and with its own handling it stops the workers after a fixed grace period. Training
+#      processes install their own handler, so they get it: they save a checkpoint and exit 3.
+#   3. torchrun turns any non-zero worker exit into 1, so the step's exit status cannot say
+#      "preempted". The USR1 we forwarded does: a step that ends non-zero after it is requeued
+#      (`scontrol requeue`), the job starts again from the top and pretrain_moe.py resumes from
+#      checkpoint.save. A step that ends with 0 finished training; nothing is requeued.
+#   We do not trap TERM: SLURM sends it on scancel and at the hard time limit, and neither may
+#   turn into a requeue. (Node failures are requeued by SLURM itself thanks to --requeue.)
+#
+# Optional environment, read from the submitting shell (sbatch exports it):
+#   MOE_CONFIG        config to train instead of the script's CONFIG (smoke tests)
+#   GPUS_PER_NODE     training processes per node (default: the job's --gpus-per-node, else 4)
+#   CONTAINER_IMAGE   run the step in this image with pyxis (squashfs path or docker://... URI)
+#   CONTAINER_MOUNTS  extra pyxis mounts, SRC:DST[,SRC:DST...]; the repository is always mounted
+#   MASTER_ADDR / MASTER_PORT  rendezvous host / port (default: first node / from the job id)
+set -uo pipefail
+
+log() { echo "[launcher $(date '+%F %T')] $*"; }
+die() { echo "[launcher] error: $*" >&2; exit 2; }
+
+[ -n "${SLURM_JOB_ID:-}" ] || die "submit with sbatch (e.g. sbatch scripts/slurm/8x152M.sh), do not run directly"
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd) || die "cannot locate the repository"
+cd "$repo" || die "cannot cd to $repo"
+
+config=${MOE_CONFIG:-${CONFIG:-}}
+[ -n "$config" ] || die "CONFIG is not set (the scripts/slurm/<model>.sh file sets it)"
+[ -f "$config" ] || die "config $config not found under $repo"
+
+# --gpus-per-node may carry a type ("h100:4"); 0 (CPU runs) falls back to the default.
+job_gpus=${SLURM_GPUS_PER_NODE:-}
+job_gpus=${job_gpus##*:}
+[[ $job_gpus =~ ^[1-9][0-9]*$ ]] || job_gpus=4
+nproc=${GPUS_PER_NODE:-$job_gpus}
+[[ $nproc =~ ^[1-9][0-9]*$ ]] || die "GPUS_PER_NODE must be a positive integer, got '$nproc'"
+
+nnodes=${SLURM_JOB_NUM_NODES:-1}
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+[ "${#nodes[@]}" -gt 0 ] || die "cannot expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+rdzv_host=${MASTER_ADDR:-${nodes[0]}}
+# Derived from the job id so that concurrent jobs sharing a head node do not collide, and kept
+# below 32768 where Linux starts handing out ephemeral ports.
+rdzv_port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+
+# Megatron needs a single CUDA work queue so that TP/SP communication overlaps with compute
+# in the order it was issued.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# Give each training process its share of the node's cores (torchrun would otherwise force 1).
+cpus=${SLURM_CPUS_ON_NODE:-$(nproc)}
+threads=$((cpus / nproc))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((threads > 0 ? threads : 1))}
+# Log lines must reach logs/ as they happen (the tests and users tail them).
+export PYTHONUNBUFFERED=1
+# NCCL defaults for InfiniBand clusters; anything the user or the site already set wins.
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# Longer IB retransmission timeout (4.096us * 2^22 ~ 17s): survives transient fabric congestion
+# in long all-to-all/all-reduce phases instead of aborting the job.
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+
+srun_args=(
+    --nodes="$nnodes"
+    --ntasks-per-node=1
+    # A node whose torchrun fails takes the step down; the others would otherwise wait in
+    # collectives until the NCCL timeout.
+    --kill-on-bad-exit=1
+)
+if [ -n "${CONTAINER_IMAGE:-}" ]; then
+    # The repository is mounted at the same path so that configs, logs and relative
+    # checkpoint paths mean the same inside and outside the container.
+    srun_args+=(
+        --container-image="$CONTAINER_IMAGE"
+        --container-mounts="$repo:$repo${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
+        --container-workdir="$repo"
+    )
+fi
+
+torchrun_args=(
+    --nnodes="$nnodes"
+    --nproc-per-node="$nproc"
+    --rdzv-backend=c10d
+    --rdzv-endpoint="$rdzv_host:$rdzv_port"
+    --rdzv-id="$SLURM_JOB_ID"
+)
+
+log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $nnodes node(s) x $nproc process(es)," \
+    "rendezvous $rdzv_host:$rdzv_port, config $config${CONTAINER_IMAGE:+, image $CONTAINER_IMAGE}"
+
+preempted=0
+srun_pid=
+# shellcheck disable=SC2317,SC2329  # only ever called through the trap below
+forward_usr1() {
+    preempted=1
+    log "USR1: time limit or preemption ahead; asking training to checkpoint and stop"
+    [ -n "$srun_pid" ] && kill -USR1 "$srun_pid" 2>/dev/null
+}
+trap forward_usr1 USR1
+
+# `trap '' USR1` before exec: an ignored signal stays ignored across exec, so torchrun survives
+# USR1 (step 2 above), while pretrain_moe.py installs its own handler and does receive it.
+# shellcheck disable=SC2016  # $@ is expanded by the inner bash, on the compute node
+srun "${srun_args[@]}" bash -c 'trap "" USR1; exec "$@"' usr1-ignored \
+    torchrun "${torchrun_args[@]}" pretrain_moe.py --config "$config" "$@" &
+srun_pid=$!
+
+# A trapped signal makes `wait` return early (status > 128) while srun keeps running, so wait
+# again. Once srun's status has been collected, a further wait answers 127: keep the previous.
+status=
+while :; do
+    wait "$srun_pid"
+    rc=$?
+    if [ "$rc" -eq 127 ] && [ -n "$status" ]; then break; fi
+    status=$rc
+    [ "$rc" -gt 128 ] || break
+done
+
+if [ "$status" -eq 0 ]; then
+    log "training finished"
+    exit 0
+fi
+if [ "$preempted" -eq 1 ]; then
+    log "step ended with status $status after USR1: requeueing job $SLURM_JOB_ID to resume from its checkpoint"
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        exit 0
+    fi
+    log "scontrol requeue failed; resubmit by hand to resume"
+fi
+log "step failed with status $status"
+exit "$status"
