@@ -78,8 +78,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _optimizer_metadata(fully_reshardable: bool) -> dict:
+    # Without chained_optim_avoid_prefix the state keys carry "chained_<i>." prefixes, and the
+    # number of chained optimizers depends on the expert-parallel size: keys would not match
+    # across EP layouts.
     return {"distrib_optim_sharding_type":
-            "fully_reshardable" if fully_reshardable else "dp_reshardable"}
+            "fully_reshardable" if fully_reshardable else "dp_reshardable",
+            "chained_optim_avoid_prefix": True}
 
 
 def _rng_state() -> dict[str, Any]:

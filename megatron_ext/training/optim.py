@@ -34,6 +34,9 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int) -> OptimizerParamS
         lr_warmup_steps=s.warmup_steps, lr_decay_steps=decay, lr_decay_style=s.decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay,
         wd_incr_style="constant",
+        # On resume the config's schedule wins (only the step count comes from the checkpoint),
+        # so extending train.train_steps extends the decay instead of being silently ignored.
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
 
 

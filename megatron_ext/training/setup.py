@@ -47,6 +47,7 @@ def build_run(cfg: Config, layout: Layout) -> Run:
     tconfig = model.config
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    mark_expert_params(model)
     if bf16:
         model = Float16Module(tconfig, model)
     distributed = use_distributed_optimizer(cfg)
@@ -65,6 +66,19 @@ def build_run(cfg: Config, layout: Layout) -> Run:
     train_ds, valid_ds = build_datasets(cfg, steps)
     return Run(cfg, layout, backends, model, optimizer, scheduler, train_ds, valid_ds, steps,
                distributed)
+
+
+def mark_expert_params(model: torch.nn.Module) -> None:
+    """Treat expert weights as expert-parallel even at EP=1.
+
+    megatron flags expert weights ``allreduce=False`` only when EP > 1, and the optimizer puts
+    flagged weights into a second (chained) optimizer. The optimizer's checkpoint structure would
+    then differ between EP=1 and EP>1 and could not be resumed across that change. At EP=1 the
+    expert-data-parallel group equals the data-parallel group, so the gradients are unchanged.
+    """
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
 
 
 def build_datasets(cfg: Config, steps: int):
