@@ -137,8 +137,8 @@ class TrainConfig:
     """Activation recomputation."""
     deterministic: bool = True
     """Fix CPU threads and pick deterministic algorithms so reruns are bit-identical on CPU."""
-    nan_injection_step: Optional[int] = None
-    """Test hook: make the loss NaN at this step (exercises the skip logic)."""
+    nan_injection_steps: list = field(default_factory=list)
+    """Test hook: make the loss NaN at these steps (exercises the skip logic)."""
 
 
 @dataclass

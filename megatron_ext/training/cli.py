@@ -24,8 +24,9 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="pretrain_moe.py",
-        description="Pretrain a (Mixture-of-Experts) GPT with megatron-core. Exit codes: 0 done, "
-        "1 failure, 2 config error, 3 preempted and saved (requeue), 4 too many non-finite steps.",
+        description="Pretrain a (Mixture-of-Experts) GPT with megatron-core. Exit codes: 0 done "
+        "(or preempted by SIGTERM/SIGUSR1 and saved: rerun to resume), 1 failure, 2 config or "
+        "checkpoint error, 4 too many non-finite steps.",
     )
     p.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
@@ -138,7 +139,7 @@ def _summary_line(s: dict, cfg: Config, metrics_path: Path) -> str:
     fl = "n/a" if s["first_loss"] is None else f"{s['first_loss']:.4f}"
     ll = "n/a" if s["last_loss"] is None else f"{s['last_loss']:.4f}"
     where = cfg.checkpoint.save or "(checkpoint.save not set)"
-    return (f"summary: steps {s['steps']} | tokens {s['tokens']:,} | first loss {fl} | "
+    return (f"summary: {s['status']} | steps {s['steps']} | tokens {s['tokens']:,} | first loss {fl} | "
             f"last loss {ll} | skipped {s['skipped_steps']} | wall {s['wall_s']:.1f}s | "
             f"checkpoint {where} | metrics {metrics_path}")
 

@@ -1,7 +1,11 @@
-"""Process exit codes of pretrain_moe.py (scripts/slurm/launcher.sh requeues on PREEMPTED)."""
+"""Process exit codes of pretrain_moe.py.
 
-OK = 0  # training finished (or --print-config / --dry-run)
+A preempted run (SIGTERM or SIGUSR1) finishes its step, saves and exits OK: the run is in a
+clean, resumable state. scripts/slurm/launcher.sh requeues when it forwarded such a signal;
+re-running the same command resumes automatically from ``checkpoint.save``.
+"""
+
+OK = 0  # training finished, or preempted and saved (resumable); also --print-config / --dry-run
 FAILED = 1  # unexpected error (traceback printed)
 CONFIG = 2  # bad config, bad path, unusable checkpoint: one line on stderr
-PREEMPTED = 3  # SIGTERM/SIGUSR1 received, checkpoint saved: requeue and it resumes
 NONFINITE = 4  # more than train.max_skipped_steps non-finite steps; nothing saved over good ckpts

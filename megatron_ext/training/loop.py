@@ -31,11 +31,11 @@ from megatron_ext.training.setup import Run, dp_rank_and_size, run_dir
 
 from megatron_ext.training import exit_codes
 
-EXIT_OK, EXIT_PREEMPTED, EXIT_NONFINITE = exit_codes.OK, exit_codes.PREEMPTED, exit_codes.NONFINITE
+EXIT_OK, EXIT_NONFINITE = exit_codes.OK, exit_codes.NONFINITE
 
 
 class _Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, saves and exits 3.
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, saves and exits 0.
 
     A second signal only sets the flag again, so it cannot interrupt a save in progress.
     """
@@ -142,14 +142,14 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter) -> tuple[int,
     first_loss = last_loss = None
     t_start = time.time()
     window = {"t": time.time(), "steps": 0, "fb": 0.0, "opt": 0.0, "data": 0.0}
-    code = EXIT_OK
+    code, status = EXIT_OK, "completed"
     while state.step < run.total_steps:
         t0 = time.time()
         batches = list(micro.step(state.consumed_samples))
         t1 = time.time()
         run.model.zero_grad_buffer()
         run.optimizer.zero_grad()
-        nan_step = tr.nan_injection_step is not None and state.step + 1 == tr.nan_injection_step
+        nan_step = state.step + 1 in tr.nan_injection_steps
         reports = fb(forward_step_func=_forward_step_factory(nan_step), data_iterator=iter(batches),
                      model=[run.model], num_microbatches=micro.num_microbatches,
                      seq_length=cfg.data.seq_length, micro_batch_size=tr.micro_batch_size,
@@ -167,7 +167,7 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter) -> tuple[int,
                 if layout.rank == 0:
                     warn(f"stopping: {state.skipped_steps} non-finite steps exceed "
                          f"train.max_skipped_steps={tr.max_skipped_steps}; no checkpoint written")
-                code = EXIT_NONFINITE
+                code, status = EXIT_NONFINITE, "stopped (non-finite)"
                 break
         else:
             clip_and_step(run.optimizer, grad_norm, cfg.optimizer.clip_grad)
@@ -207,13 +207,14 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter) -> tuple[int,
             _save(run, state, resolved, layout_key)
         if stop:
             if layout.rank == 0:
-                log(f"received signal {preempt.signum}; saved step {state.step}, exiting for requeue"
-                    if ck.save else f"received signal {preempt.signum}; no checkpoint.save set")
-            code = EXIT_PREEMPTED
+                log(f"received signal {preempt.signum}; saved step {state.step}; exiting "
+                    f"(the same command resumes)" if ck.save
+                    else f"received signal {preempt.signum}; no checkpoint.save set, exiting")
+            status = "preempted"
             break
     if stats is not None:
         stats.remove()
-    summary = {"steps": state.step, "tokens": state.consumed_tokens, "first_loss": first_loss,
+    summary = {"status": status, "steps": state.step, "tokens": state.consumed_tokens, "first_loss": first_loss,
                "last_loss": last_loss, "wall_s": time.time() - t_start,
                "skipped_steps": state.skipped_steps}
     return code, summary

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,6 +26,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  #
 from megatron.core.dist_checkpointing.mapping import (  # noqa: E402
     ShardedObject,
     ShardedTensor,
+    ShardedTensorFactory,
     apply_factories,
 )
 from megatron.core.models.gpt import GPTModel  # noqa: E402
@@ -50,6 +51,8 @@ H, FFN, NUM_EXPERTS, VOCAB, SEQ = 32, 48, 4, 128, 16
 TOL = dict(rtol=1e-5, atol=1e-5)
 # Token splits over 4 experts: empty experts, a single busy expert, no tokens at all.
 SPLITS = [[5, 0, 11, 4], [0, 0, 17, 0], [3, 1, 0, 9], [0, 0, 0, 0]]
+# megatron's RNG tracker warns on CPU, where "CUDA" and CPU RNG are the same generator.
+pytestmark = pytest.mark.filterwarnings("ignore:CPU RNG state changed")
 
 
 def _free_port() -> int:
@@ -68,10 +71,7 @@ def model_parallel():
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    # megatron's RNG tracker warns on CPU, where "CUDA" and CPU RNG are the same generator.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="CPU RNG state changed")
-        yield
+    yield
     parallel_state.destroy_model_parallel()
     if created:
         dist.destroy_process_group()
@@ -80,9 +80,10 @@ def model_parallel():
 def _config(**overrides) -> TransformerConfig:
     kwargs = dict(
         num_layers=2, hidden_size=H, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=FFN, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, num_moe_experts=NUM_EXPERTS,
-        moe_router_topk=2, moe_aux_loss_coeff=0.02, moe_token_dispatcher_type="allgather",
+        ffn_hidden_size=FFN, moe_ffn_hidden_size=FFN, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_aux_loss_coeff=0.02,
+        moe_token_dispatcher_type="allgather",
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
         use_cpu_initialization=True,
     )  # fmt: skip
@@ -105,10 +106,9 @@ def _experts_pair(cfg: TransformerConfig, seed: int = 0, **grouped_kwargs):
     return modules
 
 
-def _stacked(seq: SequentialMLP, what: str) -> torch.Tensor:
-    """[E, ...] stack of a per-expert weight (or its grad) of a SequentialMLP."""
-    tensors = [getattr(getattr(e, lin), "weight") for e in seq.local_experts for lin in [what]]
-    return torch.stack(tensors)
+def _stacked(seq: SequentialMLP, linear: str) -> torch.Tensor:
+    """[E, out, in] stack of one linear's weight over a SequentialMLP's experts."""
+    return torch.stack([getattr(e, linear).weight for e in seq.local_experts])
 
 
 def _gpt(spec, cfg: TransformerConfig, seed: int) -> GPTModel:
@@ -175,7 +175,10 @@ def test_forward_backward_match_sequential(backend, act):
     [
         dict(moe_apply_probs_on_input=True, moe_router_topk=1, moe_router_pre_softmax=True),
         # megatron only accepts moe_act recompute together with moe_grouped_gemm=True.
-        dict(recompute_granularity="selective", recompute_modules=["moe_act"], moe_grouped_gemm=True),
+        dict(
+            recompute_granularity="selective", recompute_modules=["moe_act"],
+            moe_grouped_gemm=True,
+        ),  # fmt: skip
         dict(bias_activation_fusion=True),
         dict(activation_func_clamp_value=0.5, glu_linear_offset=1.0),
     ],
@@ -220,25 +223,42 @@ def test_forced_grouped_mm_rejects_unsupported_dtype():
     assert out_TH.shape == (4, H)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_grouped_mm_matches_loop():
+def test_cuda_bf16_grouped_mm_matches_loop_without_host_sync():
     cfg = _config(params_dtype=torch.bfloat16, bf16=True, use_cpu_initialization=False)
     _, grp = _experts_pair(cfg)
-    tokens_per_expert = torch.tensor(SPLITS[0], device="cuda")
-    x_TH = torch.randn(20, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    probs_T = torch.rand(20, device="cuda")
-    results = []
-    for backend in ("grouped_mm", "loop"):
-        grp.backend = backend
-        out_TH, _ = grp(x_TH, tokens_per_expert, probs_T)
-        results.append([out_TH, *torch.autograd.grad(out_TH.float().square().sum(), [x_TH])])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    weights = [grp.fc1_weight, grp.fc2_weight]
+    for split in SPLITS:
+        # Counts left on the GPU (as the flex / no-sync alltoall dispatchers do).
+        tokens_per_expert = torch.tensor(split, device="cuda")
+        x_TH = torch.randn(sum(split), H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        probs_T = torch.rand(sum(split), device="cuda")
+        results = []
+        for backend in ("grouped_mm", "loop"):
+            grp.backend = backend
+            # The grouped path must never wait for the GPU (the loop's .tolist() does).
+            torch.cuda.set_sync_debug_mode("error" if backend == "grouped_mm" else "default")
+            try:
+                out_TH, _ = grp(x_TH, tokens_per_expert, probs_T)
+                grads = torch.autograd.grad(out_TH.float().square().sum(), [x_TH, *weights])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            results.append([out_TH, *grads])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
 # ---- whole model -----------------------------------------------------------------------------
 
+# GPTModel on CPU needs megatron_ext.platform.cpu, which stays off when CUDA is present (the
+# router alone moves its weight to the GPU then); the EP test covers these on any host.
+cpu_path_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="GPTModel on CPU needs the CPU path (off with CUDA)"
+)
 
+
+@cpu_path_only
 def test_gpt_model_loss_and_grads_match():
     cfg = _config()
     seq_model, grp_model = _gpt_pair(cfg)
@@ -257,6 +277,7 @@ def test_gpt_model_loss_and_grads_match():
         torch.testing.assert_close(grad, converted[name], **TOL, msg=name)
 
 
+@cpu_path_only
 def test_state_dict_conversion_round_trip():
     seq_model, grp_model = _gpt_pair(_config())
     grp_model.load_state_dict(sequential_to_grouped_state(seq_model.state_dict()), strict=True)
@@ -268,6 +289,7 @@ def test_state_dict_conversion_round_trip():
     seq_model.load_state_dict(back, strict=True)
 
 
+@cpu_path_only
 def test_use_grouped_experts_on_mixed_block_spec():
     cfg = _config(num_layers=3, moe_layer_freq=[0, 1, 1])
     block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm")
@@ -309,6 +331,7 @@ def _flat_shards(model: GPTModel, metadata=None) -> dict:
     return flat
 
 
+@cpu_path_only
 @pytest.mark.parametrize("singleton", [False, True], ids=["stacked", "singleton_local_shards"])
 def test_sharded_state_dict_matches_sequential(singleton):
     seq_model, grp_model = _gpt_pair(_config())
@@ -323,6 +346,7 @@ def test_sharded_state_dict_matches_sequential(singleton):
             assert torch.equal(grp_flat[key][1], data), key
 
 
+@cpu_path_only
 @pytest.mark.parametrize("save_grouped", [False, True], ids=["seq_to_grouped", "grouped_to_seq"])
 def test_dist_checkpoint_cross_load(tmp_path, save_grouped):
     seq_model, grp_model = _gpt_pair(_config())
@@ -339,3 +363,28 @@ def test_dist_checkpoint_cross_load(tmp_path, save_grouped):
     for key, value in src_state.items():
         if not key.endswith("_extra_state"):
             assert torch.equal(dst_state[key], value), key
+
+
+def _as_optimizer_state(model: GPTModel) -> dict:
+    """Model sharded state rewritten the way DistributedOptimizer's 'fully_reshardable' format
+    rewrites it for an optimizer state (new key prefix, state tensor of the param's shape)."""
+    sharded = model.sharded_state_dict()
+    return {
+        name: replace(sh, key=f"optimizer.state.exp_avg.{sh.key}", data=sh.data.detach() * 2 + 1)
+        for name, sh in sharded.items()
+        if isinstance(sh, (ShardedTensor, ShardedTensorFactory))
+    }
+
+
+@cpu_path_only
+@pytest.mark.parametrize("save_grouped", [False, True], ids=["seq_to_grouped", "grouped_to_seq"])
+def test_optimizer_state_checkpoint_cross_load(tmp_path, save_grouped):
+    seq_model, grp_model = _gpt_pair(_config())
+    grp_model.load_state_dict(seq_model.state_dict())
+    src, dst = (grp_model, seq_model) if save_grouped else (seq_model, grp_model)
+    dist_checkpointing.save(_as_optimizer_state(src), str(tmp_path))
+    loaded = dist_checkpointing.load(_as_optimizer_state(dst), str(tmp_path))
+    params = dict(dst.named_parameters())
+    assert loaded.keys() == params.keys()
+    for name, state in loaded.items():
+        assert torch.equal(state, params[name].detach() * 2 + 1), name

@@ -20,7 +20,7 @@ def test_tiny_cpu_30_steps_loss_falls(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert "backends: precision=fp32 spec=local attention=sdpa" in out
-    assert "summary: steps 30" in out
+    assert "summary: completed | steps 30" in out
     train = _records(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in train] == list(range(1, 31))
     first = sum(r["loss"] for r in train[:3]) / 3

@@ -1,0 +1,112 @@
+"""Corrupt or incomplete checkpoints are found before use; incompatible configs are refused;
+non-finite steps are skipped and counted, and past the limit the run stops cleanly."""
+
+import shutil
+
+import pytest
+
+from megatron_ext.checkpoint.dist import CheckpointError, find_resumable
+from tests.conftest import run_cli
+from tests.resilience import losses_by_step, small_args
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A run with complete checkpoints at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("saved")
+    proc = run_cli(small_args(tmp, 4, "--set", "checkpoint.save_interval=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+@pytest.fixture
+def ckpt(saved, tmp_path):
+    shutil.copytree(saved / "ckpt", tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def _shard(path):
+    return sorted(path.glob("*.distcp"))[0]
+
+
+def test_intact_resumes_latest(ckpt):
+    found, warnings = find_resumable(ckpt)
+    assert found.name == "iter_0000004" and warnings == []
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: _shard(p).write_bytes(_shard(p).read_bytes()[:100]), "truncated or damaged"),
+    (lambda p: _shard(p).unlink(), "missing file __0_"),
+    (lambda p: (p / ".metadata").unlink(), "missing file .metadata"),
+    (lambda p: (p / "meta.json").unlink(), "meta.json missing"),
+    (lambda p: (p / "meta.json").write_text("{not json"), "meta.json is corrupt"),
+])
+def test_damaged_newest_falls_back_with_a_warning(ckpt, damage, reason):
+    damage(ckpt / "iter_0000004")
+    found, warnings = find_resumable(ckpt)
+    assert found.name == "iter_0000002"
+    assert len(warnings) == 1 and reason in warnings[0] and "iter_0000004" in warnings[0]
+
+
+def test_latest_pointing_at_nothing(ckpt):
+    (ckpt / "latest").write_text("iter_0000099\n")
+    found, warnings = find_resumable(ckpt)
+    assert found.name == "iter_0000004"
+    assert "points at iter_0000099, which does not exist" in warnings[0]
+
+
+def test_nothing_usable_is_an_error(ckpt):
+    for d in ("iter_0000002", "iter_0000004"):
+        _shard(ckpt / d).unlink()
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        find_resumable(ckpt)
+
+
+def test_cli_falls_back_and_resumes(saved, tmp_path):
+    shutil.copytree(saved, tmp_path / "r", dirs_exist_ok=True)
+    shard = _shard(tmp_path / "r/ckpt/iter_0000004")
+    shard.write_bytes(shard.read_bytes()[:-10])
+    proc = run_cli(small_args(tmp_path / "r", 5))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "truncated or damaged" in proc.stderr
+    assert "iter_0000002 at step 2" in proc.stdout
+
+
+def test_cli_no_usable_checkpoint_exits_2(saved, tmp_path):
+    shutil.copytree(saved, tmp_path / "r", dirs_exist_ok=True)
+    for d in ("iter_0000002", "iter_0000004"):
+        (tmp_path / "r/ckpt" / d / ".metadata").unlink()
+    proc = run_cli(small_args(tmp_path / "r", 5))
+    assert proc.returncode == 2
+    assert "error: no usable checkpoint in" in proc.stderr
+
+
+def test_incompatible_config_is_refused_with_fields(saved, tmp_path):
+    shutil.copytree(saved, tmp_path / "r", dirs_exist_ok=True)
+    proc = run_cli(small_args(tmp_path / "r", 6, "--set", "model.hidden_size=128",
+                              "--set", "moe.num_experts=8"))
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "is incompatible with this config" in err
+    assert "model.hidden_size (checkpoint 64, config 128)" in err
+    assert "moe.num_experts (checkpoint 4, config 8)" in err
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path):
+    proc = run_cli(small_args(tmp_path, 5, "--set", "train.nan_injection_steps=[3]",
+                              "--set", "train.max_skipped_steps=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 3: non-finite loss (nan)" in proc.stderr and "step skipped (1/2)" in proc.stderr
+    assert "skipped 1" in proc.stdout.splitlines()[-1]
+    losses = losses_by_step(tmp_path / "run")
+    assert losses[3] == "nan" and all(isinstance(losses[s], float) for s in (4, 5))
+
+
+def test_too_many_nan_steps_stop_without_overwriting_a_good_checkpoint(tmp_path):
+    proc = run_cli(small_args(tmp_path, 6, "--set", "train.nan_injection_steps=[3,4]",
+                              "--set", "train.max_skipped_steps=1",
+                              "--set", "checkpoint.save_interval=2"))
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "exceed train.max_skipped_steps=1" in proc.stderr
+    assert (tmp_path / "ckpt/latest").read_text().strip() == "iter_0000002"
+    assert not (tmp_path / "ckpt/iter_0000004").exists()

@@ -1,0 +1,53 @@
+"""A run killed with -9 after a save, or signalled with SIGUSR1, continues bit-identically."""
+
+import random
+import signal
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.resilience import losses_by_step, popen, small_args, wait_for_line
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = run_cli(small_args(tmp, STEPS, "--set", "checkpoint.save_interval=4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return losses_by_step(tmp / "run")
+
+
+def test_kill9_after_save_then_restart_is_bit_identical(tmp_path, reference):
+    kill_at = random.Random().randint(5, 7)  # some step after the save at step 4
+    proc = popen(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=4"))
+    wait_for_line(proc, lambda line: line.startswith(f"step {kill_at}/"))
+    proc.kill()  # SIGKILL: no handler runs, nothing is flushed
+    proc.wait()
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000004"
+    again = run_cli(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=4"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "iter_0000004 at step 4" in again.stdout
+    resumed = losses_by_step(tmp_path / "run")
+    for step in range(5, STEPS + 1):
+        assert resumed[step] == reference[step], (kill_at, step, resumed[step], reference[step])
+
+
+def test_sigusr1_saves_current_step_exits_0_and_resumes_identically(tmp_path, reference):
+    proc = popen(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=0"))
+    wait_for_line(proc, lambda line: line.startswith("step 2/"))
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "received signal" in out and "summary: preempted" in out
+    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
+    stopped = int(latest.split("_")[1])
+    assert 2 <= stopped < STEPS
+    assert f"saved step {stopped}" in out
+    again = run_cli(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=0"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at step {stopped}" in again.stdout
+    resumed = losses_by_step(tmp_path / "run")
+    for step in range(stopped + 1, STEPS + 1):
+        assert resumed[step] == reference[step], (step, resumed[step], reference[step])

@@ -1,0 +1,64 @@
+"""Shared pieces of the checkpoint-resilience tests: a very small, fast, deterministic run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import REPO, free_port
+
+SMALL = [
+    "--config", "configs/tiny-cpu.yaml",
+    "--set", "data.demo_corpus=false", "--set", "data.mock=true",
+    "--set", "model.num_layers=2", "--set", "model.hidden_size=64",
+    "--set", "model.ffn_hidden_size=128", "--set", "model.vocab_size=512",
+    "--set", "moe.num_experts=4", "--set", "data.seq_length=32",
+    "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=4",
+    "--set", "train.eval_interval=0", "--set", "train.log_interval=1",
+    "--set", "schedule.warmup_steps=2", "--set", "checkpoint.keep_last=5",
+]
+
+
+def small_args(tmp: Path, steps: int, *extra: str) -> list[str]:
+    return ["pretrain_moe.py", *SMALL, "--set", f"train.train_steps={steps}",
+            "--set", f"checkpoint.save={tmp}/ckpt", "--set", f"logging.output_dir={tmp}/run",
+            *extra]
+
+
+def env() -> dict:
+    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        e.pop(k, None)
+    return e
+
+
+def popen(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for_line(proc: subprocess.Popen, predicate, timeout: float = 300) -> list[str]:
+    """Read lines until one satisfies ``predicate``; returns the lines read."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if predicate(line):
+            return lines
+    raise AssertionError("expected line not seen:\n" + "".join(lines[-40:]))
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """Last logged loss of every step (a restarted run appends to the same file)."""
+    out = {}
+    for rec in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        if rec["kind"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
