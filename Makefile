@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(PIP_FLAGS) -e ".[dev]"
 	touch $(STAMP)
 
+# A fresh run each time (runs/demo is replaced); the tokenizer and datasets stay cached in .cache.
 demo: $(STAMP)
-	$(PY) pretrain_moe.py --config configs/tiny-cpu.yaml
+	rm -rf runs/demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) pretrain_moe.py --config configs/tiny-cpu.yaml \
+		--set checkpoint.save=runs/demo/checkpoints --set logging.output_dir=runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs --timeout=900 tests

@@ -122,3 +122,16 @@ def test_dry_run_reports_counts():
     assert "total 0.417B" in proc.stdout and "active per token 0.190B" in proc.stdout
     assert "layout: world 8 = tp 1 x pp 1 x dp 8; ep 8" in proc.stdout
     assert "memory per GPU" in proc.stdout
+
+
+def test_every_field_is_documented_and_docs_are_current():
+    import dataclasses
+
+    from megatron_ext.config.docs import field_docs, render, sections
+
+    for name, cls in sections():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{name}.{f.name} has no docstring"
+    assert (REPO / "docs/config.md").read_text() == render(), \
+        "regenerate: python -m megatron_ext.config.docs > docs/config.md"
