@@ -60,7 +60,9 @@ def init_distributed(cfg: Config, timeout_minutes: int = 30) -> Layout:
             # Fixed intra-op threads make CPU float reductions reproducible run to run.
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        # A single process needs no agreed port: take a free one so concurrent runs don't clash.
+        os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend, rank=rank, world_size=world,
@@ -75,6 +77,14 @@ def init_distributed(cfg: Config, timeout_minutes: int = 30) -> Layout:
     seed_everything(cfg.train.seed)
     return Layout(rank, world, local, par.tensor, par.pipeline, par.expert,
                   parallel_state.get_data_parallel_world_size(), device, backend)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:

@@ -77,7 +77,34 @@ def dry_run(cfg: Config) -> str:
         f"tokens), {flops_per_token(cfg) / 1e9:.2f} GFLOP/token",
         "memory per GPU (estimate, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()),
     ]
+    built = _meta_param_count(cfg)
+    status = "matches" if built == c.total else f"DIFFERS from {c.total:,}"
+    lines.append(f"megatron-core model built on the meta device (one rank, no parallelism): "
+                 f"{built:,} parameters ({status} the count above)")
     return "\n".join(lines)
+
+
+def _meta_param_count(cfg: Config) -> int:
+    """Build the real GPTModel without allocating (meta device) to cross-check the arithmetic."""
+    import copy
+
+    import torch
+
+    from megatron_ext.model.builder import build_model, resolve_backends
+    from megatron_ext.platform.dist import init_distributed, shutdown
+
+    one = copy.deepcopy(cfg)
+    one.parallel.tensor = one.parallel.expert = one.parallel.pipeline = one.parallel.world_size = 1
+    one.parallel.sequence_parallel = False
+    one.train.precision = "fp32"
+    one.train.global_batch_size = one.train.micro_batch_size
+    init_distributed(one)
+    try:
+        with torch.device("meta"):
+            model = build_model(one, resolve_backends(one, cuda=False))
+        return sum(p.numel() for p in model.parameters())
+    finally:
+        shutdown()
 
 
 def train_main(cfg: Config) -> int:

@@ -122,6 +122,7 @@ def test_dry_run_reports_counts():
     assert "total 0.417B" in proc.stdout and "active per token 0.190B" in proc.stdout
     assert "layout: world 8 = tp 1 x pp 1 x dp 8; ep 8" in proc.stdout
     assert "memory per GPU" in proc.stdout
+    assert "416,608,768 parameters (matches the count above)" in proc.stdout
 
 
 def test_every_field_is_documented_and_docs_are_current():
