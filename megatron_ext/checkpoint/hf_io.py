@@ -41,7 +41,8 @@ _MAX_HEADER = 100 * 1024 * 1024  # same bound the safetensors reader enforces
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -119,7 +120,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 
 
 class HFCheckpoint:
-    """A validated HF checkpoint directory: ``config``, ``keys()``, ``info(name)``, ``get(name)``."""
+    """A validated HF checkpoint directory: ``config``, ``keys()``, ``info()``, ``get()``."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -283,8 +284,8 @@ def write_hf_checkpoint(
     max_shard_bytes: int = 2 * 10**9,
     copy_from: Path | None = None,
 ) -> None:
-    """Write weights, config.json and (from ``copy_from``) tokenizer and generation_config files
-    into the existing directory ``out_dir``; staging and renaming is the caller's (``staged_dir``)."""
+    """Write weights, config.json and (from ``copy_from``) tokenizer and generation_config
+    files into the existing directory ``out_dir``; staging is the caller's (``staged_dir``)."""
     writer = ShardedWriter(out_dir, layout, max_shard_bytes)
     try:
         for name, tensor in tensors:

@@ -87,8 +87,9 @@ _MX = f"{_M}.mlp.experts.local_experts.{{expert}}"
 
 @dataclass(frozen=True)
 class Rule:
-    """One mcore tensor built from ``hf`` tensors by ``transform``; ``scope`` says where it exists:
-    model (once), layer (every layer), dense (dense layers), moe (MoE layers), expert (per expert)."""
+    """One mcore tensor built from ``hf`` tensors by ``transform``. ``scope`` says where it
+    exists: model (once, first), layer (every layer), dense (dense layers), moe (MoE layers),
+    expert (per expert), final (once, last)."""
 
     scope: str
     mcore: str
@@ -102,7 +103,8 @@ RULES: tuple[Rule, ...] = (
     Rule("layer", f"{_M}.self_attention.linear_qkv.weight", (HF_Q, HF_K, HF_V), "qkv"),
     Rule("layer", f"{_M}.self_attention.linear_proj.weight", (HF_O,)),
     Rule("layer", f"{_M}.pre_mlp_layernorm.weight", (HF_POST_ATTN_NORM,)),
-    Rule("dense", f"{_M}.mlp.linear_fc1.weight", (HF_DENSE_MLP["gate"], HF_DENSE_MLP["up"]), "gate_up"),
+    Rule("dense", f"{_M}.mlp.linear_fc1.weight", (HF_DENSE_MLP["gate"], HF_DENSE_MLP["up"]),
+         "gate_up"),
     Rule("dense", f"{_M}.mlp.linear_fc2.weight", (HF_DENSE_MLP["down"],)),
     Rule("moe", f"{_M}.mlp.router.weight", (HF_ROUTER,)),
     Rule("expert", f"{_MX}.linear_fc1.weight", (HF_EXPERT["gate"], HF_EXPERT["up"]), "gate_up"),
@@ -187,7 +189,7 @@ def mcore_shapes(arch: Arch, padded_vocab_size: int | None = None) -> dict[str, 
 
 
 def check_key_set(keys: Iterable[str], expected: Iterable[str], what: str) -> None:
-    """Raise naming the first missing/unexpected keys; mcore ``*._extra_state`` entries are ignored."""
+    """Raise naming the first missing/unexpected key (mcore ``*._extra_state`` is ignored)."""
     have = {k for k in keys if not k.endswith("._extra_state")}
     want = set(expected)
     missing, extra = sorted(want - have), sorted(have - want)
@@ -225,7 +227,7 @@ def split_qkv(qkv: Tensor, arch: Arch) -> tuple[Tensor, Tensor, Tensor]:
     g, d, h = arch.num_kv_heads, arch.head_dim, arch.hidden_size
     per_group = (arch.num_heads // g) * d
     q, k, v = qkv.reshape(g, per_group + 2 * d, h).split([per_group, d, d], dim=1)
-    return q.reshape(-1, h).contiguous(), k.reshape(-1, h).contiguous(), v.reshape(-1, h).contiguous()
+    return tuple(t.reshape(-1, h).contiguous() for t in (q, k, v))  # type: ignore[return-value]
 
 
 def _resize_vocab(t: Tensor, rows: int) -> Tensor:
@@ -281,7 +283,7 @@ def mcore_to_hf(
     for mcore_name, hf_names, transform in expand_rules(arch):
         t = fetch(get, mcore_name, shapes[mcore_name], "mcore checkpoint")
         if transform == "qkv":
-            yield from zip(hf_names, split_qkv(t, arch))
+            yield from zip(hf_names, split_qkv(t, arch), strict=True)
         elif transform == "gate_up":
             gate, up = t.chunk(2, dim=0)
             yield hf_names[0], gate.contiguous()

@@ -1,4 +1,4 @@
-"""MoE upcycling of dense Llama checkpoints: scratch, naive, noise (RNU), drop (Drop-Upcycling), btx.
+"""MoE upcycling of dense Llama checkpoints: scratch, naive, noise (RNU), drop, btx.
 
 ``upcycle`` (HF names) and ``upcycle_mcore`` (megatron-core names) stream tensors;
 ``upcycle_checkpoint`` is the directory-to-directory function behind ``tools/convert/upcycle.py``.

@@ -108,7 +108,8 @@ def _check_same_shapes(base: DenseModel, other: DenseModel) -> None:
         diff = sorted(set(other.keys) ^ set(base.keys))
         raise ConversionError(f"btx source {other.path}: key {diff[0]} differs from the input")
     for name in base.keys:
-        if (other.shape_of(name), other.dtype_of(name)) != (base.shape_of(name), base.dtype_of(name)):
+        theirs = (other.shape_of(name), other.dtype_of(name))
+        if theirs != (base.shape_of(name), base.dtype_of(name)):
             raise ConversionError(
                 f"btx source {other.path}: {name} is {list(other.shape_of(name))} "
                 f"{other.dtype_of(name)}, the input has {list(base.shape_of(name))} "
@@ -150,6 +151,9 @@ def upcycle_checkpoint(
     """
     writer = _lookup(_WRITERS, output_format, "output")
     output_dir = Path(output_dir)
+    for src in (input_dir, *btx_dirs):
+        if Path(src).absolute() == output_dir.absolute():
+            raise ConversionError(f"{output_dir}: the output must not be an input")
     if output_dir.exists() and not overwrite:
         raise ConversionError(f"{output_dir} exists (pass --overwrite to replace it)")
     if spec.btx_sources:
@@ -164,8 +168,8 @@ def upcycle_checkpoint(
     stream = upcycle(dense.get, dense.keys, dense.arch, spec)  # validates spec against the arch
     report = None
     with staged_dir(output_dir, overwrite) as tmp:
-        writer(tmp, _with_progress(stream, dense.arch.num_layers, log), dense,
-                                spec, max_shard_bytes)
+        progress = _with_progress(stream, dense.arch.num_layers, log)
+        writer(tmp, progress, dense, spec, max_shard_bytes)
         info = {**spec.describe(), "input": str(Path(input_dir).absolute()),
                 "btx_sources": [str(Path(d).absolute()) for d in btx_dirs]}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")

@@ -54,7 +54,7 @@ class UpcycleSpec:
         return 1 + len(self.btx_sources)
 
     def validate(self, arch: Arch | None = None) -> None:
-        """Raise ``UpcycleError`` for the first bad setting (``arch``: the dense model, if known)."""
+        """Raise ``UpcycleError`` for the first bad setting (``arch``: the dense input)."""
         if self.method not in METHODS:
             raise UpcycleError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if not (isinstance(self.ratio, (int, float)) and 0.0 <= self.ratio <= 1.0):

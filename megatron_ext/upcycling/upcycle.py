@@ -18,8 +18,9 @@ this order, which is a property of the function and not of how the caller stream
      this order (the reference's order): ``idx = randperm(F)[:k]`` and the slice's samples
      (``torch.normal``, slice shape: [k, H] for gate/up, [H, k] for down); with ``shared``:
      one ``idx = randperm(F)[:k]`` after ``perm``, then the samples for gate, down, up.
-     k = floor(r * F). drop samples ``Normal(mean, std)`` of the selected slice (fp32 stats,
-     unbiased std); noise samples ``Normal(0, noise_std)`` and adds them (fp32, then cast).
+     k = floor(r * F). drop samples ``Normal(mean, std)`` of the selected slice (stats in fp32,
+     unbiased std; the reference computes them in the model dtype); noise samples
+     ``Normal(0, noise_std)`` and adds them (fp32, then cast).
    - scratch: ``torch.normal(0, init_std)`` for every non-norm tensor, in output order
      (experts: w1, w3, w2). Norm weights are ones.
    - naive / btx draw nothing after the routers.
@@ -59,7 +60,8 @@ def upcycle(
 
     ``dense_keys`` is checked against ``arch`` up front (strict: missing or extra keys raise), and
     so is ``spec``; nothing is read until the caller iterates. btx sources are
-    ``spec.btx_sources`` (the input is source 0). Yielded tensors are fresh: callers may keep them.
+    ``spec.btx_sources`` (the input is source 0). Copied tensors are the getter's own objects;
+    do not modify yielded tensors in place.
     """
     spec.validate(arch)
     check_key_set(dense_keys, hf_shapes(arch), "dense checkpoint")
@@ -90,7 +92,8 @@ def upcycle_mcore(
                        padded_vocab_size=padded_vocab_size)
 
 
-_MOE_NAME = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.(?:gate|experts\.\d+\.(w[123]))\.weight")
+_MOE_NAME = re.compile(
+    r"model\.layers\.(\d+)\.block_sparse_moe\.(?:gate|experts\.\d+\.(w[123]))\.weight")
 
 
 def dense_source_key(moe_name: str) -> str:
@@ -123,7 +126,7 @@ def init_router(num_experts: int, hidden: int, how: str, g: torch.Generator) -> 
 def perturb_expert(
     mlp: dict[str, Tensor], spec: UpcycleSpec, g: torch.Generator
 ) -> dict[str, Tensor]:
-    """One drop/noise expert from the dense MLP {gate [F,H], up [F,H], down [H,F]} (not modified)."""
+    """One drop/noise expert from the dense MLP {gate [F,H], up [F,H], down [H,F]} (unchanged)."""
     d_ff = mlp["gate"].shape[0]
     k = math.floor(spec.ratio * d_ff)
     perm = torch.randperm(d_ff, generator=g)
@@ -138,9 +141,8 @@ def perturb_expert(
         dim = 1 if role == "down" else 0  # the neuron axis
         sel = w.index_select(dim, idx).float()
         if spec.method == "drop":
-            mean = sel.mean().item()
-            std = sel.std().item() if sel.numel() > 1 else 0.0
-            new = torch.normal(mean, std, tuple(sel.shape), generator=g)
+            std, mean = torch.std_mean(sel) if sel.numel() > 1 else (torch.zeros(()), sel.mean())
+            new = torch.normal(mean.item(), std.item(), tuple(sel.shape), generator=g)
         else:
             new = sel + torch.normal(0.0, spec.noise_std, tuple(sel.shape), generator=g)
         w.index_copy_(dim, idx, new.to(w.dtype))
@@ -162,7 +164,8 @@ class _Upcycler:
     def _random(self, name: str, like: Tensor) -> Tensor:
         if name.endswith("norm.weight"):
             return torch.ones_like(like)
-        return torch.normal(0.0, self.spec.init_std, tuple(like.shape), generator=self.g).to(like.dtype)
+        sample = torch.normal(0.0, self.spec.init_std, tuple(like.shape), generator=self.g)
+        return sample.to(like.dtype)
 
     def _plain(self, name: str) -> Tensor:
         """A tensor that is not an expert: copied, averaged (btx) or random (scratch)."""

@@ -11,6 +11,7 @@ nothing at --output unless everything succeeded. Exit codes: 0 ok, 1 validation 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +20,9 @@ if __package__ in (None, ""):  # run as a script from a checkout: make megatron_
 
 from megatron_ext.checkpoint.hf_io import parse_size  # noqa: E402
 from megatron_ext.checkpoint.keymaps import ConversionError  # noqa: E402
-from megatron_ext.upcycling.spec import INDEX_SHARING, METHODS, ROUTER_INITS, UpcycleError, UpcycleSpec  # noqa: E402,E501
+from megatron_ext.upcycling.spec import (  # noqa: E402
+    INDEX_SHARING, METHODS, ROUTER_INITS, UpcycleError, UpcycleSpec,
+)
 
 PROG = "upcycle"
 
@@ -46,7 +49,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=PROG, description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, type=Path, help="dense HF Llama checkpoint directory")
     p.add_argument("--output", required=True, type=Path, help="MoE checkpoint directory to create")
     p.add_argument("--method", choices=METHODS, default="drop")
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB", help="e.g. 2GB, 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--skip-validation", action="store_true",
-                   help="skip the transformers load + logit comparison (needs 2 fp32 models in RAM)")
+                   help="skip the transformers load + logit check (2 fp32 models in RAM)")
     return p
 
 
@@ -76,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ext.upcycling.convert import upcycle_checkpoint
     from megatron_ext.upcycling.validate import ValidationError
 
+    # SLURM and friends stop jobs with SIGTERM: turn it into SystemExit so the staged output
+    # directory is removed on the way out, as for Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         args = build_parser().parse_args(argv)
         spec = UpcycleSpec(

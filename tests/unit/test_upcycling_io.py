@@ -1,0 +1,119 @@
+"""HF checkpoint I/O: header checks, planned shard writing, staged output directories."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_ext.checkpoint.hf_io import (
+    INDEX_NAME, HFCheckpoint, ShardedWriter, parse_size, read_safetensors_header, staged_dir,
+)
+from megatron_ext.checkpoint.keymaps import ConversionError
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {f"t{i}": torch.randn(100, 10 + i, generator=g).to(torch.bfloat16) for i in range(6)}
+
+
+def test_header_checks(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file(_tensors(), path)
+    assert read_safetensors_header(path)["t3"].shape == (100, 13)
+    raw = path.read_bytes()
+    for cut, match in ((4, "truncated"), (20, "truncated"), (len(raw) - 1, "truncated")):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(ConversionError, match=match):
+            read_safetensors_header(path)
+    path.write_bytes(raw + b"\0")
+    with pytest.raises(ConversionError, match="trailing"):
+        read_safetensors_header(path)
+    n = struct.unpack("<Q", raw[:8])[0]
+    path.write_bytes(raw[:8] + b"{" * n + raw[8 + n:])
+    with pytest.raises(ConversionError, match="corrupt"):
+        read_safetensors_header(path)
+
+
+def test_writer_plans_shards_and_accepts_any_order(tmp_path: Path) -> None:
+    tensors = _tensors()
+    layout = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    writer = ShardedWriter(tmp_path, layout, max_shard_bytes=6000)
+    for name in reversed(list(tensors)):
+        writer.write(name, tensors[name])
+    writer.finish()
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors.values())
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = HFCheckpoint(tmp_path)  # our reader, with its checks
+    loaded = {}
+    for f in files:
+        loaded.update(load_file(tmp_path / f))  # and the reference reader
+    for name, t in tensors.items():
+        assert torch.equal(loaded[name], t) and torch.equal(ckpt.get(name), t)
+
+
+def test_writer_single_shard_and_misuse(tmp_path: Path) -> None:
+    tensors = _tensors()
+    layout = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    writer = ShardedWriter(tmp_path, layout, max_shard_bytes=10**9)
+    with pytest.raises(ConversionError, match="unexpected"):
+        writer.write("nope", torch.zeros(1))
+    with pytest.raises(ConversionError, match="planned"):
+        writer.write("t0", torch.zeros(100, 10))
+    writer.write("t0", tensors["t0"])
+    with pytest.raises(ConversionError, match="twice"):
+        writer.write("t0", tensors["t0"])
+    with pytest.raises(ConversionError, match="t1 never written"):
+        writer.finish()
+    writer.close()
+    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / INDEX_NAME).exists()
+
+
+def test_checkpoint_dir_checks(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="config.json"):
+        HFCheckpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConversionError, match="model.safetensors"):
+        HFCheckpoint(tmp_path)
+    save_file(_tensors(), tmp_path / "a.safetensors")
+    index = {"weight_map": {"t0": "a.safetensors", "t1": "b.safetensors"}}
+    (tmp_path / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match="b.safetensors is missing"):
+        HFCheckpoint(tmp_path)
+    index["weight_map"] = {"t0": "a.safetensors"}
+    (tmp_path / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match="disagree about t1"):
+        HFCheckpoint(tmp_path)
+
+
+def test_parse_size() -> None:
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MB") == 5 * 10**8
+    assert parse_size("1GiB") == 2**30 and parse_size("123") == 123
+    for bad in ("", "two GB", "-1GB", "5XB"):
+        with pytest.raises(ConversionError):
+            parse_size(bad)
+
+
+def test_staged_dir_leaves_nothing_on_error_and_replaces_on_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with staged_dir(out, overwrite=False) as tmp:
+            (tmp / "x").write_text("partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with staged_dir(out, overwrite=False) as tmp:
+        (tmp / "x").write_text("1")
+    with pytest.raises(ConversionError, match="exists"):
+        with staged_dir(out, overwrite=False):
+            pass
+    with staged_dir(out, overwrite=True) as tmp:
+        (tmp / "y").write_text("2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["y"]
