@@ -27,6 +27,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -44,7 +45,6 @@ with warnings.catch_warnings():
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -112,7 +112,7 @@ def parse_blend(blend: Sequence[Any]) -> tuple[list[str], list[float] | None]:
         weights = [float(w) for w in items[0::2]]
         prefixes = [str(p) for p in items[1::2]]
         if any(_is_number(p) for p in prefixes) or any(w <= 0 for w in weights):
-            raise DataError(f"data blend weights must be positive and alternate with paths: {items}")
+            raise DataError(f"blend weights must be positive and alternate with paths: {items}")
     elif not any(_is_number(p) for p in items):
         prefixes, weights = [str(p) for p in items], None
     else:
@@ -172,7 +172,7 @@ def _check_common(seq_length: int, num_samples: Sequence[int]) -> list[int]:
         raise DataError(f"seq_length must be positive, got {seq_length}")
     sizes = list(num_samples)
     if len(sizes) != 3 or any(int(n) != n or n < 0 for n in sizes):
-        raise DataError(f"num_samples must be 3 non-negative integers (train, valid, test): {sizes}")
+        raise DataError(f"num_samples must be 3 non-negative ints (train, valid, test): {sizes}")
     return [int(n) for n in sizes]
 
 
@@ -219,12 +219,13 @@ def build_gpt_datasets(
     if model_vocab_size is not None:
         data_max = max_token_id(prefixes) if scan_max_token else None
         check_vocab(tokenizer.vocab_size, model_vocab_size, data_max)
+    ratios = re.findall(r"[.0-9]+", split or "")  # the numbers megatron's parser would read
     try:
-        split_vector = parse_and_normalize_split(split)
-    except (AssertionError, ValueError, ZeroDivisionError) as err:
-        raise DataError(f"bad split {split!r}: expected e.g. '98,2,0'") from err
-    if not any(split_vector) or any(np.isnan(split_vector)):
-        raise DataError(f"bad split {split!r}: expected e.g. '98,2,0'")
+        valid_split = 1 <= len(ratios) <= 3 and sum(float(r) for r in ratios) > 0
+    except ValueError:
+        valid_split = False
+    if not valid_split:
+        raise DataError(f"bad split {split!r}: expected up to 3 ratios, e.g. '98,2,0'")
     if len(prefixes) > 1 and weights is None:
         weights = [float(n) for n in token_counts(prefixes)]
     if len(prefixes) == 1:

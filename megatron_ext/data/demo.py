@@ -16,17 +16,20 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 
 from megatron_ext.data.errors import DataError
 
 RECIPE_VERSION = 1  # bump when the recipe below changes, to invalidate old caches
-CORPUS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "data", "corpus")
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CORPUS_DIR = os.path.join(_REPO, "data", "corpus")
 TXT_MODES = {"en": "blocks", "ja": "lines"}  # the Japanese novel has blank lines only per chapter
 MARKER = "COMPLETE.json"
 
 
-def _corpus_files(corpus_dir: str) -> list[str]:
+def corpus_files(corpus_dir: str = CORPUS_DIR) -> list[str]:
+    """The demo corpus: every .txt file in ``corpus_dir``, sorted (en before ja)."""
     files = sorted(glob.glob(os.path.join(corpus_dir, "*.txt")))
     if not files:
         raise DataError(f"no demo corpus: no .txt files in {corpus_dir}")
@@ -62,14 +65,17 @@ def ensure_demo_data(
     workers: int = 1,
 ) -> tuple[str, list[str]]:
     """Return (tokenizer_dir, [prefix_en, prefix_ja]) as absolute paths, building them if needed."""
-    files = _corpus_files(corpus_dir)
+    files = corpus_files(corpus_dir)
     cache_dir = os.path.abspath(cache_dir)
     root = os.path.join(cache_dir, _cache_key(files, vocab_size))
     if _is_complete(root):
         return _layout(root, files)
     os.makedirs(cache_dir, exist_ok=True)
     with open(os.path.join(cache_dir, f".{os.path.basename(root)}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we crash
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we crash
+        except OSError:
+            pass  # file systems without flock: the atomic rename in _build still keeps it safe
         if not _is_complete(root):  # another process may have built it while we waited
             _build(root, files, vocab_size, workers)
     return _layout(root, files)
@@ -80,7 +86,7 @@ def _build(root: str, files: list[str], vocab_size: int, workers: int) -> None:
     from megatron_ext.data.tokenizer_training import train_bpe_tokenizer
 
     start = time.time()
-    tmp = f"{root}.tmp-{os.getpid()}"
+    tmp = f"{root}.tmp-{socket.gethostname()}-{os.getpid()}"  # unique across nodes too
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -101,9 +107,14 @@ def _build(root: str, files: list[str], vocab_size: int, workers: int) -> None:
         marker = {"vocab_size": vocab_size, "seconds": round(time.time() - start, 2), **reports}
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as handle:
             json.dump(marker, handle, indent=2)
-        if os.path.exists(root):  # an incomplete leftover from a killed build
-            shutil.rmtree(root)
-        os.rename(tmp, root)
+        if os.path.exists(root) and not _is_complete(root):  # leftover of a killed build
+            shutil.rmtree(root, ignore_errors=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not _is_complete(root):  # not simply a concurrent builder finishing first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ line on stderr and exit code 2, so scripts and SLURM logs show the cause, not a 
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from typing import Callable, Sequence
@@ -29,6 +30,14 @@ class Terminated(BaseException):
 
     A BaseException (like KeyboardInterrupt) so that ``except Exception`` does not swallow it.
     """
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the one-line convention: usage errors print one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

@@ -96,8 +96,6 @@ class PreprocessReport:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- reading (main process)
-
 
 def _input_kind(path: str) -> str:
     if path.endswith(".txt"):
@@ -162,8 +160,6 @@ def _iter_chunks(
         if records or blanks:
             yield (file_index, kind, records), blanks, done_before
 
-
-# ---------------------------------------------------------------- parsing + tokenizing (workers)
 
 
 def _parse(kind: str, records: list[tuple[int, bytes]], json_key: str):
@@ -248,9 +244,8 @@ def _process_chunk(chunk: Chunk):
         else:
             pieces.append(ids + eod)
     lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    flat = np.fromiter(
-        (token for piece in pieces for token in piece), dtype=_STATE["dtype"], count=int(lengths.sum())
-    )
+    total = int(lengths.sum())
+    flat = np.fromiter((t for piece in pieces for t in piece), dtype=_STATE["dtype"], count=total)
     skips.sort(key=lambda item: item[1])
     return file_index, flat, lengths, skips
 
@@ -284,8 +279,6 @@ def _ordered_results(chunks: Iterator[tuple[Chunk, int, int]], workers: int, ini
         pool.join()
 
 
-# ---------------------------------------------------------------- progress
-
 
 class _Progress:
     """A one-line progress bar on a terminal; a line every 10 s when stderr is a log file."""
@@ -305,10 +298,8 @@ class _Progress:
         fraction = min(done_bytes / self.total, 1.0)
         rate = tokens / max(now - self.start, 1e-9)
         bar = "#" * int(30 * fraction)
-        text = (
-            f"[{bar:<30}] {100 * fraction:5.1f}% {documents} docs {tokens} tokens "
-            f"{rate:,.0f} tok/s"
-        )
+        text = f"[{bar:<30}] {100 * fraction:5.1f}% {documents} docs {tokens} tokens"
+        text += f" {rate:,.0f} tok/s"
         self.stream.write(f"\r{text}" if self.tty else f"{text}\n")
         self.stream.flush()
 
@@ -317,8 +308,6 @@ class _Progress:
             self.stream.write("\n")
             self.stream.flush()
 
-
-# ---------------------------------------------------------------- the whole run
 
 
 def _temp_paths(output_prefix: str) -> tuple[str, str]:
@@ -421,18 +410,13 @@ def preprocess(
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved_env
         if not committed:
-            _close_quietly(builder)
+            if builder is not None:
+                builder.data_file.close()  # idempotent; the file may still be open on errors
             for path in (tmp_bin, tmp_idx):
                 if os.path.exists(path):
                     os.remove(path)
     report.seconds = time.time() - bar.start
     return report
-
-
-def _close_quietly(builder: object) -> None:
-    data_file = getattr(builder, "data_file", None)
-    if data_file is not None:
-        data_file.close()
 
 
 def iter_valid_texts(

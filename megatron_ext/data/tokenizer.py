@@ -63,11 +63,10 @@ class Tokenizer:
     @property
     def unique_identifiers(self) -> "OrderedDict[str, Any]":
         # megatron-core json-dumps config.tokenizer through this attribute to hash its index
-        # caches; the content hash makes a retrained tokenizer at the same path a cache miss.
+        # caches. Content hash, not path: a retrained tokenizer is a cache miss, a copied one not.
         return OrderedDict(
             [
                 ("class", type(self).__name__),
-                ("path", os.path.abspath(self.path)),
                 ("sha256", self.sha256),
                 ("vocab_size", self.vocab_size),
                 ("eod", self.eod),
@@ -134,9 +133,10 @@ class HFTokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # encode_batch_fast skips offset tracking; the Rust thread pool is kept to one thread by
-        # TOKENIZERS_PARALLELISM=false where the caller wants process-level parallelism only.
-        encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        # Preprocessing sets TOKENIZERS_PARALLELISM=false: its --workers are the parallelism.
+        # encode_batch_fast (tokenizers >= 0.20) skips offsets; same ids as encode_batch.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        encodings = encode(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -213,7 +213,7 @@ def _backend_via_transformers(path: str) -> Any:
 
         hf = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # transformers raises many types for unloadable directories
-        raise DataError(f"{path} is not a loadable Hugging Face tokenizer directory: {err}") from err
+        raise DataError(f"{path} is not a loadable Hugging Face tokenizer dir: {err}") from err
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
         raise DataError(f"{path} has no fast (Rust) tokenizer; add a tokenizer.json")

@@ -132,6 +132,22 @@ def test_training_refuses_bad_requests(small_corpus: list[str], tmp_path: Path) 
     assert sorted(os.listdir(tmp_path)) == ["t"], "no temporary or backup directories left"
 
 
+def test_training_reads_jsonl(small_corpus: list[str], tmp_path: Path) -> None:
+    import gzip
+    import json
+
+    lines = Path(small_corpus[1]).read_text(encoding="utf-8").splitlines()
+    with gzip.open(tmp_path / "ja.jsonl.gz", "wt", encoding="utf-8") as handle:
+        for line in lines:
+            handle.write(json.dumps({"content": line}, ensure_ascii=False) + "\n")
+    out = train_bpe_tokenizer([str(tmp_path / "ja.jsonl.gz")], 320, str(tmp_path / "t"),
+                              json_key="content")
+    tok = load_tokenizer(out)
+    assert tok.vocab_size == 320 and tok.decode(tok.encode(JA_SAMPLE)) == JA_SAMPLE
+    # merges were learned from the Japanese text, not from JSON syntax
+    assert len(tok.encode(lines[2])) < 0.75 * len(lines[2].encode("utf-8"))
+
+
 def test_train_tokenizer_cli(small_corpus: list[str], tmp_path: Path) -> None:
     script = str(REPO / "tools" / "data" / "train_tokenizer.py")
     env = {**os.environ, "PYTHONPATH": str(REPO)}

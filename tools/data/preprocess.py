@@ -11,7 +11,7 @@ from typing import Sequence
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron_ext.data.errors import run_cli  # noqa: E402
+from megatron_ext.data.errors import ArgumentParser, run_cli  # noqa: E402
 
 EPILOG = """\
 documents:
@@ -31,7 +31,7 @@ exit codes: 0 ok, 2 bad input (one line on stderr), 130 Ctrl-C, 143 SIGTERM.
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

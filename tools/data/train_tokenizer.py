@@ -12,11 +12,11 @@ from typing import Sequence
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron_ext.data.errors import run_cli  # noqa: E402
+from megatron_ext.data.errors import ArgumentParser, run_cli  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
                         help="training text (.txt, .jsonl, .jsonl.gz)")
     parser.add_argument("--vocab-size", type=int, required=True, metavar="N",
