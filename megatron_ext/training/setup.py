@@ -101,9 +101,13 @@ def build_datasets(cfg: Config, steps: int):
     from megatron_ext.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
-    D.check_vocab(tok.vocab_size, padded_vocab(cfg), None)
+    prefixes, _ = D.parse_blend(blend)
+    # Scanning the token ids catches data made with another tokenizer; it reads every .bin,
+    # so it is done only when that is cheap (a cluster-sized corpus is checked by vocab only).
+    small = sum(Path(p + ".bin").stat().st_size for p in prefixes) < (2 << 30)
     train, valid, _ = D.build_gpt_datasets(blend, d.split, d.seq_length, tr.seed, num_samples,
-                                           tok, d.cache_dir)
+                                           tok, d.cache_dir, model_vocab_size=padded_vocab(cfg),
+                                           scan_max_token=small)
     return train, (valid if n_eval else None)
 
 

@@ -88,6 +88,8 @@ def _one_error_line(proc):
     (["--config", "configs/tiny-cpu.yaml", "--set", "data.demo_corpus=false",
       "--set", "data.blend=[/nonexistent/x]", "--set", "data.tokenizer=/nonexistent/tok"],
      "config error: data.tokenizer: not found: /nonexistent/tok"),
+    (["--config", "configs/tiny-cpu.yaml", "--set", "model.vocab_size=1000"],
+     "error: tokenizer vocab size 4096 exceeds the model's padded vocab size 1024"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args, message, tmp_path):
     proc = run_cli(["pretrain_moe.py", *args, "--set", f"logging.output_dir={tmp_path}/run"])
