@@ -19,6 +19,10 @@ from megatron_ext.training.exit_codes import OK as EXIT_OK
 
 # megatron-core warns at import when TE/apex are absent; the "backends:" log line says what runs.
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+# Internal deprecations inside megatron-core 0.16.1 / torch that a user cannot act on.
+for _msg in ("full scope is deprecated", "Please use DTensor instead",
+             "`load_state_dict` is deprecated", "moe_ffn_hidden_size is not set"):
+    warnings.filterwarnings("ignore", message=_msg)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

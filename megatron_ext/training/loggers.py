@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from megatron_ext.config.schema import LoggingConfig
 
@@ -26,13 +27,28 @@ def warn(msg: str) -> None:
 
 
 def _wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+    """Whether ``wandb.init(mode="online")`` finds credentials without prompting.
+
+    Looks where the SDK (0.31) looks: WANDB_API_KEY, an identity token file, or a netrc entry
+    for the W&B host (WANDB_BASE_URL, default api.wandb.ai; a self-hosted server has its own
+    entry) in $NETRC, else ~/.netrc, else ~/_netrc. An unreadable netrc counts as none: the
+    fallback must never crash a training run.
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
     try:
-        rc = netrc.netrc()
-        return rc.authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
+        if os.environ.get("NETRC"):
+            candidates = [Path(os.environ["NETRC"]).expanduser()]
+        else:
+            candidates = [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
+        for path in candidates:
+            if path.is_file():  # the SDK reads only the first file found
+                entry = netrc.netrc(str(path)).authenticators(host)
+                return bool(entry and entry[2])  # the API key is the password field
+    except (OSError, RuntimeError, netrc.NetrcParseError):  # RuntimeError: no home directory
         return False
+    return False
 
 
 class MetricsWriter:
@@ -63,11 +79,21 @@ class MetricsWriter:
             warn("logging.wandb.mode=online but no W&B credentials found; logging offline "
                  "(sync later with `wandb sync`)")
             mode = "offline"
-        return wandb.init(
+        kwargs = dict(
             project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name or run_name,
-            tags=list(cfg.wandb.tags) or None, config=resolved, mode=mode, dir=str(run_dir),
+            tags=list(cfg.wandb.tags) or None, config=resolved, dir=str(run_dir),
             resume="allow", id=_stable_run_id(run_dir),
         )
+        try:
+            return wandb.init(mode=mode, **kwargs)
+        except Exception as e:  # noqa: BLE001 - wandb raises many types (auth, network, server)
+            if mode != "online":
+                raise
+            # A W&B outage or a revoked key must not cost the training run.
+            reason = " ".join(str(e).split()) or type(e).__name__
+            warn(f"W&B online init failed ({reason}); logging offline "
+                 "(sync later with `wandb sync`)")
+            return wandb.init(mode="offline", **kwargs)
 
     def write(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:

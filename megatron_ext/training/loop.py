@@ -112,6 +112,9 @@ def evaluate(run: Run, consumed_eval: int) -> dict[str, float]:
                       dp, dp_rank, run.layout.device)
     fb = get_forward_backward_func()
     reports = []
+    # Validation forwards also feed megatron's aux-loss tracker; keep the training window's sums.
+    tracker = get_moe_layer_wise_logging_tracker()
+    saved = {k: v["values"].clone() for k, v in tracker.items() if "values" in v}
     run.model.eval()
     with torch.no_grad():
         for i in range(cfg.train.eval_iters):
@@ -121,7 +124,8 @@ def evaluate(run: Run, consumed_eval: int) -> dict[str, float]:
                           seq_length=cfg.data.seq_length,
                           micro_batch_size=cfg.train.micro_batch_size, forward_only=True)
     run.model.train()
-    clear_aux_losses_tracker()
+    for k, v in saved.items():
+        tracker[k]["values"].copy_(v)
     loss = _reduce_loss(reports, run.layout.device)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 

@@ -92,12 +92,13 @@ def build_datasets(cfg: Config, steps: int):
         train, valid, _ = D.build_mock_datasets(d.seq_length, tr.seed, num_samples,
                                                 cfg.model.vocab_size)
         return train, (valid if n_eval else None)
-    blend, tokenizer_path = list(d.blend), d.tokenizer
+    blend, tokenizer_path, cache_dir = list(d.blend), d.tokenizer, d.cache_dir
     if d.demo_corpus:
         from megatron_ext.data.demo import ensure_demo_data
 
         tokenizer_path, prefixes = ensure_demo_data()
         blend = prefixes
+        cache_dir = cache_dir or str(Path(tokenizer_path).parent / "index-cache")
     from megatron_ext.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
@@ -106,7 +107,7 @@ def build_datasets(cfg: Config, steps: int):
     # so it is done only when that is cheap (a cluster-sized corpus is checked by vocab only).
     small = sum(Path(p + ".bin").stat().st_size for p in prefixes) < (2 << 30)
     train, valid, _ = D.build_gpt_datasets(blend, d.split, d.seq_length, tr.seed, num_samples,
-                                           tok, d.cache_dir, model_vocab_size=padded_vocab(cfg),
+                                           tok, cache_dir, model_vocab_size=padded_vocab(cfg),
                                            scan_max_token=small)
     return train, (valid if n_eval else None)
 
