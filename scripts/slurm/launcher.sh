@@ -15,11 +15,14 @@
 #   2. We forward it to srun, which relays it to every process of the step. torchrun is started
 #      with USR1 ignored: it would otherwise die of it (default action) and orphan its workers,
 #      and with its own handling it stops the workers after a fixed grace period. Training
-#      processes install their own handler, so they get it: they save a checkpoint and exit 3.
-#   3. torchrun turns any non-zero worker exit into 1, so the step's exit status cannot say
-#      "preempted". The USR1 we forwarded does: a step that ends non-zero after it is requeued
-#      (`scontrol requeue`), the job starts again from the top and pretrain_moe.py resumes from
-#      checkpoint.save. A step that ends with 0 finished training; nothing is requeued.
+#      processes install their own handler, so they get it: they finish the step, save a
+#      checkpoint and exit (0: the run is clean and resumable).
+#   3. The exit status cannot say "preempted" (0 also means "finished", and torchrun turns any
+#      non-zero worker exit into 1). The USR1 we forwarded does: after it, the job is requeued
+#      (`scontrol requeue`), starts again from the top, and pretrain_moe.py resumes from
+#      checkpoint.save. Had training just finished, the requeued run resumes at the last step
+#      and ends at once. Even a failed shutdown is requeued: the last good checkpoint resumes.
+#      Without USR1, status 0 ends the job and anything else fails it.
 #   We do not trap TERM: SLURM sends it on scancel and at the hard time limit, and neither may
 #   turn into a requeue. (Node failures are requeued by SLURM itself thanks to --requeue.)
 #
@@ -28,13 +31,14 @@
 #   GPUS_PER_NODE     training processes per node (default: the job's --gpus-per-node, else 4)
 #   CONTAINER_IMAGE   run the step in this image with pyxis (squashfs path or docker://... URI)
 #   CONTAINER_MOUNTS  extra pyxis mounts, SRC:DST[,SRC:DST...]; the repository is always mounted
-#   MASTER_ADDR / MASTER_PORT  rendezvous host / port (default: first node / from the job id)
+#   MOE_RDZV_HOST, MOE_RDZV_PORT  rendezvous host and port (default: first node, from the job
+#                     id); not MASTER_ADDR/PORT, which a shell may still carry from another run
 set -uo pipefail
 
 log() { echo "[launcher $(date '+%F %T')] $*"; }
 die() { echo "[launcher] error: $*" >&2; exit 2; }
 
-[ -n "${SLURM_JOB_ID:-}" ] || die "submit with sbatch (e.g. sbatch scripts/slurm/8x152M.sh), do not run directly"
+[ -n "${SLURM_JOB_ID:-}" ] || die "submit with sbatch (sbatch scripts/slurm/8x152M.sh); do not run directly"
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd) || die "cannot locate the repository"
 cd "$repo" || die "cannot cd to $repo"
@@ -53,13 +57,13 @@ nproc=${GPUS_PER_NODE:-$job_gpus}
 nnodes=${SLURM_JOB_NUM_NODES:-1}
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 [ "${#nodes[@]}" -gt 0 ] || die "cannot expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
-rdzv_host=${MASTER_ADDR:-${nodes[0]}}
+rdzv_host=${MOE_RDZV_HOST:-${nodes[0]}}
 # Derived from the job id so that concurrent jobs sharing a head node do not collide, and kept
 # below 32768 where Linux starts handing out ephemeral ports.
-rdzv_port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+rdzv_port=${MOE_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 
-# Megatron needs a single CUDA work queue so that TP/SP communication overlaps with compute
-# in the order it was issued.
+# Megatron's tensor/sequence-parallel communication overlap relies on kernels reaching the GPU
+# in the order they were issued, which only a single hardware work queue guarantees.
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 # Give each training process its share of the node's cores (torchrun would otherwise force 1).
 cpus=${SLURM_CPUS_ON_NODE:-$(nproc)}
@@ -129,16 +133,17 @@ while :; do
     [ "$rc" -gt 128 ] || break
 done
 
-if [ "$status" -eq 0 ]; then
-    log "training finished"
-    exit 0
-fi
 if [ "$preempted" -eq 1 ]; then
     log "step ended with status $status after USR1: requeueing job $SLURM_JOB_ID to resume from its checkpoint"
     if scontrol requeue "$SLURM_JOB_ID"; then
         exit 0
     fi
-    log "scontrol requeue failed; resubmit by hand to resume"
+    log "scontrol requeue failed; submit the same command again to resume"
+    exit 1
+fi
+if [ "$status" -eq 0 ]; then
+    log "training finished"
+    exit 0
 fi
 log "step failed with status $status"
 exit "$status"
