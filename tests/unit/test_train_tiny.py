@@ -16,7 +16,7 @@ def test_tiny_cpu_30_steps_loss_falls(tmp_path):
         "--set", "train.eval_interval=15",
         "--set", f"checkpoint.save={tmp_path}/ckpt", "--set", "checkpoint.save_interval=0",
         "--set", f"logging.output_dir={tmp_path}/run",
-    ], env={"OMP_NUM_THREADS": "2"})
+    ])
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert "backends: precision=fp32 spec=local attention=sdpa" in out

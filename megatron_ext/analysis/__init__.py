@@ -1,0 +1,1 @@
+"""Post-training analyses of checkpoints (expert routing / specialization)."""
