@@ -54,6 +54,7 @@ def _submit(cluster, tmp_path: Path, *overrides: str) -> tuple[str, Path]:
         "scripts/slurm/8x152M.sh",
         "--set", f"checkpoint.save={ckpt}",
         "--set", f"logging.output_dir={tmp_path / 'run'}",
+        "--set", "schedule.warmup_steps=1",  # the demo's 10 would not fit these short runs
         *overrides,
         options=(
             "--nodes=1",
