@@ -26,7 +26,7 @@ class ModelConfig:
     vocab_size: int = 256
     """Tokenizer vocabulary; the model pads it to a multiple of `vocab_multiple`."""
     vocab_multiple: int = 128
-    """Pad the embedding/output rows to a multiple of this (times the tensor-parallel size)."""
+    """Pad the embedding/output rows to a multiple of this (must divide by the tensor-parallel size)."""
     max_position_embeddings: int = 4096
     """Longest sequence the RoPE tables are built for."""
     rotary_base: float = 10000.0

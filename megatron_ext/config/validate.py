@@ -56,6 +56,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"num_attention_heads={m.num_attention_heads} is not divisible by tensor={par.tensor}")
     _check(kv % par.tensor == 0, "parallel.tensor",
            f"num_kv_heads={kv} is not divisible by tensor={par.tensor}")
+    _check(m.vocab_multiple % par.tensor == 0, "model.vocab_multiple",
+           f"{m.vocab_multiple} is not divisible by tensor={par.tensor}")
     _check(m.ffn_hidden_size % par.tensor == 0, "parallel.tensor",
            f"ffn_hidden_size={m.ffn_hidden_size} is not divisible by tensor={par.tensor}")
 
@@ -111,16 +113,18 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(tr.peak_tflops > 0, "train.peak_tflops", "must be positive")
 
     opt = cfg.optimizer
-    _check(opt.lr > 0 and 0 <= opt.min_lr <= opt.lr, "optimizer.min_lr",
-           f"need 0 <= min_lr ({opt.min_lr}) <= lr ({opt.lr}) and lr > 0")
+    _check(0 <= opt.min_lr <= opt.lr, "optimizer.min_lr",
+           f"need 0 <= min_lr ({opt.min_lr}) <= lr ({opt.lr})")
     _check(0 <= opt.adam_beta1 < 1 and 0 <= opt.adam_beta2 < 1, "optimizer.adam_beta1",
            "betas must be in [0, 1)")
     _check(opt.clip_grad >= 0 and opt.weight_decay >= 0, "optimizer.clip_grad",
            "clip_grad and weight_decay must be >= 0")
     steps = total_steps(cfg)
     decay = cfg.schedule.decay_steps or steps
-    _check(0 <= cfg.schedule.warmup_steps <= decay, "schedule.warmup_steps",
-           f"{cfg.schedule.warmup_steps} must be between 0 and the decay steps ({decay})")
+    # megatron's scheduler needs the decay to extend past the warmup.
+    _check(cfg.schedule.warmup_steps == 0 or 0 < cfg.schedule.warmup_steps < decay,
+           "schedule.warmup_steps",
+           f"{cfg.schedule.warmup_steps} must be 0 or less than the decay steps ({decay})")
 
     d = cfg.data
     _check(d.seq_length >= 2, "data.seq_length", "must be >= 2")

@@ -14,7 +14,10 @@ from megatron_ext.config.validate import moe_layer_pattern
 
 
 def padded_vocab(cfg: Config) -> int:
-    mult = cfg.model.vocab_multiple * cfg.parallel.tensor
+    """Vocabulary rows of the embedding/output layer. Not scaled by the tensor-parallel size (as
+    megatron's training script does) so a checkpoint loads at any TP; validation checks that
+    ``vocab_multiple`` splits evenly over TP ranks."""
+    mult = cfg.model.vocab_multiple
     return -(-cfg.model.vocab_size // mult) * mult
 
 

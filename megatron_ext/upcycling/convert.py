@@ -1,7 +1,8 @@
 """Directory to directory upcycling: the library function behind ``tools/convert/upcycle.py``.
 
-Checkpoint formats are dispatched in one place (``_READERS`` / ``_WRITERS``): HF today; the
-megatron-core ``torch_dist`` format plugs in through ``megatron_ext.checkpoint.dist`` later.
+Checkpoint formats are dispatched in one place (``_READERS`` / ``_WRITERS``): HF directories,
+and our megatron-core checkpoints (``megatron_ext.checkpoint.mcore_io``: read whole at EP = 1,
+written in one process at EP = 1; any EP can train from the result).
 The output is staged in a temp dir beside the target and renamed only after writing and
 validation succeed, so any failure leaves nothing at the output path.
 """
@@ -45,6 +46,10 @@ class DenseModel:
     get: Callable[[str], Tensor]
     dtype_of: Callable[[str], torch.dtype]
     shape_of: Callable[[str], tuple[int, ...]]
+    files_dir: Path | None = None
+    """Where tokenizer / generation_config files to carry over live (None: nowhere)."""
+    mcore_config: Any = None
+    """The source's training Config when it is an mcore checkpoint (kept for the output)."""
 
 
 def detect_format(path: Path) -> str:
@@ -67,7 +72,7 @@ def _open_hf(path: Path) -> DenseModel:
         raise ConversionError(f"{path}: model_type {model_type!r}, expected a dense Llama "
                               "checkpoint (model_type 'llama')")
     return DenseModel(path, arch_from_hf_config(ckpt.config), ckpt.config, ckpt.keys(), ckpt.get,
-                      lambda n: ckpt.info(n).dtype, lambda n: ckpt.info(n).shape)
+                      lambda n: ckpt.info(n).dtype, lambda n: ckpt.info(n).shape, files_dir=path)
 
 
 def _write_hf(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseModel,
@@ -77,12 +82,56 @@ def _write_hf(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseMode
     config = hf_config_for(moe_arch, top_k=spec.top_k, dtype=dtype,
                            **hf_settings_from_config(dense.config))
     layout = output_layout(dense.arch, spec, dense.dtype_of)
-    write_hf_checkpoint(out, tensors, layout, config, max_shard_bytes, copy_from=dense.path)
+    write_hf_checkpoint(out, tensors, layout, config, max_shard_bytes,
+                        copy_from=dense.files_dir)
 
 
-# None = a format that will plug in here (megatron_ext.checkpoint.dist) but is not wired yet.
-_READERS: dict[str, Callable[[Path], DenseModel] | None] = {"hf": _open_hf, "mcore": None}
-_WRITERS: dict[str, Callable[..., None] | None] = {"hf": _write_hf, "mcore": None}
+def _open_mcore(path: Path) -> DenseModel:
+    """A dense mcore checkpoint served under HF names (its whole fp32 state dict in memory),
+    in the precision its weights have (``convert_mcore.resolve_dtype``)."""
+    from megatron_ext.checkpoint.convert_mcore import resolve_dtype
+    from megatron_ext.checkpoint.keymaps import hf_shapes
+    from megatron_ext.checkpoint.mcore_io import (
+        hf_config_from_mcore, hf_record, hf_view, read_mcore_checkpoint,
+    )
+
+    get, keys, arch, cfg = read_mcore_checkpoint(path)
+    if arch.num_experts:
+        raise ConversionError(f"{path}: an MoE checkpoint ({arch.num_experts} experts), expected "
+                              "a dense one")
+    record = hf_record(path, arch)
+    record_dtype = json.loads((record / "config.json").read_text()).get("dtype") if record else None
+    dtype, _ = resolve_dtype("auto", get, keys, record_dtype)
+    shapes = hf_shapes(arch)
+    hf_get = hf_view(lambda n: get(n).to(dtype), arch)
+    return DenseModel(path, arch, hf_config_from_mcore(cfg, arch, dtype, record), list(shapes),
+                      hf_get, lambda n: dtype, lambda n: shapes[n], files_dir=record,
+                      mcore_config=cfg)
+
+
+def _write_mcore(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseModel,
+                 spec: UpcycleSpec, max_shard_bytes: int) -> None:
+    """The HF-named MoE stream, renamed on the fly, into an mcore checkpoint root at ``out``.
+    The training config keeps an mcore source's settings (HF source: our defaults)."""
+    from megatron_ext.checkpoint.keymaps import StreamGetter, hf_to_mcore
+    from megatron_ext.checkpoint.mcore_io import config_from_hf, save_mcore_into, with_arch
+
+    moe_arch = spec.moe_arch(dense.arch)
+    dtype = dense.dtype_of(HF_EMBED)
+    hf_config = hf_config_for(moe_arch, top_k=spec.top_k,
+                              dtype=str(dtype).removeprefix("torch."),
+                              **hf_settings_from_config(dense.config))
+    if dense.mcore_config is not None:
+        cfg = with_arch(dense.mcore_config, moe_arch, top_k=spec.top_k)
+    else:
+        cfg = config_from_hf(hf_config)
+    stream = hf_to_mcore(StreamGetter(tensors), moe_arch)  # same order in and out: no buffering
+    save_mcore_into(out, stream, cfg, dtype=dtype, hf_config=hf_config,
+                    tokenizer_dir=dense.files_dir)
+
+
+_READERS: dict[str, Callable[[Path], DenseModel] | None] = {"hf": _open_hf, "mcore": _open_mcore}
+_WRITERS: dict[str, Callable[..., None] | None] = {"hf": _write_hf, "mcore": _write_mcore}
 
 
 def _lookup(table: dict[str, Any], fmt: str, what: str) -> Any:
@@ -93,10 +142,13 @@ def _lookup(table: dict[str, Any], fmt: str, what: str) -> Any:
     return table[fmt]
 
 
+def resolve_format(path: Path, input_format: str = "auto") -> str:
+    return detect_format(Path(path)) if input_format == "auto" else input_format
+
+
 def open_dense(path: Path, input_format: str = "auto") -> DenseModel:
     path = Path(path)
-    fmt = detect_format(path) if input_format == "auto" else input_format
-    reader = _lookup(_READERS, fmt, "input")
+    reader = _lookup(_READERS, resolve_format(path, input_format), "input")
     if not path.is_dir():
         raise ConversionError(f"{path}: input is not a directory")
     return reader(path)
@@ -174,7 +226,19 @@ def upcycle_checkpoint(
                 "btx_sources": [str(Path(d).absolute()) for d in btx_dirs]}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if validate:
-            report = validate_upcycled(Path(input_dir), tmp, spec.function_preserving())
+            in_fmt = resolve_format(Path(input_dir), input_format)
+            if in_fmt == output_format == "hf":
+                report = validate_upcycled(Path(input_dir), tmp, spec.function_preserving())
+            else:
+                from megatron_ext.checkpoint.convert_mcore import compare_logits
+
+                # Drop the sources (an mcore one is a whole state dict in memory): both sides
+                # are reloaded from disk, one model at a time.
+                vocab, preserving = dense.arch.vocab_size, spec.function_preserving()
+                del dense, sources, stream, progress
+                spec = replace(spec, btx_sources=())
+                report = compare_logits((Path(input_dir), in_fmt), (tmp, output_format), vocab,
+                                        preserving)
             log(report.summary())
             if not report.passed:
                 raise ValidationError(report.summary())

@@ -76,7 +76,7 @@ BAD = {
                     "--btx-sources", "{narrow}"], "btx source"),
     "btx divisible": (["--input", "{dense}", "--method", "btx", "--num-experts", "4",
                        "--btx-sources", "{other}", "{other}"], "divisible"),
-    "mcore output": (["--input", "{dense}", "--output-format", "mcore"], "not yet supported"),
+    "not mcore": (["--input", "{dense}", "--input-format", "mcore"], "no checkpoint found"),
     "bad flag": (["--input", "{dense}", "--ratio", "half"], "invalid float"),
 }
 

@@ -1,0 +1,200 @@
+"""HF (Llama / Mixtral / our mixed format) <-> our megatron-core checkpoints, directory to
+directory: the library behind ``tools/convert/hf_to_mcore.py`` and ``mcore_to_hf.py``.
+
+Both directions stream through ``keymaps`` and stage their output beside the target; it is
+renamed only after writing and validation succeed. Validation (on by default) runs the source
+and the result on ``validate.probe_tokens`` (CPU, fp32): megatron via ``inference.logits``,
+transformers via ``LlamaForCausalLM`` / ``MixtralForCausalLM`` (``load_moe`` for mixed
+models), and fails above ``rel_tolerance * max(1, max |source logit|)``.
+
+Everything here runs in a single process (gloo world of 1); megatron is imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from megatron_ext.checkpoint.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
+from megatron_ext.checkpoint.keymaps import (
+    HF_EMBED, ConversionError, arch_from_hf_config, hf_shapes, hf_to_mcore, mcore_to_hf,
+)
+from megatron_ext.checkpoint.mcore_io import (  # no megatron import at module level
+    MIXED_NOTE, config_from_hf, hf_config_from_mcore, hf_record, is_mixed, quiet_megatron,
+    read_mcore_checkpoint, save_mcore_into, single_process,
+)
+from megatron_ext.upcycling.validate import ValidationError, ValidationReport, probe_tokens
+
+DTYPE_CHOICES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}
+
+
+# --- logits -----------------------------------------------------------------------------------
+def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers logits (fp32, CPU) of an HF checkpoint: Llama, Mixtral or mixed."""
+    from megatron_ext.upcycling.validate import load_dense, load_moe
+
+    arch = arch_from_hf_config(HFCheckpoint(path).config)
+    model = load_moe(path) if arch.num_experts else load_dense(path)
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def mcore_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Our megatron model's logits (fp32 on CPU, EP = 1), cut to the tokenizer vocabulary."""
+    from megatron_ext.model.inference import load_model, logits
+
+    with single_process(None):
+        cfg, model = load_model(path, expert_parallel=1)
+        return logits(model, tokens)[..., : cfg.model.vocab_size]
+
+
+def checkpoint_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
+    return hf_logits(path, tokens) if fmt == "hf" else mcore_logits(path, tokens)
+
+
+def compare_logits(ref: tuple[Path, str], out: tuple[Path, str], vocab_size: int,
+                   function_preserving: bool = True, rel_tolerance: float = 1e-4
+                   ) -> ValidationReport:
+    """Logits of ``out`` vs ``ref`` ((path, "hf" | "mcore") each) on the probe tokens; one model
+    in memory at a time."""
+    tokens = probe_tokens(vocab_size)
+    expected = checkpoint_logits(*ref, tokens)
+    got = checkpoint_logits(*out, tokens)
+    scale = expected.abs().max().item()
+    return ValidationReport(
+        max_abs_diff=(got - expected).abs().max().item(), max_abs_logit=scale,
+        finite=bool(torch.isfinite(got).all()), function_preserving=function_preserving,
+        tolerance=rel_tolerance * max(1.0, scale) if function_preserving else None)
+
+
+def summary(report: ValidationReport) -> str:
+    check = (f"<= {report.tolerance:.2e} required" if report.tolerance is not None
+             else "reported only")
+    return (f"validation: max |logit diff| = {report.max_abs_diff:.3e} ({check}); max |source "
+            f"logit| = {report.max_abs_logit:.3f}; finite = {report.finite}; "
+            f"{'PASS' if report.passed else 'FAIL'}")
+
+
+def _check(report: ValidationReport, log: Callable[[str], None]) -> ValidationReport:
+    log(summary(report))
+    if not report.passed:
+        raise ValidationError(summary(report))
+    return report
+
+
+def _not_same(input_path: Path, output: Path) -> None:
+    if Path(input_path).absolute() == Path(output).absolute():
+        raise ConversionError(f"{output}: the output must not be the input")
+
+
+# --- the two directions -----------------------------------------------------------------------
+def hf_to_mcore_checkpoint(input_dir: Path, output_root: Path, *, overwrite: bool = False,
+                           validate: bool = True, log: Callable[[str], None] = print
+                           ) -> ValidationReport | None:
+    """HF Llama/Mixtral/mixed directory -> our checkpoint root (``iter_0000000``, ``latest``,
+    ``config.yaml`` for training from it, ``hf/`` record). Memory: one model copy."""
+    input_dir, output_root = Path(input_dir), Path(output_root)
+    _not_same(input_dir, output_root)
+    if not input_dir.exists():
+        raise ConversionError(f"{input_dir}: input does not exist")
+    if output_root.exists() and not overwrite:  # before the (slow) work
+        raise ConversionError(f"{output_root} exists (pass --overwrite to replace it)")
+    ckpt = HFCheckpoint(input_dir)  # headers and sizes checked: truncation is caught here
+    arch = arch_from_hf_config(ckpt.config)
+    cfg = config_from_hf(ckpt.config)
+    dtype = ckpt.info(HF_EMBED).dtype if HF_EMBED in ckpt.keys() else torch.float32
+    stream = hf_to_mcore(ckpt.get, arch, keys=ckpt.keys())  # key set checked before any write
+    kind = "mixed dense/MoE" if is_mixed(arch) else ("MoE" if arch.num_experts else "dense")
+    log(f"hf_to_mcore: {kind} model, {arch.num_layers} layers, {arch.num_experts} experts, "
+        f"vocab {arch.vocab_size}, {dtype}")
+    report = None
+    with staged_dir(output_root, overwrite) as tmp:
+        save_mcore_into(tmp, stream, cfg, dtype=dtype, hf_config=ckpt.config,
+                        tokenizer_dir=input_dir)
+        if validate:
+            report = _check(compare_logits((input_dir, "hf"), (tmp, "mcore"), arch.vocab_size),
+                            log)
+    if is_mixed(arch):
+        log(f"note: {MIXED_NOTE}")
+    root = output_root.absolute()
+    log(f"train from it: pretrain_moe.py --config {root / 'config.yaml'} "
+        f"--set checkpoint.load={root}")
+    return report
+
+
+def _lossless(get: Callable[[str], torch.Tensor], keys: list[str], dtype: torch.dtype) -> bool:
+    for name in keys:
+        t = get(name)
+        if not torch.equal(t.to(dtype).to(t.dtype), t):
+            return False
+    return True
+
+
+def resolve_dtype(choice: str, get: Callable[[str], torch.Tensor], keys: list[str],
+                  record_dtype: str | None) -> tuple[torch.dtype, bool]:
+    """(output dtype, whether the weights survive it exactly). ``auto``: the dtype recorded at
+    conversion (``hf/config.json``), else bf16, else fp32: the first that holds every weight
+    exactly (a bf16-trained or bf16-sourced model comes back as bf16, an fp32 one as fp32)."""
+    if choice not in DTYPE_CHOICES:
+        raise ConversionError(f"unknown dtype {choice!r} (use {', '.join(DTYPE_CHOICES)})")
+    wanted = DTYPE_CHOICES[choice]
+    if wanted is not None:
+        return wanted, _lossless(get, keys, wanted)
+    candidates = [torch.bfloat16, torch.float32]
+    if record_dtype in DTYPE_CHOICES and DTYPE_CHOICES[record_dtype] is not None:
+        candidates.insert(0, DTYPE_CHOICES[record_dtype])  # type: ignore[arg-type]
+    for dtype in candidates:
+        if dtype == torch.float32 or _lossless(get, keys, dtype):
+            return dtype, True
+    raise AssertionError("unreachable")
+
+
+def mcore_to_hf_checkpoint(input_path: Path, output_dir: Path, *, overwrite: bool = False,
+                           validate: bool = True, max_shard_bytes: int = 2 * 10**9,
+                           dtype: str = "auto", log: Callable[[str], None] = print
+                           ) -> ValidationReport | None:
+    """Our checkpoint (root or iter dir, any EP it was saved at) -> HF directory: Llama when
+    dense, Mixtral when every layer is MoE, else the mixed format. Memory: one fp32 model."""
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    _not_same(input_path, output_dir)
+    if not input_path.exists():
+        raise ConversionError(f"{input_path}: input does not exist")
+    if output_dir.exists() and not overwrite:  # before the (slow) load
+        raise ConversionError(f"{output_dir} exists (pass --overwrite to replace it)")
+    if dtype not in DTYPE_CHOICES:
+        raise ConversionError(f"unknown dtype {dtype!r} (use {', '.join(DTYPE_CHOICES)})")
+    get, keys, arch, cfg = read_mcore_checkpoint(input_path)
+    record = hf_record(input_path, arch)
+    record_dtype = None
+    if record is not None:
+        source = json.loads((record / "config.json").read_text())
+        record_dtype = source.get("dtype") or source.get("torch_dtype")
+    out_dtype, lossless = resolve_dtype(dtype, get, keys, record_dtype)
+    rel_tolerance = 1e-4
+    if not lossless:
+        # A narrowing cast rounds every weight (bf16 keeps 8 significant bits): the result can
+        # only match the source approximately.
+        rel_tolerance = 2e-2
+        log(f"note: the weights are not exactly representable in {out_dtype}; validation "
+            f"tolerance relaxed to {rel_tolerance} x max(1, |logit|)")
+    config = hf_config_from_mcore(cfg, arch, out_dtype, record)
+    layout = [(name, shape, out_dtype) for name, shape in hf_shapes(arch).items()]
+    model = "mixed (mlp_only_layers)" if is_mixed(arch) else config["architectures"][0]
+    log(f"mcore_to_hf: {model}, {arch.num_layers} layers, {arch.num_experts} experts, "
+        f"vocab {arch.vocab_size}, {out_dtype}")
+    stream = ((name, t.to(out_dtype)) for name, t in mcore_to_hf(get, arch, keys=keys))
+    report = None
+    with staged_dir(output_dir, overwrite) as tmp:
+        write_hf_checkpoint(tmp, stream, layout, config, max_shard_bytes, copy_from=record)
+        del get  # the fp32 state dict: free it before validation loads two models
+        if validate:
+            report = _check(compare_logits((input_path, "mcore"), (tmp, "hf"), arch.vocab_size,
+                                           rel_tolerance=rel_tolerance),
+                            log)
+    if is_mixed(arch):
+        log(f"WARNING: {MIXED_NOTE}")
+    return report

@@ -1,0 +1,268 @@
+"""tools/convert/hf_to_mcore.py and mcore_to_hf.py end to end on tiny fp32 models.
+
+Every conversion runs in a subprocess (it owns a gloo world of one); the module fixture converts
+Llama, Mixtral and a mixed dense/MoE model both ways once, with validation on, and the tests
+inspect the results. Vocab 250 is not a multiple of 128: the mcore side pads it to 256.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+HF_TO_MCORE = "tools/convert/hf_to_mcore.py"
+MCORE_TO_HF = "tools/convert/mcore_to_hf.py"
+UPCYCLE = "tools/convert/upcycle.py"
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, vocab_size=250)
+KINDS = ("llama", "mixtral", "mixed")
+
+
+def _make_hf(root: Path) -> dict[str, Path]:
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from megatron_ext.upcycling.convert import upcycle_checkpoint
+    from megatron_ext.upcycling.spec import UpcycleSpec
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SHAPE)).save_pretrained(root / "llama")
+    (root / "llama" / "tokenizer.json").write_text('{"version": "1.0"}')
+    MixtralForCausalLM(MixtralConfig(**SHAPE, num_local_experts=4, num_experts_per_tok=2)
+                       ).save_pretrained(root / "mixtral")
+    # HF -> HF only (no megatron, no process group): safe inside the pytest process.
+    upcycle_checkpoint(root / "llama", root / "mixed",
+                       UpcycleSpec(method="drop", ratio=0.5, num_experts=4, moe_layers={1}),
+                       validate=False, log=lambda _: None)
+    return {k: root / k for k in KINDS}
+
+
+def _ok(args: list[str]) -> str:
+    r = run_cli(args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def _max_diff(stdout: str) -> float:
+    m = re.search(r"validation: max \|logit diff\| = (\S+) .*PASS", stdout)
+    assert m, stdout
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def conv(tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("convert_mcore")
+    out = {}
+    for kind, hf in _make_hf(root).items():
+        mc, back = root / f"{kind}_mcore", root / f"{kind}_back"
+        # One validation of the mixed model (load_moe) is enough: save a few seconds.
+        skip = ["--skip-validation"] if kind == "mixed" else []
+        fwd = _ok([HF_TO_MCORE, "--input", str(hf), "--output", str(mc), *skip])
+        rev = _ok([MCORE_TO_HF, "--input", str(mc), "--output", str(back)])
+        out[kind] = {"hf": hf, "mcore": mc, "back": back, "fwd": fwd, "rev": rev}
+    return out
+
+
+def assert_bit_exact(a_dir: Path, b_dir: Path) -> None:
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_is_bit_exact(conv, kind: str) -> None:
+    c = conv[kind]
+    assert_bit_exact(c["hf"], c["back"])  # GQA: 2 kv heads for 4 query heads
+    config = (c["back"] / "config.json").read_text()
+    arch = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
+            "mixed": "MixtralForCausalLM"}[kind]
+    assert arch in config and ('"mlp_only_layers"' in config) == (kind == "mixed")
+    assert sorted(p.name for p in c["mcore"].iterdir()) == [
+        "config.yaml", "hf", "iter_0000000", "latest"]
+    if kind == "llama":
+        assert (c["back"] / "tokenizer.json").is_file()  # carried through hf/
+    if kind == "mixed":
+        assert "stock MixtralForCausalLM" in c["rev"] and "cannot" in c["rev"]
+    # Validated against transformers, fp32, on CPU (both directions but for mixed).
+    assert _max_diff(c["rev"]) <= 1e-4
+    assert kind == "mixed" or _max_diff(c["fwd"]) <= 1e-4
+
+
+LOGITS = textwrap.dedent("""
+    import sys, torch
+    from transformers import LlamaForCausalLM, MixtralForCausalLM
+    from megatron_ext.model.inference import load_model, logits
+    from megatron_ext.platform.dist import shutdown
+
+    if __name__ == "__main__":
+        for cls, hf, mcore in ((LlamaForCausalLM, *sys.argv[1:3]),
+                               (MixtralForCausalLM, *sys.argv[3:5])):
+            tokens = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(1))
+            ref = cls.from_pretrained(hf, dtype=torch.float32).eval()(tokens).logits
+            cfg, model = load_model(mcore, expert_parallel=1)
+            got = logits(model, tokens)
+            shutdown()
+            assert got.shape[-1] == 256 and cfg.model.vocab_size == 250, got.shape
+            print(cls.__name__, (got[..., :250] - ref).abs().max().item(),
+                  got[..., 250:].abs().max().item())
+""")
+
+
+def test_mcore_logits_equal_transformers(conv, tmp_path: Path) -> None:
+    script = tmp_path / "logits.py"
+    script.write_text(LOGITS)
+    out = _ok([str(script), str(conv["llama"]["hf"]), str(conv["llama"]["mcore"]),
+               str(conv["mixtral"]["hf"]), str(conv["mixtral"]["mcore"])])
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines()[-2:])
+    for cls in ("LlamaForCausalLM", "MixtralForCausalLM"):
+        diff, padded = map(float, lines[cls].split())
+        assert diff <= 1e-4, (cls, diff)
+        assert padded == 0.0  # zero-filled padding rows give zero logits
+
+
+def test_pretrain_starts_from_converted_mixtral(conv, tmp_path: Path) -> None:
+    root = conv["mixtral"]["mcore"]
+    out = _ok(["pretrain_moe.py", "--config", str(root / "config.yaml"),
+               "--set", f"checkpoint.load={root}", "--set", "data.mock=true",
+               "--set", "train.train_steps=2", "--set", "schedule.warmup_steps=1",
+               "--set", "data.seq_length=32", "--set", f"logging.output_dir={tmp_path}/run"])
+    assert "initial weights from" in out and "step 2/2" in out
+
+
+def test_upcycle_to_mcore_naive_keeps_the_dense_function(conv, tmp_path: Path) -> None:
+    out = _ok([UPCYCLE, "--input", str(conv["llama"]["hf"]), "--output", str(tmp_path / "moe"),
+               "--method", "naive", "--num-experts", "4", "--top-k", "2",
+               "--output-format", "mcore"])
+    assert _max_diff(out) <= 1e-5
+    assert (tmp_path / "moe" / "latest").is_file() and (tmp_path / "moe" / "config.yaml").is_file()
+
+
+def test_config_from_hf(conv) -> None:
+    import json
+
+    from megatron_ext.checkpoint.keymaps import ConversionError
+    from megatron_ext.checkpoint.mcore_io import config_from_hf
+
+    mixed = json.loads((conv["mixed"]["hf"] / "config.json").read_text())
+    cfg = config_from_hf(mixed, {"train.seed": 5})
+    assert (cfg.model.num_kv_heads, cfg.model.vocab_size, cfg.moe.num_experts) == (2, 250, 4)
+    assert cfg.moe.layer_freq == [0, 1] and cfg.data.mock and cfg.train.seed == 5
+    mixtral = json.loads((conv["mixtral"]["hf"] / "config.json").read_text())
+    assert config_from_hf(mixtral).moe.aux_loss_coeff == mixtral["router_aux_loss_coef"]
+    for bad, match in (({"head_dim": 32}, "head_dim"), ({"rope_theta": 10000.5,
+                       "rope_parameters": None}, "rope_theta"), ({"sliding_window": 64},
+                       "sliding_window")):
+        with pytest.raises(ConversionError, match=match):
+            config_from_hf({**mixtral, **bad})
+
+
+STRICT = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from megatron_ext.checkpoint.hf_io import HFCheckpoint
+    from megatron_ext.checkpoint.keymaps import ConversionError, arch_from_hf_config, hf_to_mcore
+    from megatron_ext.checkpoint.mcore_io import (
+        config_from_hf, read_mcore_checkpoint, write_mcore_checkpoint)
+
+    if __name__ == "__main__":
+        hf, out = HFCheckpoint(sys.argv[1]), Path(sys.argv[2])
+        arch, cfg = arch_from_hf_config(hf.config), config_from_hf(hf.config)
+        full = list(hf_to_mcore(hf.get, arch))
+        name, t = full[3]
+        for case, stream in {"missing": full[:-1], "twice": full + full[:1],
+                             "extra": full + [("bogus.weight", t)],
+                             "shape": full[:3] + [(name, t[:, :-1])] + full[4:]}.items():
+            try:
+                write_mcore_checkpoint(iter(stream), cfg, out / case)
+                print(case, "WROTE")
+            except ConversionError as e:
+                print(case, (out / case).exists(), e)
+        root = write_mcore_checkpoint(iter(full), cfg, out / "ok")
+        get, keys, arch2, _ = read_mcore_checkpoint(root)
+        assert arch2 == arch and sorted(keys) == sorted(n for n, _ in full)
+        assert all(torch.equal(get(n), x) for n, x in full)  # vocab padding cut off again
+        print("read back ok")
+
+        # A failed validation: exit 1 and nothing at the output (the check itself is faked).
+        import megatron_ext.checkpoint.convert_mcore as convert_mcore
+        from megatron_ext.upcycling.validate import ValidationReport
+        from tools.convert.hf_to_mcore import main
+        convert_mcore.compare_logits = lambda *a, **k: ValidationReport(1.0, 1.0, True, True, 1e-4)
+        rc = main(["--input", sys.argv[1], "--output", str(out / "vfail")])
+        print("vfail", rc, (out / "vfail").exists(), len(list(out.glob(".vfail*"))))
+""")
+
+
+def test_write_is_strict_and_read_returns_the_stream(conv, tmp_path: Path) -> None:
+    script = tmp_path / "strict.py"
+    script.write_text(STRICT)
+    out = _ok([str(script), str(conv["mixed"]["hf"]), str(tmp_path)]).strip().splitlines()
+    got = {line.split(" ", 1)[0]: line for line in out}
+    for case, match in (("missing", "missing tensor output_layer.weight"),
+                        ("twice", "given twice"), ("extra", "unexpected tensor bogus.weight"),
+                        ("shape", "has shape")):
+        assert got[case].startswith(f"{case} False") and match in got[case], got[case]
+    assert "read back ok" in out and out[-1] == "vfail 1 False 0"
+
+
+def test_upcycle_from_mcore_equals_upcycle_from_hf(conv, tmp_path: Path) -> None:
+    from megatron_ext.upcycling.convert import upcycle_checkpoint
+    from megatron_ext.upcycling.spec import UpcycleSpec
+
+    recipe = dict(method="drop", ratio=0.5, num_experts=4, seed=7)
+    upcycle_checkpoint(conv["llama"]["hf"], tmp_path / "from_hf", UpcycleSpec(**recipe),
+                       validate=False, log=lambda _: None)
+    _ok([UPCYCLE, "--input", str(conv["llama"]["mcore"]), "--output", str(tmp_path / "from_mc"),
+         "--method", "drop", "--ratio", "0.5", "--num-experts", "4", "--seed", "7",
+         "--skip-validation"])
+    assert_bit_exact(tmp_path / "from_hf", tmp_path / "from_mc")
+    assert (tmp_path / "from_mc" / "tokenizer.json").is_file()  # from the mcore root's hf/
+
+
+def _bad_inputs(conv, root: Path) -> dict[str, tuple[str, list[str], str]]:
+    truncated_hf = root / "truncated_hf"
+    shutil.copytree(conv["llama"]["hf"], truncated_hf)
+    weights = truncated_hf / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    truncated_mc = root / "truncated_mcore"
+    shutil.copytree(conv["llama"]["mcore"], truncated_mc)
+    shard = sorted((truncated_mc / "iter_0000000").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    existing = root / "existing"
+    existing.mkdir()
+    (existing / "keep").write_text("mine")
+    return {
+        "h missing": (HF_TO_MCORE, ["--input", str(root / "nope")], "does not exist"),
+        "h not hf": (HF_TO_MCORE, ["--input", str(conv["llama"]["mcore"])], "no config.json"),
+        "h truncated": (HF_TO_MCORE, ["--input", str(truncated_hf)], "truncated"),
+        "h exists": (HF_TO_MCORE, ["--input", str(conv["llama"]["hf"]), "--output",
+                                   str(existing)], "--overwrite"),
+        "m missing": (MCORE_TO_HF, ["--input", str(root / "nope")], "does not exist"),
+        "m not mcore": (MCORE_TO_HF, ["--input", str(conv["llama"]["hf"])],
+                        "no checkpoint found"),
+        "m truncated": (MCORE_TO_HF, ["--input", str(truncated_mc)], "truncated or damaged"),
+        "m exists": (MCORE_TO_HF, ["--input", str(conv["llama"]["mcore"]), "--output",
+                                   str(existing)], "--overwrite"),
+        "m shard size": (MCORE_TO_HF, ["--input", str(conv["llama"]["mcore"]),
+                                       "--max-shard-size", "big"], "bad size"),
+    }
+
+
+def test_bad_inputs_exit_2_with_one_line(conv, tmp_path: Path) -> None:
+    for case, (cli, args, match) in _bad_inputs(conv, tmp_path).items():
+        out = tmp_path / "out"
+        if "--output" not in args:
+            args = [*args, "--output", str(out)]
+        r = run_cli([cli, *args])
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and match in lines[0], (case, r.stderr)
+        assert not out.exists() and not list(tmp_path.glob(".out*")), case
+    assert [p.name for p in (tmp_path / "existing").iterdir()] == ["keep"]

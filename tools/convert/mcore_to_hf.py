@@ -1,0 +1,75 @@
+"""Convert one of our megatron-core checkpoints into an HF checkpoint directory.
+
+    python tools/convert/mcore_to_hf.py --input CKPT --output HF_DIR [--max-shard-size 2GB]
+
+CKPT: a checkpoint root (with ``latest``) or one ``iter_*`` directory, saved at any
+expert-parallel size. Dense -> LlamaForCausalLM, all-MoE -> MixtralForCausalLM. A mixed
+dense/MoE model gets Mixtral names plus ``mlp_only_layers`` in config.json, which stock Mixtral
+loaders (transformers, vLLM) cannot read. --dtype auto keeps the precision the weights have
+(the converted source's dtype, else bf16 when lossless, else fp32). Validated by default.
+Exit codes: 0 ok, 1 validation or I/O failure, 2 bad input (one line on stderr); nothing is
+left at --output unless everything succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout: make megatron_ext importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+PROG = "mcore_to_hf"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)  # one line, not usage + message
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, type=Path, help="checkpoint root or iter_* dir")
+    p.add_argument("--output", required=True, type=Path, help="HF directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--skip-validation", action="store_true",
+                   help="skip the logit comparison (loads a megatron and a transformers model)")
+    p.add_argument("--max-shard-size", default="2GB", help="e.g. 2GB, 500MB")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   default="auto", help="weights dtype of the output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_ext.checkpoint.convert_mcore import mcore_to_hf_checkpoint, quiet_megatron
+
+    quiet_megatron()  # before megatron is imported: its import-time warnings are noise
+    from megatron_ext.checkpoint.hf_io import parse_size
+    from megatron_ext.checkpoint.keymaps import ConversionError
+    from megatron_ext.upcycling.validate import ValidationError
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        args = build_parser().parse_args(argv)
+        mcore_to_hf_checkpoint(args.input, args.output, overwrite=args.overwrite,
+                               validate=not args.skip_validation, dtype=args.dtype,
+                               max_shard_bytes=parse_size(args.max_shard_size))
+    except (_UsageError, ConversionError) as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except (ValidationError, OSError) as e:
+        print(f"{PROG}: failed: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    print(f"{PROG}: wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":  # the guard matters: dist_checkpointing starts worker processes
+    sys.exit(main())
