@@ -190,7 +190,7 @@ def upcycle_checkpoint(
     *,
     btx_dirs: Sequence[Path] = (),
     input_format: str = "auto",
-    output_format: str = "hf",
+    output_format: str | None = None,
     overwrite: bool = False,
     validate: bool = True,
     max_shard_bytes: int = 2 * 10**9,
@@ -201,6 +201,8 @@ def upcycle_checkpoint(
     Bad inputs raise ``ConversionError`` / ``UpcycleError`` before anything is written; a failed
     validation raises ``ValidationError``. btx: the input is source 0, ``btx_dirs`` the others.
     """
+    if output_format is None:  # the input's own format
+        output_format = resolve_format(Path(input_dir), input_format)
     writer = _lookup(_WRITERS, output_format, "output")
     output_dir = Path(output_dir)
     for src in (input_dir, *btx_dirs):

@@ -222,8 +222,12 @@ def test_upcycle_from_mcore_equals_upcycle_from_hf(conv, tmp_path: Path) -> None
                        validate=False, log=lambda _: None)
     _ok([UPCYCLE, "--input", str(conv["llama"]["mcore"]), "--output", str(tmp_path / "from_mc"),
          "--method", "drop", "--ratio", "0.5", "--num-experts", "4", "--seed", "7",
-         "--skip-validation"])
+         "--output-format", "hf", "--skip-validation"])
     assert_bit_exact(tmp_path / "from_hf", tmp_path / "from_mc")
+    # Without --output-format the output keeps the input's format (a megatron checkpoint here).
+    _ok([UPCYCLE, "--input", str(conv["llama"]["mcore"]), "--output", str(tmp_path / "same"),
+         "--method", "naive", "--num-experts", "2", "--skip-validation"])
+    assert (tmp_path / "same" / "latest").is_file()
     assert (tmp_path / "from_mc" / "tokenizer.json").is_file()  # from the mcore root's hf/
 
 

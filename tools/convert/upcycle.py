@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-layers", type=_layers, default=None,
                    help="comma-separated layers to make MoE (default all; others stay dense)")
     p.add_argument("--input-format", choices=("auto", "hf", "mcore"), default="auto")
-    p.add_argument("--output-format", choices=("hf", "mcore"), default="hf")
+    p.add_argument("--output-format", choices=("hf", "mcore"), default=None,
+                   help="default: the input's format")
     p.add_argument("--max-shard-size", default="2GB", help="e.g. 2GB, 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--skip-validation", action="store_true",
