@@ -169,8 +169,6 @@ class CheckpointConfig:
     """Steps between saves; 0 = save only at the end (and on preemption)."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted after a successful save."""
-    async_save: bool = False
-    """Write checkpoints in the background (GPU only)."""
     fully_reshardable_optimizer: bool = True
     """Save optimizer state in the format that reshards across TP/PP/EP changes."""
 
