@@ -26,7 +26,7 @@ REDIRECTIONS = (
     "torch.cuda.Stream/Event/current_stream/stream/synchronize -> no-ops",
     "torch.cuda RNG (get/set_rng_state, manual_seed) -> CPU generator",
     "megatron tensor_parallel.random._get/_set_cuda_rng_state -> CPU generator",
-    "moe_utils.te_general_gemm = None when Transformer Engine is absent (NameError upstream)",
+    "moe_utils.te_general_gemm = None without Transformer Engine (platform.compat; GPU too)",
 )
 
 
@@ -136,12 +136,12 @@ def enable() -> None:
     cuda.reset_peak_memory_stats = lambda *a, **k: None
 
     from megatron.core.tensor_parallel import random as mc_random
-    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_ext.platform.compat import apply_megatron_fixes
 
     mc_random._get_cuda_rng_state = _cpu_rng_get
     mc_random._set_cuda_rng_state = _cpu_rng_set
-    if not getattr(moe_utils, "HAVE_TE", False):
-        moe_utils.te_general_gemm = None
+    apply_megatron_fixes()
 
     _ACTIVE = _CudaToCpuMode()
     _ACTIVE.__enter__()  # global for the life of the process: backward needs it too

@@ -12,6 +12,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_ext.config.schema import Config
 from megatron_ext.platform import cpu
+from megatron_ext.platform.compat import apply_megatron_fixes
 
 
 @dataclass
@@ -49,6 +50,7 @@ def environment() -> tuple[int, int, int]:
 def init_distributed(cfg: Config, timeout_minutes: int = 30) -> Layout:
     """Create the default process group and megatron's TP/PP/EP/DP groups; seed the RNGs."""
     rank, world, local = environment()
+    apply_megatron_fixes()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local % torch.cuda.device_count())

@@ -10,7 +10,8 @@ import math
 import os
 import socket
 import time
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -43,38 +44,47 @@ def _forward_step(data_iterator: Iterator, model):
         mask = batch["loss_mask"]
         loss_sum = (output.float() * mask).sum()
         ntok = mask.sum()
-        # megatron divides by the token count it gets back (per-token loss mode off: by 1).
+        # A (loss, report) pair: megatron scales the loss by 1 / num_microbatches itself.
         return loss_sum / ntok, {"lm": (loss_sum / ntok).detach()}
 
     return per_token, loss_func
 
 
-def train_steps(config_path: str, overrides: list[str], steps: int) -> tuple[list[float], float,
-                                                                             object]:
-    """Build the run as pretrain_moe.py does and take ``steps`` optimizer steps.
-    Returns (losses, tokens/s over the steps after the first, the Run)."""
+@dataclass
+class SmokeResult:
+    losses: list[float]
+    tokens_per_s: float
+    run: Any
+    router_gemm_defined: bool  # before this test's fallback, see test_router_gemm_name_defined
+
+
+def train_steps(config_path: str, overrides: list[str], steps: int) -> SmokeResult:
+    """Build the run as pretrain_moe.py does and take ``steps`` optimizer steps."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.moe import moe_utils
 
     from megatron_ext.config.loader import load_config
     from megatron_ext.config.validate import validate
+    from megatron_ext.platform.dist import init_distributed
     from megatron_ext.training.batches import MicroBatches
     from megatron_ext.training.optim import clip_and_step, prepare_and_norm
     from megatron_ext.training.setup import build_run
-
-    from megatron_ext.platform.dist import init_distributed
 
     cfg = load_config(config_path, overrides)
     validate(cfg, world_size=1)
     layout = init_distributed(cfg)
     run = build_run(cfg, layout)
+    # megatron-core 0.16.1's router reads moe_utils.te_general_gemm, a name that only exists
+    # when Transformer Engine imports; init_distributed (platform.compat) must have defined it.
+    defined = getattr(moe_utils, "HAVE_TE", False) or hasattr(moe_utils, "te_general_gemm")
     tr = cfg.train
     micro = MicroBatches(run.train_ds, tr.global_batch_size, tr.micro_batch_size, 1, 0,
                          layout.device)
     fb = get_forward_backward_func()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     losses, times = [], []
     for step in range(steps):
         batches = list(micro.step(step * tr.global_batch_size))
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         t0 = time.perf_counter()
         run.model.zero_grad_buffer()
@@ -92,27 +102,29 @@ def train_steps(config_path: str, overrides: list[str], steps: int) -> tuple[lis
         losses.append(float(torch.stack([r["lm"] for r in reports]).mean()))
     timed = times[1:] or times  # the first step carries one-time setup (allocator, autotune)
     tokens = tr.global_batch_size * cfg.data.seq_length
-    return losses, tokens * len(timed) / sum(timed), run
+    return SmokeResult(losses, tokens * len(timed) / sum(timed), run, defined)
 
 
 @pytest.fixture(scope="module")
-def distributed_env():
+def smoke() -> Iterator[SmokeResult]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(_free_port())
-    yield
-    from megatron_ext.platform.dist import shutdown
+    try:
+        yield train_steps("configs/8x152M.yaml", OVERRIDES, STEPS)
+    finally:
+        from megatron_ext.platform.dist import shutdown
 
-    shutdown()
+        shutdown()
 
 
-def test_8x152m_trains_three_steps_bf16(distributed_env) -> None:
+def test_8x152m_trains_three_steps_bf16(smoke: SmokeResult) -> None:
     from megatron_ext.platform import cpu
 
-    losses, tok_s, run = train_steps("configs/8x152M.yaml", OVERRIDES, STEPS)
+    run, losses = smoke.run, smoke.losses
     print(f"\n8x152M bf16 seq {SEQ} mb {MICRO_BATCH}: backends {run.backends.describe()}; "
-          f"losses {[round(x, 4) for x in losses]}; {tok_s:,.0f} tokens/s "
+          f"losses {[round(x, 4) for x in losses]}; {smoke.tokens_per_s:,.0f} tokens/s "
           f"(3-step smoke run incl. DDP + distributed optimizer)")
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
     # Random init over a ~100k vocabulary: the loss starts near ln(vocab) ~ 11.5.
@@ -123,3 +135,12 @@ def test_8x152m_trains_three_steps_bf16(distributed_env) -> None:
     # The CPU redirections must never be active on a GPU machine.
     assert not cpu.is_enabled()
     assert next(run.model.parameters()).is_cuda
+
+
+def test_router_gemm_name_defined(smoke: SmokeResult) -> None:
+    """Without Transformer Engine, megatron-core 0.16.1's router forward raises NameError
+    (``te_general_gemm``) unless the framework sets ``moe_utils.te_general_gemm = None`` on
+    GPU too (megatron_ext.platform.compat, called from init_distributed)."""
+    assert smoke.router_gemm_defined, (
+        "moe_utils.te_general_gemm undefined on GPU without TE: training would fail with "
+        "NameError in the router")

@@ -101,3 +101,21 @@ def test_megatron_moe_forward_backward_on_cpu(tmp_path, dispatcher):
     proc = run_cli([str(script)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FB-OK" in proc.stdout
+
+
+def test_megatron_fixes_apply_without_the_cpu_path(tmp_path):
+    """The te_general_gemm fix is device-independent: init on a GPU box without TE needs it."""
+    script = tmp_path / "compat.py"
+    script.write_text(textwrap.dedent("""
+        from megatron.core.transformer.moe import moe_utils
+        from megatron_ext.platform import cpu
+        from megatron_ext.platform.compat import apply_megatron_fixes
+        assert not hasattr(moe_utils, "te_general_gemm")  # megatron-core 0.16.1 without TE
+        assert apply_megatron_fixes() == ["moe_utils.te_general_gemm=None"]
+        assert moe_utils.te_general_gemm is None and not cpu.is_enabled()
+        assert apply_megatron_fixes() == []
+        print("COMPAT-OK")
+    """))
+    proc = run_cli([str(script)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "COMPAT-OK" in proc.stdout

@@ -37,10 +37,7 @@ from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
 from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
-from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-)
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker  # noqa: E402
 
 from megatron_ext.config.loader import load_config  # noqa: E402
 from megatron_ext.config.schema import Config  # noqa: E402
@@ -111,13 +108,16 @@ def _batch() -> dict[str, torch.Tensor]:
 
 def _run(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(LM loss, per-layer load-balancing losses, gradients by SequentialMLP-style name)."""
-    clear_aux_losses_tracker()
+    tracker = get_moe_layer_wise_logging_tracker()
+    # Drop entries, not just zero them: their size is the layer count of whichever model
+    # (possibly another test module's) saved first.
+    tracker.clear()
     model.zero_grad(set_to_none=True)
     per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     loss = per_token.float().mean()
     loss.backward()  # the aux loss joins here (megatron's MoEAuxLossAutoScaler)
-    aux = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].clone()
-    clear_aux_losses_tracker()
+    aux = tracker["load_balancing_loss"]["values"].clone()
+    tracker.clear()
     grads = {n.removeprefix("module."): p.grad.float()
              for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), aux, grouped_to_sequential_state(grads)

@@ -1,0 +1,1 @@
+"""Benchmarks: training-step throughput of our model against reference stacks."""
