@@ -87,6 +87,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(getattr(par, name) >= 1, f"parallel.{name}", "must be >= 1")
     _check(not par.sequence_parallel or par.tensor > 1, "parallel.sequence_parallel",
            "needs tensor > 1")
+    _check(moe.num_experts == 0 or par.tensor == 1 or par.sequence_parallel,
+           "parallel.sequence_parallel", "megatron-core needs it for MoE with tensor > 1")
     _check(par.pipeline == 1, "parallel.pipeline",
            "pipeline parallelism is not supported yet by this framework's loop")
     _check(world % (par.tensor * par.pipeline) == 0, "parallel.tensor",

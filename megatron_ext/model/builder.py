@@ -22,6 +22,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern
 from megatron_ext.model.attention import HAVE_FLASH_ATTN, FlashAttention, SDPAttention
+from megatron_ext.model.norm import RMSNorm
 from megatron_ext.model.params import padded_vocab
 
 
@@ -121,6 +122,10 @@ def layer_specs(config: TransformerConfig, backends: Backends):
     ]
     for spec in block.layer_specs:
         spec.submodules.self_attention.submodules.core_attention = core
+        # megatron's torch-norm fallback refuses sequence parallelism (needed for MoE + TP).
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+    block.layer_norm = RMSNorm
     if backends.experts == "grouped":
         from megatron_ext.model.experts import use_grouped_experts
 

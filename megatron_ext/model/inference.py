@@ -47,6 +47,7 @@ def load_model(path: str | Path, expert_parallel: int = 1, tensor_parallel: int 
     path, cfg = checkpoint_config(path)
     cfg.parallel.expert = expert_parallel
     cfg.parallel.tensor = tensor_parallel
+    cfg.parallel.sequence_parallel = tensor_parallel > 1 and cfg.moe.num_experts > 0
     cfg.parallel.world_size = None
     cfg.train.precision = "fp32" if not torch.cuda.is_available() else cfg.train.precision
     for dotted, value in (overrides or {}).items():
@@ -67,4 +68,10 @@ def logits(model, tokens_BS: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
     tokens_BS = tokens_BS.to(device)
     pos = torch.arange(tokens_BS.shape[1], device=device).expand_as(tokens_BS)
-    return model(tokens_BS, pos, None).float()
+    out = model(tokens_BS, pos, None).float()
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        # The output layer is column-parallel: each TP rank holds a slice of the vocabulary.
+        out = tensor_parallel.gather_from_tensor_model_parallel_region(out)
+    return out

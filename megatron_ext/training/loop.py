@@ -97,8 +97,15 @@ def _router_losses(forwards: int) -> dict[str, float]:
             continue
         vals = vals.clone().float()
         if dist.is_initialized():
-            dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
-            vals /= parallel_state.get_data_parallel_world_size()
+            # As megatron's reduce_aux_losses_tracker_across_ranks (whose AVG op gloo lacks):
+            # sum over the router's reduce group (TP ranks each saw part of the sequence with
+            # sequence parallelism), then average over data-parallel ranks.
+            entry = tracker[name]
+            if entry.get("reduce_group") is not None:
+                dist.all_reduce(vals, group=entry["reduce_group"])
+            if not entry.get("reduce_group_has_dp", False):
+                dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
+                vals /= parallel_state.get_data_parallel_world_size()
         nz = vals[vals != 0]
         out[key] = nz.mean().item() / max(forwards, 1) if nz.numel() else 0.0
     clear_aux_losses_tracker()

@@ -50,9 +50,13 @@ class RouterStats:
         counts = torch.stack(self.counts)  # [moe_layers, experts]
         tokens = torch.tensor(self.tokens, dtype=torch.float32, device=counts.device)
         if dist.is_initialized():
-            group = parallel_state.get_data_parallel_group()
-            dist.all_reduce(counts, group=group)
-            dist.all_reduce(tokens, group=group)
+            groups = [parallel_state.get_data_parallel_group()]
+            if parallel_state.get_tensor_model_parallel_world_size() > 1:
+                # MoE with TP implies sequence parallelism: each TP rank routed its own tokens.
+                groups.append(parallel_state.get_tensor_model_parallel_group())
+            for group in groups:
+                dist.all_reduce(counts, group=group)
+                dist.all_reduce(tokens, group=group)
         counts, tokens = counts.cpu(), tokens.cpu()
         self.counts = [None] * len(self.layers)
         self.tokens = [0] * len(self.layers)

@@ -63,7 +63,7 @@ def test_type_and_key_errors(override, message):
     (["moe.capacity_factor=0"], "moe.capacity_factor: must be > 0"),
     (["data.seq_length=1024"], "data.seq_length: 1024 exceeds"),
     (["optimizer.min_lr=1.0"], "optimizer.min_lr"),
-    (["schedule.warmup_steps=100"], "schedule.warmup_steps: 100 must be 0 or less than the decay"),
+    (["schedule.warmup_steps=400"], "schedule.warmup_steps: 400 must be 0 or less than the decay"),
     (["schedule.warmup_steps=100", "train.train_steps=100"], "schedule.warmup_steps: 100 must"),
     (["parallel.tensor=3", "model.num_attention_heads=3", "model.num_kv_heads=3",
       "model.hidden_size=96", "model.ffn_hidden_size=96", "parallel.world_size=3"],
@@ -72,6 +72,8 @@ def test_type_and_key_errors(override, message):
     (["moe.num_experts=0", "parallel.expert=2", "parallel.world_size=2"],
      "parallel.expert: expert parallelism needs"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs tensor > 1"),
+    (["parallel.tensor=2", "parallel.world_size=2"],
+     "parallel.sequence_parallel: megatron-core needs it for MoE with tensor > 1"),
 ])
 def test_impossible_combinations(overrides, message):
     cfg = load_config(REPO / "configs/tiny-cpu.yaml", overrides)
