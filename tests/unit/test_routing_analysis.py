@@ -152,6 +152,7 @@ def test_routing_cli_end_to_end(tmp_path, capsys):
     ckpt, out = tmp_path / "ckpt", tmp_path / "routing"
     proc = run_cli(["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml",
                     "--set", "train.train_steps=15", "--set", "train.eval_interval=0",
+                    "--set", "schedule.warmup_steps=2",
                     "--set", f"checkpoint.save={ckpt}", "--set", "checkpoint.save_interval=0",
                     "--set", f"logging.output_dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,6 +13,7 @@ def test_tiny_cpu_30_steps_loss_falls(tmp_path):
     proc = run_cli([
         "pretrain_moe.py", "--config", "configs/tiny-cpu.yaml",
         "--set", "train.train_steps=30", "--set", "train.log_interval=1",
+        "--set", "schedule.warmup_steps=5",
         "--set", "train.eval_interval=15",
         "--set", f"checkpoint.save={tmp_path}/ckpt", "--set", "checkpoint.save_interval=0",
         "--set", f"logging.output_dir={tmp_path}/run",
