@@ -21,16 +21,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout: make megatron_ext importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron_ext.cli_utils import OneLineParser as _Parser  # noqa: E402
+from megatron_ext.cli_utils import UsageError as _UsageError  # noqa: E402
+
 PROG = "mcore_to_hf"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)  # one line, not usage + message
-
-
-class _UsageError(Exception):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,17 +24,10 @@ from megatron_ext.upcycling.spec import (  # noqa: E402
     INDEX_SHARING, METHODS, ROUTER_INITS, UpcycleError, UpcycleSpec,
 )
 
+from megatron_ext.cli_utils import OneLineParser as _Parser  # noqa: E402
+from megatron_ext.cli_utils import UsageError as _UsageError  # noqa: E402
+
 PROG = "upcycle"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line, not usage + message: scripts and logs grep for it.
-        raise _UsageError(message)
-
-
-class _UsageError(Exception):
-    pass
 
 
 def _layers(text: str) -> frozenset[int]:
