@@ -18,7 +18,11 @@ class ConfigError(ValueError):
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+             list: "a list"}
+    return names.get(tp, getattr(tp, "__name__", str(tp).replace("typing.", "")))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -24,10 +24,19 @@ def moe_layer_pattern(cfg: Config) -> list[int]:
     return [int(x) for x in freq]
 
 
+def launched_world_size() -> int:
+    """Processes of the current launch (torchrun / srun), 1 for a plain ``python`` run."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 1
+
+
 def planned_world_size(cfg: Config) -> int:
+    """What --dry-run / --print-config reason about: the config's plan, else the launch."""
     if cfg.parallel.world_size is not None:
         return cfg.parallel.world_size
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launched_world_size()
 
 
 def data_parallel_size(cfg: Config, world_size: Optional[int] = None) -> int:
@@ -99,6 +108,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"expert={par.expert}")
 
     _check(tr.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _check(tr.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
     _check(tr.global_batch_size % (tr.micro_batch_size * dp) == 0, "train.global_batch_size",
            f"{tr.global_batch_size} is not divisible by micro_batch_size*data_parallel="
            f"{tr.micro_batch_size}*{dp}")
@@ -122,6 +132,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(opt.clip_grad >= 0 and opt.weight_decay >= 0, "optimizer.clip_grad",
            "clip_grad and weight_decay must be >= 0")
     steps = total_steps(cfg)
+    _check(cfg.schedule.decay_steps is None or cfg.schedule.decay_steps >= 1,
+           "schedule.decay_steps", "must be >= 1 (or null for train_steps)")
     decay = cfg.schedule.decay_steps or steps
     # megatron's scheduler needs the decay to extend past the warmup.
     _check(cfg.schedule.warmup_steps == 0 or 0 < cfg.schedule.warmup_steps < decay,

@@ -252,7 +252,8 @@ class _MockTokenizer:
 
 
 def build_mock_datasets(
-    seq_length: int, seed: int, num_samples: tuple[int, int, int], vocab_size: int
+    seq_length: int, seed: int, num_samples: tuple[int, int, int], vocab_size: int,
+    split: str = "98,2,0",
 ) -> tuple[Any, Any, Any]:
     """Synthetic (train, valid, test) datasets from megatron's MockGPTDataset (``data.mock``).
 
@@ -261,7 +262,7 @@ def build_mock_datasets(
     sizes = _check_common(seq_length, num_samples)
     if vocab_size < 2:
         raise DataError(f"mock vocab_size must be at least 2, got {vocab_size}")
-    config = _config(seed, seq_length, _MockTokenizer(vocab_size))
+    config = _config(seed, seq_length, _MockTokenizer(vocab_size), split=split)
     builder = _SingleProcessSafeBuilder(MockGPTDataset, sizes, is_built_on_rank, config)
     with _quiet("megatron.core.datasets.gpt_dataset"):  # mock data has no index cache by design
         train, valid, test = builder.build()

@@ -19,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern
 from megatron_ext.model.attention import HAVE_FLASH_ATTN, FlashAttention, SDPAttention
@@ -50,9 +51,9 @@ def resolve_backends(cfg: Config, cuda: Optional[bool] = None) -> Backends:
         precision = "bf16" if cuda else "fp32"
     want = cfg.model.attention_backend
     if want == "te" and not (cuda and have_te()):
-        raise ValueError("model.attention_backend: te needs CUDA and transformer_engine")
+        raise ConfigError("model.attention_backend: te needs CUDA and transformer_engine")
     if want == "flash" and not (cuda and HAVE_FLASH_ATTN):
-        raise ValueError("model.attention_backend: flash needs CUDA and the flash_attn package")
+        raise ConfigError("model.attention_backend: flash needs CUDA and the flash_attn package")
     if want == "auto":
         want = "te" if cuda and have_te() else ("flash" if cuda and HAVE_FLASH_ATTN else "sdpa")
     spec = "te" if want == "te" else "local"

@@ -47,9 +47,13 @@ def environment() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def init_distributed(cfg: Config, timeout_minutes: int = 30) -> Layout:
-    """Create the default process group and megatron's TP/PP/EP/DP groups; seed the RNGs."""
-    rank, world, local = environment()
+def init_distributed(cfg: Config, timeout_minutes: int = 30, standalone: bool = False) -> Layout:
+    """Create the default process group and megatron's TP/PP/EP/DP groups; seed the RNGs.
+
+    ``standalone``: a private one-process group (in-memory store), whatever the launcher's
+    environment says -- for tools that inspect a model inside a multi-process job or dry run.
+    """
+    rank, world, local = (0, 1, 0) if standalone else environment()
     apply_megatron_fixes()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -66,8 +70,9 @@ def init_distributed(cfg: Config, timeout_minutes: int = 30) -> Layout:
         # A single process needs no agreed port: take a free one so concurrent runs don't clash.
         os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"
     if not dist.is_initialized():
+        store = dist.HashStore() if standalone else None
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world,
+            backend=backend, rank=rank, world_size=world, store=store,
             timeout=timedelta(minutes=timeout_minutes),
         )
     par = cfg.parallel

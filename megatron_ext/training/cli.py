@@ -12,7 +12,9 @@ from typing import Optional
 
 from megatron_ext.config.loader import ConfigError, load_config, to_yaml
 from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import check_paths, planned_world_size, total_steps, validate
+from megatron_ext.config.validate import (
+    check_paths, launched_world_size, planned_world_size, total_steps, validate,
+)
 from megatron_ext.training.exit_codes import CONFIG as EXIT_CONFIG
 from megatron_ext.training.exit_codes import FAILED as EXIT_FAILED
 from megatron_ext.training.exit_codes import OK as EXIT_OK
@@ -44,14 +46,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def _rank0() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
-
-
-def load_and_validate(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config, args.overrides)
-    validate(cfg)
-    if cfg.logging.wandb.name is None and args.config:
-        cfg.logging.wandb.name = Path(args.config).stem
-    return cfg
 
 
 def dry_run(cfg: Config) -> str:
@@ -102,7 +96,7 @@ def _meta_param_count(cfg: Config) -> int:
     one.parallel.sequence_parallel = False
     one.train.precision = "fp32"
     one.train.global_batch_size = one.train.micro_batch_size
-    init_distributed(one)
+    init_distributed(one, standalone=True)
     try:
         with torch.device("meta"):
             model = build_model(one, resolve_backends(one, cuda=False))
@@ -116,9 +110,12 @@ def train_main(cfg: Config) -> int:
     from megatron_ext.config.loader import to_dict
     from megatron_ext.platform.dist import init_distributed, shutdown
     from megatron_ext.training.loggers import MetricsWriter, log, warn
-    from megatron_ext.training.loop import layout_dict, train
+    from megatron_ext.training.loop import Preemption, layout_dict, train
     from megatron_ext.training.setup import build_run, run_dir
 
+    # Installed first: a signal during model/data building or checkpoint loading must also end
+    # in "save (once training runs) and exit 0", not in the default kill.
+    preempt = Preemption()
     layout = init_distributed(cfg)
     rank0 = layout.rank == 0
     try:
@@ -152,7 +149,7 @@ def train_main(cfg: Config) -> int:
         writer = MetricsWriter(cfg.logging, out, resolved, cfg.logging.wandb.name or "run",
                                enabled=rank0)
         try:
-            code, summary = train(run, state, writer)
+            code, summary = train(run, state, writer, preempt)
         finally:
             writer.close()
         if rank0:
@@ -177,29 +174,36 @@ def _summary_line(s: dict, cfg: Config, metrics_path: Path) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    info_only = args.print_config or args.dry_run
     try:
-        cfg = load_and_validate(args)
+        cfg = load_config(args.config, args.overrides)
+        # --dry-run / --print-config reason about the planned size (parallel.world_size); a
+        # training launch is checked against the processes it really has.
+        validate(cfg, world_size=None if info_only else launched_world_size())
+        if cfg.logging.wandb.name is None and args.config:
+            cfg.logging.wandb.name = Path(args.config).stem
+        if not info_only:
+            check_paths(cfg)
     except ConfigError as e:
-        if _rank0():
-            print(f"config error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+        return _fail(f"config error: {e}")
     if args.print_config:
         print(to_yaml(cfg), end="")
         return EXIT_OK
     if args.dry_run:
         print(dry_run(cfg))
         return EXIT_OK
-    try:
-        check_paths(cfg)
-    except ConfigError as e:
-        if _rank0():
-            print(f"config error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+    from megatron_ext.data.errors import DataError
+
     try:
         return train_main(cfg)
-    except ValueError as e:  # e.g. a backend requested that this machine lacks
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+    except (ConfigError, DataError) as e:  # found while building (backend, tokenizer, data)
+        return _fail(f"error: {e}")
     except Exception:  # noqa: BLE001 - report, then a distinct exit code for the launcher
         traceback.print_exc()
         return EXIT_FAILED
+
+
+def _fail(line: str) -> int:
+    if _rank0():
+        print(line, file=sys.stderr, flush=True)
+    return EXIT_CONFIG

@@ -34,7 +34,7 @@ from megatron_ext.training import exit_codes
 EXIT_OK, EXIT_NONFINITE = exit_codes.OK, exit_codes.NONFINITE
 
 
-class _Preemption:
+class Preemption:
     """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, saves and exits 0.
 
     A second signal only sets the flag again, so it cannot interrupt a save in progress.
@@ -137,7 +137,8 @@ def evaluate(run: Run, consumed_eval: int) -> dict[str, float]:
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
-def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter) -> tuple[int, dict]:
+def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter,
+          preempt: Preemption | None = None) -> tuple[int, dict]:
     """Train from ``state`` to the end (or a stop). Returns (exit code, summary)."""
     cfg, layout, tr = run.cfg, run.layout, run.cfg.train
     dp_rank, dp = dp_rank_and_size()
@@ -145,14 +146,14 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter) -> tuple[int,
                          layout.device)
     fb = get_forward_backward_func()
     stats = RouterStats(run.model, cfg.moe.top_k) if cfg.logging.expert_load else None
-    preempt = _Preemption()
+    preempt = preempt or Preemption()
     tokens_per_step = tr.global_batch_size * cfg.data.seq_length
     fpt = flops_per_token(cfg)
     resolved = to_dict(cfg)
     layout_key = layout_dict(run)
     first_loss = last_loss = None
     t_start = time.time()
-    window = {"t": time.time(), "steps": 0, "fb": 0.0, "opt": 0.0, "data": 0.0}
+    window = _new_window()
     code, status = EXIT_OK, "completed"
     while state.step < run.total_steps:
         t0 = time.time()
@@ -201,21 +202,25 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter) -> tuple[int,
             if layout.rank == 0:
                 log(format_line(state.step, run.total_steps, metrics))
             writer.write(state.step, metrics)
-            window = {"t": time.time(), "steps": 0, "fb": 0.0, "opt": 0.0, "data": 0.0}
+            window = _new_window()
 
         if run.valid_ds is not None and tr.eval_interval and state.step % tr.eval_interval == 0:
+            t_eval = time.time()
             ev = evaluate(run, (state.step // tr.eval_interval - 1) * tr.eval_iters
                           * tr.global_batch_size)
             if layout.rank == 0:
                 log(f"validation at step {state.step} | loss {ev['val_loss']:.4f} | "
                     f"ppl {ev['val_ppl']:.2f}")
             writer.write(state.step, ev, kind="valid")
+            window["eval"] += time.time() - t_eval
 
         stop = preempt.requested(layout.device)
         ck = cfg.checkpoint
         periodic = ck.save_interval and state.step % ck.save_interval == 0
         if ck.save and (stop or periodic or state.step == run.total_steps):
+            t_save = time.time()
             _save(run, state, resolved, layout_key)
+            window["save"] += time.time() - t_save
         if stop:
             if layout.rank == 0:
                 log(f"received signal {preempt.signum}; saved step {state.step}; exiting "
@@ -229,6 +234,13 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter) -> tuple[int,
                "last_loss": last_loss, "wall_s": time.time() - t_start,
                "skipped_steps": state.skipped_steps}
     return code, summary
+
+
+def _new_window() -> dict:
+    """Per-log-interval accumulators. Validation and checkpoint time are kept apart so they do
+    not count as training time in tokens/s, TFLOP/s and MFU."""
+    return {"t": time.time(), "steps": 0, "fb": 0.0, "opt": 0.0, "data": 0.0, "eval": 0.0,
+            "save": 0.0}
 
 
 def _save(run: Run, state: ckpt.TrainState, resolved: dict, layout_key: dict) -> None:
@@ -248,7 +260,7 @@ def layout_dict(run: Run) -> dict:
 
 def _interval_metrics(run, state, window, loss, grad_norm, fpt, stats, t_start) -> dict:
     cfg, lay = run.cfg, run.layout
-    elapsed = max(time.time() - window["t"], 1e-9)
+    elapsed = max(time.time() - window["t"] - window["eval"] - window["save"], 1e-9)
     n = max(window["steps"], 1)
     tokens_per_s = n * cfg.train.global_batch_size * cfg.data.seq_length / elapsed
     tflops = fpt * tokens_per_s / lay.world_size / 1e12
@@ -260,6 +272,7 @@ def _interval_metrics(run, state, window, loss, grad_norm, fpt, stats, t_start) 
         "eta_s": remaining * elapsed / n, "skipped": state.skipped_steps,
         "time/step_s": elapsed / n, "time/forward_backward_s": window["fb"] / n,
         "time/optimizer_s": window["opt"] / n, "time/data_s": window["data"] / n,
+        "time/eval_s": window["eval"], "time/save_s": window["save"],
         "elapsed_s": time.time() - t_start,
     }
     if cfg.moe.num_experts:

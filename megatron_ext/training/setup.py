@@ -90,7 +90,7 @@ def build_datasets(cfg: Config, steps: int):
     num_samples = (steps * tr.global_batch_size, n_eval, 0)
     if d.mock:
         train, valid, _ = D.build_mock_datasets(d.seq_length, tr.seed, num_samples,
-                                                cfg.model.vocab_size)
+                                                cfg.model.vocab_size, d.split)
         return train, (valid if n_eval else None)
     blend, tokenizer_path, cache_dir = list(d.blend), d.tokenizer, d.cache_dir
     if d.demo_corpus:

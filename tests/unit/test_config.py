@@ -45,6 +45,7 @@ def test_overrides_parse_yaml_scalars():
     ("model.hidden_size=abc", "model.hidden_size: expected an integer"),
     ("train.precision=fp16", "train.precision: 'fp16' is not one of"),
     ("optimizer.lr=true", "optimizer.lr: expected a number"),
+    ("train.train_steps=abc", "train.train_steps: expected an integer or null, got 'abc'"),
 ])
 def test_type_and_key_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -63,6 +64,8 @@ def test_type_and_key_errors(override, message):
     (["moe.capacity_factor=0"], "moe.capacity_factor: must be > 0"),
     (["data.seq_length=1024"], "data.seq_length: 1024 exceeds"),
     (["optimizer.min_lr=1.0"], "optimizer.min_lr"),
+    (["train.global_batch_size=0"], "train.global_batch_size: must be >= 1"),
+    (["schedule.decay_steps=-5", "schedule.warmup_steps=0"], "schedule.decay_steps: must be >= 1"),
     (["schedule.warmup_steps=400"], "schedule.warmup_steps: 400 must be 0 or less than the decay"),
     (["schedule.warmup_steps=100", "train.train_steps=100"], "schedule.warmup_steps: 100 must"),
     (["parallel.tensor=3", "model.num_attention_heads=3", "model.num_kv_heads=3",
@@ -145,3 +148,16 @@ def test_every_field_is_documented_and_docs_are_current():
             assert docs.get(f.name), f"{name}.{f.name} has no docstring"
     assert (REPO / "docs/config.md").read_text() == render(), \
         "regenerate: python -m megatron_ext.config.docs > docs/config.md"
+
+
+def test_training_launch_is_validated_against_its_real_world_size():
+    """The config's parallel.world_size is the plan for --dry-run; a launch with 4 processes is
+    checked as 4 (8 experts at EP=8 cannot run on 4 ranks)."""
+    args = ["pretrain_moe.py", "--config", "configs/8x152M.yaml", "--set", "data.mock=true"]
+    proc = run_cli(args, env={"WORLD_SIZE": "4", "RANK": "0"})
+    assert proc.returncode == 2
+    assert _one_error_line(proc) == (
+        "config error: parallel.expert: data-parallel size 4 (world 4 / tensor*pipeline) is not "
+        "divisible by expert=8")
+    dry = run_cli([*args, "--dry-run"], env={"WORLD_SIZE": "4", "RANK": "0"})
+    assert dry.returncode == 0 and "layout: world 8" in dry.stdout
