@@ -235,9 +235,10 @@ def check_compatible(path: Path, config: dict) -> None:
         raise CheckpointError(f"{path} is incompatible with this config: {', '.join(diffs)}")
 
 
-def load(path: Path, model, optimizer, layout: dict, fully_reshardable: bool
-         ) -> tuple[TrainState, list[str]]:
-    """Resume model (+ optimizer, RNG) from a verified checkpoint; returns state and warnings."""
+def load(path: Path, model, optimizer, layout: dict) -> tuple[TrainState, list[str]]:
+    """Resume model (+ optimizer, RNG) from a verified checkpoint; returns state and warnings.
+
+    The optimizer format (fully reshardable or not) is the one recorded in meta.json."""
     meta = verify(path)
     warnings = []
     inner = unwrap(model)

@@ -135,8 +135,7 @@ def train_main(cfg: Config) -> int:
             warn(w) if rank0 else None
         if resume is not None:
             ckpt.check_compatible(resume, resolved)
-            state, warnings = ckpt.load(resume, run.model, run.optimizer, layout_dict(run),
-                                        cfg.checkpoint.fully_reshardable_optimizer)
+            state, warnings = ckpt.load(resume, run.model, run.optimizer, layout_dict(run))
             run.scheduler.load_state_dict(state.scheduler)
             for w in warnings:
                 warn(w) if rank0 else None
