@@ -42,3 +42,24 @@ def torchrun(nproc: int, args: list[str], timeout: int = 600,
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def single_process_megatron(seed: int | None = None):
+    """Generator for module fixtures that build megatron models in the pytest process:
+    a one-process gloo group (reused if one exists) and TP=PP=EP=1 parallel state."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    created = not dist.is_initialized()
+    if created:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    if seed is not None:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()

@@ -86,6 +86,17 @@ def _check(report: ValidationReport, log: Callable[[str], None]) -> ValidationRe
     return report
 
 
+def _preflight(input_path: Path, output: Path, overwrite: bool) -> tuple[Path, Path]:
+    """Checks made before any slow work: distinct paths, input present, output free."""
+    input_path, output = Path(input_path), Path(output)
+    _not_same(input_path, output)
+    if not input_path.exists():
+        raise ConversionError(f"{input_path}: input does not exist")
+    if output.exists() and not overwrite:
+        raise ConversionError(f"{output} exists (pass --overwrite to replace it)")
+    return input_path, output
+
+
 def _not_same(input_path: Path, output: Path) -> None:
     if Path(input_path).absolute() == Path(output).absolute():
         raise ConversionError(f"{output}: the output must not be the input")
@@ -97,12 +108,7 @@ def hf_to_mcore_checkpoint(input_dir: Path, output_root: Path, *, overwrite: boo
                            ) -> ValidationReport | None:
     """HF Llama/Mixtral/mixed directory -> our checkpoint root (``iter_0000000``, ``latest``,
     ``config.yaml`` for training from it, ``hf/`` record). Memory: one model copy."""
-    input_dir, output_root = Path(input_dir), Path(output_root)
-    _not_same(input_dir, output_root)
-    if not input_dir.exists():
-        raise ConversionError(f"{input_dir}: input does not exist")
-    if output_root.exists() and not overwrite:  # before the (slow) work
-        raise ConversionError(f"{output_root} exists (pass --overwrite to replace it)")
+    input_dir, output_root = _preflight(input_dir, output_root, overwrite)
     ckpt = HFCheckpoint(input_dir)  # headers and sizes checked: truncation is caught here
     arch = arch_from_hf_config(ckpt.config)
     cfg = config_from_hf(ckpt.config)
@@ -159,12 +165,7 @@ def mcore_to_hf_checkpoint(input_path: Path, output_dir: Path, *, overwrite: boo
                            ) -> ValidationReport | None:
     """Our checkpoint (root or iter dir, any EP it was saved at) -> HF directory: Llama when
     dense, Mixtral when every layer is MoE, else the mixed format. Memory: one fp32 model."""
-    input_path, output_dir = Path(input_path), Path(output_dir)
-    _not_same(input_path, output_dir)
-    if not input_path.exists():
-        raise ConversionError(f"{input_path}: input does not exist")
-    if output_dir.exists() and not overwrite:  # before the (slow) load
-        raise ConversionError(f"{output_dir} exists (pass --overwrite to replace it)")
+    input_path, output_dir = _preflight(input_path, output_dir, overwrite)
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"unknown dtype {dtype!r} (use {', '.join(DTYPE_CHOICES)})")
     get, keys, arch, cfg = read_mcore_checkpoint(input_path)

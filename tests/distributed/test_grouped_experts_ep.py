@@ -16,7 +16,6 @@ Shape legend: B batch, S sequence, E local experts, G/H/F as in megatron_ext/mod
 from __future__ import annotations
 
 import os
-import socket
 import time
 import warnings
 
@@ -24,14 +23,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.conftest import free_port
+
 WORLD_SIZE, NUM_EXPERTS, VOCAB, SEQ, HIDDEN, FFN = 2, 4, 128, 16, 32, 48
 TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _expert_weight(global_expert: int, shape: torch.Size, which: int) -> torch.Tensor:
@@ -217,7 +212,7 @@ def test_grouped_experts_expert_parallel(tmp_path, monkeypatch):
     # Workers always take megatron_ext's CPU path (gloo), also on a GPU host.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     context = mp.spawn(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False
+        _worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False
     )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):

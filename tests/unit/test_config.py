@@ -1,7 +1,5 @@
 """Config loading, overrides, strict validation, and every shipped YAML."""
 
-from pathlib import Path
-
 import pytest
 
 from megatron_ext.config.loader import ConfigError, load_config, parse_override, to_yaml

@@ -9,20 +9,18 @@ Shape legend: T tokens routed to the local experts, E local experts, H hidden, B
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import replace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_ext.platform import cpu
+from tests.conftest import single_process_megatron
 
 cpu.enable_if_needed()
 
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
+from megatron.core import dist_checkpointing, tensor_parallel  # noqa: E402
 from megatron.core.dist_checkpointing.mapping import (  # noqa: E402
     ShardedObject,
     ShardedTensor,
@@ -55,26 +53,9 @@ SPLITS = [[5, 0, 11, 4], [0, 0, 17, 0], [3, 1, 0, 9], [0, 0, 0, 0]]
 pytestmark = pytest.mark.filterwarnings("ignore:CPU RNG state changed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def model_parallel():
-    created = not dist.is_initialized()
-    if created:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+    yield from single_process_megatron(seed=1234)
 
 
 def _config(**overrides) -> TransformerConfig:

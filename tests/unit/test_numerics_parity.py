@@ -14,14 +14,11 @@ loss; gradients within 2e-2 relative (global norm of the difference over the nor
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_ext.platform import cpu
+from tests.conftest import single_process_megatron
 
 pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(),
@@ -33,7 +30,7 @@ pytestmark = [
 if not torch.cuda.is_available():
     cpu.enable()
 
-from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
 from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
@@ -50,25 +47,9 @@ FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 BF16_LOSS_RTOL, BF16_GRAD_RTOL = 2e-2, 2e-2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def model_parallel():
-    created = not dist.is_initialized()
-    if created:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+    yield from single_process_megatron()
 
 
 def _cfg(path: str, precision: str) -> Config:
