@@ -37,6 +37,10 @@ class ModelConfig:
     """Std of the normal init for linear and embedding weights (from-scratch runs)."""
     attention_backend: Literal["auto", "te", "flash", "sdpa", "unfused"] = "auto"
     """Core attention: auto picks Transformer Engine, then flash-attn, then PyTorch SDPA."""
+    lm_loss: Literal["fused", "megatron"] = "fused"
+    """Training loss head: fused = output layer + cross-entropy in one function with model-dtype logits and chunked fp32 math (less memory); megatron = output_layer then vocab_parallel_cross_entropy."""
+    kernel_fusion: Optional[bool] = None
+    """torch.compile'd elementwise fusions (SwiGLU, the fused loss's softmax); None = on with CUDA."""
 
 
 @dataclass
@@ -50,7 +54,7 @@ class MoEConfig:
     z_loss_coeff: Optional[float] = None
     """Router z-loss coefficient; None disables it."""
     token_dispatcher: Literal["auto", "alltoall", "allgather"] = "auto"
-    """Token dispatcher; auto = alltoall on GPU, allgather on CPU (gloo lacks alltoall of splits)."""
+    """Token dispatcher; auto = alltoall on GPU with expert or tensor parallelism, else allgather (gloo lacks alltoall of splits)."""
     grouped_gemm: bool = True
     """Run all local experts in one grouped GEMM per projection (falls back to a loop on CPU)."""
     layer_freq: Union[int, list] = 1

@@ -23,6 +23,7 @@ from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern
 from megatron_ext.model.attention import HAVE_FLASH_ATTN, FlashAttention, SDPAttention
+from megatron_ext.model.lm_loss import FusedLossGPTModel
 from megatron_ext.model.norm import RMSNorm
 from megatron_ext.model.params import padded_vocab
 
@@ -34,10 +35,13 @@ class Backends:
     attention: str  # "te" | "flash" | "sdpa" | "unfused"
     experts: str  # "te-grouped" | "grouped" | "sequential" | "none"
     dispatcher: str  # "alltoall" | "allgather" | "none"
+    lm_loss: str = "megatron"  # "fused" | "megatron"
+    fusion: bool = False  # torch.compile'd elementwise fusions
 
     def describe(self) -> str:
         return (f"precision={self.precision} spec={self.spec} attention={self.attention} "
-                f"experts={self.experts} dispatcher={self.dispatcher}")
+                f"experts={self.experts} dispatcher={self.dispatcher} lm_loss={self.lm_loss} "
+                f"fusion={'on' if self.fusion else 'off'}")
 
 
 def have_te() -> bool:
@@ -66,8 +70,14 @@ def resolve_backends(cfg: Config, cuda: Optional[bool] = None) -> Backends:
         experts = "grouped" if cfg.moe.grouped_gemm else "sequential"
     dispatcher = cfg.moe.token_dispatcher
     if dispatcher == "auto":
-        dispatcher = "alltoall" if cuda else "allgather"
-    return Backends(precision, spec, want, experts, dispatcher if moe else "none")
+        # gloo has no all-to-all with splits. Without expert or tensor parallelism nothing is
+        # exchanged, and the allgather dispatcher's local permutation measured 6% faster than
+        # alltoall's on one H100 (reference figures in docs/benchmarks.md); with EP, alltoall sends less.
+        spread = cfg.parallel.expert * cfg.parallel.tensor > 1
+        dispatcher = "alltoall" if cuda and spread else "allgather"
+    fusion = cuda if cfg.model.kernel_fusion is None else cfg.model.kernel_fusion
+    return Backends(precision, spec, want, experts, dispatcher if moe else "none",
+                    cfg.model.lm_loss, fusion)
 
 
 def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
@@ -87,6 +97,8 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
         # Init on the host keeps weights identical across layouts for one seed, and is the only
         # option on CPU; on GPU megatron initializes on the device (faster, per-rank RNG).
         use_cpu_initialization=not torch.cuda.is_available(),
+        # SwiGLU through megatron's torch.compile'd bias_swiglu (dense MLPs and our experts).
+        bias_activation_fusion=backends.fusion,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         deterministic_mode=cfg.train.deterministic and not torch.cuda.is_available(),
@@ -137,7 +149,8 @@ def layer_specs(config: TransformerConfig, backends: Backends):
 def build_model(cfg: Config, backends: Backends) -> GPTModel:
     """Build this rank's GPTModel (parallel state must be initialized)."""
     config = transformer_config(cfg, backends)
-    model = GPTModel(
+    model_class = FusedLossGPTModel if backends.lm_loss == "fused" else GPTModel
+    model = model_class(
         config=config,
         transformer_layer_spec=layer_specs(config, backends),
         vocab_size=padded_vocab(cfg),
@@ -146,4 +159,5 @@ def build_model(cfg: Config, backends: Backends) -> GPTModel:
         rotary_base=int(cfg.model.rotary_base),
         share_embeddings_and_output_weights=False,
     )
+    model.fuse_kernels = backends.fusion
     return model

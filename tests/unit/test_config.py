@@ -159,3 +159,22 @@ def test_training_launch_is_validated_against_its_real_world_size():
         "divisible by expert=8")
     dry = run_cli([*args, "--dry-run"], env={"WORLD_SIZE": "4", "RANK": "0"})
     assert dry.returncode == 0 and "layout: world 8" in dry.stdout
+
+
+@pytest.mark.parametrize("overrides, cuda, want", [
+    # one GPU, no EP/TP: nothing to exchange, the allgather dispatcher's local permute
+    ([], True, ("allgather", "fused", True)),
+    (["parallel.expert=2"], True, ("alltoall", "fused", True)),
+    (["parallel.tensor=2"], True, ("alltoall", "fused", True)),
+    (["parallel.expert=2"], False, ("allgather", "fused", False)),  # gloo: no alltoall
+    (["moe.token_dispatcher=alltoall", "model.kernel_fusion=false"], True,
+     ("alltoall", "fused", False)),
+    (["model.lm_loss=megatron", "model.kernel_fusion=true"], False, ("allgather", "megatron", True)),
+])
+def test_backend_resolution(overrides, cuda, want):
+    from megatron_ext.model.builder import resolve_backends
+
+    cfg = load_config(REPO / "configs/tiny-cpu.yaml", overrides)
+    b = resolve_backends(cfg, cuda=cuda)
+    assert (b.dispatcher, b.lm_loss, b.fusion) == want
+    assert f"lm_loss={want[1]}" in b.describe()

@@ -1,8 +1,8 @@
 """Our optimized model path matches megatron-core's reference path on a fixed batch (CPU).
 
-optimized: our builder with SDPA core attention + GroupedGemmExperts;
-reference: our builder with megatron's unfused DotProductAttention + SequentialMLP, i.e. the
-local spec as megatron ships it. Both get identical weights (the reference's state dict loaded
+optimized: our builder with SDPA core attention + GroupedGemmExperts + the fused LM loss;
+reference: our builder with megatron's unfused DotProductAttention + SequentialMLP + megatron's
+output layer and vocab_parallel_cross_entropy, i.e. the local spec as megatron ships it. Both get identical weights (the reference's state dict loaded
 into the optimized model through GroupedGemmExperts' SequentialMLP-key load hook).
 
 fp32: LM loss, router load-balancing losses and every gradient within 1e-5.
@@ -41,6 +41,7 @@ from megatron_ext.config.schema import Config  # noqa: E402
 from megatron_ext.model.attention import SDPAttention  # noqa: E402
 from megatron_ext.model.builder import build_model, resolve_backends  # noqa: E402
 from megatron_ext.model.experts import GroupedGemmExperts, grouped_to_sequential_state  # noqa: E402
+from megatron_ext.model.lm_loss import FusedLossGPTModel  # noqa: E402
 
 BATCH, SEQ, LAYERS = 2, 32, 3
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -61,6 +62,7 @@ def _cfg(path: str, precision: str) -> Config:
         "moe.num_experts=4", "moe.top_k=2", "moe.aux_loss_coeff=0.02",
         f"moe.grouped_gemm={'true' if path == 'sdpa' else 'false'}",
         "moe.token_dispatcher=allgather", f"train.precision={precision}",
+        f"model.lm_loss={'fused' if path == 'sdpa' else 'megatron'}",
         f"data.seq_length={SEQ}",
     ])
 
@@ -73,6 +75,7 @@ def _build(path: str, precision: str, seed: int) -> torch.nn.Module:
     expected = ("sdpa", "grouped") if path == "sdpa" else ("unfused", "sequential")
     assert (backends.attention, backends.experts) == expected, backends.describe()
     model = build_model(cfg, backends)
+    assert isinstance(model, FusedLossGPTModel) == (path == "sdpa"), type(model)
     layer = model.decoder.layers[0]
     modules = (type(layer.self_attention.core_attention), type(layer.mlp.experts))
     assert modules == ((SDPAttention, GroupedGemmExperts) if path == "sdpa"
@@ -157,3 +160,26 @@ def test_bf16_loss_and_gradients_close(reference_state: dict) -> None:
     assert sorted(g_opt) == sorted(g_ref)
     assert _rel_err(g_opt, g_ref) < BF16_GRAD_RTOL
     assert _rel_err(g_opt, g_32) < BF16_GRAD_RTOL
+
+
+def test_compiled_fusions_match_eager(reference_state: dict) -> None:
+    """kernel_fusion (the GPU default): megatron's torch.compile'd SwiGLU in our experts and the
+    compiled loss chunks give the eager path's loss and gradients (CPU inductor, fp32)."""
+    from megatron_ext.model import lm_loss
+
+    eager = _build("sdpa", "fp32", seed=2)
+    cfg = _cfg("sdpa", "fp32")
+    cfg.model.kernel_fusion = True
+    fused = build_model(cfg, resolve_backends(cfg, cuda=False))
+    assert fused.fuse_kernels and fused.config.bias_activation_fusion
+    assert fused.decoder.layers[0].mlp.experts._fused_swiglu
+    for model in (eager, fused):
+        model.load_state_dict(reference_state, strict=True)
+    batch = _batch()
+    loss_e, aux_e, g_e = _run(eager, batch)
+    loss_f, aux_f, g_f = _run(fused, batch)
+    assert not lm_loss._COMPILE_FAILED, "compiled loss chunks fell back to eager"
+    torch.testing.assert_close(loss_f, loss_e, **FP32_TOL)
+    torch.testing.assert_close(aux_f, aux_e, **FP32_TOL)
+    for name, g in g_e.items():
+        torch.testing.assert_close(g_f[name], g, **FP32_TOL, msg=lambda m: f"{name}: {m}")
