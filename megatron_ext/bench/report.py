@@ -188,16 +188,17 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"- FLOPs per token: {meta['flops_per_token']:.4g} (6 x active matmul params incl. LM "
         "head + 12 x layers x hidden x seq)",
         f"- step: {res['step']}", "",
-        "| variant | tokens/s | model TFLOP/s | MFU | step ms (mean / min) | peak mem GiB "
-        "| loss first -> last |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| variant | micro-batch | tokens/s | model TFLOP/s | MFU | step ms (mean / min) "
+        "| peak mem GiB | loss first -> last |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in res["variants"].items():
         if r["status"] != "ok":
-            lines.append(f"| {name} | failed: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {name} | | failed: {r['error'][:120]} | | | | | |")
             continue
         lines.append(
-            f"| {name} | {r['tokens_per_s']:,.0f} | {_num(r['model_tflops'])} | "
+            f"| {name} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | "
+            f"{_num(r['model_tflops'])} | "
             f"{_num(100 * r['mfu'])}% | {r['step_ms_mean']:.1f} / {r['step_ms_min']:.1f} | "
             f"{r['peak_memory_gib']:.2f} | {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} |")
     lines += ["", "Ratios (tokens/s): " + (", ".join(

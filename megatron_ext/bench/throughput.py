@@ -4,7 +4,12 @@ Variants (``VARIANT_NOTES`` is what the reports print):
 - ``ours``: megatron-core GPTModel from our builder: SDPA core attention, GroupedGemmExperts, the
   config's token dispatcher (auto = alltoall on GPU, allgather on CPU).
 - ``hf``: transformers' MixtralForCausalLM, SDPA attention, its default experts implementation.
-- ``plain``: megatron-core's local spec as shipped: unfused DotProductAttention + SequentialMLP.
+- ``plain``: megatron-core's local spec as shipped: unfused DotProductAttention + SequentialMLP,
+  megatron's output layer + vocab_parallel_cross_entropy, no compiled fusions.
+
+A variant name may carry config overrides after ``+``, for ablations in the same process:
+``ours+model.lm_loss=megatron``, ``ours+model.kernel_fusion=false``,
+``ours+train.micro_batch_size=8`` (one micro-batch per step, whatever its size).
 
 Every variant runs the same step on the same random batch: forward with the LM loss and the
 router load-balancing loss (coefficient from the config), backward, global grad-norm clipping
@@ -37,12 +42,13 @@ VARIANTS = ("ours", "hf", "plain")
 
 VARIANT_NOTES = {
     "ours": "megatron-core GPTModel via megatron_ext builder: SDPA core attention, "
-            "GroupedGemmExperts (torch grouped_mm), {dispatcher} dispatcher, "
-            "Float16Module wrapper when bf16",
+            "GroupedGemmExperts (torch grouped_mm), {dispatcher} dispatcher, lm_loss={lm_loss}, "
+            "compiled fusions {fusion}, Float16Module wrapper when bf16",
     "hf": "transformers MixtralForCausalLM, attn_implementation=sdpa, "
           "experts_implementation={experts}, output_router_logits=True (aux loss in the loss)",
     "plain": "megatron-core local spec as shipped: unfused DotProductAttention (materialized "
-             "scores) + SequentialMLP (per-expert loop), {dispatcher} dispatcher",
+             "scores) + SequentialMLP (per-expert loop), {dispatcher} dispatcher, megatron "
+             "output layer + cross-entropy, no compiled fusions",
 }
 STEP_NOTE = ("forward (LM loss + router aux loss) + backward + grad-norm clip + torch AdamW step "
              "(fused on CUDA); params/grads/Adam state in the model dtype; no DDP, no "
@@ -75,8 +81,17 @@ class Workload:
     info: dict[str, Any]
 
 
-def bench_config(opts: BenchOptions) -> Config:
-    """The config file + overrides, reshaped for one process on one device."""
+def split_variant(name: str) -> tuple[str, list[str]]:
+    """'ours+a.b=1+c.d=2' -> ('ours', ['a.b=1', 'c.d=2'])."""
+    base, *extra = name.split("+")
+    if base not in VARIANTS or any("=" not in e for e in extra):
+        raise ValueError(f"variant {name!r}: expected one of {','.join(VARIANTS)}, optionally "
+                         "followed by +key=value overrides")
+    return base, extra
+
+
+def bench_config(opts: BenchOptions, extra: list[str] = ()) -> Config:
+    """The config file + overrides (+ a variant's), reshaped for one process on one device."""
     precision = opts.dtype if opts.dtype != "auto" else (
         "bf16" if torch.cuda.is_available() else "fp32")
     shape = [
@@ -88,8 +103,10 @@ def bench_config(opts: BenchOptions) -> Config:
     ]
     if opts.layers is not None:
         shape.append(f"model.num_layers={opts.layers}")
-    cfg = load_config(opts.config, [*opts.overrides, *shape])
-    cfg.model.max_position_embeddings = max(cfg.model.max_position_embeddings, opts.seq)
+    cfg = load_config(opts.config, [*opts.overrides, *shape, *extra])
+    cfg.train.global_batch_size = cfg.train.micro_batch_size  # one micro-batch per step
+    cfg.model.max_position_embeddings = max(cfg.model.max_position_embeddings,
+                                            cfg.data.seq_length)
     validate(cfg, world_size=1)
     return cfg
 
@@ -104,6 +121,8 @@ def variant_config(cfg: Config, variant: str) -> Config:
     elif variant == "plain":
         out.moe.grouped_gemm = False
         out.model.attention_backend = "unfused"
+        out.model.lm_loss = "megatron"
+        out.model.kernel_fusion = False
     return out
 
 
@@ -150,7 +169,8 @@ def build_megatron(cfg: Config) -> Workload:
         per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return per_token.float().mean()
 
-    info = {"backends": backends.describe(), "dispatcher": backends.dispatcher}
+    info = {"backends": backends.describe(), "dispatcher": backends.dispatcher,
+            "lm_loss": backends.lm_loss, "fusion": "on" if backends.fusion else "off"}
     return Workload(model, loss_fn, info)
 
 
@@ -234,9 +254,10 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
                     out_dir: Optional[Path]) -> dict[str, Any]:
     """Build, warm up, time, optionally profile, and free one variant."""
     dev = device()
+    base, extra = split_variant(name)
     report.reset_peak_memory()
     t_build = time.perf_counter()
-    w = build_variant(name, cfg, dev)
+    w = build_variant(base, cfg, dev)
     params = [p for p in w.model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     sync()
@@ -258,7 +279,8 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
     tflops = tok_s * flops_per_token(cfg) / 1e12
     result = {
         "status": "ok",
-        "includes": VARIANT_NOTES[name].format(**w.info),
+        "includes": VARIANT_NOTES[base].format(**w.info) + "".join(f"; {e}" for e in extra),
+        "micro_batch": cfg.train.micro_batch_size,
         "tokens_per_s": tok_s, "model_tflops": tflops, "mfu": tflops / opts.peak_tflops,
         "step_ms_mean": 1e3 * sum(times) / len(times), "step_ms_min": 1e3 * min(times),
         "step_ms_max": 1e3 * max(times), "peak_memory_gib": peak["gib"],
@@ -266,7 +288,7 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
         "params": sum(p.numel() for p in params), "build_s": build_s,
         "losses": [float(x) for x in losses], **w.info,
     }
-    if opts.profile and name in ("ours", "hf") and out_dir is not None:
+    if opts.profile and not extra and out_dir is not None:  # ablations: numbers only
         steps = lambda: train_step(w, opt, params, batch, clip)  # noqa: E731
         result["profile"] = report.profile_steps(
             steps, name, out_dir, opts.profile_steps, trace=(name == "ours"),
@@ -278,11 +300,13 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:
     out = {}
-    ours = results.get("ours", {})
-    for other in ("hf", "plain"):
-        theirs = results.get(other, {})
-        if ours.get("status") == "ok" and theirs.get("status") == "ok":
-            out[f"ours/{other}"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    for name, ours in results.items():
+        if name in ("hf", "plain"):
+            continue
+        for other in ("hf", "plain"):
+            theirs = results.get(other, {})
+            if ours.get("status") == "ok" and theirs.get("status") == "ok":
+                out[f"{name}/{other}"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
     return out
 
 
@@ -298,12 +322,16 @@ def run_benchmark(opts: BenchOptions, out_dir: Optional[Path] = None,
     init_distributed(cfg)  # world 1: nccl on GPU, gloo + the CPU redirections otherwise
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    batch = make_batch(cfg, device(), cfg.train.seed)
+    batches: dict[tuple[int, int], dict] = {}  # same tokens for every variant of one shape
     results: dict[str, dict] = {}
     for name in opts.variants:
         log(f"[bench] {name}: building and measuring ...")
         try:
-            results[name] = measure_variant(name, cfg, opts, batch, out_dir)
+            vcfg = bench_config(opts, split_variant(name)[1])
+            shape = (vcfg.train.micro_batch_size, vcfg.data.seq_length)
+            if shape not in batches:
+                batches[shape] = make_batch(vcfg, device(), vcfg.train.seed)
+            results[name] = measure_variant(name, vcfg, opts, batches[shape], out_dir)
         except Exception as e:  # noqa: BLE001 - recorded; other variants must still run
             results[name] = {"status": "error", "error": f"{type(e).__name__}: {e}"[:2000]}
         # Outside the except block: the traceback (which pins the failed model) is gone.

@@ -18,6 +18,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
@@ -133,12 +134,13 @@ def layer_specs(config: TransformerConfig, backends: Backends):
     core = {"sdpa": SDPAttention, "flash": FlashAttention, "unfused": DotProductAttention}[
         backends.attention
     ]
+    # megatron's torch-norm fallback refuses sequence parallelism (needed for MoE + TP).
+    norm = ModuleSpec(module=RMSNorm, params={"fused": backends.fusion})
     for spec in block.layer_specs:
         spec.submodules.self_attention.submodules.core_attention = core
-        # megatron's torch-norm fallback refuses sequence parallelism (needed for MoE + TP).
-        spec.submodules.input_layernorm = RMSNorm
-        spec.submodules.pre_mlp_layernorm = RMSNorm
-    block.layer_norm = RMSNorm
+        spec.submodules.input_layernorm = norm
+        spec.submodules.pre_mlp_layernorm = norm
+    block.layer_norm = norm
     if backends.experts == "grouped":
         from megatron_ext.model.experts import use_grouped_experts
 

@@ -22,9 +22,7 @@ Math, for one token with logits z, target y and upstream gradient g:
 
 from __future__ import annotations
 
-import warnings
-from functools import lru_cache
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -33,6 +31,8 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
+
+from megatron_ext.model import fusion
 
 # fp32 entries per chunk: 2**26 (256 MB) bounds the transient fp32 memory while keeping each
 # elementwise kernel large enough to run at full memory bandwidth.
@@ -50,32 +50,14 @@ def _chunk_stats(z_CV: torch.Tensor, idx_C: torch.Tensor, local_C: torch.Tensor)
 
 def _chunk_grad(z_CV: torch.Tensor, lse_C: torch.Tensor, idx_C: torch.Tensor,
                 local_C: torch.Tensor, grad_C: torch.Tensor) -> torch.Tensor:
-    """g * (softmax - onehot) in the logits' dtype."""
-    p = torch.exp(z_CV.float() - lse_C.unsqueeze(1))
-    cols = torch.arange(z_CV.shape[1], device=z_CV.device)
-    onehot = (cols.unsqueeze(0) == idx_C.unsqueeze(1)) & local_C.unsqueeze(1)
-    return ((p - onehot.float()) * grad_C.unsqueeze(1)).to(z_CV.dtype)
-
-
-@lru_cache(maxsize=None)
-def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=True)
-
-
-_COMPILE_FAILED: set[str] = set()
-
-
-def _run(fn: Callable, fuse: bool, *args):
-    """``fn`` compiled when asked; a compiler failure (e.g. no Triton) warns once and runs the
-    eager function, which computes the same values."""
-    if fuse and fn.__name__ not in _COMPILE_FAILED:
-        try:
-            return _compiled(fn)(*args)
-        except Exception as e:  # noqa: BLE001 - any compiler error; eager is always correct
-            _COMPILE_FAILED.add(fn.__name__)
-            warnings.warn(f"lm_loss: torch.compile of {fn.__name__} failed ({type(e).__name__}: "
-                          f"{str(e)[:200]}); running it eagerly")
-    return fn(*args)
+    """g * (softmax - onehot) in the logits' dtype (in place on one fp32 temporary: eager mode
+    then makes a single pass per operation and no second [C, V] buffer)."""
+    p = z_CV.float() - lse_C.unsqueeze(1)
+    p.exp_()
+    rows = torch.arange(p.shape[0], device=p.device)
+    p[rows, idx_C] -= local_C.to(p.dtype)  # the one-hot touches one entry per row
+    p.mul_(grad_C.unsqueeze(1))
+    return p.to(z_CV.dtype)
 
 
 def _chunks(tokens: int, vocab: int):
@@ -96,7 +78,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         lse_T = torch.empty(z_TV.shape[0], dtype=torch.float32, device=z_TV.device)
         target_T = torch.empty_like(lse_T)
         for c in _chunks(z_TV.shape[0], vocab):
-            lse_T[c], target_T[c] = _run(_chunk_stats, fuse, z_TV[c], idx_T[c], local_T[c])
+            lse_T[c], target_T[c] = fusion.run(_chunk_stats, fuse, z_TV[c], idx_T[c], local_T[c])
         if tp_size > 1:
             # logsumexp over ranks of the local log-sum-exps, stabilised by their max.
             peak_T = lse_T.clone()
@@ -118,7 +100,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_TH, w_VH, z_TV, lse_T, idx_T, local_T = ctx.saved_tensors
         grad_T = grad_T.float()
         for c in _chunks(z_TV.shape[0], z_TV.shape[1]):
-            z_TV[c] = _run(_chunk_grad, ctx.fuse, z_TV[c], lse_T[c], idx_T[c], local_T[c],
+            z_TV[c] = fusion.run(_chunk_grad, ctx.fuse, z_TV[c], lse_T[c], idx_T[c], local_T[c],
                            grad_T[c])
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:

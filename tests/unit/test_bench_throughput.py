@@ -29,6 +29,7 @@ def test_toy_benchmark_three_variants(tmp_path: Path) -> None:
     assert set(res["ratios"]) == {"ours/hf", "ours/plain"}
     assert all(v > 0 for v in res["ratios"].values())
     assert "attention=sdpa experts=grouped" in res["variants"]["ours"]["backends"]
+    assert "lm_loss=fused" in res["variants"]["ours"]["backends"]
     assert "attention=unfused experts=sequential" in res["variants"]["plain"]["backends"]
     # Same seed and CPU init give the plain spec the same weights as ours (the grouped experts
     # initialize in SequentialMLP's order): the losses agree although the kernels differ.
@@ -45,3 +46,40 @@ def test_toy_benchmark_three_variants(tmp_path: Path) -> None:
 def test_variant_subset_and_bad_variant(tmp_path: Path) -> None:
     proc = run_cli([*TOY, "--variants", "ours,nope"], timeout=120)
     assert proc.returncode == 2 and "--variants" in proc.stderr
+    proc = run_cli([*TOY, "--variants", "ours+model.lm_loss"], timeout=120)
+    assert proc.returncode == 2 and "+key=value" in proc.stderr
+
+
+def test_ablation_variants_carry_their_overrides(tmp_path: Path) -> None:
+    """Variants with +overrides run in the same process: the megatron loss head and a larger
+    micro-batch, each against plain; same weights and tokens give the same first loss."""
+    out = tmp_path / "bench"
+    variants = "ours,ours+model.lm_loss=megatron,ours+train.micro_batch_size=4,plain"
+    proc = run_cli([*TOY, "--variants", variants, "--out", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "throughput.json").read_text())
+    v = res["variants"]
+    assert "lm_loss=fused" in v["ours"]["backends"]
+    assert "lm_loss=megatron" in v["ours+model.lm_loss=megatron"]["backends"]
+    assert "lm_loss=megatron" in v["plain"]["backends"]
+    assert v["ours+train.micro_batch_size=4"]["micro_batch"] == 4 and v["ours"]["micro_batch"] == 2
+    assert abs(v["ours"]["losses"][0] - v["ours+model.lm_loss=megatron"]["losses"][0]) < 1e-4
+    assert set(res["ratios"]) == {f"{n}/{o}" for n in variants.split(",")[:3]
+                                  for o in ("plain",)}
+    assert "| ours+train.micro_batch_size=4 | 4 |" in (out / "throughput.md").read_text()
+
+
+def test_lm_loss_bench_compares_paths(tmp_path: Path) -> None:
+    """tools/bench/lm_loss.py at a toy size: every path runs and agrees with megatron's."""
+    out = tmp_path / "lm_loss.json"
+    args = ["tools/bench/lm_loss.py", "--tokens", "64", "--hidden", "16", "--vocab", "1000",
+            "--repeats", "1", "--out", str(out)]
+    proc = run_cli(args, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert list(res["paths"]) == ["megatron", "megatron-fused", "ours", "ours-compiled"]
+    for name, r in res["paths"].items():
+        assert r["status"] == "ok", (name, r)
+        assert r["grad_w_rel_diff"] < 2e-2 and r["loss_max_abs_diff"] < 5e-2, (name, r)
+    bad = run_cli([*args[:1], "--paths", "ours,nope"], timeout=60)
+    assert bad.returncode == 2 and "--paths" in bad.stderr

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.model import lm_loss
+from megatron_ext.model import fusion, lm_loss
 
 T, H, V = 37, 16, 50  # T not a multiple of the chunk size
 
@@ -90,11 +90,11 @@ def test_label_shape_mismatch_is_refused():
 
 def test_compiled_chunk_functions_match_eager(monkeypatch):
     # The torch.compile'd path (the CUDA default); on CPU inductor emits C++ (CI has a compiler).
-    monkeypatch.setattr(lm_loss, "_COMPILE_FAILED", set())
+    monkeypatch.setattr(fusion, "FAILED", set())
     h, w, labels, weights = _inputs(torch.float32, seed=3)
     ref = _reference(h, w, labels, weights)
     got = _fused(h, w, labels, weights, fuse=True)
-    assert not lm_loss._COMPILE_FAILED, "compiled path did not run"
+    assert not fusion.FAILED, "compiled path did not run"
     for name, a, b in zip(("loss", "grad_h", "grad_w"), got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
@@ -105,8 +105,8 @@ def test_compiler_failure_warns_once_and_runs_eagerly(monkeypatch):
             raise RuntimeError("no triton here")
         return call
 
-    monkeypatch.setattr(lm_loss, "_compiled", broken)
-    monkeypatch.setattr(lm_loss, "_COMPILE_FAILED", set())
+    monkeypatch.setattr(fusion, "compiled", broken)
+    monkeypatch.setattr(fusion, "FAILED", set())
     h, w, labels, weights = _inputs(torch.float32, seed=4)
     ref = _reference(h, w, labels, weights)
     with pytest.warns(UserWarning, match="no triton here") as record:

@@ -163,9 +163,10 @@ def test_bf16_loss_and_gradients_close(reference_state: dict) -> None:
 
 
 def test_compiled_fusions_match_eager(reference_state: dict) -> None:
-    """kernel_fusion (the GPU default): megatron's torch.compile'd SwiGLU in our experts and the
-    compiled loss chunks give the eager path's loss and gradients (CPU inductor, fp32)."""
-    from megatron_ext.model import lm_loss
+    """kernel_fusion (the GPU default): megatron's torch.compile'd SwiGLU in our experts, our
+    compiled RMSNorm and loss chunks give the eager path's loss and gradients (CPU inductor,
+    fp32)."""
+    from megatron_ext.model import fusion
 
     eager = _build("sdpa", "fp32", seed=2)
     cfg = _cfg("sdpa", "fp32")
@@ -173,12 +174,16 @@ def test_compiled_fusions_match_eager(reference_state: dict) -> None:
     fused = build_model(cfg, resolve_backends(cfg, cuda=False))
     assert fused.fuse_kernels and fused.config.bias_activation_fusion
     assert fused.decoder.layers[0].mlp.experts._fused_swiglu
+    norms = [fused.decoder.final_layernorm, *(m for layer in fused.decoder.layers
+                                              for m in (layer.input_layernorm,
+                                                        layer.pre_mlp_layernorm))]
+    assert all(n.fused for n in norms) and not eager.decoder.final_layernorm.fused
     for model in (eager, fused):
         model.load_state_dict(reference_state, strict=True)
     batch = _batch()
     loss_e, aux_e, g_e = _run(eager, batch)
     loss_f, aux_f, g_f = _run(fused, batch)
-    assert not lm_loss._COMPILE_FAILED, "compiled loss chunks fell back to eager"
+    assert not fusion.FAILED, f"compiled functions fell back to eager: {fusion.FAILED}"
     torch.testing.assert_close(loss_f, loss_e, **FP32_TOL)
     torch.testing.assert_close(aux_f, aux_e, **FP32_TOL)
     for name, g in g_e.items():

@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# One GPU session in one command (H100, ~5 min, at most ~9): the GPU smoke test, the 8x152M
-# throughput comparison (ours / transformers / megatron plain, seq 4096, micro-batch 4, with
-# a profile) and the 8x1.5B-shaped comparison (6 layers, micro-batch 2).
+# A GPU session in two commands, each within one 10-minute device call (H100):
+#   part 1: the GPU smoke test; the LM head + loss alone (megatron's paths vs ours); 8x152M
+#           (seq 4096, micro-batch 4): ours / transformers / megatron plain, ablations of each
+#           of our optimizations, micro-batch 8 for ours and transformers, and a profile of
+#           ours, hf and plain (top kernels, chrome trace).
+#   part 2: 8x1.5B-shaped layers: 6 layers at micro-batch 2 (ours / hf / plain, as the
+#           reference figures), then ours alone at 12 layers (as many as fit is the question).
 #
-# Run from anywhere in the repo:   OUT=/some/dir bash tools/bench/gpu_session.sh
-# Writes under $OUT (default ./bench_out), 7 files in all:
-#   session.log, 8x152M/{throughput.json,throughput.md,profile.md,trace_ours.json.gz},
-#   8x1.5B-L6/{throughput.json,throughput.md}
+# Run from anywhere in the repo:   OUT=/some/dir bash tools/bench/gpu_session.sh 1   (or 2, all)
+# Writes under $OUT (default ./bench_out): session-P.log, 8x152M/{lm_loss.json,throughput.json,
+# throughput.md,profile.md,trace_ours.json.gz}, 8x1.5B-L6/{json,md}, 8x1.5B-L12/{json,md}.
 # If .whl/ holds wheels (megatron-core for a machine without it), they are installed into
 # /tmp/site first. Every step runs even if an earlier one fails; the exit code says whether
 # all passed.
 set -uo pipefail
 
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 OUT="${OUT:-./bench_out}"
 PY="${PYTHON:-python3}"
+PART="${1:-all}"
+case "$PART" in 1|2|all) ;; *) echo "usage: gpu_session.sh [1|2|all]" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
-LOG="$OUT/session.log"
+LOG="$OUT/session-$PART.log"
 : >"$LOG"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,7 +40,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, remember a failure, carry on
 }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-    say "installing carried wheels: $(ls .whl | tr '\n' ' ')"
+    say "installing carried wheels: $(cd .whl && echo *.whl)"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
     [ "${PIPESTATUS[0]}" -eq 0 ] || { say "wheel install FAILED"; status=1; }
@@ -57,20 +62,34 @@ for mod in ("megatron.core", "transformers"):
 EOF
 } 2>&1 | tee -a "$LOG"
 
-if [ -d tests/gpu ]; then
-    step "gpu smoke test" 150 "$PY" -m pytest -q -rs -s -p no:cacheprovider tests/gpu
+BENCH=("$PY" tools/bench/throughput.py --seq 4096)
+# Ablations: each of our changes switched back to megatron's own, one at a time.
+ABLATE="ours+model.lm_loss=megatron,ours+model.kernel_fusion=false"
+ABLATE="$ABLATE,ours+moe.token_dispatcher=alltoall,ours+moe.grouped_gemm=false"
+BIGGER="ours+train.micro_batch_size=8,hf+train.micro_batch_size=8"
+
+if [ "$PART" != 2 ]; then
+    if [ -d tests/gpu ]; then
+        step "gpu smoke test" 150 "$PY" -m pytest -q -rs -s -p no:cacheprovider tests/gpu
+    fi
+    step "LM head + loss, 8x152M shape" 60 "$PY" tools/bench/lm_loss.py \
+        --tokens 16384 --hidden 512 --vocab 99584 --out "$OUT/8x152M/lm_loss.json"
+    step "8x152M throughput" 400 "${BENCH[@]}" --config configs/8x152M.yaml \
+        --variants "ours,hf,plain,$ABLATE,$BIGGER" \
+        --micro-batch 4 --steps 10 --warmup 3 --profile --out "$OUT/8x152M"
 fi
 
-BENCH=("$PY" tools/bench/throughput.py --variants ours,hf,plain --seq 4096)
-
-step "8x152M throughput" 200 "${BENCH[@]}" --config configs/8x152M.yaml \
-    --micro-batch 4 --steps 10 --warmup 3 --profile --out "$OUT/8x152M"
-
-step "8x1.5B-shaped throughput (6 layers)" 200 "${BENCH[@]}" --config configs/8x1.5B.yaml \
-    --layers 6 --micro-batch 2 --steps 8 --warmup 3 --out "$OUT/8x1.5B-L6"
+if [ "$PART" != 1 ]; then
+    step "8x1.5B-shaped throughput (6 layers)" 300 "${BENCH[@]}" --config configs/8x1.5B.yaml \
+        --variants "ours,hf,plain,ours+model.lm_loss=megatron" \
+        --layers 6 --micro-batch 2 --steps 8 --warmup 3 --out "$OUT/8x1.5B-L6"
+    step "8x1.5B-shaped throughput (12 layers, ours)" 200 "${BENCH[@]}" \
+        --config configs/8x1.5B.yaml --variants ours \
+        --layers 12 --micro-batch 2 --steps 6 --warmup 3 --out "$OUT/8x1.5B-L12"
+fi
 
 # The tables at the end of the output, where a log tail shows them.
-for md in "$OUT/8x152M/throughput.md" "$OUT/8x1.5B-L6/throughput.md"; do
+for md in "$OUT"/*/throughput.md; do
     [ -f "$md" ] && { echo; cat "$md"; } | tee -a "$LOG"
 done
 say "done, status $status; files: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
