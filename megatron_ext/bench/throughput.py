@@ -2,10 +2,12 @@
 
 Variants (``VARIANT_NOTES`` is what the reports print):
 - ``ours``: megatron-core GPTModel from our builder: SDPA core attention, GroupedGemmExperts, the
-  config's token dispatcher (auto = alltoall on GPU, allgather on CPU).
+  config's token dispatcher (auto = our sync-free local one on a single device), the fused LM
+  loss, and torch.compile'd fusions on GPU.
 - ``hf``: transformers' MixtralForCausalLM, SDPA attention, its default experts implementation.
 - ``plain``: megatron-core's local spec as shipped: unfused DotProductAttention + SequentialMLP,
-  megatron's output layer + vocab_parallel_cross_entropy, no compiled fusions.
+  megatron's output layer + vocab_parallel_cross_entropy, no compiled fusions, the alltoall
+  dispatcher (allgather on CPU).
 
 A variant name may carry config overrides after ``+``, for ablations in the same process:
 ``ours+model.lm_loss=megatron``, ``ours+model.kernel_fusion=false``,
@@ -123,6 +125,8 @@ def variant_config(cfg: Config, variant: str) -> Config:
         out.model.attention_backend = "unfused"
         out.model.lm_loss = "megatron"
         out.model.kernel_fusion = False
+        if out.moe.token_dispatcher in ("auto", "local"):  # megatron's GPU default (gloo: none)
+            out.moe.token_dispatcher = "alltoall" if torch.cuda.is_available() else "allgather"
     return out
 
 

@@ -48,13 +48,13 @@ class MoEConfig:
     num_experts: int = 0
     """Experts per MoE layer; 0 builds a dense model."""
     top_k: int = 2
-    """Experts each token is routed to (weights renormalized over the top-k, as in Mixtral)."""
+    """Experts each token is routed to (weights renormalized over the top-k, as in Mixtral; top-1 uses Switch's softmax over all experts)."""
     aux_loss_coeff: float = 0.02
     """Load-balancing (Switch) loss coefficient."""
     z_loss_coeff: Optional[float] = None
     """Router z-loss coefficient; None disables it."""
-    token_dispatcher: Literal["auto", "alltoall", "allgather"] = "auto"
-    """Token dispatcher; auto = alltoall on GPU with expert or tensor parallelism, else allgather (gloo lacks alltoall of splits)."""
+    token_dispatcher: Literal["auto", "alltoall", "allgather", "local"] = "auto"
+    """Token dispatcher. local: no expert/tensor parallelism, dropless, no host syncs; auto = local where it applies, else alltoall on GPU and allgather on CPU (gloo lacks alltoall of splits)."""
     grouped_gemm: bool = True
     """Run all local experts in one grouped GEMM per projection (falls back to a loop on CPU)."""
     layer_freq: Union[int, list] = 1

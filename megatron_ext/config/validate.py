@@ -91,6 +91,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             _check(moe.capacity_factor > 0, "moe.capacity_factor", "must be > 0")
         _check(not moe.pad_to_capacity or moe.capacity_factor is not None,
                "moe.pad_to_capacity", "needs moe.capacity_factor")
+        if moe.token_dispatcher == "local":
+            _check(par.expert == 1 and par.tensor == 1, "moe.token_dispatcher",
+                   "local needs parallel.expert=1 and parallel.tensor=1 (use auto)")
+            _check(moe.capacity_factor is None, "moe.token_dispatcher",
+                   "local is dropless; with moe.capacity_factor use allgather or alltoall")
 
     for name in ("tensor", "pipeline", "expert"):
         _check(getattr(par, name) >= 1, f"parallel.{name}", "must be >= 1")

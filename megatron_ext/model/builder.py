@@ -35,7 +35,7 @@ class Backends:
     spec: str  # "te" | "local"
     attention: str  # "te" | "flash" | "sdpa" | "unfused"
     experts: str  # "te-grouped" | "grouped" | "sequential" | "none"
-    dispatcher: str  # "alltoall" | "allgather" | "none"
+    dispatcher: str  # "alltoall" | "allgather" | "local" | "none"
     lm_loss: str = "megatron"  # "fused" | "megatron"
     fusion: bool = False  # torch.compile'd elementwise fusions
 
@@ -71,11 +71,13 @@ def resolve_backends(cfg: Config, cuda: Optional[bool] = None) -> Backends:
         experts = "grouped" if cfg.moe.grouped_gemm else "sequential"
     dispatcher = cfg.moe.token_dispatcher
     if dispatcher == "auto":
-        # gloo has no all-to-all with splits. Without expert or tensor parallelism nothing is
-        # exchanged, and the allgather dispatcher's local permutation measured 6% faster than
-        # alltoall's on one H100 (reference figures in docs/benchmarks.md); with EP, alltoall sends less.
-        spread = cfg.parallel.expert * cfg.parallel.tensor > 1
-        dispatcher = "alltoall" if cuda and spread else "allgather"
+        # Without expert or tensor parallelism nothing is exchanged: our sync-free local
+        # permutation (dropless only). Otherwise alltoall sends less than allgather, but gloo
+        # (CPU) has no all-to-all with splits.
+        if cfg.parallel.expert * cfg.parallel.tensor == 1 and cfg.moe.capacity_factor is None:
+            dispatcher = "local"
+        else:
+            dispatcher = "alltoall" if cuda else "allgather"
     fusion = cuda if cfg.model.kernel_fusion is None else cfg.model.kernel_fusion
     return Backends(precision, spec, want, experts, dispatcher if moe else "none",
                     cfg.model.lm_loss, fusion)
@@ -112,9 +114,14 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
     if moe.num_experts > 0:
         kwargs.update(
             num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k,
+            # Softmax over the top-k is Mixtral's gate; for k=1 it would be constant 1 with no
+            # gradient to the router, so top-1 uses Switch's softmax over all experts.
+            moe_router_pre_softmax=moe.top_k == 1,
             moe_aux_loss_coeff=moe.aux_loss_coeff, moe_z_loss_coeff=moe.z_loss_coeff,
             moe_router_load_balancing_type="aux_loss", moe_router_dtype="fp32",
-            moe_token_dispatcher_type=backends.dispatcher,
+            # "local" replaces the allgather dispatcher after the build (build_model).
+            moe_token_dispatcher_type=(
+                "allgather" if backends.dispatcher == "local" else backends.dispatcher),
             moe_grouped_gemm=backends.experts == "te-grouped",
             moe_layer_freq=moe_layer_pattern(cfg),
             moe_expert_capacity_factor=moe.capacity_factor,
@@ -162,4 +169,8 @@ def build_model(cfg: Config, backends: Backends) -> GPTModel:
         share_embeddings_and_output_weights=False,
     )
     model.fuse_kernels = backends.fusion
+    if backends.dispatcher == "local":
+        from megatron_ext.model.dispatcher import use_local_dispatcher
+
+        use_local_dispatcher(model)
     return model

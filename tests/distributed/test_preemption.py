@@ -25,12 +25,17 @@ def test_kill9_after_save_then_restart_is_bit_identical(tmp_path, reference):
     wait_for_line(proc, lambda line: line.startswith(f"step {kill_at}/"))
     proc.kill()  # SIGKILL: no handler runs, nothing is flushed
     proc.wait()
-    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000004"
+    # The kill lands during step kill_at + 1. On a loaded machine it can land late enough for
+    # the step-8 save to have completed; resuming from there is equally what must work.
+    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
+    assert latest in ("iter_0000004", "iter_0000008"), (kill_at, latest)
+    saved = int(latest.split("_")[1])
     again = run_cli(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=4"))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stdout and "iter_0000004 at step 4" in again.stdout
+    assert "resumed from" in again.stdout and f"{latest} at step {saved}" in again.stdout, \
+        again.stdout[-3000:]
     resumed = losses_by_step(tmp_path / "run")
-    for step in range(5, STEPS + 1):
+    for step in range(saved + 1, STEPS + 1):
         assert resumed[step] == reference[step], (kill_at, step, resumed[step], reference[step])
 
 

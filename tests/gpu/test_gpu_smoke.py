@@ -189,3 +189,25 @@ def test_fused_loss_matches_megatron_bf16_on_gpu(smoke: SmokeResult) -> None:  #
     for a, b in zip(got[1:3], ref[1:3]):
         assert float((a - b).norm() / b.norm()) < 2e-2
     assert got[3] < 0.6 * ref[3]
+
+
+def test_moe_layer_forward_backward_has_no_host_sync(smoke: SmokeResult) -> None:
+    """Router + LocalTokenDispatcher + GroupedGemmExperts never block the CPU on the GPU
+    (torch's sync debug mode raises on any synchronizing call)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_ext.model.dispatcher import LocalTokenDispatcher
+
+    layer = next(m for m in smoke.run.model.modules() if isinstance(m, MoELayer))
+    assert isinstance(layer.token_dispatcher, LocalTokenDispatcher)
+    hidden = layer.config.hidden_size
+    x = torch.randn(1024, 2, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for sync_mode in (0, "error"):  # the first pass compiles and warms up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            out, _ = layer(x)
+            out.float().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert x.grad is not None and torch.isfinite(x.grad).all()

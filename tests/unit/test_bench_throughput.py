@@ -30,7 +30,9 @@ def test_toy_benchmark_three_variants(tmp_path: Path) -> None:
     assert all(v > 0 for v in res["ratios"].values())
     assert "attention=sdpa experts=grouped" in res["variants"]["ours"]["backends"]
     assert "lm_loss=fused" in res["variants"]["ours"]["backends"]
-    assert "attention=unfused experts=sequential" in res["variants"]["plain"]["backends"]
+    assert "attention=unfused experts=sequential dispatcher=allgather" in \
+        res["variants"]["plain"]["backends"]
+    assert "dispatcher=local" in res["variants"]["ours"]["backends"]
     # Same seed and CPU init give the plain spec the same weights as ours (the grouped experts
     # initialize in SequentialMLP's order): the losses agree although the kernels differ.
     ours, plain = res["variants"]["ours"]["losses"], res["variants"]["plain"]["losses"]

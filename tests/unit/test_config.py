@@ -73,6 +73,10 @@ def test_type_and_key_errors(override, message):
     (["moe.num_experts=0", "parallel.expert=2", "parallel.world_size=2"],
      "parallel.expert: expert parallelism needs"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs tensor > 1"),
+    (["moe.token_dispatcher=local", "parallel.expert=2", "parallel.world_size=2"],
+     "moe.token_dispatcher: local needs parallel.expert=1"),
+    (["moe.token_dispatcher=local", "moe.capacity_factor=1.0"],
+     "moe.token_dispatcher: local is dropless"),
     (["parallel.tensor=2", "parallel.world_size=2"],
      "parallel.sequence_parallel: megatron-core needs it for MoE with tensor > 1"),
 ])
@@ -162,14 +166,16 @@ def test_training_launch_is_validated_against_its_real_world_size():
 
 
 @pytest.mark.parametrize("overrides, cuda, want", [
-    # one GPU, no EP/TP: nothing to exchange, the allgather dispatcher's local permute
-    ([], True, ("allgather", "fused", True)),
+    # no EP/TP: nothing to exchange, our sync-free local permutation (dropless only)
+    ([], True, ("local", "fused", True)),
+    ([], False, ("local", "fused", False)),
+    (["moe.capacity_factor=1.0"], True, ("alltoall", "fused", True)),
     (["parallel.expert=2"], True, ("alltoall", "fused", True)),
     (["parallel.tensor=2"], True, ("alltoall", "fused", True)),
     (["parallel.expert=2"], False, ("allgather", "fused", False)),  # gloo: no alltoall
     (["moe.token_dispatcher=alltoall", "model.kernel_fusion=false"], True,
      ("alltoall", "fused", False)),
-    (["model.lm_loss=megatron", "model.kernel_fusion=true"], False, ("allgather", "megatron", True)),
+    (["model.lm_loss=megatron", "model.kernel_fusion=true"], False, ("local", "megatron", True)),
 ])
 def test_backend_resolution(overrides, cuda, want):
     from megatron_ext.model.builder import resolve_backends

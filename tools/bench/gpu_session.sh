@@ -65,7 +65,8 @@ EOF
 BENCH=("$PY" tools/bench/throughput.py --seq 4096)
 # Ablations: each of our changes switched back to megatron's own, one at a time.
 ABLATE="ours+model.lm_loss=megatron,ours+model.kernel_fusion=false"
-ABLATE="$ABLATE,ours+moe.token_dispatcher=alltoall,ours+moe.grouped_gemm=false"
+ABLATE="$ABLATE,ours+moe.token_dispatcher=allgather,ours+moe.token_dispatcher=alltoall"
+ABLATE="$ABLATE,ours+moe.grouped_gemm=false"
 BIGGER="ours+train.micro_batch_size=8,hf+train.micro_batch_size=8"
 
 if [ "$PART" != 2 ]; then
