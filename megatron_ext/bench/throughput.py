@@ -25,6 +25,7 @@ about the model code. Warm-up steps are excluded; each timed step is bracketed b
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import os
 import time
@@ -293,7 +294,7 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
         "losses": [float(x) for x in losses], **w.info,
     }
     if opts.profile and not extra and out_dir is not None:  # ablations: numbers only
-        steps = lambda: train_step(w, opt, params, batch, clip)  # noqa: E731
+        steps = functools.partial(train_step, w, opt, params, batch, clip)
         result["profile"] = report.profile_steps(
             steps, name, out_dir, opts.profile_steps, trace=(name == "ours"),
             trace_max_mb=opts.trace_max_mb)

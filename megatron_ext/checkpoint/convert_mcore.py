@@ -23,7 +23,7 @@ from megatron_ext.checkpoint.keymaps import (
     HF_EMBED, ConversionError, arch_from_hf_config, hf_shapes, hf_to_mcore, mcore_to_hf,
 )
 from megatron_ext.checkpoint.mcore_io import (  # no megatron import at module level
-    MIXED_NOTE, config_from_hf, hf_config_from_mcore, hf_record, is_mixed, quiet_megatron,
+    MIXED_NOTE, config_from_hf, hf_config_from_mcore, hf_record, is_mixed,
     read_mcore_checkpoint, save_mcore_into, single_process,
 )
 from megatron_ext.upcycling.validate import ValidationError, ValidationReport, probe_tokens

@@ -100,8 +100,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_TH, w_VH, z_TV, lse_T, idx_T, local_T = ctx.saved_tensors
         grad_T = grad_T.float()
         for c in _chunks(z_TV.shape[0], z_TV.shape[1]):
-            z_TV[c] = fusion.run(_chunk_grad, ctx.fuse, z_TV[c], lse_T[c], idx_T[c], local_T[c],
-                           grad_T[c])
+            z_TV[c] = fusion.run(
+                _chunk_grad, ctx.fuse, z_TV[c], lse_T[c], idx_T[c], local_T[c], grad_T[c])
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_h = z_TV @ w_VH

@@ -27,7 +27,7 @@ from megatron_ext.training.batches import MicroBatches
 from megatron_ext.training.loggers import MetricsWriter, format_line, log, warn
 from megatron_ext.training.optim import clip_and_step, prepare_and_norm
 from megatron_ext.training.router_stats import RouterStats
-from megatron_ext.training.setup import Run, dp_rank_and_size, run_dir
+from megatron_ext.training.setup import Run, dp_rank_and_size
 
 from megatron_ext.training import exit_codes
 

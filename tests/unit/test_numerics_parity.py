@@ -2,8 +2,9 @@
 
 optimized: our builder with SDPA core attention + GroupedGemmExperts + the fused LM loss;
 reference: our builder with megatron's unfused DotProductAttention + SequentialMLP + megatron's
-output layer and vocab_parallel_cross_entropy, i.e. the local spec as megatron ships it. Both get identical weights (the reference's state dict loaded
-into the optimized model through GroupedGemmExperts' SequentialMLP-key load hook).
+output layer and vocab_parallel_cross_entropy, i.e. the local spec as megatron ships it. Both
+get identical weights (the reference's state dict loaded into the optimized model through
+GroupedGemmExperts' SequentialMLP-key load hook).
 
 fp32: LM loss, router load-balancing losses and every gradient within 1e-5.
 bf16: both paths with bf16 parameters and activations (CPU kernels, no autocast), copied from

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_ext.checkpoint.convert_mcore import hf_to_mcore_checkpoint, quiet_megatron
+    from megatron_ext.checkpoint.convert_mcore import hf_to_mcore_checkpoint
+    from megatron_ext.checkpoint.mcore_io import quiet_megatron
 
     quiet_megatron()  # before megatron is imported: its import-time warnings are noise
     from megatron_ext.checkpoint.keymaps import ConversionError

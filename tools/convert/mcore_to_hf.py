@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_ext.checkpoint.convert_mcore import mcore_to_hf_checkpoint, quiet_megatron
+    from megatron_ext.checkpoint.convert_mcore import mcore_to_hf_checkpoint
+    from megatron_ext.checkpoint.mcore_io import quiet_megatron
 
     quiet_megatron()  # before megatron is imported: its import-time warnings are noise
     from megatron_ext.checkpoint.hf_io import parse_size
