@@ -50,10 +50,10 @@ def _chunk_stats(z_CV: torch.Tensor, idx_C: torch.Tensor, local_C: torch.Tensor)
 
 def _chunk_grad(z_CV: torch.Tensor, lse_C: torch.Tensor, idx_C: torch.Tensor,
                 local_C: torch.Tensor, grad_C: torch.Tensor) -> torch.Tensor:
-    """g * (softmax - onehot) in the logits' dtype (in place on one fp32 temporary: eager mode
-    then makes a single pass per operation and no second [C, V] buffer)."""
-    p = z_CV.float() - lse_C.unsqueeze(1)
-    p.exp_()
+    """g * (softmax - onehot) in the logits' dtype, computed in place on one fp32 buffer: a
+    copy of bf16 logits, or the fp32 logits themselves (the caller's buffer, free to reuse)."""
+    p = z_CV.float()
+    p.sub_(lse_C.unsqueeze(1)).exp_()
     rows = torch.arange(p.shape[0], device=p.device)
     p[rows, idx_C] -= local_C.to(p.dtype)  # the one-hot touches one entry per row
     p.mul_(grad_C.unsqueeze(1))
@@ -100,8 +100,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_TH, w_VH, z_TV, lse_T, idx_T, local_T = ctx.saved_tensors
         grad_T = grad_T.float()
         for c in _chunks(z_TV.shape[0], z_TV.shape[1]):
-            z_TV[c] = fusion.run(
+            g_CV = fusion.run(
                 _chunk_grad, ctx.fuse, z_TV[c], lse_T[c], idx_T[c], local_T[c], grad_T[c])
+            if g_CV.data_ptr() != z_TV[c].data_ptr():  # fp32 eager already wrote in place
+                z_TV[c] = g_CV
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_h = z_TV @ w_VH

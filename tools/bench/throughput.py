@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchOptions, Path | None
                    help="directory for throughput.json / throughput.md (/ profile.md)")
     a = p.parse_args(argv)
     variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
-    if not variants:
-        p.error("--variants: none given")
+    if not variants or len(set(variants)) != len(variants):
+        p.error("--variants: none given, or one given twice")
     for v in variants:
         try:
             split_variant(v)
