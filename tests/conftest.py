@@ -63,3 +63,37 @@ def single_process_megatron(seed: int | None = None):
     parallel_state.destroy_model_parallel()
     if created:
         dist.destroy_process_group()
+
+
+def spawn_workers(worker, args: tuple, nprocs: int, timeout_s: float, what: str) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; a worker's exception fails
+    the test (torch re-raises it), and so does running past ``timeout_s`` (workers killed)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{what} workers did not finish within {timeout_s}s")
+
+
+def cpu_megatron_module() -> list:
+    """``pytestmark`` for a module that builds megatron models in the pytest process on CPU.
+    Enables megatron_ext's CPU path now (before the module imports megatron's model code);
+    on a CUDA machine the module is skipped, since the CPU path refuses to turn on there."""
+    import torch
+
+    from megatron_ext.platform import cpu
+
+    if not torch.cuda.is_available():
+        cpu.enable()
+    return [
+        pytest.mark.skipif(torch.cuda.is_available(),
+                           reason="GPTModel on CPU needs the CPU path (off with CUDA)"),
+        # megatron's RNG tracker warns on CPU, where "CUDA" and CPU RNG are one generator.
+        pytest.mark.filterwarnings("ignore:CPU RNG state changed"),
+    ]

@@ -16,14 +16,12 @@ Shape legend: B batch, S sequence, E local experts, G/H/F as in megatron_ext/mod
 from __future__ import annotations
 
 import os
-import time
 import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_workers
 
 WORLD_SIZE, NUM_EXPERTS, VOCAB, SEQ, HIDDEN, FFN = 2, 4, 128, 16, 32, 48
 TIMEOUT_S = 240
@@ -211,12 +209,4 @@ def _worker(rank: int, port: int, ckpt_root: str) -> None:
 def test_grouped_experts_expert_parallel(tmp_path, monkeypatch):
     # Workers always take megatron_ext's CPU path (gloo), also on a GPU host.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    context = mp.spawn(
-        _worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"EP=2 workers did not finish within {TIMEOUT_S}s")
+    spawn_workers(_worker, (free_port(), str(tmp_path)), WORLD_SIZE, TIMEOUT_S, "EP=2")

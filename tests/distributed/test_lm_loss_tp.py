@@ -8,14 +8,11 @@ with sequence-sharded ones (sequence parallelism). Labels fall on both ranks' ha
 from __future__ import annotations
 
 import os
-import time
 import warnings
 
-import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_workers
 
 WORLD_SIZE, S, B, H, V = 2, 6, 2, 8, 20
 TIMEOUT_S = 120
@@ -67,10 +64,4 @@ def _worker(rank: int, port: int) -> None:
 
 def test_fused_lm_loss_vocab_parallel(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU path (gloo), also on a GPU host
-    context = mp.spawn(_worker, args=(free_port(),), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"TP=2 workers did not finish within {TIMEOUT_S}s")
+    spawn_workers(_worker, (free_port(),), WORLD_SIZE, TIMEOUT_S, "TP=2")

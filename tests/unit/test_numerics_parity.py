@@ -18,18 +18,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ext.platform import cpu
-from tests.conftest import single_process_megatron
+from tests.conftest import cpu_megatron_module, single_process_megatron
 
-pytestmark = [
-    pytest.mark.skipif(torch.cuda.is_available(),
-                       reason="GPTModel on CPU needs the CPU path (off with CUDA)"),
-    # megatron's RNG tracker warns on CPU, where "CUDA" and CPU RNG are the same generator.
-    pytest.mark.filterwarnings("ignore:CPU RNG state changed"),
-]
-
-if not torch.cuda.is_available():
-    cpu.enable()
+pytestmark = cpu_megatron_module()
 
 from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
