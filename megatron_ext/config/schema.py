@@ -40,7 +40,7 @@ class ModelConfig:
     lm_loss: Literal["fused", "megatron"] = "fused"
     """Training loss head: fused = output layer + cross-entropy in one function with model-dtype logits and chunked fp32 math (less memory); megatron = output_layer then vocab_parallel_cross_entropy."""
     kernel_fusion: Optional[bool] = None
-    """torch.compile'd elementwise fusions (SwiGLU, the fused loss's softmax); None = on with CUDA."""
+    """torch.compile'd elementwise fusions (SwiGLU, RMSNorm, RoPE, the fused loss's softmax); None = on with CUDA."""
 
 
 @dataclass

@@ -4,6 +4,8 @@ Backends (chosen here, logged by the caller via ``Backends.describe()``):
 - Transformer Engine layer spec when ``transformer_engine`` imports on a CUDA machine;
 - otherwise megatron's local spec with our core attention (flash-attn or torch SDPA) swapped in,
   and our grouped-GEMM experts in place of the SequentialMLP loop when ``moe.grouped_gemm``.
+Also chosen here: the loss head (``FusedLossGPTModel`` or megatron's), the token dispatcher
+(our ``local`` one without EP/TP), and torch.compile'd fusions (SwiGLU, RMSNorm, RoPE, loss).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern
+from megatron_ext.model import rope
 from megatron_ext.model.attention import HAVE_FLASH_ATTN, FlashAttention, SDPAttention
 from megatron_ext.model.lm_loss import FusedLossGPTModel
 from megatron_ext.model.norm import RMSNorm
@@ -102,7 +105,9 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
         use_cpu_initialization=not torch.cuda.is_available(),
         # SwiGLU through megatron's torch.compile'd bias_swiglu (dense MLPs and our experts).
         bias_activation_fusion=backends.fusion,
-        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        bias_dropout_fusion=False, masked_softmax_fusion=False,
+        # TE's fused RoPE when installed, else ours (compiled) in megatron's slot for it.
+        apply_rope_fusion=backends.fusion and rope.install(),
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         deterministic_mode=cfg.train.deterministic and not torch.cuda.is_available(),
         cross_entropy_loss_fusion=False,

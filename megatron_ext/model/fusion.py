@@ -1,6 +1,6 @@
 """torch.compile'd elementwise fusions, with an eager fallback that computes the same values.
 
-Used by the fused LM loss and RMSNorm when ``model.kernel_fusion`` is on (the CUDA default).
+Used by the fused LM loss, RMSNorm and RoPE when ``model.kernel_fusion`` is on (the CUDA default).
 Functions are compiled once each, with dynamic shapes (chunk and sequence sizes vary). If the
 compiler fails (no Triton, no C++ compiler, an unsupported op), the failure is reported once per
 function and the eager function runs from then on: a missing compiler costs speed, not a run.

@@ -156,8 +156,8 @@ def test_bf16_loss_and_gradients_close(reference_state: dict) -> None:
 
 def test_compiled_fusions_match_eager(reference_state: dict) -> None:
     """kernel_fusion (the GPU default): megatron's torch.compile'd SwiGLU in our experts, our
-    compiled RMSNorm and loss chunks give the eager path's loss and gradients (CPU inductor,
-    fp32)."""
+    compiled RMSNorm, RoPE and loss chunks give the eager path's loss and gradients (CPU
+    inductor, fp32)."""
     from megatron_ext.model import fusion
 
     eager = _build("sdpa", "fp32", seed=2)
@@ -165,6 +165,7 @@ def test_compiled_fusions_match_eager(reference_state: dict) -> None:
     cfg.model.kernel_fusion = True
     fused = build_model(cfg, resolve_backends(cfg, cuda=False))
     assert fused.fuse_kernels and fused.config.bias_activation_fusion
+    assert fused.config.apply_rope_fusion and not eager.config.apply_rope_fusion
     assert fused.decoder.layers[0].mlp.experts._fused_swiglu
     norms = [fused.decoder.final_layernorm, *(m for layer in fused.decoder.layers
                                               for m in (layer.input_layernorm,
