@@ -133,7 +133,10 @@ def test_8x152m_trains_three_steps_bf16(smoke: SmokeResult) -> None:
     assert run.backends.precision == "bf16" and run.backends.dispatcher == "allgather"
     assert run.backends.experts in ("grouped", "te-grouped")
     assert run.backends.lm_loss == "fused" and run.backends.fusion
-    configs = [m.config for m in run.model.modules() if hasattr(m, "config")]
+    from megatron.core.transformer import TransformerConfig
+
+    configs = [m.config for m in run.model.modules()
+               if isinstance(getattr(m, "config", None), TransformerConfig)]
     assert configs and all(c.apply_rope_fusion and c.bias_activation_fusion for c in configs)
     assert run.layout.backend == "nccl" and run.distributed_optimizer
     # The CPU redirections must never be active on a GPU machine.
