@@ -134,7 +134,7 @@ def test_dry_run_reports_counts():
     proc = run_cli(["pretrain_moe.py", "--config", "configs/8x152M.yaml", "--dry-run"])
     assert proc.returncode == 0, proc.stderr
     assert "total 0.417B" in proc.stdout and "active per token 0.190B" in proc.stdout
-    assert "layout: world 8 = tp 1 x pp 1 x dp 8; ep 8" in proc.stdout
+    assert "layout: world 8 = tp 1 x pp 1 x dp 8; ep 1" in proc.stdout
     assert "memory per GPU" in proc.stdout
     assert "416,608,768 parameters (matches the count above)" in proc.stdout
 
@@ -155,14 +155,14 @@ def test_every_field_is_documented_and_docs_are_current():
 def test_training_launch_is_validated_against_its_real_world_size():
     """The config's parallel.world_size is the plan for --dry-run; a launch with 4 processes is
     checked as 4 (8 experts at EP=8 cannot run on 4 ranks)."""
-    args = ["pretrain_moe.py", "--config", "configs/8x152M.yaml", "--set", "data.mock=true"]
+    args = ["pretrain_moe.py", "--config", "configs/8x1.5B.yaml", "--set", "data.mock=true"]
     proc = run_cli(args, env={"WORLD_SIZE": "4", "RANK": "0"})
     assert proc.returncode == 2
     assert _one_error_line(proc) == (
         "config error: parallel.expert: data-parallel size 4 (world 4 / tensor*pipeline) is not "
         "divisible by expert=8")
     dry = run_cli([*args, "--dry-run"], env={"WORLD_SIZE": "4", "RANK": "0"})
-    assert dry.returncode == 0 and "layout: world 8" in dry.stdout
+    assert dry.returncode == 0 and "layout: world 32" in dry.stdout
 
 
 @pytest.mark.parametrize("overrides, cuda, want", [
