@@ -9,7 +9,8 @@ Here the logits stay in the model dtype (one [T, V] tensor, kept for backward), 
 (log-sum-exp, target logit, softmax gradient) runs over token chunks of at most ``CHUNK_ELEMENTS``
 entries. Backward overwrites the kept logits with their gradient in place, then runs the dgrad
 and wgrad GEMMs at full size. With ``fuse=True`` the two per-chunk elementwise functions are
-``torch.compile``d (one kernel each on CUDA instead of ~6).
+``torch.compile``d, so each becomes a few fused kernels instead of one per operation (how many
+is for the GPU profile to show).
 
 Vocabulary-parallel: each TP rank holds a slice of the vocabulary; the per-token local
 log-sum-exp and target logit are combined across the TP group with two small all-reduces. The

@@ -7,8 +7,8 @@ own slice of the sequence, so the only extra need is that the norm weight's grad
 over the TP group: megatron's ``finalize_model_grads`` does that for parameters flagged
 ``sequence_parallel``. State-dict keys and values are those of ``torch.nn.RMSNorm``.
 
-``fused=True`` (``model.kernel_fusion``) runs ``F.rms_norm`` through torch.compile: one kernel
-each way instead of the eager op-by-op sequence (square, mean, rsqrt, two multiplies).
+``fused=True`` (``model.kernel_fusion``) runs ``F.rms_norm`` through torch.compile, which fuses
+the eager op-by-op sequence (square, mean, rsqrt, two multiplies) in each direction.
 """
 
 from __future__ import annotations
