@@ -14,27 +14,22 @@ left at --output unless everything succeeded.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a checkout: make megatron_ext importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_ext.cli_utils import OneLineParser as _Parser  # noqa: E402
-from megatron_ext.cli_utils import UsageError as _UsageError  # noqa: E402
+from megatron_ext.cli_utils import conversion_parser  # noqa: E402
+from megatron_ext.cli_utils import run_tool  # noqa: E402
 
 PROG = "mcore_to_hf"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, type=Path, help="checkpoint root or iter_* dir")
-    p.add_argument("--output", required=True, type=Path, help="HF directory to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--skip-validation", action="store_true",
-                   help="skip the logit comparison (loads a megatron and a transformers model)")
+    p = conversion_parser(
+        PROG, __doc__, "checkpoint root or iter_* dir", "HF directory to create",
+        "skip the logit comparison (loads a megatron and a transformers model)")
     p.add_argument("--max-shard-size", default="2GB", help="e.g. 2GB, 500MB")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    default="auto", help="weights dtype of the output")
@@ -42,29 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_ext.checkpoint.convert_mcore import mcore_to_hf_checkpoint
     from megatron_ext.checkpoint.mcore_io import quiet_megatron
 
     quiet_megatron()  # before megatron is imported: its import-time warnings are noise
+    from megatron_ext.checkpoint.convert_mcore import mcore_to_hf_checkpoint
     from megatron_ext.checkpoint.hf_io import parse_size
     from megatron_ext.checkpoint.keymaps import ConversionError
     from megatron_ext.upcycling.validate import ValidationError
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
+    def work() -> Path:
         args = build_parser().parse_args(argv)
         mcore_to_hf_checkpoint(args.input, args.output, overwrite=args.overwrite,
                                validate=not args.skip_validation, dtype=args.dtype,
                                max_shard_bytes=parse_size(args.max_shard_size))
-    except (_UsageError, ConversionError) as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except (ValidationError, OSError) as e:
-        print(f"{PROG}: failed: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    print(f"{PROG}: wrote {args.output}")
-    return 0
+        return args.output
 
+    return run_tool(PROG, work, usage=(ConversionError,), failures=(ValidationError,))
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing starts worker processes
     sys.exit(main())

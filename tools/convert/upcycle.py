@@ -11,7 +11,6 @@ nothing at --output unless everything succeeded. Exit codes: 0 ok, 1 validation 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from megatron_ext.upcycling.spec import (  # noqa: E402
     INDEX_SHARING, METHODS, ROUTER_INITS, UpcycleError, UpcycleSpec,
 )
 
-from megatron_ext.cli_utils import OneLineParser as _Parser  # noqa: E402
-from megatron_ext.cli_utils import UsageError as _UsageError  # noqa: E402
+from megatron_ext.cli_utils import conversion_parser  # noqa: E402
+from megatron_ext.cli_utils import run_tool  # noqa: E402
 
 PROG = "upcycle"
 
@@ -37,15 +36,10 @@ def _layers(text: str) -> frozenset[int]:
         raise argparse.ArgumentTypeError(f"bad layer list {text!r} (use e.g. 0,2,4)") from None
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, type=Path, help="dense HF Llama checkpoint directory")
-    p.add_argument("--output", required=True, type=Path, help="MoE checkpoint directory to create")
+    p = conversion_parser(
+        PROG, __doc__, "dense HF Llama checkpoint directory", "MoE checkpoint directory to create",
+        "skip the transformers load + logit check (2 fp32 models in RAM)")
     p.add_argument("--method", choices=METHODS, default="drop")
     p.add_argument("--ratio", type=float, default=0.5,
                    help="share r of d_ff neurons re-initialized (drop) or perturbed (noise)")
@@ -64,9 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", choices=("hf", "mcore"), default=None,
                    help="default: the input's format")
     p.add_argument("--max-shard-size", default="2GB", help="e.g. 2GB, 500MB")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--skip-validation", action="store_true",
-                   help="skip the transformers load + logit check (2 fp32 models in RAM)")
     return p
 
 
@@ -74,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ext.upcycling.convert import upcycle_checkpoint
     from megatron_ext.upcycling.validate import ValidationError
 
-    # SLURM and friends stop jobs with SIGTERM: turn it into SystemExit so the staged output
-    # directory is removed on the way out, as for Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
+    def work() -> Path:
         args = build_parser().parse_args(argv)
         spec = UpcycleSpec(
             method=args.method, ratio=args.ratio, num_experts=args.num_experts, top_k=args.top_k,
@@ -88,15 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             input_format=args.input_format, output_format=args.output_format,
             overwrite=args.overwrite, validate=not args.skip_validation,
             max_shard_bytes=parse_size(args.max_shard_size))
-    except (_UsageError, ConversionError, UpcycleError) as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except (ValidationError, OSError) as e:
-        print(f"{PROG}: failed: {_one_line(e)}", file=sys.stderr)
-        return 1
-    print(f"{PROG}: wrote {args.output}")
-    return 0
+        return args.output
 
+    return run_tool(PROG, work, usage=(ConversionError, UpcycleError),
+                    failures=(ValidationError,))
 
 if __name__ == "__main__":
     sys.exit(main())
