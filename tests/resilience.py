@@ -62,3 +62,31 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
         if rec["kind"] == "train":
             out[rec["step"]] = rec["loss"]
     return out
+
+
+def check_async_snapshot(model, optimizer, root: Path) -> None:
+    """An async save holds the state of the moment it was called: parameters changed in place
+    right after ``save`` returns must not reach the checkpoint, and ``latest`` appears only
+    once the save is waited for."""
+    import torch
+
+    from megatron_ext.checkpoint import dist as ckpt
+
+    inner = ckpt.unwrap(model)
+    before = {k: v.detach().float().cpu().clone() for k, v in inner.state_dict().items()
+              if isinstance(v, torch.Tensor) and "_extra_state" not in k}
+    saver = ckpt.Saver(root, keep_last=1, fully_reshardable=True, async_save=True)
+    assert saver.save(ckpt.TrainState(step=3), model, optimizer, {"note": "snapshot"},
+                      {"world_size": 1}) == []
+    with torch.no_grad():
+        for p in inner.parameters():
+            p.add_(1.0)
+    assert not (root / "latest").exists()  # committed by the trainer, not by the writer
+    assert [p.name for p in saver.wait()] == ["iter_0000003"]
+    assert (root / "latest").read_text().strip() == "iter_0000003"
+    # Loading it back into the (changed) model restores exactly the earlier parameters.
+    assert ckpt.load_weights(root, model) == root / "iter_0000003"
+    after = inner.state_dict()
+    assert before
+    for key, value in before.items():
+        assert torch.equal(after[key].float().cpu(), value), key

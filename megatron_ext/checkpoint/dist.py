@@ -14,18 +14,22 @@ or missing shard is found before megatron tries to read it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 import yaml
 from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
 ARCH_FIELDS = (
@@ -114,8 +118,16 @@ def all_finite(model: torch.nn.Module) -> bool:
 
 
 def save(root: str | Path, state: TrainState, model, optimizer, config: dict,
-         layout: dict, keep_last: int, fully_reshardable: bool) -> Path:
-    """Write ``root/iter_<step>`` atomically, update ``latest``, prune old ones. All ranks call."""
+         layout: dict, keep_last: int, fully_reshardable: bool,
+         async_queue: Optional[AsyncCallsQueue] = None) -> Path:
+    """Write ``root/iter_<step>`` atomically, update ``latest``, prune old ones. All ranks call.
+
+    With ``async_queue`` only the snapshot happens here (host copies, or a fork on CPU): the
+    shards are written by a background process, and the rename + ``latest`` update run as the
+    request's finalize step once every rank's writer has finished
+    (``async_queue.maybe_finalize_async_calls``). Until then the previous checkpoint stays
+    ``latest``, so a crash mid-write resumes from it.
+    """
     root = Path(root)
     if not all_finite(model):
         raise CheckpointError("refusing to save: model parameters contain NaN/Inf")
@@ -134,34 +146,139 @@ def save(root: str | Path, state: TrainState, model, optimizer, config: dict,
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=False, metadata=_optimizer_metadata(fully_reshardable)
         )
-    dist_checkpointing.save(sharded, str(tmp))  # wants an empty directory
+    # Captured now: the caller keeps mutating ``state`` while an async write is in flight.
+    meta = {
+        "step": state.step, "consumed_samples": state.consumed_samples,
+        "consumed_tokens": state.consumed_tokens, "skipped_steps": state.skipped_steps,
+        "scheduler": copy.deepcopy(state.scheduler), "layout": layout,
+        "has_optimizer": optimizer is not None,
+        "optimizer_fully_reshardable": fully_reshardable,
+    }
+
+    def commit() -> None:
+        _barrier()
+        if _rank() == 0:
+            _commit(root, tmp, final, meta, config, keep_last)
+        _barrier()
+
+    request = dist_checkpointing.save(sharded, str(tmp),  # wants an empty directory
+                                      async_sharded_save=async_queue is not None)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-    _barrier()
-    if _rank() == 0:
-        meta = {
-            "step": state.step, "consumed_samples": state.consumed_samples,
-            "consumed_tokens": state.consumed_tokens, "skipped_steps": state.skipped_steps,
-            "scheduler": state.scheduler, "layout": layout, "has_optimizer": optimizer is not None,
-            "optimizer_fully_reshardable": fully_reshardable,
-            "files": {str(p.relative_to(tmp)): p.stat().st_size
-                      for p in sorted(tmp.rglob("*")) if p.is_file()},
-        }
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
-        if final.exists():  # a re-save of the same step (e.g. after a restart)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write(root / "latest", name + "\n")
-        _prune(root, keep_last)
-    _barrier()
+    if async_queue is None:
+        commit()
+    else:
+        request.add_finalize_fn(commit)
+        async_queue.schedule_async_request(request)
     return final
+
+
+def _commit(root: Path, tmp: Path, final: Path, meta: dict, config: dict,
+            keep_last: int) -> None:
+    """Rank 0, after every rank's shards are on disk: record sizes, rename, point ``latest``."""
+    meta = dict(meta, files={str(p.relative_to(tmp)): p.stat().st_size
+                             for p in sorted(tmp.rglob("*")) if p.is_file()})
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
+    if final.exists():  # a re-save of the same step (e.g. after a restart)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write(root / "latest", final.name + "\n")
+    _prune(root, keep_last)
+
+
+class Saver:
+    """The loop's checkpoint writer: synchronous, or asynchronous with ``async_save``.
+
+    Async saves go through megatron-core's ``AsyncCallsQueue`` (a forked writer per rank). At most
+    one is in flight: a new save first waits for the previous one, which bounds host memory to one
+    snapshot. ``poll``/``wait``/``close`` are collectives (megatron all-reduces "done" flags), so
+    every rank calls them at the same steps; ``pending`` is the same on every rank.
+    """
+
+    def __init__(self, root: str | Path, keep_last: int, fully_reshardable: bool,
+                 async_save: bool):
+        self.root, self.keep_last, self.fully_reshardable = Path(root), keep_last, fully_reshardable
+        self.queue = AsyncCallsQueue() if async_save else None
+        self.in_flight: list[Path] = []
+        self.started: dict[Path, float] = {}
+        self.write_seconds: dict[Path, float] = {}  # background save start -> commit
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.in_flight)
+
+    def save(self, state: TrainState, model, optimizer, config: dict, layout: dict) -> list[Path]:
+        """Start (async) or write (sync) a checkpoint; returns the checkpoints committed now."""
+        done = self.wait()
+        path = save(self.root, state, model, optimizer, config, layout, self.keep_last,
+                    self.fully_reshardable, self.queue)
+        if self.queue is None:
+            return done + [path]
+        self.in_flight.append(path)
+        self.started[path] = time.monotonic()
+        return done
+
+    def poll(self, wait: bool = False) -> list[Path]:
+        """Commit the async saves whose writers have finished on every rank (all, with wait)."""
+        if not self.in_flight:
+            return []
+        try:
+            n = len(self.queue.maybe_finalize_async_calls(blocking=wait))
+        except (Exception, CheckpointException) as e:  # the latter is a BaseException
+            names = ", ".join(p.name for p in self.in_flight)
+            if _rank() == 0:  # every writer has ended (megatron finalizes only then)
+                for path in self.in_flight:
+                    shutil.rmtree(path.with_name(f".tmp_{path.name}"), ignore_errors=True)
+            self.in_flight.clear()
+            raise CheckpointError(f"background checkpoint write of {names} failed: "
+                                  f"{_failure_summary(e)}") from e
+        done, self.in_flight = self.in_flight[:n], self.in_flight[n:]
+        for path in done:
+            self.write_seconds[path] = time.monotonic() - self.started.pop(path)
+        return done
+
+    def wait(self) -> list[Path]:
+        return self.poll(wait=True)
+
+    def close(self, abort: bool = False) -> None:
+        """``abort`` (after an error) kills writers; their directory stays ``.tmp_*``, never latest."""
+        if self.queue is None or not self.in_flight:
+            return
+        if abort:
+            # megatron's queue.close(abort=True) only stops persistent workers; ours are
+            # per-save forks, which its callers kill with close(abort=True).
+            for call in self.queue.async_calls:
+                call.async_caller.close(abort=True)
+            self.queue.async_calls.clear()
+        else:
+            self.queue.close()
+        self.in_flight.clear()
+
+
+def _failure_summary(e: BaseException) -> str:
+    """One line from megatron's write failure: every rank's error reaches the coordinator (rank 0),
+    the others only learn that something failed."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, CheckpointException):
+        if not failures:
+            return "a writer failed (reported on rank 0)"
+        return "; ".join(f"rank {r}: {w[0] if isinstance(w, tuple) else w}"
+                         for r, w in sorted(failures.items()))
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _prune(root: Path, keep_last: int) -> None:
     done = sorted(p for p in root.iterdir() if p.is_dir() and ITER_RE.match(p.name))
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    # Saves commit in step order, so a .tmp_ directory of an earlier step is a write that
+    # never finished (a crash or a killed background writer).
+    newest = int(ITER_RE.match(done[-1].name).group(1)) if done else -1
+    for stale in root.glob(".tmp_iter_*"):
+        m = ITER_RE.match(stale.name[len(".tmp_"):])
+        if m and int(m.group(1)) < newest:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def verify(path: Path) -> dict:

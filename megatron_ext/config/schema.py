@@ -175,6 +175,10 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted after a successful save."""
     fully_reshardable_optimizer: bool = True
     """Save optimizer state in the format that reshards across TP/PP/EP changes."""
+    async_save: bool = False
+    """Write checkpoints in a background process per rank (megatron's async dist_checkpointing):
+    training stops only to copy the state to host memory. A save becomes ``latest`` once every
+    rank has finished writing; the final and preemption saves are waited for before exit."""
 
 
 @dataclass

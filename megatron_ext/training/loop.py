@@ -140,21 +140,43 @@ def evaluate(run: Run, consumed_eval: int) -> dict[str, float]:
 def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter,
           preempt: Preemption | None = None) -> tuple[int, dict]:
     """Train from ``state`` to the end (or a stop). Returns (exit code, summary)."""
+    ck = run.cfg.checkpoint
+    saver = (ckpt.Saver(ck.save, ck.keep_last, ck.fully_reshardable_optimizer, ck.async_save)
+             if ck.save else None)
+    stats = RouterStats(run.model, run.cfg.moe.top_k) if run.cfg.logging.expert_load else None
+    t_start = time.time()
+    try:
+        code, status, losses = _steps(run, state, writer, preempt or Preemption(), saver, stats)
+        if saver is not None:
+            _log_saved(run, saver, saver.wait())
+    except BaseException:
+        if saver is not None:
+            saver.close(abort=True)  # an unfinished background write must not become latest
+        raise
+    finally:
+        if stats is not None:
+            stats.remove()
+    summary = {"status": status, "steps": state.step, "tokens": state.consumed_tokens,
+               "first_loss": losses[0], "last_loss": losses[1], "wall_s": time.time() - t_start,
+               "skipped_steps": state.skipped_steps}
+    return code, summary
+
+
+def _steps(run: Run, state: ckpt.TrainState, writer: MetricsWriter, preempt: Preemption,
+           saver: ckpt.Saver | None, stats: RouterStats | None) -> tuple[int, str, list]:
+    """The step loop; returns (exit code, status, [first loss, last loss])."""
     cfg, layout, tr = run.cfg, run.layout, run.cfg.train
     dp_rank, dp = dp_rank_and_size()
     micro = MicroBatches(run.train_ds, tr.global_batch_size, tr.micro_batch_size, dp, dp_rank,
                          layout.device)
     fb = get_forward_backward_func()
-    stats = RouterStats(run.model, cfg.moe.top_k) if cfg.logging.expert_load else None
-    preempt = preempt or Preemption()
     tokens_per_step = tr.global_batch_size * cfg.data.seq_length
     fpt = flops_per_token(cfg)
     resolved = to_dict(cfg)
     layout_key = layout_dict(run)
-    first_loss = last_loss = None
+    losses = [None, None]
     t_start = time.time()
     window = _new_window()
-    code, status = EXIT_OK, "completed"
     while state.step < run.total_steps:
         t0 = time.time()
         batches = list(micro.step(state.consumed_samples))
@@ -179,8 +201,7 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter,
                 if layout.rank == 0:
                     warn(f"stopping: {state.skipped_steps} non-finite steps exceed "
                          f"train.max_skipped_steps={tr.max_skipped_steps}; no checkpoint written")
-                code, status = EXIT_NONFINITE, "stopped (non-finite)"
-                break
+                return EXIT_NONFINITE, "stopped (non-finite)", losses
         else:
             clip_and_step(run.optimizer, grad_norm, cfg.optimizer.clip_grad)
             run.scheduler.step(increment=1)
@@ -194,8 +215,9 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter,
         window["opt"] += t3 - t2
         window["data"] += t1 - t0
         if not skipped:
-            first_loss = loss if first_loss is None else first_loss
-            last_loss = loss
+            losses = [loss if losses[0] is None else losses[0], loss]
+        if saver is not None and saver.pending:
+            _log_saved(run, saver, saver.poll())
 
         if state.step % tr.log_interval == 0 or state.step == run.total_steps:
             metrics = _interval_metrics(run, state, window, loss, grad_norm, fpt, stats, t_start)
@@ -217,23 +239,23 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter,
         stop = preempt.requested(layout.device)
         ck = cfg.checkpoint
         periodic = ck.save_interval and state.step % ck.save_interval == 0
-        if ck.save and (stop or periodic or state.step == run.total_steps):
+        if saver is not None and (stop or periodic or state.step == run.total_steps):
             t_save = time.time()
-            _save(run, state, resolved, layout_key)
+            state.scheduler = run.scheduler.state_dict()
+            committed = saver.save(state, run.model, run.optimizer, resolved, layout_key)
+            _log_saved(run, saver, committed)
+            if stop:
+                _log_saved(run, saver, saver.wait())  # the job is about to end: finish the write
+            elif saver.pending and layout.rank == 0:
+                log(f"writing checkpoint {saver.in_flight[-1]} in the background")
             window["save"] += time.time() - t_save
         if stop:
             if layout.rank == 0:
                 log(f"received signal {preempt.signum}; saved step {state.step}; exiting "
-                    f"(the same command resumes)" if ck.save
+                    f"(the same command resumes)" if saver is not None
                     else f"received signal {preempt.signum}; no checkpoint.save set, exiting")
-            status = "preempted"
-            break
-    if stats is not None:
-        stats.remove()
-    summary = {"status": status, "steps": state.step, "tokens": state.consumed_tokens, "first_loss": first_loss,
-               "last_loss": last_loss, "wall_s": time.time() - t_start,
-               "skipped_steps": state.skipped_steps}
-    return code, summary
+            return EXIT_OK, "preempted", losses
+    return EXIT_OK, "completed", losses
 
 
 def _new_window() -> dict:
@@ -243,13 +265,12 @@ def _new_window() -> dict:
             "save": 0.0}
 
 
-def _save(run: Run, state: ckpt.TrainState, resolved: dict, layout_key: dict) -> None:
-    state.scheduler = run.scheduler.state_dict()
-    path = ckpt.save(run.cfg.checkpoint.save, state, run.model, run.optimizer, resolved,
-                     layout_key, run.cfg.checkpoint.keep_last,
-                     run.cfg.checkpoint.fully_reshardable_optimizer)
+def _log_saved(run: Run, saver: ckpt.Saver, paths: list) -> None:
     if run.layout.rank == 0:
-        log(f"saved checkpoint {path}")
+        for path in paths:
+            took = saver.write_seconds.get(path)
+            log(f"saved checkpoint {path}" + ("" if took is None else
+                                               f" (background write {took:.1f}s)"))
 
 
 def layout_dict(run: Run) -> dict:

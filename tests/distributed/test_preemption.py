@@ -9,6 +9,10 @@ from tests.conftest import run_cli
 from tests.resilience import losses_by_step, popen, small_args, wait_for_line
 
 STEPS = 12
+# Both tests also run with background (async) saves: a kill mid-write must leave the previous
+# checkpoint as latest, and a signal must wait for the write before exiting 0.
+MODES = pytest.mark.parametrize("mode", [(), ("--set", "checkpoint.async_save=true")],
+                                ids=["sync", "async"])
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +23,15 @@ def reference(tmp_path_factory):
     return losses_by_step(tmp / "run")
 
 
-def test_kill9_after_save_then_restart_is_bit_identical(tmp_path, reference):
+@MODES
+def test_kill9_after_save_then_restart_is_bit_identical(tmp_path, reference, mode):
     kill_at = random.Random().randint(5, 7)  # some step after the save at step 4
-    proc = popen(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=4"))
-    wait_for_line(proc, lambda line: line.startswith(f"step {kill_at}/"))
+    proc = popen(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=4", *mode))
+    # A background save is committed (and logged) a few steps after it starts.
+    seen = wait_for_line(proc, lambda line: line.startswith("saved checkpoint")
+                         and "iter_0000004" in line)
+    if not any(_step(line) >= kill_at for line in seen):
+        wait_for_line(proc, lambda line: _step(line) >= kill_at)
     proc.kill()  # SIGKILL: no handler runs, nothing is flushed
     proc.wait()
     # The kill lands during step kill_at + 1. On a loaded machine it can land late enough for
@@ -30,17 +39,23 @@ def test_kill9_after_save_then_restart_is_bit_identical(tmp_path, reference):
     latest = (tmp_path / "ckpt" / "latest").read_text().strip()
     assert latest in ("iter_0000004", "iter_0000008"), (kill_at, latest)
     saved = int(latest.split("_")[1])
-    again = run_cli(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=4"))
+    again = run_cli(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=4", *mode))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and f"{latest} at step {saved}" in again.stdout, \
         again.stdout[-3000:]
     resumed = losses_by_step(tmp_path / "run")
     for step in range(saved + 1, STEPS + 1):
         assert resumed[step] == reference[step], (kill_at, step, resumed[step], reference[step])
+    assert not list((tmp_path / "ckpt").glob(".tmp_*"))  # a killed write is cleaned up
 
 
-def test_sigusr1_saves_current_step_exits_0_and_resumes_identically(tmp_path, reference):
-    proc = popen(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=0"))
+def _step(line: str) -> int:
+    return int(line.split()[1].split("/")[0]) if line.startswith("step ") else -1
+
+
+@MODES
+def test_sigusr1_saves_current_step_exits_0_and_resumes_identically(tmp_path, reference, mode):
+    proc = popen(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=0", *mode))
     wait_for_line(proc, lambda line: line.startswith("step 2/"))
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
@@ -50,7 +65,7 @@ def test_sigusr1_saves_current_step_exits_0_and_resumes_identically(tmp_path, re
     stopped = int(latest.split("_")[1])
     assert 2 <= stopped < STEPS
     assert f"saved step {stopped}" in out
-    again = run_cli(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=0"))
+    again = run_cli(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=0", *mode))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"at step {stopped}" in again.stdout
     resumed = losses_by_step(tmp_path / "run")

@@ -217,3 +217,12 @@ def test_moe_layer_forward_backward_has_no_host_sync(smoke: SmokeResult) -> None
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_async_save_writes_the_state_at_the_call_on_gpu(smoke: SmokeResult, tmp_path) -> None:
+    """checkpoint.async_save on GPU: megatron copies the shards to host memory, then forks the
+    writer; parameters changed right after save() returns must not reach the checkpoint.
+    Last in this module: it changes the smoke run's parameters (and restores them)."""
+    from tests.resilience import check_async_snapshot
+
+    check_async_snapshot(smoke.run.model, smoke.run.optimizer, tmp_path / "ckpt")

@@ -1,0 +1,142 @@
+"""checkpoint.async_save: background writes (megatron's AsyncCallsQueue, one forked writer per
+rank) produce the same checkpoints as synchronous saves, and a writer that fails on one rank is
+one clear error on every rank that never becomes ``latest``. Two ranks with EP=2, so the
+finalize collectives and per-rank shards are exercised."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from megatron_ext.checkpoint import dist as ckpt
+from tests.conftest import run_cli, torchrun
+from tests.resilience import popen, small_args, wait_for_line
+
+STEPS = 6
+ASYNC = ("--set", "checkpoint.async_save=true")
+
+
+def _train(tmp, *extra):
+    args = small_args(tmp, STEPS, "--set", "checkpoint.save_interval=2",
+                      "--set", "parallel.expert=2", *extra)
+    return torchrun(2, args)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for mode, extra in (("sync", ()), ("async", ASYNC)):
+        tmp = tmp_path_factory.mktemp(mode)
+        proc = _train(tmp, *extra)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out[mode] = (tmp / "ckpt", proc.stdout)
+    return out
+
+
+def _tensors(path, tmp) -> dict:
+    dcp_to_torch_save(path, tmp / "flat.pt")
+    flat = torch.load(tmp / "flat.pt", weights_only=True)
+    return {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+
+
+def _meta(path) -> dict:
+    meta = json.loads((path / "meta.json").read_text())
+    meta.pop("files")  # sizes are checked by verify(); file names below
+    return meta
+
+
+def test_async_checkpoints_equal_sync_ones(runs, tmp_path):
+    (sync_root, _), (async_root, out) = runs["sync"], runs["async"]
+    names = sorted(p.name for p in async_root.iterdir() if p.is_dir())
+    assert names == ["iter_0000002", "iter_0000004", "iter_0000006"]
+    assert sorted(p.name for p in sync_root.iterdir() if p.is_dir()) == names
+    assert (async_root / "latest").read_text().strip() == "iter_0000006"
+    assert not list(async_root.glob(".tmp_*"))
+    assert out.count("in the background") == 3 and out.count("saved checkpoint") == 3, out
+    for name in names:
+        a, s = async_root / name, sync_root / name
+        assert sorted(ckpt.verify(a)["files"]) == sorted(ckpt.verify(s)["files"])
+        assert _meta(a) == _meta(s)
+        ta, ts = _tensors(a, tmp_path), _tensors(s, tmp_path)
+        assert ta.keys() == ts.keys() and any(k.startswith("optimizer.") for k in ta)
+        for key in ts:
+            assert torch.equal(ta[key], ts[key]), (name, key)
+        for rank in (0, 1):
+            ra = torch.load(a / "rng" / f"rank_{rank:05d}.pt", weights_only=True)
+            rs = torch.load(s / "rng" / f"rank_{rank:05d}.pt", weights_only=True)
+            assert torch.equal(ra["cpu"], rs["cpu"])
+
+
+def test_async_run_resumes_like_a_sync_run(runs, tmp_path):
+    """Continue both runs to step 8 from their step-6 checkpoints: identical losses."""
+    losses = {}
+    for mode, extra in (("sync", ()), ("async", ASYNC)):
+        root = runs[mode][0]
+        args = small_args(tmp_path / mode, 8, "--set", "checkpoint.save_interval=2",
+                          "--set", "parallel.expert=2", "--set", f"checkpoint.save={root}",
+                          *extra)
+        proc = torchrun(2, args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "at step 6" in proc.stdout
+        losses[mode] = [ln.split("| loss ")[1].split()[0] for ln in proc.stdout.splitlines()
+                        if ln.startswith(("step 7/", "step 8/"))]
+    assert len(losses["sync"]) == 2 and losses["async"] == losses["sync"]
+
+
+def test_kill9_during_background_write_resumes_from_the_previous_one(tmp_path):
+    """The rename to iter_N and the ``latest`` update are the trainer's, after every writer has
+    finished: a trainer killed right after the fork never commits, whatever its writer does."""
+    args = small_args(tmp_path, 10, "--set", "checkpoint.save_interval=4", *ASYNC)
+    proc = popen(args)
+    wait_for_line(proc, lambda line: "iter_0000008 in the background" in line)
+    proc.kill()
+    proc.wait()
+    root = tmp_path / "ckpt"
+    assert (root / "latest").read_text().strip() == "iter_0000004"
+    assert not (root / "iter_0000008").exists()
+    again = run_cli(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "iter_0000004 at step 4" in again.stdout, again.stdout[-3000:]
+    assert (root / "latest").read_text().strip() == "iter_0000010"
+    assert not list(root.glob(".tmp_*"))
+
+
+FAILING_WRITER = textwrap.dedent("""
+    # Rank 1's background writer hits a full disk while writing the step-4 checkpoint.
+    import errno, functools, sys
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron_ext.training.cli import main
+
+    real = filesystem_async._write_item
+
+    @functools.wraps(real)  # megatron inspects its signature
+    def write_item(*args, **kwargs):
+        stream = next(a for a in args if hasattr(a, "write") and hasattr(a, "name"))
+        if ".tmp_iter_0000004" in str(stream.name) and "__1_" in str(stream.name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    filesystem_async._write_item = write_item
+    if __name__ == "__main__":
+        sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_failed_background_write_is_one_error_and_never_latest(tmp_path):
+    script = tmp_path / "failing_writer.py"
+    script.write_text(FAILING_WRITER)
+    args = small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=2",
+                      "--set", "parallel.expert=2", *ASYNC)
+    args[0] = str(script)
+    proc = torchrun(2, args)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "iter_0000004" in errors[0] and "No space left on device" in errors[0], errors[0]
+    root = tmp_path / "ckpt"
+    assert (root / "latest").read_text().strip() == "iter_0000002"
+    # The failed write's directory is removed, not left half-written.
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["iter_0000002"]
+    ckpt.verify(root / "iter_0000002")
