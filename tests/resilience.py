@@ -71,11 +71,12 @@ def check_async_snapshot(model, optimizer, root: Path) -> None:
     import torch
 
     from megatron_ext.checkpoint import dist as ckpt
+    from megatron_ext.checkpoint.saver import Saver
 
     inner = ckpt.unwrap(model)
     before = {k: v.detach().float().cpu().clone() for k, v in inner.state_dict().items()
               if isinstance(v, torch.Tensor) and "_extra_state" not in k}
-    saver = ckpt.Saver(root, keep_last=1, fully_reshardable=True, async_save=True)
+    saver = Saver(root, keep_last=1, fully_reshardable=True, async_save=True)
     assert saver.save(ckpt.TrainState(step=3), model, optimizer, {"note": "snapshot"},
                       {"world_size": 1}) == []
     with torch.no_grad():

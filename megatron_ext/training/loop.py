@@ -21,6 +21,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from megatron_ext.checkpoint import dist as ckpt
+from megatron_ext.checkpoint.saver import Saver
 from megatron_ext.config.loader import to_dict
 from megatron_ext.model.params import flops_per_token
 from megatron_ext.training.batches import MicroBatches
@@ -141,7 +142,7 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter,
           preempt: Preemption | None = None) -> tuple[int, dict]:
     """Train from ``state`` to the end (or a stop). Returns (exit code, summary)."""
     ck = run.cfg.checkpoint
-    saver = (ckpt.Saver(ck.save, ck.keep_last, ck.fully_reshardable_optimizer, ck.async_save)
+    saver = (Saver(ck.save, ck.keep_last, ck.fully_reshardable_optimizer, ck.async_save)
              if ck.save else None)
     stats = RouterStats(run.model, run.cfg.moe.top_k) if run.cfg.logging.expert_load else None
     t_start = time.time()
@@ -163,7 +164,7 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter,
 
 
 def _steps(run: Run, state: ckpt.TrainState, writer: MetricsWriter, preempt: Preemption,
-           saver: ckpt.Saver | None, stats: RouterStats | None) -> tuple[int, str, list]:
+           saver: Saver | None, stats: RouterStats | None) -> tuple[int, str, list]:
     """The step loop; returns (exit code, status, [first loss, last loss])."""
     cfg, layout, tr = run.cfg, run.layout, run.cfg.train
     dp_rank, dp = dp_rank_and_size()
@@ -265,7 +266,7 @@ def _new_window() -> dict:
             "save": 0.0}
 
 
-def _log_saved(run: Run, saver: ckpt.Saver, paths: list) -> None:
+def _log_saved(run: Run, saver: Saver, paths: list) -> None:
     if run.layout.rank == 0:
         for path in paths:
             took = saver.write_seconds.get(path)
