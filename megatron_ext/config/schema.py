@@ -138,7 +138,12 @@ class TrainConfig:
     peak_tflops: float = 989.0
     """Per-device peak (dense bf16) used for MFU; 989 = H100 SXM data sheet."""
     recompute: Literal["none", "selective", "full"] = "none"
-    """Activation recomputation."""
+    """Activation recomputation: selective = the parts in recompute_modules; full = whole layers."""
+    recompute_modules: list = field(default_factory=lambda: ["core_attn"])
+    """With recompute: selective, what backward recomputes instead of keeping from forward
+    (megatron-core's choices): core_attn (attention; little to gain with SDPA/flash, which keep
+    no score matrix), layernorm (both RMSNorms' outputs), moe_act (the experts' SwiGLU output;
+    grouped experts), mlp (dense MLP layers), moe (whole MoE layers)."""
     deterministic: bool = True
     """Fix CPU threads and pick deterministic algorithms so reruns are bit-identical on CPU."""
     nan_injection_steps: list = field(default_factory=list)

@@ -128,6 +128,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            "eval_interval must be >= 0 and eval_iters >= 1")
     _check(tr.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")
     _check(tr.peak_tflops > 0, "train.peak_tflops", "must be positive")
+    _check_recompute(cfg)
 
     opt = cfg.optimizer
     _check(0 <= opt.min_lr <= opt.lr, "optimizer.min_lr",
@@ -162,6 +163,29 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
     up = cfg.upcycling
     _check(0.0 <= up.ratio <= 1.0, "upcycling.ratio", f"{up.ratio} is outside [0, 1]")
+
+
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "moe_act", "mlp", "moe")
+
+
+def _check_recompute(cfg: Config) -> None:
+    tr, moe = cfg.train, cfg.moe
+    mods = tr.recompute_modules
+    _check(isinstance(mods, list) and all(isinstance(x, str) for x in mods),
+           "train.recompute_modules", "must be a list of names")
+    unknown = [x for x in mods if x not in RECOMPUTE_MODULES]
+    _check(not unknown, "train.recompute_modules",
+           f"unknown {unknown}; choose from {', '.join(RECOMPUTE_MODULES)}")
+    if tr.recompute != "selective":
+        _check(mods == ["core_attn"], "train.recompute_modules",
+               f"only used with train.recompute: selective (it is {tr.recompute!r})")
+        return
+    _check(len(mods) > 0, "train.recompute_modules", "empty: nothing to recompute")
+    if "moe_act" in mods or "moe" in mods:
+        _check(moe.num_experts > 0, "train.recompute_modules", "moe_act/moe need MoE layers")
+    if "moe_act" in mods:
+        _check(moe.grouped_gemm, "train.recompute_modules",
+               "moe_act needs grouped experts (moe.grouped_gemm: true)")
 
 
 def check_paths(cfg: Config) -> None:

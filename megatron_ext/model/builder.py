@@ -11,6 +11,7 @@ Also chosen here: the loss head (``FusedLossGPTModel`` or megatron's), the token
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -116,6 +117,8 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
         kwargs["recompute_granularity"] = cfg.train.recompute
         if cfg.train.recompute == "full":
             kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+        else:
+            kwargs["recompute_modules"] = list(cfg.train.recompute_modules)
     if moe.num_experts > 0:
         kwargs.update(
             num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k,
@@ -127,7 +130,10 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
             # "local" replaces the allgather dispatcher after the build (build_model).
             moe_token_dispatcher_type=(
                 "allgather" if backends.dispatcher == "local" else backends.dispatcher),
-            moe_grouped_gemm=backends.experts == "te-grouped",
+            # megatron reads this flag when building its spec (whose experts our grouped ones
+            # then replace) and requires it for moe_act recompute, which ours implement too.
+            moe_grouped_gemm=backends.experts == "te-grouped" or (
+                backends.experts == "grouped" and "moe_act" in kwargs.get("recompute_modules", [])),
             moe_layer_freq=moe_layer_pattern(cfg),
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_token_drop_policy=moe.token_drop_policy,
@@ -138,9 +144,13 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
 
 
 def layer_specs(config: TransformerConfig, backends: Backends):
-    block = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=backends.spec == "te", normalization="RMSNorm"
-    )
+    with warnings.catch_warnings():
+        # With moe_grouped_gemm (set for moe_act recompute) and no TE, megatron picks and warns
+        # about its legacy GroupedMLP; our grouped experts replace it below.
+        warnings.filterwarnings("ignore", message="The legacy GroupedMLP")
+        block = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=backends.spec == "te", normalization="RMSNorm"
+        )
     if backends.spec == "te":
         return block
     core = {"sdpa": SDPAttention, "flash": FlashAttention, "unfused": DotProductAttention}[

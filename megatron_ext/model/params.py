@@ -92,8 +92,16 @@ def memory_estimate_gb(cfg: Config, world_size: int, bf16: bool = True) -> dict[
     # recompute; Korthikanti et al. 2022) with MoE layers holding top_k copies of the MLP part.
     k = cfg.moe.top_k if cfg.moe.num_experts else 1
     act_layer = s * b * m.hidden_size * (18 + 16 * k) * (w_bytes / 2) / par.tensor
-    logits = s * b * padded_vocab(cfg) * 4 / par.tensor  # fp32 logits for the loss
-    acts = m.num_layers * act_layer + logits
+    if cfg.train.recompute == "full":
+        # Each layer keeps its input; backward rebuilds one layer's activations at a time.
+        layers = m.num_layers * s * b * m.hidden_size * w_bytes / par.tensor + act_layer
+    else:  # selective recompute is not modelled: an upper bound
+        layers = m.num_layers * act_layer
+    # Logits for the loss: the fused loss keeps them in the model dtype; megatron's path adds an
+    # fp32 copy (docs/benchmarks.md, LM head + loss memory).
+    logit_bytes = w_bytes if cfg.model.lm_loss == "fused" else w_bytes + 4
+    logits = s * b * padded_vocab(cfg) * logit_bytes / par.tensor
+    acts = layers + logits
     gb = 1024**3
     return {"weights": weights / gb, "grads": grads / gb, "optimizer": optim / gb,
             "activations": acts / gb, "total": (weights + grads + optim + acts) / gb}

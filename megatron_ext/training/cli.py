@@ -73,7 +73,9 @@ def dry_run(cfg: Config) -> str:
         f"{cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)}",
         f"steps: {steps:,} ({steps * cfg.train.global_batch_size * cfg.data.seq_length / 1e9:.1f}B "
         f"tokens), {flops_per_token(cfg) / 1e9:.2f} GFLOP/token",
-        "memory per GPU (estimate, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()),
+        "memory per GPU (estimate, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items())
+        + {"full": " (full recompute)", "selective": " (selective recompute not modelled: "
+           "activations are an upper bound)"}.get(cfg.train.recompute, ""),
     ]
     built = _meta_param_count(cfg)
     status = "matches" if built == c.total else f"DIFFERS from {c.total:,}"

@@ -104,15 +104,19 @@ def test_megatron_moe_forward_backward_on_cpu(tmp_path, dispatcher):
 
 
 def test_megatron_fixes_apply_without_the_cpu_path(tmp_path):
-    """The te_general_gemm fix is device-independent: init on a GPU box without TE needs it."""
+    """The fixes are device-independent: init on a GPU box without TE needs them."""
     script = tmp_path / "compat.py"
     script.write_text(textwrap.dedent("""
         from megatron.core.transformer.moe import moe_utils
         from megatron_ext.platform import cpu
         from megatron_ext.platform.compat import apply_megatron_fixes
         assert not hasattr(moe_utils, "te_general_gemm")  # megatron-core 0.16.1 without TE
-        assert apply_megatron_fixes() == ["moe_utils.te_general_gemm=None"]
+        from megatron.core.tensor_parallel import CheckpointWithoutOutput
+        assert CheckpointWithoutOutput().fp8  # megatron-core 0.16.1: the default means FP8
+        assert apply_megatron_fixes() == ["moe_utils.te_general_gemm=None",
+                                          "CheckpointWithoutOutput fp8 default"]
         assert moe_utils.te_general_gemm is None and not cpu.is_enabled()
+        assert not CheckpointWithoutOutput().fp8 and not CheckpointWithoutOutput(None).fp8
         assert apply_megatron_fixes() == []
         print("COMPAT-OK")
     """))
