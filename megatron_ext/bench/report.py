@@ -189,18 +189,21 @@ def render_markdown(res: dict[str, Any]) -> str:
         "head + 12 x layers x hidden x seq)",
         f"- step: {res['step']}", "",
         "| variant | micro-batch | tokens/s | model TFLOP/s | MFU | step ms (mean / min) "
-        "| peak mem GiB | loss first -> last |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| peak mem GiB | activations GiB | loss first -> last |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in res["variants"].items():
         if r["status"] != "ok":
-            lines.append(f"| {name} | | failed: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {name} | | failed: {r['error'][:120]} | | | | | | |")
             continue
         lines.append(
             f"| {name} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | "
             f"{_num(r['model_tflops'])} | "
             f"{_num(100 * r['mfu'])}% | {r['step_ms_mean']:.1f} / {r['step_ms_min']:.1f} | "
-            f"{r['peak_memory_gib']:.2f} | {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} |")
+            f"{r['peak_memory_gib']:.2f} | {r.get('activations_gib', float('nan')):.2f} | "
+            f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} |")
+    lines += ["", "Activations: what one forward keeps for backward (autograd's saved tensors, "
+              "parameters excluded), the same measure for every variant."]
     lines += ["", "Ratios (tokens/s): " + (", ".join(
         f"{k} = {v:.2f}" for k, v in res["ratios"].items()) or "n/a"), "", "Variants:"]
     for name, r in res["variants"].items():

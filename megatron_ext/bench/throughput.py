@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron_ext.bench import report
+from megatron_ext.bench.activations import saved_activation_bytes
 from megatron_ext.config.loader import load_config
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import validate
@@ -272,6 +273,7 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
     for _ in range(opts.warmup):
         train_step(w, opt, params, batch, clip)
     sync()
+    activations_gib = held_activations_gib(w, batch)
     times, losses = [], []
     for _ in range(opts.steps):
         t0 = time.perf_counter()
@@ -289,6 +291,7 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
         "tokens_per_s": tok_s, "model_tflops": tflops, "mfu": tflops / opts.peak_tflops,
         "step_ms_mean": 1e3 * sum(times) / len(times), "step_ms_min": 1e3 * min(times),
         "step_ms_max": 1e3 * max(times), "peak_memory_gib": peak["gib"],
+        "activations_gib": activations_gib,
         "peak_memory_kind": peak["kind"], "memory_after_build_gib": weights_gib,
         "params": sum(p.numel() for p in params), "build_s": build_s,
         "losses": [float(x) for x in losses], **w.info,
@@ -301,6 +304,17 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
     del w, opt, params, losses
     free_memory()
     return result
+
+
+def held_activations_gib(w: Workload, batch: dict) -> float:
+    """What one forward keeps for backward (autograd's saved tensors, parameters excluded): the
+    same measure for every variant, HF included, on any device. Outside the timed steps."""
+    with saved_activation_bytes(w.model.parameters()) as held:
+        loss = w.loss_fn(batch)
+        sync()
+        n = held()
+    del loss
+    return n / 1024**3
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:

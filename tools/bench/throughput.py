@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in res["variants"].items():
         if r["status"] == "ok":
             print(f"{name:6s} {r['tokens_per_s']:>12,.0f} tokens/s  {r['model_tflops']:8.2f} "
-                  f"TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_memory_gib']:.2f} GiB")
+                  f"TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_memory_gib']:.2f} GiB  "
+                  f"activations {r['activations_gib']:.2f} GiB")
         else:
             print(f"{name:6s} FAILED: {r['error']}")
     # The ratios last: the line a reader (or a log tail) looks for.
