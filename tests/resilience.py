@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,8 +39,21 @@ def env() -> dict:
 
 
 def popen(args: list[str]) -> subprocess.Popen:
+    """In its own session, so that ``kill_job`` can take down everything it started."""
     return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL to the run's whole process group, as a scheduler ends a job: the trainer, its
+    checkpoint writers and the result-queue manager that megatron's writer starts (which a
+    SIGKILL of the trainer alone would leave running)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing of it left
+        pass
+    proc.wait()
 
 
 def wait_for_line(proc: subprocess.Popen, predicate, timeout: float = 300) -> list[str]:

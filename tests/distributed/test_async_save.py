@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from megatron_ext.checkpoint import dist as ckpt
 from tests.conftest import run_cli, torchrun
-from tests.resilience import popen, small_args, wait_for_line
+from tests.resilience import kill_job, popen, small_args, wait_for_line
 
 STEPS = 6
 ASYNC = ("--set", "checkpoint.async_save=true")
@@ -91,11 +91,12 @@ def test_kill9_during_background_write_resumes_from_the_previous_one(tmp_path):
     args = small_args(tmp_path, 10, "--set", "checkpoint.save_interval=4", *ASYNC)
     proc = popen(args)
     wait_for_line(proc, lambda line: "iter_0000008 in the background" in line)
-    proc.kill()
+    proc.kill()  # the trainer alone: its writer may still be running
     proc.wait()
     root = tmp_path / "ckpt"
     assert (root / "latest").read_text().strip() == "iter_0000004"
     assert not (root / "iter_0000008").exists()
+    kill_job(proc)  # then the rest of the job (the writer, megatron's result-queue manager)
     again = run_cli(args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "iter_0000004 at step 4" in again.stdout, again.stdout[-3000:]

@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from tests.conftest import run_cli
-from tests.resilience import losses_by_step, popen, small_args, wait_for_line
+from tests.resilience import kill_job, losses_by_step, popen, small_args, wait_for_line
 
 STEPS = 12
 # Both tests also run with background (async) saves: a kill mid-write must leave the previous
@@ -32,8 +32,7 @@ def test_kill9_after_save_then_restart_is_bit_identical(tmp_path, reference, mod
                          and "iter_0000004" in line)
     if not any(_step(line) >= kill_at for line in seen):
         wait_for_line(proc, lambda line: _step(line) >= kill_at)
-    proc.kill()  # SIGKILL: no handler runs, nothing is flushed
-    proc.wait()
+    kill_job(proc)  # SIGKILL: no handler runs, nothing is flushed
     # The kill lands during step kill_at + 1. On a loaded machine it can land late enough for
     # the step-8 save to have completed; resuming from there is equally what must work.
     latest = (tmp_path / "ckpt" / "latest").read_text().strip()
