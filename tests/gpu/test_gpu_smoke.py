@@ -222,7 +222,9 @@ def test_moe_layer_forward_backward_has_no_host_sync(smoke: SmokeResult) -> None
 def test_async_save_writes_the_state_at_the_call_on_gpu(smoke: SmokeResult, tmp_path) -> None:
     """checkpoint.async_save on GPU: megatron copies the shards to host memory, then forks the
     writer; parameters changed right after save() returns must not reach the checkpoint.
-    Last in this module: it changes the smoke run's parameters (and restores them)."""
+    Model only (0.8 GB, not 6 GB with the optimizer) to keep the GPU session's smoke step short;
+    the optimizer's path is the same code and is checked on CPU. Last in this module: it changes
+    the smoke run's parameters (and restores them)."""
     from tests.resilience import check_async_snapshot
 
-    check_async_snapshot(smoke.run.model, smoke.run.optimizer, tmp_path / "ckpt")
+    check_async_snapshot(smoke.run.model, None, tmp_path / "ckpt")
