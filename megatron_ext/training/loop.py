@@ -149,7 +149,7 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter,
     try:
         code, status, losses = _steps(run, state, writer, preempt or Preemption(), saver, stats)
         if saver is not None:
-            _log_saved(run, saver, saver.wait())
+            _log_saved(run, saver, saver.wait(), writer, state.step)
     except BaseException:
         if saver is not None:
             saver.close(abort=True)  # an unfinished background write must not become latest
@@ -218,7 +218,7 @@ def _steps(run: Run, state: ckpt.TrainState, writer: MetricsWriter, preempt: Pre
         if not skipped:
             losses = [loss if losses[0] is None else losses[0], loss]
         if saver is not None and saver.pending:
-            _log_saved(run, saver, saver.poll())
+            _log_saved(run, saver, saver.poll(), writer, state.step)
 
         if state.step % tr.log_interval == 0 or state.step == run.total_steps:
             metrics = _interval_metrics(run, state, window, loss, grad_norm, fpt, stats, t_start)
@@ -244,9 +244,10 @@ def _steps(run: Run, state: ckpt.TrainState, writer: MetricsWriter, preempt: Pre
             t_save = time.time()
             state.scheduler = run.scheduler.state_dict()
             committed = saver.save(state, run.model, run.optimizer, resolved, layout_key)
-            _log_saved(run, saver, committed)
+            _log_saved(run, saver, committed, writer, state.step)
             if stop:
-                _log_saved(run, saver, saver.wait())  # the job is about to end: finish the write
+                # The job is about to end: finish the write.
+                _log_saved(run, saver, saver.wait(), writer, state.step)
             elif saver.pending and layout.rank == 0:
                 log(f"writing checkpoint {saver.in_flight[-1]} in the background")
             window["save"] += time.time() - t_save
@@ -266,12 +267,17 @@ def _new_window() -> dict:
             "save": 0.0}
 
 
-def _log_saved(run: Run, saver: Saver, paths: list) -> None:
-    if run.layout.rank == 0:
-        for path in paths:
-            took = saver.write_seconds.get(path)
+def _log_saved(run: Run, saver: Saver, paths: list, writer: MetricsWriter, step: int) -> None:
+    """Log committed checkpoints; background writes also go to the metrics (kind checkpoint,
+    at the step they were committed) so W&B shows how long they take against save_interval."""
+    for path in paths:
+        took = saver.write_seconds.pop(path, None)
+        if run.layout.rank == 0:
             log(f"saved checkpoint {path}" + ("" if took is None else
                                                f" (background write {took:.1f}s)"))
+        if took is not None:
+            writer.write(step, {"saved_step": int(ckpt.ITER_RE.match(path.name).group(1)),
+                                "background_write_s": took}, kind="checkpoint")
 
 
 def layout_dict(run: Run) -> dict:

@@ -55,6 +55,12 @@ def test_async_checkpoints_equal_sync_ones(runs, tmp_path):
     assert (async_root / "latest").read_text().strip() == "iter_0000006"
     assert not list(async_root.glob(".tmp_*"))
     assert out.count("in the background") == 3 and out.count("saved checkpoint") == 3, out
+    # Each background write also reaches the metrics (and so W&B) with its duration.
+    records = [json.loads(line) for line in
+               (async_root.parent / "run" / "metrics.jsonl").read_text().splitlines()]
+    writes = [r for r in records if r["kind"] == "checkpoint"]
+    assert [r["saved_step"] for r in writes] == [2, 4, 6], writes
+    assert all(r["background_write_s"] > 0 and r["step"] >= r["saved_step"] for r in writes)
     for name in names:
         a, s = async_root / name, sync_root / name
         assert sorted(ckpt.verify(a)["files"]) == sorted(ckpt.verify(s)["files"])
