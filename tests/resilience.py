@@ -97,7 +97,7 @@ def check_async_snapshot(model, optimizer, root: Path) -> None:
         for p in inner.parameters():
             p.add_(1.0)
     assert not (root / "latest").exists()  # committed by the trainer, not by the writer
-    assert [p.name for p in saver.wait()] == ["iter_0000003"]
+    assert [p.name for p, _ in saver.wait()] == ["iter_0000003"]
     assert (root / "latest").read_text().strip() == "iter_0000003"
     # Loading it back into the (changed) model restores exactly the earlier parameters.
     assert ckpt.load_weights(root, model) == root / "iter_0000003"

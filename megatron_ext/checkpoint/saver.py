@@ -7,12 +7,15 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext.checkpoint.dist import CheckpointError, TrainState, _rank, save
 
+# A committed checkpoint and its background write time (None: written synchronously).
+Committed = tuple[Path, Optional[float]]
 
 class Saver:
     """The loop's checkpoint writer: synchronous, or asynchronous with ``async_save``.
@@ -27,49 +30,48 @@ class Saver:
                  async_save: bool):
         self.root, self.keep_last, self.fully_reshardable = Path(root), keep_last, fully_reshardable
         self.queue = AsyncCallsQueue() if async_save else None
-        self.in_flight: list[Path] = []
-        self.started: dict[Path, float] = {}
-        self.write_seconds: dict[Path, float] = {}  # background save start -> commit
+        self.in_flight: list[tuple[Path, float]] = []  # (checkpoint, monotonic start time)
 
     @property
     def pending(self) -> bool:
         return bool(self.in_flight)
 
-    def save(self, state: TrainState, model, optimizer, config: dict, layout: dict) -> list[Path]:
+    def save(self, state: TrainState, model, optimizer, config: dict,
+             layout: dict) -> list[Committed]:
         """Start (async) or write (sync) a checkpoint; returns the checkpoints committed now."""
         done = self.wait()
         path = save(self.root, state, model, optimizer, config, layout, self.keep_last,
                     self.fully_reshardable, self.queue)
         if self.queue is None:
-            return done + [path]
-        self.in_flight.append(path)
-        self.started[path] = time.monotonic()
+            return done + [(path, None)]
+        self.in_flight.append((path, time.monotonic()))
         return done
 
-    def poll(self, wait: bool = False) -> list[Path]:
-        """Commit the async saves whose writers have finished on every rank (all, with wait)."""
+    def poll(self, wait: bool = False) -> list[Committed]:
+        """Commit the async saves whose writers have finished on every rank (all, with wait);
+        each with its background write time (start to commit)."""
         if not self.in_flight:
             return []
         try:
             n = len(self.queue.maybe_finalize_async_calls(blocking=wait))
         except (Exception, CheckpointException) as e:  # the latter is a BaseException
-            names = ", ".join(p.name for p in self.in_flight)
+            names = ", ".join(p.name for p, _ in self.in_flight)
             if _rank() == 0:  # every writer has ended (megatron finalizes only then)
-                for path in self.in_flight:
+                for path, _ in self.in_flight:
                     shutil.rmtree(path.with_name(f".tmp_{path.name}"), ignore_errors=True)
             self.in_flight.clear()
             raise CheckpointError(f"background checkpoint write of {names} failed: "
                                   f"{_failure_summary(e)}") from e
         done, self.in_flight = self.in_flight[:n], self.in_flight[n:]
-        for path in done:
-            self.write_seconds[path] = time.monotonic() - self.started.pop(path)
-        return done
+        now = time.monotonic()
+        return [(path, now - start) for path, start in done]
 
-    def wait(self) -> list[Path]:
+    def wait(self) -> list[Committed]:
         return self.poll(wait=True)
 
     def close(self, abort: bool = False) -> None:
-        """``abort`` (after an error) kills writers; their directory stays ``.tmp_*``, never latest."""
+        """``abort`` (after an error) kills writers: their directory stays ``.tmp_*``, never
+        latest."""
         if self.queue is None or not self.in_flight:
             return
         if abort:

@@ -149,7 +149,7 @@ def train(run: Run, state: ckpt.TrainState, writer: MetricsWriter,
     try:
         code, status, losses = _steps(run, state, writer, preempt or Preemption(), saver, stats)
         if saver is not None:
-            _log_saved(run, saver, saver.wait(), writer, state.step)
+            _log_saved(run, saver.wait(), writer, state.step)
     except BaseException:
         if saver is not None:
             saver.close(abort=True)  # an unfinished background write must not become latest
@@ -218,7 +218,7 @@ def _steps(run: Run, state: ckpt.TrainState, writer: MetricsWriter, preempt: Pre
         if not skipped:
             losses = [loss if losses[0] is None else losses[0], loss]
         if saver is not None and saver.pending:
-            _log_saved(run, saver, saver.poll(), writer, state.step)
+            _log_saved(run, saver.poll(), writer, state.step)
 
         if state.step % tr.log_interval == 0 or state.step == run.total_steps:
             metrics = _interval_metrics(run, state, window, loss, grad_norm, fpt, stats, t_start)
@@ -244,12 +244,12 @@ def _steps(run: Run, state: ckpt.TrainState, writer: MetricsWriter, preempt: Pre
             t_save = time.time()
             state.scheduler = run.scheduler.state_dict()
             committed = saver.save(state, run.model, run.optimizer, resolved, layout_key)
-            _log_saved(run, saver, committed, writer, state.step)
+            _log_saved(run, committed, writer, state.step)
             if stop:
                 # The job is about to end: finish the write.
-                _log_saved(run, saver, saver.wait(), writer, state.step)
+                _log_saved(run, saver.wait(), writer, state.step)
             elif saver.pending and layout.rank == 0:
-                log(f"writing checkpoint {saver.in_flight[-1]} in the background")
+                log(f"writing checkpoint {saver.in_flight[-1][0]} in the background")
             window["save"] += time.time() - t_save
         if stop:
             if layout.rank == 0:
@@ -267,11 +267,10 @@ def _new_window() -> dict:
             "save": 0.0}
 
 
-def _log_saved(run: Run, saver: Saver, paths: list, writer: MetricsWriter, step: int) -> None:
+def _log_saved(run: Run, committed: list, writer: MetricsWriter, step: int) -> None:
     """Log committed checkpoints; background writes also go to the metrics (kind checkpoint,
     at the step they were committed) so W&B shows how long they take against save_interval."""
-    for path in paths:
-        took = saver.write_seconds.pop(path, None)
+    for path, took in committed:
         if run.layout.rank == 0:
             log(f"saved checkpoint {path}" + ("" if took is None else
                                                f" (background write {took:.1f}s)"))

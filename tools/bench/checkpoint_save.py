@@ -2,8 +2,9 @@
 
 Runs ``pretrain_moe.py`` twice with the same config (mock data), saving every
 ``--save-interval`` steps, and reads from the run's metrics.jsonl the time each step window spent
-in saves (``time/save_s``: what training waited for) and from its log the background write time
-of each async save (start to commit). Prints a Markdown section for docs/benchmarks.md.
+in saves (``time/save_s``: what training waited for) and the background write time of each
+async save (``checkpoint`` records: start to commit). Prints a Markdown section for
+docs/benchmarks.md.
 
 Example (CPU, 8x152M at a short sequence; ~5 GB per checkpoint with Adam state):
   python tools/bench/checkpoint_save.py --config configs/8x152M.yaml --seq 256 --out /tmp/ckb
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -27,9 +27,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from megatron_ext.bench.report import device_name, free_port  # noqa: E402
-
-WRITE_RE = re.compile(r"saved checkpoint (\S+) \(background write ([0-9.]+)s\)")
-
 
 def run_mode(config: str, overrides: list[str], work: Path, async_save: bool, steps: int,
              interval: int) -> dict:
@@ -57,7 +54,7 @@ def run_mode(config: str, overrides: list[str], work: Path, async_save: bool, st
     train = {r["step"]: r for r in records if r["kind"] == "train"}
     saves = [train[s + 1]["time/save_s"] for s in range(interval, steps, interval)]
     step_s = [r["time/step_s"] for s, r in sorted(train.items()) if s > 1]
-    writes = [float(m.group(2)) for m in WRITE_RE.finditer(proc.stdout)]
+    writes = [r["background_write_s"] for r in records if r["kind"] == "checkpoint"]
     ckpt = next((work / tag / "ckpt").glob("iter_*"))
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     return {"mode": tag, "saves_s": saves, "step_s": sum(step_s) / max(len(step_s), 1),
