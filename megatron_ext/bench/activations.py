@@ -21,7 +21,10 @@ def saved_activation_bytes(params: Iterable[torch.Tensor]) -> Iterator[Callable[
         st = t.untyped_storage()
         if st._cdata not in skip:
             storages[st._cdata] = st
-        return t
+        # Detached: returning ``t`` itself would make a saved *output* point back at the node
+        # that saved it (t.grad_fn), a cycle through C++ that Python's gc cannot free; the whole
+        # graph then outlives the measurement (GBs per bench variant on the GPU).
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield lambda: sum(st.nbytes() for st in storages.values())

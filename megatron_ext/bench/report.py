@@ -11,6 +11,7 @@ import resource
 import shlex
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -109,17 +110,29 @@ def _self_time_us(evt: Any, cuda: bool) -> float:
                  or getattr(evt, "self_cuda_time_total", 0.0))
 
 
-def kernel_table(events: Any, cuda: bool, steps: int, top: int = 15) -> str:
+def kernel_table(events: Any, cuda: bool, steps: int, top: int = 15,
+                 wall_ms_per_step: float = 0.0) -> str:
     """Top ops by self time (device kernels on GPU, CPU ops on CPU) as a Markdown table."""
+    if cuda:
+        # Kernels, copies and memsets only: a CPU op's "self device time" is its kernels'
+        # time again, and counting both lists every kernel twice.
+        from torch.autograd import DeviceType
+
+        events = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
     rows = [(e.key, e.count, _self_time_us(e, cuda)) for e in events]
     # ProfilerStep# spans the whole step on the CPU: a wrapper, not an op.
     rows = [r for r in rows if r[2] > 0 and not r[0].startswith("ProfilerStep")]
     total = sum(r[2] for r in rows) or 1.0
     rows.sort(key=lambda r: r[2], reverse=True)
     what = "self CUDA time" if cuda else "self CPU time"
+    per_step = total / 1e3 / max(steps, 1)
+    busy = ""
+    if wall_ms_per_step:
+        busy = (f"; wall {wall_ms_per_step:.1f} ms per profiled step, so the device is idle "
+                f"{max(0.0, 1 - per_step / wall_ms_per_step):.0%} of it") if cuda else ""
     lines = [
         f"{what} over {steps} profiled steps; total {total / 1e3:.1f} ms "
-        f"({total / 1e3 / max(steps, 1):.1f} ms per step)", "",
+        f"({per_step:.1f} ms per step){busy}", "",
         f"| # | kernel / op | calls | {what} (ms) | % | avg (us) |",
         "|---:|---|---:|---:|---:|---:|",
     ]
@@ -141,15 +154,21 @@ def profile_steps(step: Callable[[], Any], name: str, out_dir: Path, steps: int,
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     # repeat=1: one cycle only; otherwise the profiler starts a new (empty) cycle at exit.
     plan = schedule(wait=0, warmup=1, active=steps, repeat=1)
+    wall = 0.0
     with profile(activities=activities, schedule=plan) as prof:
-        for _ in range(steps + 1):
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
             step()
             if cuda:
                 torch.cuda.synchronize()
+            if i:  # the first is the profiler's warm-up step
+                wall += time.perf_counter() - t0
             prof.step()
-    out: dict[str, Any] = {"table": kernel_table(prof.key_averages(), cuda, steps)}
+    out: dict[str, Any] = {"table": kernel_table(prof.key_averages(), cuda, steps,
+                                                 wall_ms_per_step=1e3 * wall / max(steps, 1))}
     if trace:
-        raw = out_dir / f"trace_{name}.json"
+        safe = name.replace("+", "_").replace("=", "-").replace(".", "-")  # a plain file name
+        raw = out_dir / f"trace_{safe}.json"
         prof.export_chrome_trace(str(raw))
         gz = raw.with_suffix(".json.gz")
         with raw.open("rb") as src, gzip.open(gz, "wb") as dst:

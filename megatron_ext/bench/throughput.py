@@ -73,6 +73,7 @@ class BenchOptions:
     variants: tuple[str, ...] = VARIANTS
     profile: bool = False
     profile_steps: int = 2
+    profile_variants: Optional[tuple[str, ...]] = None  # None: those without +overrides
     trace_max_mb: float = 15.0
 
 
@@ -235,6 +236,34 @@ def train_step(w: Workload, opt: torch.optim.Optimizer, params: list, batch: dic
     return loss.detach()
 
 
+def make_step(w: Workload, opt: torch.optim.Optimizer, params: list, batch: dict, clip: float,
+              cuda_graph: bool) -> Callable[[], torch.Tensor]:
+    """One training step as a no-argument callable; with ``cuda_graph`` its forward+backward is
+    captured after two eager calls and replayed (megatron_ext.training.cuda_graph), as
+    ``train.cuda_graph`` does in the training loop."""
+    if not cuda_graph:
+        return functools.partial(train_step, w, opt, params, batch, clip)
+    from megatron_ext.training.cuda_graph import StepGraph
+
+    graph = StepGraph()
+
+    def forward_backward() -> torch.Tensor:
+        loss = w.loss_fn(batch)
+        loss.backward()
+        return loss.detach()
+
+    def step() -> torch.Tensor:
+        if not graph.captured:  # afterwards the gradients' memory belongs to the graph
+            opt.zero_grad(set_to_none=True)
+        loss = graph.run(forward_backward).clone()  # the graph's output is overwritten
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        opt.step()
+        return loss
+
+    return step
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -269,15 +298,16 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
     sync()
     build_s = time.perf_counter() - t_build
     weights_gib = report.allocated_gib()
-    clip = cfg.optimizer.clip_grad
+    graphed = base != "hf" and cfg.train.cuda_graph
+    step = make_step(w, opt, params, batch, cfg.optimizer.clip_grad, graphed)
     for _ in range(opts.warmup):
-        train_step(w, opt, params, batch, clip)
+        step()
     sync()
     activations_gib = held_activations_gib(w, batch)
     times, losses = [], []
     for _ in range(opts.steps):
         t0 = time.perf_counter()
-        losses.append(train_step(w, opt, params, batch, clip))
+        losses.append(step())
         sync()
         times.append(time.perf_counter() - t0)
     peak = report.peak_memory_gib()
@@ -296,12 +326,13 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
         "params": sum(p.numel() for p in params), "build_s": build_s,
         "losses": [float(x) for x in losses], **w.info,
     }
-    if opts.profile and not extra and out_dir is not None:  # ablations: numbers only
-        steps = functools.partial(train_step, w, opt, params, batch, clip)
+    wanted = (name in opts.profile_variants if opts.profile_variants is not None
+              else not extra)  # by default ablations give numbers only
+    if opts.profile and wanted and out_dir is not None:
         result["profile"] = report.profile_steps(
-            steps, name, out_dir, opts.profile_steps, trace=(name == "ours"),
+            step, name, out_dir, opts.profile_steps, trace=(base == "ours"),
             trace_max_mb=opts.trace_max_mb)
-    del w, opt, params, losses
+    del w, opt, params, losses, step
     free_memory()
     return result
 

@@ -144,6 +144,11 @@ class TrainConfig:
     (megatron-core's choices): core_attn (attention; little to gain with SDPA/flash, which keep
     no score matrix), layernorm (both RMSNorms' outputs), moe_act (the experts' SwiGLU output;
     grouped experts), mlp (dense MLP layers), moe (whole MoE layers)."""
+    cuda_graph: bool = False
+    """Capture each step's forward+backward (all micro-batches) as one CUDA graph after two
+    eager steps, and replay it: removes the host launch overhead that bounds small models on a
+    GPU (8x152M). GPU only; needs the local token dispatcher (no expert/tensor parallelism, no
+    capacity factor), no recomputation and no nan_injection_steps."""
     deterministic: bool = True
     """Fix CPU threads and pick deterministic algorithms so reruns are bit-identical on CPU."""
     nan_injection_steps: list = field(default_factory=list)

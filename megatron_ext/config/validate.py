@@ -129,6 +129,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(tr.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")
     _check(tr.peak_tflops > 0, "train.peak_tflops", "must be positive")
     _check_recompute(cfg)
+    _check_cuda_graph(cfg)
 
     opt = cfg.optimizer
     _check(0 <= opt.min_lr <= opt.lr, "optimizer.min_lr",
@@ -186,6 +187,23 @@ def _check_recompute(cfg: Config) -> None:
     if "moe_act" in mods:
         _check(moe.grouped_gemm, "train.recompute_modules",
                "moe_act needs grouped experts (moe.grouped_gemm: true)")
+
+
+def _check_cuda_graph(cfg: Config) -> None:
+    """A captured step replays the same kernels on the same buffers: nothing in it may depend
+    on the host (megatron's alltoall/allgather dispatchers move token counts to the host; its
+    recomputation forks the CUDA RNG state; NaN injection changes the step)."""
+    tr, moe, par = cfg.train, cfg.moe, cfg.parallel
+    if not tr.cuda_graph:
+        return
+    if moe.num_experts > 0:
+        _check(moe.token_dispatcher in ("auto", "local") and par.expert == 1 and par.tensor == 1
+               and moe.capacity_factor is None, "train.cuda_graph",
+               "needs the local token dispatcher: parallel.expert=1, parallel.tensor=1, no "
+               "moe.capacity_factor, moe.token_dispatcher auto or local")
+    _check(tr.recompute == "none", "train.cuda_graph", "cannot be combined with train.recompute")
+    _check(not tr.nan_injection_steps, "train.cuda_graph",
+           "cannot be combined with train.nan_injection_steps")
 
 
 def check_paths(cfg: Config) -> None:

@@ -194,11 +194,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(dry_run(cfg))
         return EXIT_OK
     from megatron_ext.data.errors import DataError
+    from megatron_ext.training.cuda_graph import GraphCaptureError
 
     try:
         return train_main(cfg)
-    except (ConfigError, DataError) as e:  # found while building (backend, tokenizer, data)
-        return _fail(f"error: {e}")
+    except (ConfigError, DataError, GraphCaptureError) as e:  # found while building (backend,
+        return _fail(f"error: {e}")                            # tokenizer, data) or capturing
     except Exception:  # noqa: BLE001 - report, then a distinct exit code for the launcher
         traceback.print_exc()
         return EXIT_FAILED

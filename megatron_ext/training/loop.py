@@ -25,6 +25,7 @@ from megatron_ext.checkpoint.saver import Saver
 from megatron_ext.config.loader import to_dict
 from megatron_ext.model.params import flops_per_token
 from megatron_ext.training.batches import MicroBatches
+from megatron_ext.training.cuda_graph import StaticInputs, StepGraph
 from megatron_ext.training.loggers import MetricsWriter, format_line, log, warn
 from megatron_ext.training.optim import clip_and_step, prepare_and_norm
 from megatron_ext.training.router_stats import RouterStats
@@ -178,17 +179,27 @@ def _steps(run: Run, state: ckpt.TrainState, writer: MetricsWriter, preempt: Pre
     losses = [None, None]
     t_start = time.time()
     window = _new_window()
+    # train.cuda_graph: the forward+backward of all micro-batches replays one captured graph
+    # that reads its inputs from fixed buffers (validation excluded NaN injection).
+    graph = StepGraph() if tr.cuda_graph else None
+    inputs = StaticInputs() if tr.cuda_graph else None
     while state.step < run.total_steps:
         t0 = time.time()
         batches = list(micro.step(state.consumed_samples))
+        if inputs is not None:
+            batches = inputs.stage(batches)
         t1 = time.time()
         run.model.zero_grad_buffer()
         run.optimizer.zero_grad()
         nan_step = state.step + 1 in tr.nan_injection_steps
-        reports = fb(forward_step_func=_forward_step_factory(nan_step), data_iterator=iter(batches),
-                     model=[run.model], num_microbatches=micro.num_microbatches,
-                     seq_length=cfg.data.seq_length, micro_batch_size=tr.micro_batch_size,
-                     forward_only=False)
+
+        def forward_backward() -> list[dict]:
+            return fb(forward_step_func=_forward_step_factory(nan_step),
+                      data_iterator=iter(batches), model=[run.model],
+                      num_microbatches=micro.num_microbatches, seq_length=cfg.data.seq_length,
+                      micro_batch_size=tr.micro_batch_size, forward_only=False)
+
+        reports = forward_backward() if graph is None else graph.run(forward_backward)
         t2 = time.time()
         loss = _reduce_loss(reports, layout.device)
         found_inf, grad_norm = prepare_and_norm(run.optimizer)

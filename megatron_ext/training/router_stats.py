@@ -22,14 +22,14 @@ class RouterStats:
         self.top_k = top_k
         self.layers: list[int] = []
         self.counts: list[torch.Tensor | None] = []
-        self.tokens: list[int] = []
+        self.tokens: list[torch.Tensor | None] = []
         self._handles = []
         for name, module in model.named_modules():
             if isinstance(module, TopKRouter):
                 idx = len(self.layers)
                 self.layers.append(module.layer_number)
                 self.counts.append(None)
-                self.tokens.append(0)
+                self.tokens.append(None)
                 self._handles.append(module.register_forward_hook(self._hook(idx)))
 
     def _hook(self, idx: int):
@@ -38,8 +38,13 @@ class RouterStats:
             if not torch.is_grad_enabled():
                 return  # skip validation / analysis forwards
             c = routing_map.sum(dim=0, dtype=torch.float32).detach()
-            self.counts[idx] = c if self.counts[idx] is None else self.counts[idx] + c
-            self.tokens[idx] += routing_map.shape[0]
+            if self.counts[idx] is None:
+                self.counts[idx] = torch.zeros_like(c)
+                self.tokens[idx] = torch.zeros((), dtype=torch.float32, device=c.device)
+            # In place, into fixed buffers: a captured CUDA graph (train.cuda_graph) replays
+            # these adds without running this hook again.
+            self.counts[idx].add_(c)
+            self.tokens[idx].add_(routing_map.shape[0])
 
         return hook
 
@@ -47,8 +52,8 @@ class RouterStats:
         """Reduce and reset; returns flat metrics ``moe/layer{L}/...`` plus averages."""
         if not self.layers or self.counts[0] is None:
             return {}
-        counts = torch.stack(self.counts)  # [moe_layers, experts]
-        tokens = torch.tensor(self.tokens, dtype=torch.float32, device=counts.device)
+        counts = torch.stack(self.counts)  # [moe_layers, experts] (copies)
+        tokens = torch.stack(self.tokens)
         if dist.is_initialized():
             groups = [parallel_state.get_data_parallel_group()]
             if parallel_state.get_tensor_model_parallel_world_size() > 1:
@@ -58,8 +63,8 @@ class RouterStats:
                 dist.all_reduce(counts, group=group)
                 dist.all_reduce(tokens, group=group)
         counts, tokens = counts.cpu(), tokens.cpu()
-        self.counts = [None] * len(self.layers)
-        self.tokens = [0] * len(self.layers)
+        for buf in (*self.counts, *self.tokens):
+            buf.zero_()
         out: dict[str, float] = {}
         ratios, entropies, dropped = [], [], []
         E = counts.shape[1]

@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
-# A GPU session in two commands, each within one 10-minute device call (H100):
-#   part 1: the GPU smoke test; the LM head + loss alone (megatron's paths vs ours); 8x152M
-#           (seq 4096, micro-batch 4): ours / transformers / megatron plain, ablations of each
-#           of our optimizations, micro-batch 8 for ours and transformers, and a profile of
-#           ours, hf and plain (top kernels, chrome trace).
-#   part 2: 8x1.5B-shaped layers: 6 layers at micro-batch 2 (ours / hf / plain, as the
-#           reference figures), then ours alone at 12 layers (as many as fit is the question).
-#
-# Per-step timeouts keep each part under the device's 10-minute limit even with torch.compile's
-# first compilations (cold cache) in the smoke test.
-# Run from anywhere in the repo:   OUT=/some/dir bash tools/bench/gpu_session.sh 1   (or 2, all)
-# Writes under $OUT (default ./bench_out): session-P.log, 8x152M/{lm_loss.json,throughput.json,
-# throughput.md,profile.md,trace_ours.json.gz}, 8x1.5B-L6/{json,md}, 8x1.5B-L12/{json,md}.
+# A GPU session, all of it within one 10-minute device call on an H100 (or in two parts):
+#   part 1: 8x152M (seq 4096, micro-batch 4): ours eager and with train.cuda_graph, transformers,
+#           megatron plain; ablations of each of our optimizations; micro-batch 8; profiles
+#           (top kernels, device idle share, Chrome traces of ours). Then tests/gpu.
+#   part 2: 8x1.5B-shaped layers: 6 layers at micro-batch 2 (ours / graph / hf / plain), then
+#           ours at 12 layers (as many as fit is the question).
+# Per-step timeouts keep the whole under the device's 10-minute limit.
+# Run from anywhere in the repo:   OUT=/some/dir bash tools/bench/gpu_session.sh all  (or 1, 2)
+# Writes under $OUT (default ./bench_out): session-P.log, results.tgz (each run's
+# throughput.json / .md / profile.md under 8x152M/, 8x1.5B-L6/, 8x1.5B-L12/) and the traces
+# (8x152M_trace_*.json.gz) beside it: the device tool returns at most 8 files.
 # If .whl/ holds wheels (megatron-core for a machine without it), they are installed into
 # /tmp/site first. Every step runs even if an earlier one fails; the exit code says whether
 # all passed.
@@ -65,29 +63,31 @@ EOF
 } 2>&1 | tee -a "$LOG"
 
 BENCH=("$PY" tools/bench/throughput.py --seq 4096)
-# Ablations: each of our changes switched back to megatron's own, one at a time.
-ABLATE="ours+model.lm_loss=megatron,ours+model.kernel_fusion=false"
-ABLATE="$ABLATE,ours+moe.token_dispatcher=allgather,ours+moe.token_dispatcher=alltoall"
-ABLATE="$ABLATE,ours+moe.grouped_gemm=false"
-BIGGER="ours+train.micro_batch_size=8,hf+train.micro_batch_size=8"
+G="+train.cuda_graph=true"
+# ours eager and with its step captured as one CUDA graph (train.cuda_graph), hf, plain;
+# ablations: each of our changes switched back to megatron's own, one at a time (eager, and with
+# the graph where the change still allows capture); the largest micro-batch that fits.
+MAIN="ours,ours$G,hf,plain"
+ABLATE="ours+model.lm_loss=megatron,ours$G+model.lm_loss=megatron"
+ABLATE="$ABLATE,ours+model.kernel_fusion=false,ours$G+model.kernel_fusion=false"
+ABLATE="$ABLATE,ours+moe.token_dispatcher=alltoall,ours+moe.grouped_gemm=false"
+BIGGER="ours$G+train.micro_batch_size=8,hf+train.micro_batch_size=8"
 
 if [ "$PART" != 2 ]; then
-    if [ -d tests/gpu ]; then
-        step "gpu smoke test" 200 "$PY" -m pytest -q -rs -s -p no:cacheprovider tests/gpu
-    fi
-    step "LM head + loss, 8x152M shape" 90 "$PY" tools/bench/lm_loss.py \
-        --tokens 16384 --hidden 512 --vocab 99584 --out "$OUT/8x152M/lm_loss.json"
-    step "8x152M throughput" 290 "${BENCH[@]}" --config configs/8x152M.yaml \
-        --variants "ours,hf,plain,$ABLATE,$BIGGER" \
+    step "8x152M throughput" 230 "${BENCH[@]}" --config configs/8x152M.yaml \
+        --variants "$MAIN,$ABLATE,$BIGGER" --profile-variants "ours,ours$G,hf" \
         --micro-batch 4 --steps 10 --warmup 3 --profile --out "$OUT/8x152M"
+    if [ -d tests/gpu ]; then
+        step "gpu tests" 200 "$PY" -m pytest -q -rs -s -p no:cacheprovider tests/gpu
+    fi
 fi
 
 if [ "$PART" != 1 ]; then
-    step "8x1.5B-shaped throughput (6 layers)" 300 "${BENCH[@]}" --config configs/8x1.5B.yaml \
-        --variants "ours,hf,plain,ours+model.lm_loss=megatron" \
+    step "8x1.5B-shaped throughput (6 layers)" 110 "${BENCH[@]}" --config configs/8x1.5B.yaml \
+        --variants "ours,ours$G,hf,plain" \
         --layers 6 --micro-batch 2 --steps 8 --warmup 3 --out "$OUT/8x1.5B-L6"
-    step "8x1.5B-shaped throughput (12 layers, ours)" 200 "${BENCH[@]}" \
-        --config configs/8x1.5B.yaml --variants ours \
+    step "8x1.5B-shaped throughput (12 layers, ours)" 60 "${BENCH[@]}" \
+        --config configs/8x1.5B.yaml --variants "ours,ours$G" \
         --layers 12 --micro-batch 2 --steps 6 --warmup 3 --out "$OUT/8x1.5B-L12"
 fi
 
@@ -95,5 +95,11 @@ fi
 for md in "$OUT"/*/throughput.md; do
     [ -f "$md" ] && { echo; cat "$md"; } | tee -a "$LOG"
 done
+# The device tool returns at most 8 files: the tables and JSON in one archive, traces apart.
+dirs=$(cd "$OUT" && find . -mindepth 1 -maxdepth 1 -type d -printf '%P ')
+if [ -n "$dirs" ]; then
+    (cd "$OUT" && find $dirs -name 'trace_*' -exec sh -c 'mv "$1" "./$(dirname "$1" | tr / _)_$(basename "$1")"' _ {} \; \
+        && tar -czf results.tgz $dirs && rm -rf $dirs)
+fi
 say "done, status $status; files: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
 exit "$status"

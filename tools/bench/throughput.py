@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchOptions, Path | None
                    help="torch.profiler over a few steps of each variant without "
                         "+overrides: top-15 kernels")
     p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--profile-variants", default=None,
+                   help="comma-separated variants to profile (default: those without "
+                        "+overrides); a Chrome trace is kept for ours-based ones")
     p.add_argument("--out", type=Path, default=None,
                    help="directory for throughput.json / throughput.md (/ profile.md)")
     a = p.parse_args(argv)
@@ -68,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchOptions, Path | None
             split_variant(v)
         except ValueError as e:
             p.error(f"--variants: {e}")
+    profile_variants = None
+    if a.profile_variants is not None:
+        profile_variants = tuple(v.strip() for v in a.profile_variants.split(",") if v.strip())
+        missing = [v for v in profile_variants if v not in variants]
+        if missing:
+            p.error(f"--profile-variants: not among --variants: {','.join(missing)}")
     if a.profile and a.out is None:
         p.error("--profile needs --out")
     if min(a.steps, a.micro_batch, a.seq) < 1 or a.warmup < 0:
@@ -76,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchOptions, Path | None
         config=a.config, overrides=a.overrides, layers=a.layers, micro_batch=a.micro_batch,
         seq=a.seq, steps=a.steps, warmup=a.warmup, dtype=a.dtype, peak_tflops=a.peak_tflops,
         variants=variants, profile=a.profile, profile_steps=a.profile_steps,
+        profile_variants=profile_variants,
     )
     return opts, a.out
 

@@ -1,0 +1,101 @@
+"""One CUDA graph for a whole training step's forward and backward (``train.cuda_graph``).
+
+A small MoE such as 8x152M is bound by the host on an H100: one step launches ~2,000 kernels
+through megatron-core's Python modules, and the GPU idles about a third of the step waiting for
+them (docs/benchmarks.md, profile). Replaying a captured graph launches them all at once.
+
+This works because nothing in our step synchronizes with the host or changes shape: the local
+token dispatcher keeps per-expert counts on the device, grouped_mm takes them as offsets, and
+dropout is off. The optimizer step, gradient clipping and logging stay eager.
+
+How a step is graphed (the whole-network recipe of torch.cuda.graph):
+- the first ``warmup`` calls run eagerly on a side stream (lazy initialisation, torch.compile's
+  first compilations, the autograd and allocator state capture needs);
+- the next call captures ``fn`` and replays the graph once (capture itself computes nothing);
+- later calls replay. ``fn``'s returned tensors are the graph's static outputs: their values are
+  refreshed by every replay, so read them before the next one.
+Inputs must live in fixed device buffers (``StaticInputs``) and gradients must not be set to
+None after capture (their memory is the graph's).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+WARMUP_STEPS = 2
+
+
+class GraphCaptureError(RuntimeError):
+    """The step could not be captured (a host sync, a CPU tensor, a shape that changes)."""
+
+
+class StepGraph:
+    """Eager for ``warmup`` calls, then capture once and replay."""
+
+    def __init__(self, warmup: int = WARMUP_STEPS):
+        if not torch.cuda.is_available():
+            raise GraphCaptureError("train.cuda_graph needs a CUDA device")
+        self.warmup = warmup
+        self.calls = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.outputs: Any = None
+        self._stream = torch.cuda.Stream()
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        if self.graph is not None:
+            self.graph.replay()
+            self.calls += 1
+            return self.outputs
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            if self.calls < self.warmup:
+                out = fn()
+            else:
+                out = self._capture(fn)
+        torch.cuda.current_stream().wait_stream(self._stream)
+        self.calls += 1
+        return out
+
+    def _capture(self, fn: Callable[[], Any]) -> Any:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the autograd engine's worker thread may capture too (backward).
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+                out = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised with the cause named
+            raise GraphCaptureError(
+                f"train.cuda_graph: capturing the step failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); set train.cuda_graph: false"
+            ) from e
+        self.graph, self.outputs = graph, out
+        graph.replay()  # capture records the work without doing it: this step's results
+        return out
+
+
+class StaticInputs:
+    """Fixed device buffers for the micro-batches a graph reads; each step copies into them."""
+
+    def __init__(self):
+        self.buffers: list[dict[str, torch.Tensor]] = []
+
+    def stage(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        if not self.buffers:
+            self.buffers = [{k: torch.empty_like(v, device="cuda") for k, v in b.items()}
+                            for b in batches]
+        if len(batches) != len(self.buffers):
+            raise GraphCaptureError(f"train.cuda_graph: {len(batches)} micro-batches this step, "
+                                    f"{len(self.buffers)} when captured")
+        for buf, b in zip(self.buffers, batches):
+            for k, v in b.items():
+                if k not in buf or buf[k].shape != v.shape or buf[k].dtype != v.dtype:
+                    raise GraphCaptureError(
+                        f"train.cuda_graph: input {k} changed shape or dtype since capture "
+                        f"({tuple(v.shape)} {v.dtype})")
+                buf[k].copy_(v, non_blocking=True)
+        return self.buffers
