@@ -22,7 +22,9 @@ def free_port() -> int:
 
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None,
             cwd: Path = REPO) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+    # The repo first; keep what the caller's PYTHONPATH adds (e.g. wheels unpacked elsewhere).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1",
                     WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS"):
         full_env.pop(k, None)

@@ -118,7 +118,9 @@ def kernel_table(events: Any, cuda: bool, steps: int, top: int = 15,
         # time again, and counting both lists every kernel twice.
         from torch.autograd import DeviceType
 
-        events = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+        # GPU-side annotations (Optimizer.step#..., record_function ranges) span kernels too.
+        events = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False) and "#" not in e.key]
     rows = [(e.key, e.count, _self_time_us(e, cuda)) for e in events]
     # ProfilerStep# spans the whole step on the CPU: a wrapper, not an op.
     rows = [r for r in rows if r[2] > 0 and not r[0].startswith("ProfilerStep")]
