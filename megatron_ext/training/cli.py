@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from megatron_ext.config.loader import ConfigError, load_config, to_yaml
 from megatron_ext.config.schema import Config
@@ -109,59 +109,72 @@ def _meta_param_count(cfg: Config) -> int:
 
 def train_main(cfg: Config) -> int:
     from megatron_ext.checkpoint import dist as ckpt
-    from megatron_ext.config.loader import to_dict
     from megatron_ext.platform.dist import init_distributed, shutdown
-    from megatron_ext.training.loggers import MetricsWriter, log, warn
-    from megatron_ext.training.loop import Preemption, layout_dict, train
-    from megatron_ext.training.setup import build_run, run_dir
+    from megatron_ext.training.cuda_graph import step_stream
+    from megatron_ext.training.loop import Preemption
 
     # Installed first: a signal during model/data building or checkpoint loading must also end
     # in "save (once training runs) and exit 0", not in the default kill.
     preempt = Preemption()
     layout = init_distributed(cfg)
-    rank0 = layout.rank == 0
     try:
-        run = build_run(cfg, layout)
-        if rank0:
-            log(f"layout: {layout.describe()}")
-            log(f"backends: {run.backends.describe()}")
-        out = run_dir(cfg)
-        resolved = to_dict(cfg)
-        if rank0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(to_yaml(cfg))
-        state = ckpt.TrainState()
-        resume, warnings = (ckpt.find_resumable(cfg.checkpoint.save)
-                            if cfg.checkpoint.save else (None, []))
-        for w in warnings:
-            warn(w) if rank0 else None
-        if resume is not None:
-            ckpt.check_compatible(resume, resolved)
-            state, warnings = ckpt.load(resume, run.model, run.optimizer, layout_dict(run))
-            run.scheduler.load_state_dict(state.scheduler)
-            for w in warnings:
-                warn(w) if rank0 else None
-            if rank0:
-                log(f"resumed from {resume} at step {state.step}")
-        elif cfg.checkpoint.load:
-            path = ckpt.load_weights(cfg.checkpoint.load, run.model)
-            if rank0:
-                log(f"initial weights from {path}")
-        writer = MetricsWriter(cfg.logging, out, resolved, cfg.logging.wandb.name or "run",
-                               enabled=rank0)
-        try:
-            code, summary = train(run, state, writer, preempt)
-        finally:
-            writer.close()
-        if rank0:
-            log(_summary_line(summary, cfg, writer.jsonl_path))
-        return code
+        # train.cuda_graph: the whole run, model building included, on one side stream (capture
+        # cannot use the default stream, and megatron's DDP keeps AccumulateGrad nodes that
+        # belong to the stream they were made on).
+        with step_stream(cfg.train.cuda_graph):
+            return _run(cfg, layout, preempt)
     except ckpt.CheckpointError as e:
-        if rank0:
+        if layout.rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     finally:
         shutdown()
+
+
+def _run(cfg: Config, layout: Any, preempt: Any) -> int:
+    """Build, resume or initialise, train; returns the exit code."""
+    from megatron_ext.checkpoint import dist as ckpt
+    from megatron_ext.config.loader import to_dict
+    from megatron_ext.training.loggers import MetricsWriter, log, warn
+    from megatron_ext.training.loop import layout_dict, train
+    from megatron_ext.training.setup import build_run, run_dir
+
+    rank0 = layout.rank == 0
+    run = build_run(cfg, layout)
+    if rank0:
+        log(f"layout: {layout.describe()}")
+        log(f"backends: {run.backends.describe()}")
+    out = run_dir(cfg)
+    resolved = to_dict(cfg)
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    state = ckpt.TrainState()
+    resume, warnings = (ckpt.find_resumable(cfg.checkpoint.save)
+                        if cfg.checkpoint.save else (None, []))
+    for w in warnings:
+        warn(w) if rank0 else None
+    if resume is not None:
+        ckpt.check_compatible(resume, resolved)
+        state, warnings = ckpt.load(resume, run.model, run.optimizer, layout_dict(run))
+        run.scheduler.load_state_dict(state.scheduler)
+        for w in warnings:
+            warn(w) if rank0 else None
+        if rank0:
+            log(f"resumed from {resume} at step {state.step}")
+    elif cfg.checkpoint.load:
+        path = ckpt.load_weights(cfg.checkpoint.load, run.model)
+        if rank0:
+            log(f"initial weights from {path}")
+    writer = MetricsWriter(cfg.logging, out, resolved, cfg.logging.wandb.name or "run",
+                           enabled=rank0)
+    try:
+        code, summary = train(run, state, writer, preempt)
+    finally:
+        writer.close()
+    if rank0:
+        log(_summary_line(summary, cfg, writer.jsonl_path))
+    return code
 
 
 def _summary_line(s: dict, cfg: Config, metrics_path: Path) -> str:

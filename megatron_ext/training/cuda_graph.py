@@ -20,6 +20,7 @@ None after capture (their memory is the graph's).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional
 
 import torch
@@ -52,21 +53,26 @@ class StepGraph:
             self.graph.replay()
             self.calls += 1
             return self.outputs
-        self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
+        # Capture cannot run on the default stream. A caller already on a side stream (the
+        # training loop, see step_stream) keeps it: the AccumulateGrad nodes megatron's DDP
+        # holds were made there, and autograd runs them on the stream they were made on.
+        current = torch.cuda.current_stream()
+        side = self._stream if current == torch.cuda.default_stream() else current
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
             if self.calls < self.warmup:
                 out = fn()
             else:
-                out = self._capture(fn)
-        torch.cuda.current_stream().wait_stream(self._stream)
+                out = self._capture(fn, side)
+        current.wait_stream(side)
         self.calls += 1
         return out
 
-    def _capture(self, fn: Callable[[], Any]) -> Any:
+    def _capture(self, fn: Callable[[], Any], stream: torch.cuda.Stream) -> Any:
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the autograd engine's worker thread may capture too (backward).
-            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 out = fn()
         except Exception as e:  # noqa: BLE001 - re-raised with the cause named
             raise GraphCaptureError(
@@ -76,6 +82,14 @@ class StepGraph:
         self.graph, self.outputs = graph, out
         graph.replay()  # capture records the work without doing it: this step's results
         return out
+
+
+def step_stream(enabled: bool) -> contextlib.AbstractContextManager:
+    """With ``enabled`` on a GPU, a context that makes one new side stream current: a run
+    that builds its model and trains inside it can be captured (see StepGraph.run)."""
+    if not (enabled and torch.cuda.is_available()):
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream())
 
 
 class StaticInputs:
