@@ -298,7 +298,7 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
     sync()
     build_s = time.perf_counter() - t_build
     weights_gib = report.allocated_gib()
-    graphed = base != "hf" and cfg.train.cuda_graph
+    graphed = base != "hf" and cfg.train.cuda_graph and torch.cuda.is_available()
     step = make_step(w, opt, params, batch, cfg.optimizer.clip_grad, graphed)
     for _ in range(opts.warmup):
         step()
@@ -316,7 +316,9 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
     tflops = tok_s * flops_per_token(cfg) / 1e12
     result = {
         "status": "ok",
-        "includes": VARIANT_NOTES[base].format(**w.info) + "".join(f"; {e}" for e in extra),
+        "includes": VARIANT_NOTES[base].format(**w.info) + "".join(f"; {e}" for e in extra)
+                    + ("; forward+backward replayed as one CUDA graph" if graphed else ""),
+        "cuda_graph": graphed,
         "micro_batch": cfg.train.micro_batch_size,
         "tokens_per_s": tok_s, "model_tflops": tflops, "mfu": tflops / opts.peak_tflops,
         "step_ms_mean": 1e3 * sum(times) / len(times), "step_ms_min": 1e3 * min(times),

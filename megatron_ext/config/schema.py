@@ -147,8 +147,8 @@ class TrainConfig:
     cuda_graph: bool = False
     """Capture each step's forward+backward (all micro-batches) as one CUDA graph after two
     eager steps, and replay it: removes the host launch overhead that bounds small models on a
-    GPU (8x152M). GPU only; needs the local token dispatcher (no expert/tensor parallelism, no
-    capacity factor), no recomputation and no nan_injection_steps."""
+    GPU (8x152M). Needs the local token dispatcher (no expert/tensor parallelism, no capacity
+    factor), no recomputation and no nan_injection_steps. Ignored, with a warning, on the CPU."""
     deterministic: bool = True
     """Fix CPU threads and pick deterministic algorithms so reruns are bit-identical on CPU."""
     nan_injection_steps: list = field(default_factory=list)

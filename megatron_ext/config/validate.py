@@ -201,6 +201,8 @@ def _check_cuda_graph(cfg: Config) -> None:
                and moe.capacity_factor is None, "train.cuda_graph",
                "needs the local token dispatcher: parallel.expert=1, parallel.tensor=1, no "
                "moe.capacity_factor, moe.token_dispatcher auto or local")
+        _check(moe.grouped_gemm, "train.cuda_graph",
+               "needs moe.grouped_gemm: true (the per-expert loop reads token counts on the host)")
     _check(tr.recompute == "none", "train.cuda_graph", "cannot be combined with train.recompute")
     _check(not tr.nan_injection_steps, "train.cuda_graph",
            "cannot be combined with train.nan_injection_steps")

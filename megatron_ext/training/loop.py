@@ -181,8 +181,11 @@ def _steps(run: Run, state: ckpt.TrainState, writer: MetricsWriter, preempt: Pre
     window = _new_window()
     # train.cuda_graph: the forward+backward of all micro-batches replays one captured graph
     # that reads its inputs from fixed buffers (validation excluded NaN injection).
-    graph = StepGraph() if tr.cuda_graph else None
-    inputs = StaticInputs() if tr.cuda_graph else None
+    use_graph = tr.cuda_graph and torch.cuda.is_available()
+    if tr.cuda_graph and not use_graph and layout.rank == 0:
+        warn("train.cuda_graph: no CUDA device, so steps run eagerly")
+    graph = StepGraph() if use_graph else None
+    inputs = StaticInputs() if use_graph else None
     while state.step < run.total_steps:
         t0 = time.time()
         batches = list(micro.step(state.consumed_samples))

@@ -12,7 +12,6 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.transformer.module import Float16Module
 
-from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import total_steps
 from megatron_ext.model.builder import Backends, build_model, resolve_backends
@@ -42,8 +41,6 @@ def use_distributed_optimizer(cfg: Config) -> bool:
 
 
 def build_run(cfg: Config, layout: Layout) -> Run:
-    if cfg.train.cuda_graph and not torch.cuda.is_available():
-        raise ConfigError("train.cuda_graph: needs a CUDA device (this run is on the CPU)")
     backends = resolve_backends(cfg)
     bf16 = backends.precision == "bf16"
     model = build_model(cfg, backends)
