@@ -7,7 +7,9 @@ Variants (``VARIANT_NOTES`` is what the reports print):
 - ``hf``: transformers' MixtralForCausalLM, SDPA attention, its default experts implementation.
 - ``plain``: megatron-core's local spec as shipped: unfused DotProductAttention + SequentialMLP,
   megatron's output layer + vocab_parallel_cross_entropy, no compiled fusions, the alltoall
-  dispatcher (allgather on CPU).
+  dispatcher (allgather on CPU), eager steps.
+``ours`` follows the config's ``train.cuda_graph`` (configs/8x152M.yaml: on): the forward and
+backward replay one captured CUDA graph, as in the training loop.
 
 A variant name may carry config overrides after ``+``, for ablations in the same process:
 ``ours+model.lm_loss=megatron``, ``ours+model.kernel_fusion=false``,
@@ -128,6 +130,7 @@ def variant_config(cfg: Config, variant: str) -> Config:
         out.model.attention_backend = "unfused"
         out.model.lm_loss = "megatron"
         out.model.kernel_fusion = False
+        out.train.cuda_graph = False  # as shipped; its attention forks the RNG (no capture)
         if out.moe.token_dispatcher in ("auto", "local"):  # megatron's GPU default (gloo: none)
             out.moe.token_dispatcher = "alltoall" if torch.cuda.is_available() else "allgather"
     return out
