@@ -1,6 +1,6 @@
 """train.cuda_graph on the CPU: the combinations it cannot capture are refused in one line, a
 CPU run warns and runs eagerly, and the bench's activation probe frees the graph it measures.
-The capture itself is tested on a GPU (tests/gpu/test_cuda_graph.py)."""
+The capture itself is tested on a GPU (tests/gpu/test_gpu_cuda_graph.py)."""
 
 from __future__ import annotations
 

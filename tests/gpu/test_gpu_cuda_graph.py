@@ -3,7 +3,7 @@ without the captured step gives the same losses, grad norms, router statistics a
 loss; a checkpoint is written after replays. Two micro-batches per step, so gradient
 accumulation into megatron's DDP buffers happens inside the graph.
 
-Skipped without CUDA. Run: ``python -m pytest -q -s tests/gpu/test_cuda_graph.py``.
+Skipped without CUDA. Run: ``python -m pytest -q -s tests/gpu/test_gpu_cuda_graph.py``.
 """
 
 from __future__ import annotations
