@@ -103,10 +103,11 @@ for md in "$OUT"/*/throughput.md; do
     [ -f "$md" ] && { echo; cat "$md"; } | tee -a "$LOG"
 done
 # The device tool returns at most 8 files: the tables and JSON in one archive, traces apart.
-dirs=$(cd "$OUT" && find . -mindepth 1 -maxdepth 1 -type d -printf '%P ')
-if [ -n "$dirs" ]; then
-    (cd "$OUT" && find $dirs -name 'trace_*' -exec sh -c 'mv "$1" "./$(dirname "$1" | tr / _)_$(basename "$1")"' _ {} \; \
-        && tar -czf results.tgz $dirs && rm -rf $dirs)
+mapfile -t dirs < <(cd "$OUT" && find . -mindepth 1 -maxdepth 1 -type d -printf '%P\n')
+if [ "${#dirs[@]}" -gt 0 ]; then
+    (cd "$OUT" && find "${dirs[@]}" -name 'trace_*' \
+        -exec sh -c 'mv "$1" "./$(dirname "$1" | tr / _)_$(basename "$1")"' _ {} \; \
+        && tar -czf results.tgz "${dirs[@]}" && rm -rf "${dirs[@]}")
 fi
 say "done, status $status; files: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
 exit "$status"
