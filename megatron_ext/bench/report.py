@@ -129,9 +129,9 @@ def kernel_table(events: Any, cuda: bool, steps: int, top: int = 15,
     what = "self CUDA time" if cuda else "self CPU time"
     per_step = total / 1e3 / max(steps, 1)
     busy = ""
-    if wall_ms_per_step:
+    if cuda and wall_ms_per_step:
         busy = (f"; wall {wall_ms_per_step:.1f} ms per profiled step, so the device is idle "
-                f"{max(0.0, 1 - per_step / wall_ms_per_step):.0%} of it") if cuda else ""
+                f"{max(0.0, 1 - per_step / wall_ms_per_step):.0%} of it")
     lines = [
         f"{what} over {steps} profiled steps; total {total / 1e3:.1f} ms "
         f"({per_step:.1f} ms per step){busy}", "",

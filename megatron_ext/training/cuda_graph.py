@@ -1,7 +1,7 @@
 """One CUDA graph for a whole training step's forward and backward (``train.cuda_graph``).
 
 A small MoE such as 8x152M is bound by the host on an H100: one step launches ~2,000 kernels
-through megatron-core's Python modules, and the GPU idles about a third of the step waiting for
+through megatron-core's Python modules, and the GPU idles about half of the step waiting for
 them (docs/benchmarks.md, profile). Replaying a captured graph launches them all at once.
 
 This works because nothing in our step synchronizes with the host or changes shape: the local
