@@ -302,7 +302,10 @@ def read_mcore_checkpoint(path: str | Path, dtype: torch.dtype | None = None
         raise ConversionError(" ".join(str(e).split())) from None
     arch = arch_from_config(cfg)
     with single_process(None):
-        _, model = load_model(ckpt_dir, expert_parallel=1)
+        try:  # verified above; refused now only if a file changed since (one line, exit 2)
+            _, model = load_model(ckpt_dir, expert_parallel=1)
+        except CheckpointError as e:
+            raise ConversionError(" ".join(str(e).split())) from None
         state = {k: v.detach() for k, v in model.state_dict().items()
                  if not k.endswith("._extra_state")}
         del model

@@ -69,7 +69,8 @@ def load_dense(path: Path) -> Any:
 
     with _quiet_transformers():
         model, info = LlamaForCausalLM.from_pretrained(
-            path, dtype=torch.float32, output_loading_info=True)
+            path, dtype=torch.float32, output_loading_info=True,
+            use_safetensors=True)  # never a pickled .bin
     _require_clean(info, set(), path)
     return model.eval()
 
@@ -85,7 +86,8 @@ def load_moe(path: Path) -> Any:
     dense_layers = set(range(arch.num_layers)) - arch.moe_layers
     with _quiet_transformers():
         model, info = MixtralForCausalLM.from_pretrained(
-            path, dtype=torch.float32, output_loading_info=True)
+            path, dtype=torch.float32, output_loading_info=True,
+            use_safetensors=True)  # never a pickled .bin
     _require_clean(info, dense_layers, path)
     mlp_config = SimpleNamespace(hidden_size=arch.hidden_size, hidden_act="silu", mlp_bias=False,
                                  intermediate_size=arch.ffn_hidden_size)
