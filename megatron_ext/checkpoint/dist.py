@@ -8,8 +8,9 @@ Layout of ``checkpoint.save``::
 
 A checkpoint is written to ``.tmp_iter_N`` and renamed once every rank has finished, so a
 directory named ``iter_*`` is complete unless a file was later damaged. ``meta.json`` (written
-last, before the rename) records the size of every file; ``verify()`` checks them so a truncated
-or missing shard is found before megatron tries to read it.
+last, before the rename) records the size and xxh3-128 checksum of every file, each computed by
+the process that wrote the file (``manifest``); ``verify()`` checks them, so a missing,
+truncated or overwritten file is found before megatron reads anything.
 """
 
 from __future__ import annotations
@@ -29,16 +30,12 @@ import yaml
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from megatron_ext.checkpoint import manifest
+from megatron_ext.config.loader import ConfigError, parse_yaml
+from megatron_ext.checkpoint import safe_pickle  # importing it restricts megatron's reads
+from megatron_ext.checkpoint.manifest import CheckpointError  # noqa: F401 (re-exported: dist.CheckpointError)
+
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
-ARCH_FIELDS = (
-    "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_kv_heads",
-    "model.ffn_hidden_size", "model.vocab_size", "model.vocab_multiple", "moe.num_experts",
-    "moe.layer_freq",
-)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message says which and why."""
 
 
 @dataclass
@@ -58,6 +55,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -65,11 +66,14 @@ def _barrier() -> None:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write (full disk) leaves nothing half-written behind
+        tmp.unlink(missing_ok=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -159,121 +163,155 @@ def save(root: str | Path, state: TrainState, model, optimizer, config: dict,
             _commit(root, tmp, final, meta, config, keep_last)
         _barrier()
 
+    # Always megatron's async request (its sync save is the same request run in-process), so
+    # that the shard writer, forked or not, hashes what it wrote.
     request = dist_checkpointing.save(sharded, str(tmp),  # wants an empty directory
-                                      async_sharded_save=async_queue is not None)
+                                      async_sharded_save=True)
+    rng_rel = f"rng/rank_{_rank():05d}.pt"
     (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    torch.save(_rng_state(), tmp / rng_rel)
+    request = manifest.hashing_request(request, tmp, _rank(),
+                                       {rng_rel: manifest.file_sum(tmp / rng_rel)})
+    request.add_finalize_fn(commit)
     if async_queue is None:
-        commit()
+        request.execute_sync()
     else:
-        request.add_finalize_fn(commit)
         async_queue.schedule_async_request(request)
     return final
 
 
 def _commit(root: Path, tmp: Path, final: Path, meta: dict, config: dict,
-            keep_last: int) -> None:
-    """Rank 0, after every rank's shards are on disk: record sizes, rename, point ``latest``."""
-    meta = dict(meta, files={str(p.relative_to(tmp)): p.stat().st_size
-                             for p in sorted(tmp.rglob("*")) if p.is_file()})
+             keep_last: int) -> None:
+    """Rank 0, after every rank's shards are on disk: record sizes and checksums, rename, point
+    ``latest``, prune."""
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    files = manifest.collect_sums(tmp, _world())
+    shutil.rmtree(tmp / manifest.SUMS_DIR)
+    meta = dict(meta, format=manifest.FORMAT, checksum=manifest.ALGO, files=files)
     _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
     if final.exists():  # a re-save of the same step (e.g. after a restart)
+        manifest.forget(final)
         shutil.rmtree(final)
     os.replace(tmp, final)
+    manifest.remember(final)
     _atomic_write(root / "latest", final.name + "\n")
     _prune(root, keep_last)
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.iterdir() if p.is_dir() and ITER_RE.match(p.name))
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest ``keep_last`` checkpoints that verify; delete the older ones.
+
+    Only checkpoints that verify count, so a damaged one never pushes a good one out. A damaged
+    checkpoint newer than the oldest kept one is left in place (not counted, skipped by resume
+    with a warning) for inspection: it ages out like any other once ``keep_last`` newer good ones
+    exist. Verifying costs a full read of each kept checkpoint, but only once per process: those
+    this process wrote or verified and whose files are unchanged (``manifest``) are not re-read.
+    """
+    done = sorted((p for p in root.iterdir() if p.is_dir() and ITER_RE.match(p.name)),
+                  reverse=True)
+    good = []
+    for cand in done:
+        if len(good) == keep_last:
+            break
+        try:
+            verify(cand)
+            good.append(cand)
+        except CheckpointError:
+            pass
+    if len(good) == keep_last:
+        for old in done[done.index(good[-1]) + 1:]:
+            manifest.forget(old)
+            shutil.rmtree(old, ignore_errors=True)
     # Saves commit in step order, so a .tmp_ directory of an earlier step is a write that
     # never finished (a crash or a killed background writer).
-    newest = int(ITER_RE.match(done[-1].name).group(1)) if done else -1
+    newest = int(ITER_RE.match(done[0].name).group(1)) if done else -1
     for stale in root.glob(".tmp_iter_*"):
         m = ITER_RE.match(stale.name[len(".tmp_"):])
         if m and int(m.group(1)) < newest:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def verify(path: Path) -> dict:
-    """Return meta.json of a complete checkpoint, or raise CheckpointError saying what is wrong."""
-    meta_file = path / "meta.json"
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
-    if not meta_file.is_file():
-        raise CheckpointError(f"{path}: meta.json missing (incomplete save)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: meta.json is corrupt")
-    if ".metadata" not in meta.get("files", {}):
-        raise CheckpointError(f"{path}: dist_checkpointing metadata not recorded")
-    for rel, size in meta["files"].items():
-        f = path / rel
-        if not f.is_file():
-            raise CheckpointError(f"{path}: missing file {rel}")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"{path}: {rel} has {f.stat().st_size} bytes, "
-                                  f"expected {size} (truncated or damaged)")
+def verify(path: Path, checksums: Optional[bool] = None) -> dict:
+    """Return meta.json of a complete, undamaged checkpoint, or raise CheckpointError naming the
+    checkpoint and the file. Before any other file is parsed, every file is compared with the
+    size and checksum meta.json records (``checksums=None``: ``content_checks``, on by default;
+    False: sizes only)."""
+    path = Path(path)
+    m = ITER_RE.match(path.name)
+    meta = manifest.read(path, int(m.group(1)) if m else None)
+    manifest.check(path, meta, checksums)
+    safe_pickle.check_checkpoint(path)  # every pickle, restricted, before megatron reads
+    if (path / "config.yaml").exists():  # (legacy checkpoints may lack it)
+        saved_config(path)  # a saved config that does not parse is damage: fall back
     return meta
 
 
-def find_resumable(root: str | Path) -> tuple[Optional[Path], list[str]]:
-    """Newest usable checkpoint under ``root`` (None if there is none) and warnings to print.
+def saved_config(path: Path) -> dict:
+    """The resolved config a checkpoint was saved with (a mapping), or CheckpointError."""
+    f = Path(path) / "config.yaml"
+    try:
+        tree = parse_yaml(f.read_bytes().decode("utf-8"), str(f))
+    except (OSError, UnicodeDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{f}: unreadable saved config ({' '.join(str(e).split())})") from None
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{f}: the saved config is not a mapping of sections")
+    return tree
 
+
+def _read_latest(root: Path, candidates: list[Path]) -> tuple[Optional[Path], Optional[str]]:
+    """The checkpoint ``root/latest`` names, or a problem with it (any content, never raises)."""
+    latest = root / "latest"
+    if not latest.exists():
+        return None, f"{latest} is missing" if candidates else None
+    try:
+        name = latest.read_bytes()[:200].decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None, f"{latest} is unreadable or not text"
+    if not ITER_RE.match(name):
+        return None, f"{latest} holds {name[:40]!r}, not a checkpoint name"
+    if root / name not in candidates:
+        return None, f"{latest} points at {name}, which does not exist"
+    return root / name, None
+
+
+def find_resumable(root: str | Path, checksums: Optional[bool] = None
+                   ) -> tuple[Optional[Path], list[str]]:
+    """Newest usable checkpoint under ``root`` (None if there is none) and warnings to print:
+    at most one, naming what was skipped (damaged files, a bad ``latest``).
+
+    ``latest``'s target is tried first, then the others newest first; each is verified.
     Raises CheckpointError when checkpoints exist but none is usable.
     """
     root = Path(root)
     if not root.is_dir():
         return None, []
-    warnings: list[str] = []
     candidates = sorted((p for p in root.iterdir() if p.is_dir() and ITER_RE.match(p.name)),
                         reverse=True)
-    latest = root / "latest"
-    if latest.exists():
-        target = root / latest.read_text().strip()
-        if target.is_dir() and target in candidates:
-            candidates.remove(target)
-            candidates.insert(0, target)
-        else:
-            warnings.append(f"{latest} points at {target.name}, which does not exist")
-    elif candidates:
-        warnings.append(f"{latest} is missing")
-    problems = []
+    target, problem = _read_latest(root, candidates)
+    problems = [problem] if problem else []
+    if target is not None:
+        candidates.remove(target)
+        candidates.insert(0, target)
     for cand in candidates:
         try:
-            verify(cand)
-            if problems:
-                warnings.append(f"skipping unusable checkpoint(s): {'; '.join(problems)}; "
-                                f"resuming from {cand.name}")
-            return cand, warnings
+            verify(cand, checksums)
         except CheckpointError as e:
             problems.append(str(e))
-    if problems:
+            continue
+        if not problems:
+            return cand, []
+        return cand, [f"skipping unusable: {'; '.join(problems)}; resuming from {cand.name}"]
+    if candidates:
         raise CheckpointError(f"no usable checkpoint in {root}: {'; '.join(problems)}")
-    return None, warnings
+    return None, problems
 
 
-def check_compatible(path: Path, config: dict) -> None:
-    saved = yaml.safe_load((path / "config.yaml").read_text())
-    diffs = []
-    for dotted in ARCH_FIELDS:
-        sec, key = dotted.split(".")
-        a, b = saved.get(sec, {}).get(key), config.get(sec, {}).get(key)
-        if a != b:
-            diffs.append(f"{dotted} (checkpoint {a!r}, config {b!r})")
-    if diffs:
-        raise CheckpointError(f"{path} is incompatible with this config: {', '.join(diffs)}")
-
-
-def load(path: Path, model, optimizer, layout: dict) -> tuple[TrainState, list[str]]:
+def load(path: Path, model, optimizer, layout: dict,
+         checksums: Optional[bool] = None) -> tuple[TrainState, list[str]]:
     """Resume model (+ optimizer, RNG) from a verified checkpoint; returns state and warnings.
 
     The optimizer format (fully reshardable or not) is the one recorded in meta.json."""
-    meta = verify(path)
+    meta = verify(path, checksums)
     warnings = []
     inner = unwrap(model)
     model_sd = inner.sharded_state_dict()
@@ -295,7 +333,7 @@ def load(path: Path, model, optimizer, layout: dict) -> tuple[TrainState, list[s
         optimizer.load_state_dict(loaded["optimizer"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if same_layout and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        _set_rng_state(safe_pickle.load_torch_file(rng_file, str(rng_file)))
     else:
         warnings.append("parallel layout changed: RNG states not restored")
     state = TrainState(meta["step"], meta["consumed_samples"], meta["consumed_tokens"],
@@ -303,15 +341,15 @@ def load(path: Path, model, optimizer, layout: dict) -> tuple[TrainState, list[s
     return state, warnings
 
 
-def load_weights(path: str | Path, model) -> Path:
+def load_weights(path: str | Path, model, checksums: Optional[bool] = None) -> Path:
     """Initial weights only (``checkpoint.load``): a checkpoint dir or a root with ``latest``."""
     path = Path(path)
     if (path / "latest").is_file() or not (path / "meta.json").exists():
-        found, _ = find_resumable(path)
+        found, _ = find_resumable(path, checksums)
         if found is None:
             raise CheckpointError(f"{path}: no checkpoint found")
         path = found
-    verify(path)
+    verify(path, checksums)
     inner = unwrap(model)
     loaded = dist_checkpointing.load({"model": inner.sharded_state_dict()}, str(path))
     inner.load_state_dict(loaded["model"])

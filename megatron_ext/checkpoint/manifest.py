@@ -1,0 +1,269 @@
+"""Content checksums of checkpoint files: computed at save by the process that wrote each file,
+recorded in ``iter_N/meta.json``, and checked before a checkpoint is read.
+
+At save every rank hashes what it wrote (its ``__<rank>_<n>.distcp`` shards, inside the async
+writer when the save is asynchronous, and its ``rng/rank_<r>.pt``) into ``.sums/rank_<r>.json``
+in the temporary directory; rank 0 merges those at commit, hashes the coordinator's files
+(``.metadata``, ``common.pt``, ``metadata.json``, ``config.yaml``) and writes the manifest.
+
+``check`` costs a full read of the checkpoint (xxh3-128, ~GB/s per core, see
+docs/benchmarks.md), so a process remembers what it verified: a checkpoint whose files have the
+same size, inode, mtime and ctime as when this process last verified (or wrote) it is not read
+again. ``content_checks(False)`` (``checkpoint.verify_checksums: false``, converters'
+``--no-verify-checksums``) checks sizes only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch.distributed as dist
+import xxhash
+
+ALGO = "xxh3_128"
+FORMAT = 2
+SUMS_DIR = ".sums"
+COORDINATOR_FILES = (".metadata", "common.pt", "metadata.json", "config.yaml")
+_HEX = re.compile(r"^[0-9a-f]{32}$")
+_CHUNK = 8 << 20
+_INT_FIELDS = ("step", "consumed_samples", "consumed_tokens", "skipped_steps")
+
+_content = contextvars.ContextVar("checkpoint_content_checks", default=True)
+_verified: dict[str, tuple[tuple, bool]] = {}  # resolved dir -> (file stats, content checked)
+_noticed: set[str] = set()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used or written; the message says which and why."""
+
+
+# --- hashing ------------------------------------------------------------------------------------
+def file_sum(path: Path) -> dict[str, Any]:
+    """``{"size": bytes, "xxh3_128": hex}`` of one file, read in 8 MiB chunks (the size is what
+    was read, so a file that changes meanwhile cannot pass with a stale ``stat``)."""
+    h, size = xxhash.xxh3_128(), 0
+    buf = bytearray(_CHUNK)  # reused: no allocation per chunk
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return {"size": size, ALGO: h.hexdigest()}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_rank_sums(tmp: Path, rank: int, sums: dict[str, dict]) -> None:
+    (tmp / SUMS_DIR).mkdir(exist_ok=True)
+    _write_json(tmp / SUMS_DIR / f"rank_{rank:05d}.json", sums)
+
+
+def hashing_request(request, tmp: Path, rank: int, own: dict[str, dict]):
+    """megatron's ``AsyncRequest`` whose writer also hashes the shards it wrote (plus ``own``,
+    sums of this rank's other files) into ``.sums/rank_<r>.json``.
+
+    Upstream coupling (megatron-core 0.16.1, ``FileSystemWriterAsync.get_save_function_and_args``):
+    ``async_fn(rank, write_buckets, results_queue)`` with buckets ``(abs path, name, data)``;
+    ``AsyncRequest.execute_sync`` runs the same function in-process for synchronous saves, the
+    async queue in a forked writer. A rank with nothing to write gets no ``async_fn``.
+    """
+    inner = request.async_fn
+    if inner is None:
+        write_rank_sums(tmp, rank, own)
+        return request
+
+    def write_then_hash(*args, **kwargs):
+        inner(*args, **kwargs)
+        buckets = args[1]
+        sums = dict(own)
+        try:
+            for bucket in buckets:
+                written = Path(bucket[0])
+                if written.is_file():  # a failed write is reported by megatron's finalize
+                    sums[written.name] = file_sum(written)
+            write_rank_sums(tmp, rank, sums)
+        except OSError as e:  # commit then reports this rank's sums as missing
+            print(f"WARNING: rank {rank}: could not record checkpoint checksums: {e}",
+                  file=sys.stderr, flush=True)
+
+    return request._replace(async_fn=write_then_hash)
+
+
+def collect_sums(tmp: Path, world_size: int) -> dict[str, dict]:
+    """Rank 0 at commit: every rank's recorded sums, plus sums of the files no rank recorded
+    (the coordinator's: .metadata, common.pt, metadata.json, config.yaml)."""
+    files: dict[str, dict] = {}
+    for r in range(world_size):
+        sums_file = tmp / SUMS_DIR / f"rank_{r:05d}.json"
+        try:
+            files.update(json.loads(sums_file.read_text()))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{tmp}: rank {r}'s writer recorded no checksums "
+                                  f"({type(e).__name__})") from None
+    for p in sorted(tmp.rglob("*")):
+        rel = p.relative_to(tmp).as_posix()
+        if p.is_file() and rel not in files and not rel.startswith(SUMS_DIR + "/"):
+            files[rel] = file_sum(p)
+    return dict(sorted(files.items()))
+
+
+# --- policy and notices -----------------------------------------------------------------------
+@contextlib.contextmanager
+def content_checks(enabled: bool) -> Iterator[None]:
+    """Within the block, ``check`` compares checksums (True) or sizes only (False)."""
+    token = _content.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _content.reset(token)
+
+
+def notice(key: str, msg: str) -> None:
+    """One ``WARNING:`` line on stderr, once per process and ``key``, from rank 0 (the checkpoint
+    layer sits below ``training.loggers``; same format)."""
+    if key in _noticed or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    _noticed.add(key)
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+# --- reading and checking -----------------------------------------------------------------------
+def read(path: Path, step: Optional[int]) -> dict:
+    """meta.json of checkpoint ``path``, schema-checked; ``step``: the one its name says."""
+    meta_file = path / "meta.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: meta.json missing (incomplete save)")
+    try:
+        meta = json.loads(meta_file.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
+        raise CheckpointError(f"{path}: meta.json is corrupt ({type(e).__name__})") from None
+    problem = _schema_problem(meta)
+    if problem:
+        raise CheckpointError(f"{path}: meta.json is corrupt ({problem})")
+    if step is not None and meta["step"] != step:
+        raise CheckpointError(f"{path}: meta.json records step {meta['step']}, the directory "
+                              f"name says {step}")
+    return meta
+
+
+def _is_int(v: Any, minimum: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _schema_problem(meta: Any) -> Optional[str]:
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+    for key in _INT_FIELDS:
+        if not _is_int(meta.get(key)):
+            return f"{key} is {meta.get(key)!r}, not a non-negative integer"
+    for key, kind in (("scheduler", dict), ("layout", dict), ("files", dict),
+                      ("has_optimizer", bool), ("optimizer_fully_reshardable", bool)):
+        if not isinstance(meta.get(key), kind):
+            return f"{key} is missing or not a {kind.__name__}"
+    world = meta["layout"].get("world_size")
+    if not _is_int(world, 1) or world > len(meta["files"]):  # one rng file per rank at least
+        return f"layout.world_size is {world!r} for {len(meta['files'])} files"
+    legacy = "format" not in meta
+    if not legacy and (meta["format"] != FORMAT or meta.get("checksum") != ALGO):
+        return f"format {meta['format']!r} / checksum {meta.get('checksum')!r} not supported"
+    for rel, entry in meta["files"].items():
+        if rel.startswith("/") or ".." in rel.split("/") or rel == "meta.json":
+            return f"file name {rel!r} not allowed"
+        ok = (_is_int(entry) if legacy else isinstance(entry, dict) and _is_int(
+            entry.get("size")) and isinstance(entry.get(ALGO), str) and _HEX.match(entry[ALGO]))
+        if not ok:
+            return f"entry of {rel} is {entry!r}"
+    return None
+
+
+def required_files(meta: dict) -> list[str]:
+    rng = [f"rng/rank_{r:05d}.pt" for r in range(meta["layout"]["world_size"])]
+    legacy = ["config.yaml"] if "format" not in meta else []  # written after the size record
+    return [*COORDINATOR_FILES[:2], *([] if legacy else ["config.yaml"]), *rng]
+
+
+def check(path: Path, meta: dict, checksums: Optional[bool] = None) -> None:
+    """Raise CheckpointError naming the first file that is missing, unrecorded, of the wrong
+    size or (with checksums) of the wrong content. ``checksums=None``: ``content_checks``."""
+    content = _content.get() if checksums is None else checksums
+    legacy = "format" not in meta
+    files = meta["files"]
+    for rel in required_files(meta):
+        if rel not in files and not (legacy and rel == "config.yaml"):
+            raise CheckpointError(f"{path}: {rel} is not recorded in meta.json")
+    try:
+        stats = _stats(path)
+    except OSError as e:  # e.g. an unreadable subdirectory
+        raise CheckpointError(f"{path}: cannot list its files ({e.strerror})") from None
+    key = str(path.resolve())
+    known = _verified.get(key)
+    if known is not None and known[0] == stats and (known[1] or not content):
+        return
+    extra = sorted(set(stats) - set(files) - {"meta.json"} - ({"config.yaml"} if legacy else set()))
+    if extra:
+        raise CheckpointError(f"{path}: unrecorded file {extra[0]} (not written by this save)")
+    for rel, entry in files.items():
+        _check_file(path, rel, entry, stats, content and not legacy)
+    if legacy:
+        notice("legacy", f"{path}: written before checkpoint checksums; file sizes checked, "
+                         f"content not verified")
+    elif not content:
+        notice("off", "checkpoint.verify_checksums is off: checkpoint file sizes are checked, "
+                      "their content is not verified")
+    _verified[key] = (stats, content and not legacy)
+
+
+def _check_file(path: Path, rel: str, entry: Any, stats: dict, content: bool) -> None:
+    if rel not in stats:
+        raise CheckpointError(f"{path}: missing file {rel}")
+    size = entry if isinstance(entry, int) else entry["size"]
+    if stats[rel][0] != size:
+        raise CheckpointError(f"{path}: {rel} has {stats[rel][0]} bytes, expected {size} "
+                              f"(truncated or damaged)")
+    if content:
+        try:
+            got = file_sum(path / rel)
+        except OSError as e:
+            raise CheckpointError(f"{path}: {rel} cannot be read ({e.strerror})") from None
+        if got[ALGO] != entry[ALGO]:
+            raise CheckpointError(f"{path}: {rel} does not match its checksum (damaged)")
+
+
+def _stats(path: Path) -> dict[str, tuple]:
+    """(size, inode, mtime, ctime) of every file under ``path``, by relative name."""
+    out = {}
+    for p in path.rglob("*"):
+        if p.is_file():
+            st = p.stat()
+            out[p.relative_to(path).as_posix()] = (st.st_size, st.st_ino, st.st_mtime_ns,
+                                                   st.st_ctime_ns)
+    return out
+
+
+def remember(path: Path) -> None:
+    """Mark ``path`` (just committed: its sums were computed from the written files) as
+    verified by this process."""
+    _verified[str(path.resolve())] = (_stats(path), True)
+
+
+def forget(path: Path) -> None:
+    _verified.pop(str(path.resolve()), None)
