@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
-from megatron_ext.config.loader import config_from_dict
+from megatron_ext.config.loader import ConfigError, config_from_dict
 from megatron_ext.config.schema import Config
 
 
 def checkpoint_config(path: str | Path) -> tuple[Path, Config]:
     """Resolve ``path`` (a checkpoint dir, or a save root with ``latest``) and read its config."""
-    from megatron_ext.checkpoint.dist import CheckpointError, find_resumable, verify
+    from megatron_ext.checkpoint.dist import CheckpointError, find_resumable, saved_config, verify
 
     path = Path(path)
     if not path.exists():
@@ -30,8 +29,10 @@ def checkpoint_config(path: str | Path) -> tuple[Path, Config]:
             raise CheckpointError(f"{path}: no checkpoint found")
         path = found
     verify(path)
-    tree = yaml.safe_load((path / "config.yaml").read_text())
-    return path, config_from_dict(tree)
+    try:  # data only (strict YAML); a config that does not build is a damaged checkpoint
+        return path, config_from_dict(saved_config(path))
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.yaml'}: {' '.join(str(e).split())}") from None
 
 
 def load_model(path: str | Path, expert_parallel: int = 1, tensor_parallel: int = 1,

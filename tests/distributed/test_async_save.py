@@ -82,7 +82,7 @@ def test_async_run_resumes_like_a_sync_run(runs, tmp_path):
         root = runs[mode][0]
         args = small_args(tmp_path / mode, 8, "--set", "checkpoint.save_interval=2",
                           "--set", "parallel.expert=2", "--set", f"checkpoint.save={root}",
-                          *extra)
+                          "--set", "checkpoint.allow_config_change=true", *extra)  # 6 -> 8
         proc = torchrun(2, args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "at step 6" in proc.stdout

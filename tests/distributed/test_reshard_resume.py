@@ -47,7 +47,8 @@ def test_outputs_equal_across_expert_parallel_sizes(tmp_path, save_ep, load_ep):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
 
     # Training continues at the new size from the same step, optimizer state included.
-    args = small_args(tmp_path, 5, "--set", f"parallel.expert={load_ep}")
+    args = small_args(tmp_path, 5, "--set", f"parallel.expert={load_ep}",
+                      "--set", "checkpoint.allow_config_change=true")  # 3 -> 5 steps
     proc = run_cli(args) if load_ep == 1 else torchrun(load_ep, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
