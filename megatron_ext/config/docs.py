@@ -7,8 +7,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import typing
 
 from megatron_ext.config import schema
+from megatron_ext.config.ranges import describe
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -43,7 +45,8 @@ def render() -> str:
              " Override any field with `--set section.key=value` (YAML syntax).", ""]
     for name, cls in sections():
         docs = field_docs(cls)
-        lines += [f"## `{name}`", "", "| field | default | meaning |", "|---|---|---|"]
+        lines += [f"## `{name}`", "", "| field | default | range | meaning |",
+                  "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             if f.default_factory is not dataclasses.MISSING:
                 default = f.default_factory()
@@ -51,9 +54,18 @@ def render() -> str:
                     continue
             else:
                 default = f.default
-            lines.append(f"| `{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+            bounds = describe(f"{name}.{f.name}") or _choices(typing.get_type_hints(cls)[f.name])
+            lines.append(f"| `{f.name}` | `{default!r}` | {f'`{bounds}`' if bounds else ''} | "
+                         f"{docs.get(f.name, '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _choices(tp: type) -> str:
+    """'one of a, b' for a Literal field ('' otherwise)."""
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    return ""
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ Each failure raises ConfigError with ``field: reason`` so the CLI can print one 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 from megatron_ext.config.loader import ConfigError
+from megatron_ext.config.ranges import check_ranges, check_sizes
 from megatron_ext.config.schema import Config
 
 
@@ -28,7 +30,10 @@ def launched_world_size() -> int:
     """Processes of the current launch (torchrun / srun), 1 for a plain ``python`` run."""
     for name in ("WORLD_SIZE", "SLURM_NTASKS"):
         if name in os.environ:
-            return int(os.environ[name])
+            text = os.environ[name].strip()
+            _check(text.isdigit() and int(text) >= 1, f"environment {name}",
+                   f"{os.environ[name]!r} is not a positive process count")
+            return int(text)
     return 1
 
 
@@ -50,16 +55,27 @@ def _check(cond: bool, field: str, reason: str) -> None:
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    m, moe, par, tr = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    """Raise ConfigError for the first problem; ``world_size`` None = the planned size."""
+    # Every value in its declared range first (ranges.RANGES): the cross-field checks below
+    # then never divide by zero or multiply absurd sizes.
+    check_ranges(cfg)
     world = planned_world_size(cfg) if world_size is None else world_size
+    _check_model(cfg)
+    _check_moe(cfg)
+    dp = _check_layout(cfg, world)
+    steps = _check_batch_and_schedule(cfg, dp)
+    _check_recompute(cfg)
+    _check_cuda_graph(cfg)
+    _check_data(cfg)
+    check_sizes(cfg, steps)
 
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                 "vocab_size", "vocab_multiple", "max_position_embeddings"):
-        _check(getattr(m, name) > 0, f"model.{name}", "must be positive")
+
+def _check_model(cfg: Config) -> None:
+    m, par = cfg.model, cfg.parallel
     kv = m.num_kv_heads or m.num_attention_heads
     _check(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
            f"{m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
-    _check(kv > 0 and m.num_attention_heads % kv == 0, "model.num_kv_heads",
+    _check(m.num_attention_heads % kv == 0, "model.num_kv_heads",
            f"num_attention_heads={m.num_attention_heads} is not divisible by num_kv_heads={kv}")
     _check(m.num_attention_heads % par.tensor == 0, "parallel.tensor",
            f"num_attention_heads={m.num_attention_heads} is not divisible by tensor={par.tensor}")
@@ -70,35 +86,32 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(m.ffn_hidden_size % par.tensor == 0, "parallel.tensor",
            f"ffn_hidden_size={m.ffn_hidden_size} is not divisible by tensor={par.tensor}")
 
+
+def _check_moe(cfg: Config) -> None:
+    m, moe, par = cfg.model, cfg.moe, cfg.parallel
     if moe.num_experts == 0:
         _check(par.expert == 1, "parallel.expert", "expert parallelism needs moe.num_experts > 0")
-    else:
-        _check(moe.num_experts > 0, "moe.num_experts", "must be >= 0")
-        _check(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
-               f"top_k={moe.top_k} must be between 1 and num_experts={moe.num_experts}")
-        _check(moe.num_experts % par.expert == 0, "parallel.expert",
-               f"num_experts={moe.num_experts} is not divisible by expert={par.expert}")
-        _check(moe.aux_loss_coeff >= 0, "moe.aux_loss_coeff", "must be >= 0")
-        if isinstance(moe.layer_freq, int):
-            _check(moe.layer_freq >= 1, "moe.layer_freq", "must be >= 1")
-        else:
-            _check(len(moe.layer_freq) == m.num_layers, "moe.layer_freq",
-                   f"has {len(moe.layer_freq)} entries, expected num_layers={m.num_layers}")
-            _check(all(x in (0, 1) for x in moe.layer_freq), "moe.layer_freq",
-                   "entries must be 0 (dense) or 1 (MoE)")
-            _check(any(moe.layer_freq), "moe.layer_freq", "no layer is MoE; set num_experts: 0")
-        if moe.capacity_factor is not None:
-            _check(moe.capacity_factor > 0, "moe.capacity_factor", "must be > 0")
-        _check(not moe.pad_to_capacity or moe.capacity_factor is not None,
-               "moe.pad_to_capacity", "needs moe.capacity_factor")
-        if moe.token_dispatcher == "local":
-            _check(par.expert == 1 and par.tensor == 1, "moe.token_dispatcher",
-                   "local needs parallel.expert=1 and parallel.tensor=1 (use auto)")
-            _check(moe.capacity_factor is None, "moe.token_dispatcher",
-                   "local is dropless; with moe.capacity_factor use allgather or alltoall")
+        return
+    _check(moe.top_k <= moe.num_experts, "moe.top_k",
+           f"top_k={moe.top_k} must be between 1 and num_experts={moe.num_experts}")
+    _check(moe.num_experts % par.expert == 0, "parallel.expert",
+           f"num_experts={moe.num_experts} is not divisible by expert={par.expert}")
+    if isinstance(moe.layer_freq, list):  # entries are 0/1 (ranges.RANGES)
+        _check(len(moe.layer_freq) == m.num_layers, "moe.layer_freq",
+               f"has {len(moe.layer_freq)} entries, expected num_layers={m.num_layers}")
+        _check(any(moe.layer_freq), "moe.layer_freq", "no layer is MoE; set num_experts: 0")
+    _check(not moe.pad_to_capacity or moe.capacity_factor is not None,
+           "moe.pad_to_capacity", "needs moe.capacity_factor")
+    if moe.token_dispatcher == "local":
+        _check(par.expert == 1 and par.tensor == 1, "moe.token_dispatcher",
+               "local needs parallel.expert=1 and parallel.tensor=1 (use auto)")
+        _check(moe.capacity_factor is None, "moe.token_dispatcher",
+               "local is dropless; with moe.capacity_factor use allgather or alltoall")
 
-    for name in ("tensor", "pipeline", "expert"):
-        _check(getattr(par, name) >= 1, f"parallel.{name}", "must be >= 1")
+
+def _check_layout(cfg: Config, world: int) -> int:
+    """The parallel layout on ``world`` processes; returns the data-parallel size."""
+    moe, par = cfg.moe, cfg.parallel
     _check(not par.sequence_parallel or par.tensor > 1, "parallel.sequence_parallel",
            "needs tensor > 1")
     _check(moe.num_experts == 0 or par.tensor == 1 or par.sequence_parallel,
@@ -111,44 +124,30 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(dp % par.expert == 0, "parallel.expert",
            f"data-parallel size {dp} (world {world} / tensor*pipeline) is not divisible by "
            f"expert={par.expert}")
+    return dp
 
-    _check(tr.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
-    _check(tr.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
+
+def _check_batch_and_schedule(cfg: Config, dp: int) -> int:
+    """Batch sizes, run length and LR schedule; returns the number of optimizer steps."""
+    tr, opt = cfg.train, cfg.optimizer
     _check(tr.global_batch_size % (tr.micro_batch_size * dp) == 0, "train.global_batch_size",
            f"{tr.global_batch_size} is not divisible by micro_batch_size*data_parallel="
            f"{tr.micro_batch_size}*{dp}")
     _check(tr.train_steps is not None or tr.train_tokens is not None, "train.train_steps",
            "give train_steps or train_tokens")
-    if tr.train_tokens is not None:
-        _check(tr.train_tokens > 0, "train.train_tokens", "must be positive")
-    elif tr.train_steps is not None:
-        _check(tr.train_steps > 0, "train.train_steps", "must be positive")
-    _check(tr.log_interval >= 1, "train.log_interval", "must be >= 1")
-    _check(tr.eval_interval >= 0 and tr.eval_iters >= 1, "train.eval_interval",
-           "eval_interval must be >= 0 and eval_iters >= 1")
-    _check(tr.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")
-    _check(tr.peak_tflops > 0, "train.peak_tflops", "must be positive")
-    _check_recompute(cfg)
-    _check_cuda_graph(cfg)
-
-    opt = cfg.optimizer
-    _check(0 <= opt.min_lr <= opt.lr, "optimizer.min_lr",
+    _check(opt.min_lr <= opt.lr, "optimizer.min_lr",
            f"need 0 <= min_lr ({opt.min_lr}) <= lr ({opt.lr})")
-    _check(0 <= opt.adam_beta1 < 1 and 0 <= opt.adam_beta2 < 1, "optimizer.adam_beta1",
-           "betas must be in [0, 1)")
-    _check(opt.clip_grad >= 0 and opt.weight_decay >= 0, "optimizer.clip_grad",
-           "clip_grad and weight_decay must be >= 0")
     steps = total_steps(cfg)
-    _check(cfg.schedule.decay_steps is None or cfg.schedule.decay_steps >= 1,
-           "schedule.decay_steps", "must be >= 1 (or null for train_steps)")
     decay = cfg.schedule.decay_steps or steps
     # megatron's scheduler needs the decay to extend past the warmup.
     _check(cfg.schedule.warmup_steps == 0 or 0 < cfg.schedule.warmup_steps < decay,
            "schedule.warmup_steps",
            f"{cfg.schedule.warmup_steps} must be 0 or less than the decay steps ({decay})")
+    return steps
 
-    d = cfg.data
-    _check(d.seq_length >= 2, "data.seq_length", "must be >= 2")
+
+def _check_data(cfg: Config) -> None:
+    d, m = cfg.data, cfg.model
     _check(d.seq_length <= m.max_position_embeddings, "data.seq_length",
            f"{d.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}")
     if not d.mock and not d.demo_corpus:
@@ -157,13 +156,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     parts = d.split.split(",")
     _check(len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
            "data.split", f"{d.split!r} is not like '998,1,1'")
-
-    ck = cfg.checkpoint
-    _check(ck.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
-    _check(ck.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-
-    up = cfg.upcycling
-    _check(0.0 <= up.ratio <= 1.0, "upcycling.ratio", f"{up.ratio} is outside [0, 1]")
+    _check(float(parts[0]) > 0, "data.split", f"{d.split!r} leaves no training data")
 
 
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "moe_act", "mlp", "moe")
@@ -221,6 +214,27 @@ def check_paths(cfg: Config) -> None:
     if cfg.checkpoint.load is not None:
         _check(Path(cfg.checkpoint.load).exists(), "checkpoint.load",
                f"not found: {cfg.checkpoint.load}")
+    for field, path in (("checkpoint.save", cfg.checkpoint.save),
+                        ("logging.output_dir", cfg.logging.output_dir)):
+        if path is not None:
+            _check_writable_dir(field, Path(path))
+
+
+def _check_writable_dir(field: str, path: Path) -> None:
+    """A directory the run will write: refused now if it is a file, lies under a file, or
+    cannot be written, rather than after the model is built. Creates nothing: the probe is an
+    anonymous temporary file in the directory itself, or else in its nearest existing parent
+    (where the run would create it)."""
+    _check(not path.exists() or path.is_dir(), field, f"{path} is a file, not a directory")
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    _check(base.is_dir(), field, f"{path} lies under {base}, which is a file")
+    try:
+        with tempfile.TemporaryFile(dir=base):  # unlinked from the start: nothing left behind
+            pass
+    except OSError as e:
+        raise ConfigError(f"{field}: {path} cannot be written ({base}: {e.strerror or e})")
 
 
 def total_steps(cfg: Config) -> int:

@@ -69,7 +69,7 @@ def test_type_and_key_errors(override, message):
     (["parallel.tensor=3", "model.num_attention_heads=3", "model.num_kv_heads=3",
       "model.hidden_size=96", "model.ffn_hidden_size=96", "parallel.world_size=3"],
      "model.vocab_multiple: 128 is not divisible by tensor=3"),
-    (["upcycling.ratio=1.5"], "upcycling.ratio: 1.5 is outside"),
+    (["upcycling.ratio=1.5"], "upcycling.ratio: must be <= 1, got 1.5"),
     (["moe.num_experts=0", "parallel.expert=2", "parallel.world_size=2"],
      "parallel.expert: expert parallelism needs"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs tensor > 1"),
