@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import resource
-import signal
 import time
 from typing import Iterator
 
@@ -30,31 +29,11 @@ from megatron_ext.training.loggers import MetricsWriter, format_line, log, warn
 from megatron_ext.training.optim import clip_and_step, prepare_and_norm
 from megatron_ext.training.router_stats import RouterStats
 from megatron_ext.training.setup import Run, dp_rank_and_size
+from megatron_ext.training.signals import Preemption
 
 from megatron_ext.training import exit_codes
 
 EXIT_OK, EXIT_NONFINITE = exit_codes.OK, exit_codes.NONFINITE
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, saves and exits 0.
-
-    A second signal only sets the flag again, so it cannot interrupt a save in progress.
-    """
-
-    def __init__(self):
-        self.signum = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.signum = signum
-
-    def requested(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank must stop at the same step
-        return flag.item() > 0
 
 
 def _forward_step_factory(nan_step: bool):
