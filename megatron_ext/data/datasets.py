@@ -19,6 +19,10 @@ megatron's causal attention builds its own mask, and an s x s mask per sample is
 Distributed: the builder needs no torch.distributed. When it is initialized, call the build on
 every rank (megatron builds on rank 0 first, then barriers); ``cache_dir`` must then be on a file
 system all ranks see. Index caches are keyed on every input that changes the order.
+
+Damage: every prefix goes through ``integrity.check_indexed_dataset`` (a one-line DataError naming
+the file for a truncated, corrupt or mismatched .bin/.idx pair) before megatron opens it, and
+damaged index caches are removed and rebuilt (``integrity.discard_damaged_caches``).
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from megatron_ext.data.errors import DataError
+from megatron_ext.data.integrity import (
+    FULL_SCAN_BYTES, check_indexed_dataset, discard_damaged_caches, token_range,
+)
 from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
 
 with warnings.catch_warnings():
@@ -46,7 +52,6 @@ with warnings.catch_warnings():
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 
 def is_built_on_rank() -> bool:
@@ -118,36 +123,25 @@ def parse_blend(blend: Sequence[Any]) -> tuple[list[str], list[float] | None]:
     else:
         raise DataError(f"data blend must be [weight, prefix, ...] or [prefix, ...], got {items}")
     for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(prefix + suffix):
-                raise DataError(f"dataset prefix {prefix} has no {prefix + suffix}")
+        check_indexed_dataset(prefix)  # the one gate before anything opens the files
     return prefixes, weights
 
 
 def token_counts(prefixes: Sequence[str]) -> list[int]:
-    """Number of tokens stored under each prefix (read from the .idx files only)."""
-    counts = []
-    for prefix in prefixes:
-        # Keep the dataset referenced while reading: its arrays view an mmap closed in __del__.
-        dataset = IndexedDataset(prefix)
-        counts.append(int(dataset.sequence_lengths.sum(dtype=np.int64)))
-        del dataset
-    return counts
+    """Number of tokens stored under each prefix (read from the validated .idx files only)."""
+    return [check_indexed_dataset(prefix).tokens for prefix in prefixes]
 
 
-def max_token_id(prefixes: Sequence[str]) -> int:
-    """Largest token id stored under the prefixes (scans the .bin files in 64M-token pieces)."""
-    largest = -1
-    for prefix in prefixes:
-        dtype = IndexedDataset(prefix).index.dtype
-        data = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
-        for start in range(0, data.size, 1 << 26):
-            largest = max(largest, int(data[start : start + (1 << 26)].max()))
-    return largest
+def max_token_id(prefixes: Sequence[str], full_scan_bytes: int = FULL_SCAN_BYTES) -> int:
+    """Largest token id stored under the prefixes: every token of a .bin up to
+    ``full_scan_bytes``, a sample of a larger one (``integrity.token_range``)."""
+    return max(token_range(prefix, full_scan_bytes)[1] for prefix in prefixes)
 
 
-def check_vocab(tokenizer_vocab: int, model_vocab: int, dataset_max_token: int | None) -> None:
-    """Raise DataError naming the mismatch if token ids cannot fit the model's embedding."""
+def check_vocab(tokenizer_vocab: int, model_vocab: int, dataset_max_token: int | None,
+                where: str = "dataset") -> None:
+    """Raise DataError naming the mismatch if token ids cannot fit the model's embedding;
+    ``where`` names the data in the message (e.g. the .bin file)."""
     if tokenizer_vocab > model_vocab:
         raise DataError(
             f"tokenizer vocab size {tokenizer_vocab} exceeds the model's padded vocab size "
@@ -157,12 +151,12 @@ def check_vocab(tokenizer_vocab: int, model_vocab: int, dataset_max_token: int |
         return
     if dataset_max_token >= model_vocab:
         raise DataError(
-            f"dataset contains token id {dataset_max_token} but the model's padded vocab size is "
+            f"{where} contains token id {dataset_max_token} but the model's padded vocab size is "
             f"{model_vocab}"
         )
     if dataset_max_token >= tokenizer_vocab:
         raise DataError(
-            f"dataset contains token id {dataset_max_token} but the tokenizer vocab size is "
+            f"{where} contains token id {dataset_max_token} but the tokenizer vocab size is "
             f"{tokenizer_vocab}: the data was tokenized with a different tokenizer"
         )
 
@@ -208,7 +202,10 @@ def build_gpt_datasets(
     even beyond one epoch. ``split`` is megatron's "train,valid,test" ratio string, e.g. "98,2,0".
     ``cache_dir`` holds the index caches (None: megatron's default, ``PREFIX/cache/`` next to each
     prefix). With ``model_vocab_size`` the vocabularies are checked (``check_vocab``), scanning the
-    data for its largest id when ``scan_max_token``. ``gpt_options`` go to GPTDatasetConfig
+    data for its largest id when ``scan_max_token`` (every token of a .bin up to 2 GiB, 64 windows
+    of a larger one). Every prefix is validated (``integrity.check_indexed_dataset``) and damaged
+    index caches are removed (``integrity.discard_damaged_caches``) before megatron opens
+    anything. ``gpt_options`` go to GPTDatasetConfig
     (``eod_mask_loss``, ``reset_position_ids``, ``reset_attention_mask``,
     ``create_attention_mask``).
     """
@@ -217,8 +214,10 @@ def build_gpt_datasets(
         tokenizer = load_tokenizer(tokenizer)
     prefixes, weights = parse_blend(blend)
     if model_vocab_size is not None:
-        data_max = max_token_id(prefixes) if scan_max_token else None
-        check_vocab(tokenizer.vocab_size, model_vocab_size, data_max)
+        check_vocab(tokenizer.vocab_size, model_vocab_size, None)
+        for prefix in prefixes if scan_max_token else ():
+            check_vocab(tokenizer.vocab_size, model_vocab_size, token_range(prefix)[1],
+                        where=f"{prefix}.bin")
     ratios = re.findall(r"[.0-9]+", split or "")  # the numbers megatron's parser would read
     try:
         valid_split = 1 <= len(ratios) <= 3 and sum(float(r) for r in ratios) > 0
@@ -234,6 +233,9 @@ def build_gpt_datasets(
         seed, seq_length, tokenizer, blend=(prefixes, weights), split=split,
         path_to_cache=cache_dir, **gpt_options,
     )
+    # megatron's default cache is PREFIX/cache/GPTDataset_indices (no blend cache without a dir).
+    discard_damaged_caches([cache_dir] if cache_dir else
+                           [os.path.join(p, "cache", "GPTDataset_indices") for p in prefixes])
     builder = _SingleProcessSafeBuilder(GPTDataset, sizes, is_built_on_rank, config)
     train, valid, test = builder.build()
     return train, valid, test

@@ -41,6 +41,10 @@ def use_distributed_optimizer(cfg: Config) -> bool:
 
 
 def build_run(cfg: Config, layout: Layout) -> Run:
+    steps = total_steps(cfg)
+    # Data first: a damaged or mismatched dataset is reported in seconds, not after a large model
+    # is allocated (building datasets draws no torch random numbers: the model init is unchanged).
+    train_ds, valid_ds = build_datasets(cfg, steps)
     backends = resolve_backends(cfg)
     bf16 = backends.precision == "bf16"
     model = build_model(cfg, backends)
@@ -61,9 +65,7 @@ def build_run(cfg: Config, layout: Layout) -> Run:
     tconfig.no_sync_func = model.no_sync
     tconfig.finalize_model_grads_func = finalize_model_grads
     optimizer = build_optimizer(cfg, model, bf16, distributed)
-    steps = total_steps(cfg)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    train_ds, valid_ds = build_datasets(cfg, steps)
     return Run(cfg, layout, backends, model, optimizer, scheduler, train_ds, valid_ds, steps,
                distributed)
 
@@ -102,13 +104,11 @@ def build_datasets(cfg: Config, steps: int):
     from megatron_ext.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
-    prefixes, _ = D.parse_blend(blend)
-    # Scanning the token ids catches data made with another tokenizer; it reads every .bin,
-    # so it is done only when that is cheap (a cluster-sized corpus is checked by vocab only).
-    small = sum(Path(p + ".bin").stat().st_size for p in prefixes) < (2 << 30)
+    # Scanning the token ids catches data made with another tokenizer: every token of a small
+    # .bin, evenly spaced windows of a cluster-sized one (datasets.build_gpt_datasets).
     train, valid, _ = D.build_gpt_datasets(blend, d.split, d.seq_length, tr.seed, num_samples,
                                            tok, cache_dir, model_vocab_size=padded_vocab(cfg),
-                                           scan_max_token=small)
+                                           scan_max_token=True)
     return train, (valid if n_eval else None)
 
 
@@ -118,4 +118,5 @@ def dp_rank_and_size() -> tuple[int, int]:
 
 
 def run_dir(cfg: Config) -> Path:
-    return Path(cfg.logging.output_dir)
+    # pretrain_moe.py resolves None to runs/<config name>; other callers get the plain default.
+    return Path(cfg.logging.output_dir or "runs/default")
