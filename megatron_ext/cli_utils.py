@@ -1,13 +1,37 @@
-"""The command-line convention shared by the conversion tools: bad usage is one line, exit 2;
-a failure is one line, exit 1."""
+"""What every tool with an output shares: the command-line convention of the conversion tools
+(bad usage is one line, exit 2; a failure is one line, exit 1), and the two rules that keep a
+tool from destroying what it was given:
+
+* ``check_disjoint``: an output must not be, contain or lie inside any input, however either is
+  spelled (``..``, ``./``, trailing ``/``, relative or absolute, symlinks, hard links, bind
+  mounts). Checked before any work, ``--overwrite`` or not.
+* ``replace_dir``: a finished directory takes the place of an existing output in one atomic
+  step (Linux ``renameat2(RENAME_EXCHANGE)``), so no kill leaves the old output moved away.
+  Where the filesystem cannot swap, the old output is renamed aside for the two renames only
+  (signals deferred) and a later run puts it back if a SIGKILL struck in between.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
+import os
+import shutil
 import signal
 import sys
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+# errno values meaning "this kernel / filesystem cannot swap": use the two-rename fallback.
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+PathLike = str | os.PathLike
 
 
 class UsageError(Exception):
@@ -21,7 +45,7 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def one_line(e: BaseException) -> str:
+def one_line(e: BaseException | str) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
@@ -45,11 +69,156 @@ def run_tool(prog: str, work: Callable[[], Path], usage: tuple = (), failures: t
 
 def conversion_parser(prog: str, doc: str, input_help: str, output_help: str,
                       validation_help: str) -> OneLineParser:
-    """The arguments every converter takes: --input, --output, --overwrite, --skip-validation."""
+    """The arguments every converter takes: --input, --output, --overwrite, --skip-validation,
+    --no-verify-checksums."""
     p = OneLineParser(prog=prog, description=doc,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, type=Path, help=input_help)
-    p.add_argument("--output", required=True, type=Path, help=output_help)
+    p.add_argument("--output", required=True, type=Path,
+                   help=f"{output_help}; never an input, inside one or around one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--skip-validation", action="store_true", help=validation_help)
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="check megatron checkpoint file sizes only, not their recorded checksums "
+                        "(saves a full read of a huge checkpoint)")
     return p
+
+
+# --- outputs never touch inputs ---------------------------------------------------------------
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:  # absent or unreadable: nothing to compare by identity
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _ids_up_to_root(path: Path) -> set[tuple[int, int]]:
+    """(device, inode) of ``path`` and every existing ancestor: a path reached through a bind
+    mount or a second hard link has the same identity as the original."""
+    ids = {_file_id(p) for p in (path, *path.parents)}
+    ids.discard(None)
+    return ids  # type: ignore[return-value]
+
+
+def _overlap(out: Path, out_ids: set, inp: Path) -> str | None:
+    """Why ``out`` (resolved) may not be written given the input ``inp`` (resolved), or None."""
+    if out == inp:
+        return "it is the input"
+    if out.is_relative_to(inp):
+        return "it lies inside the input"
+    if inp.is_relative_to(out):
+        return "it contains the input"
+    inp_id, out_id = _file_id(inp), _file_id(out)
+    if inp_id is not None and inp_id == out_id:
+        return "it is the input under another name (hard link or mount)"
+    if inp_id is not None and inp_id in out_ids:
+        return "it lies inside the input (reached through a mount)"
+    if out_id is not None and out_id in _ids_up_to_root(inp):
+        return "it contains the input (reached through a mount)"
+    return None
+
+
+def check_disjoint(output: PathLike, inputs: Iterable[tuple[str, PathLike]], *,
+                   output_flag: str = "--output",
+                   error: type[Exception] = UsageError) -> None:
+    """Raise ``error`` (one line) when ``output`` is, contains or lies inside one of ``inputs``
+    ((flag, path) pairs, as the user spelled them). Paths are compared after ``resolve()``
+    (``..``, symlinks, relative paths) and by device and inode (hard links, bind mounts), so
+    no spelling of an input can be overwritten, replaced as a whole or written into."""
+    out = Path(output).resolve()
+    out_ids = _ids_up_to_root(out)
+    for flag, path in inputs:
+        reason = _overlap(out, out_ids, Path(path).resolve())
+        if reason is not None:
+            raise error(f"{output_flag} {os.fspath(output)} would overwrite input {flag} "
+                        f"{os.fspath(path)} ({reason})")
+
+
+# --- replacing an output ----------------------------------------------------------------------
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM for a few system calls that must all run (they are delivered, to the
+    previous handlers, on the way out). Python handlers can only be set in the main thread;
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in caught:
+            signal.raise_signal(s)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where the kernel or filesystem cannot."""
+    fn = getattr(_LIBC, "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_EXCHANGE:
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a symlink (never what it points to) or a directory tree, if present."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _aside(target: Path) -> Path:
+    return target.parent / f".{target.name}.old-{os.getpid()}"
+
+
+def recover_interrupted(target: PathLike) -> Path | None:
+    """Put back an output that a killed ``replace_dir`` fallback left renamed aside (the
+    target is missing and a ``.NAME.old-PID`` sibling exists). Returns the path it restored."""
+    target = Path(target).absolute()
+    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+        return None
+    prefix = f".{target.name}.old-"  # not a glob: the name may hold [ or *
+    aside = sorted((p for p in target.parent.iterdir() if p.name.startswith(prefix)),
+                   key=os.path.getmtime)
+    if not aside:
+        return None
+    os.rename(aside[-1], target)
+    print(f"note: restored {target} from an interrupted replacement ({aside[-1].name})",
+          file=sys.stderr)
+    return aside[-1]
+
+
+def replace_dir(new: PathLike, target: PathLike) -> None:
+    """Move the finished ``new`` to ``target`` (same parent directory); an existing target
+    (directory, file or symlink) is swapped out atomically, then removed. On an exception
+    ``target`` is as it was and ``new`` is still in place (the caller removes it)."""
+    new, target = Path(new), Path(target)
+    old = None
+    try:
+        with signals_deferred():
+            if not (target.exists() or target.is_symlink()):
+                os.rename(new, target)
+            elif _exchange(new, target):
+                old = new  # the swap left the previous output under the staging name
+            else:
+                aside = _aside(target)
+                os.rename(target, aside)
+                try:
+                    os.rename(new, target)
+                except BaseException:
+                    os.rename(aside, target)
+                    raise
+                old = aside
+    finally:  # also when a signal held during the swap is delivered on the way out
+        if old is not None:
+            remove_path(old)

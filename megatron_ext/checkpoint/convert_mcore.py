@@ -23,9 +23,10 @@ from megatron_ext.checkpoint.keymaps import (
     HF_EMBED, ConversionError, arch_from_hf_config, hf_shapes, hf_to_mcore, mcore_to_hf,
 )
 from megatron_ext.checkpoint.mcore_io import (  # no megatron import at module level
-    MIXED_NOTE, config_from_hf, hf_config_from_mcore, hf_record, is_mixed,
+    HF_RECORD, MIXED_NOTE, config_from_hf, hf_config_from_mcore, hf_record, is_mixed,
     read_mcore_checkpoint, save_mcore_into, single_process,
 )
+from megatron_ext.cli_utils import check_disjoint
 from megatron_ext.upcycling.validate import ValidationError, ValidationReport, probe_tokens
 
 DTYPE_CHOICES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -86,20 +87,36 @@ def _check(report: ValidationReport, log: Callable[[str], None]) -> ValidationRe
     return report
 
 
-def _preflight(input_path: Path, output: Path, overwrite: bool) -> tuple[Path, Path]:
-    """Checks made before any slow work: distinct paths, input present, output free."""
-    input_path, output = Path(input_path), Path(output)
-    _not_same(input_path, output)
-    if not input_path.exists():
-        raise ConversionError(f"{input_path}: input does not exist")
+def checkpoint_inputs(flag: str, path: Path) -> list[tuple[str, Path]]:
+    """What reading the checkpoint at ``path`` touches, as (flag, path) pairs for
+    ``check_disjoint``: the path, the iter dir a root's ``latest`` names (it may point
+    elsewhere) and the ``hf/`` record beside an iter dir (tokenizer files are copied from it)."""
+    path = Path(path)
+    found = [(flag, path)]
+    try:
+        latest = (path / "latest").read_text().strip() if (path / "latest").is_file() else ""
+    except (OSError, UnicodeDecodeError):  # unreadable: the reader reports it later
+        latest = ""
+    if latest:
+        found.append((f"{flag} (its latest)", path / latest))
+    elif (path.parent / HF_RECORD).is_dir():
+        found.append((f"{flag} (its hf/ record)", path.parent / HF_RECORD))
+    return found
+
+
+def preflight(inputs: list[tuple[str, Path]], output: Path, overwrite: bool) -> Path:
+    """Checks made before any slow work, for every converter: inputs present, the output
+    disjoint from every input (``cli_utils.check_disjoint``, ``--overwrite`` or not), the output
+    free unless ``overwrite``. ``inputs``: (flag, path) pairs, the primary input first."""
+    for _, path in inputs:
+        if not Path(path).exists():
+            raise ConversionError(f"{path}: input does not exist")
+    expanded = [pair for flag, path in inputs for pair in checkpoint_inputs(flag, path)]
+    check_disjoint(output, expanded, error=ConversionError)
+    output = Path(output)
     if output.exists() and not overwrite:
         raise ConversionError(f"{output} exists (pass --overwrite to replace it)")
-    return input_path, output
-
-
-def _not_same(input_path: Path, output: Path) -> None:
-    if Path(input_path).absolute() == Path(output).absolute():
-        raise ConversionError(f"{output}: the output must not be the input")
+    return output
 
 
 # --- the two directions -----------------------------------------------------------------------
@@ -108,7 +125,8 @@ def hf_to_mcore_checkpoint(input_dir: Path, output_root: Path, *, overwrite: boo
                            ) -> ValidationReport | None:
     """HF Llama/Mixtral/mixed directory -> our checkpoint root (``iter_0000000``, ``latest``,
     ``config.yaml`` for training from it, ``hf/`` record). Memory: one model copy."""
-    input_dir, output_root = _preflight(input_dir, output_root, overwrite)
+    input_dir = Path(input_dir)
+    output_root = preflight([("--input", input_dir)], output_root, overwrite)
     ckpt = HFCheckpoint(input_dir)  # headers and sizes checked: truncation is caught here
     arch = arch_from_hf_config(ckpt.config)
     cfg = config_from_hf(ckpt.config)
@@ -165,7 +183,8 @@ def mcore_to_hf_checkpoint(input_path: Path, output_dir: Path, *, overwrite: boo
                            ) -> ValidationReport | None:
     """Our checkpoint (root or iter dir, any EP it was saved at) -> HF directory: Llama when
     dense, Mixtral when every layer is MoE, else the mixed format. Memory: one fp32 model."""
-    input_path, output_dir = _preflight(input_path, output_dir, overwrite)
+    input_path = Path(input_path)
+    output_dir = preflight([("--input", input_path)], output_dir, overwrite)
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"unknown dtype {dtype!r} (use {', '.join(DTYPE_CHOICES)})")
     get, keys, arch, cfg = read_mcore_checkpoint(input_path)

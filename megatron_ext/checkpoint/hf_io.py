@@ -28,6 +28,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from megatron_ext.checkpoint.keymaps import ConversionError
+from megatron_ext.cli_utils import recover_interrupted, remove_path, replace_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -302,28 +303,21 @@ def write_hf_checkpoint(
 
 @contextmanager
 def staged_dir(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temp dir beside ``output``; on success it becomes ``output``, on any error
-    (or Ctrl-C) it is removed, so a failed run leaves nothing at the output path."""
+    """Yield a fresh temp dir beside ``output``; on success it replaces ``output`` in one atomic
+    swap (``cli_utils.replace_dir``), on any error (or Ctrl-C, SIGTERM) it is removed, so a
+    failed run leaves nothing at the output path and a previous output stays where it was.
+    A SIGKILL leaves at most the hidden temp dir, never the old output moved away."""
     output = Path(output).absolute()
-    if output.exists() and not overwrite:
+    recover_interrupted(output)  # an old output that a killed fallback swap left aside
+    if (output.exists() or output.is_symlink()) and not overwrite:
         raise ConversionError(f"{output} exists (pass --overwrite to replace it)")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_path(tmp)
     tmp.mkdir()
     try:
         yield tmp
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            output.rename(old)
-            tmp.rename(output)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(output)
+        replace_dir(tmp, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)  # the new tree, or the old output when the swap happened
         raise

@@ -28,12 +28,14 @@ import signal
 import sys
 import time
 import warnings
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import IO, Iterator, Sequence
 
 import numpy as np
 
+from megatron_ext.cli_utils import check_disjoint, signals_deferred
 from megatron_ext.data.errors import DataError
 from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -126,16 +128,22 @@ def _iter_records(handle: IO[bytes], kind: str, txt_mode: str) -> Iterator[tuple
 
 
 def _iter_file_records(path: str, txt_mode: str) -> Iterator[tuple[tuple[int, bytes] | int, int]]:
-    """Yield (record or blank marker, bytes of the file on disk consumed so far)."""
+    """Yield (record or blank marker, bytes of the file on disk consumed so far). Damage (not
+    gzip, a cut or corrupt deflate stream, a CRC mismatch) is a DataError naming the file and the
+    last line read."""
     kind = _input_kind(path)
+    last_line = 0
     try:
         with open(path, "rb") as raw:
             # Progress follows the on-disk (compressed) position, so .gz files report right.
             handle = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
             for item in _iter_records(handle, kind, txt_mode):
+                if not isinstance(item, int):
+                    last_line = item[0]
                 yield item, raw.tell()
-    except (OSError, EOFError) as err:  # e.g. gzip.BadGzipFile, a truncated .gz
-        raise DataError(f"cannot read {path}: {err}") from err
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        where = f" after line {last_line}" if last_line else ""
+        raise DataError(f"cannot read {path}{where}: {type(err).__name__}: {err}") from err
 
 
 def _iter_chunks(
@@ -316,7 +324,8 @@ def _temp_paths(output_prefix: str) -> tuple[str, str]:
     return f"{stem}.bin", f"{stem}.idx"
 
 
-def _validate(inputs: Sequence[str], output_prefix: str, txt_mode: str, workers: int) -> None:
+def _validate(inputs: Sequence[str], output_prefix: str, txt_mode: str, workers: int,
+              tokenizer_path: str | None) -> None:
     if not inputs:
         raise DataError("no input files given")
     for path in inputs:
@@ -332,6 +341,13 @@ def _validate(inputs: Sequence[str], output_prefix: str, txt_mode: str, workers:
     directory = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(directory):
         raise DataError(f"output directory does not exist: {directory}")
+    # PREFIX.bin / PREFIX.idx must not be (or be written into) an input or the tokenizer.
+    sources = [("--input", path) for path in inputs]
+    if tokenizer_path is not None:
+        sources.append(("--tokenizer", tokenizer_path))
+    for suffix in (".bin", ".idx"):
+        check_disjoint(f"{output_prefix}{suffix}", sources, output_flag="--output-prefix",
+                       error=DataError)
 
 
 def preprocess(
@@ -348,7 +364,8 @@ def preprocess(
 ) -> PreprocessReport:
     """Tokenize ``inputs`` into ``output_prefix``.bin/.idx; see the module docstring."""
     inputs = list(inputs)
-    _validate(inputs, output_prefix, txt_mode, workers)
+    _validate(inputs, output_prefix, txt_mode, workers,
+              tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "path", None))
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     with warnings.catch_warnings():
@@ -393,11 +410,12 @@ def preprocess(
             )
         builder.finalize(tmp_idx)
         # Commit: drop a stale .idx first, then .bin, then .idx -- see the module docstring.
-        if os.path.exists(final_idx):
-            os.remove(final_idx)
-        os.replace(tmp_bin, final_bin)
-        os.replace(tmp_idx, final_idx)
-        committed = True
+        with signals_deferred():  # Ctrl-C / SIGTERM wait: never half a pair
+            if os.path.exists(final_idx):
+                os.remove(final_idx)
+            os.replace(tmp_bin, final_bin)
+            os.replace(tmp_idx, final_idx)
+            committed = True
     except OSError as err:
         raise DataError(f"cannot write {output_prefix}.bin/.idx: {err}") from err
     finally:

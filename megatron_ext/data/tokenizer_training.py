@@ -17,6 +17,7 @@ import tempfile
 import time
 from typing import Iterator, Sequence
 
+from megatron_ext.cli_utils import check_disjoint, recover_interrupted, replace_dir
 from megatron_ext.data.errors import DataError
 
 EOD_TOKEN = "<|endoftext|>"
@@ -64,8 +65,10 @@ def train_bpe_tokenizer(
             f"vocab size {vocab_size} too small: byte-level BPE needs more than {minimum} "
             f"(256 byte tokens + {len(special_tokens)} special tokens)"
         )
+    check_disjoint(output_dir, [("--input", path) for path in inputs], error=DataError)
     output_dir = os.path.normpath(output_dir)
     parent = os.path.dirname(os.path.abspath(output_dir))
+    recover_interrupted(output_dir)  # an old output that a killed fallback swap left aside
     if os.path.exists(output_dir) and not overwrite:
         raise DataError(f"output exists: {output_dir} (pass --overwrite to replace it)")
     os.makedirs(parent, exist_ok=True)
@@ -106,9 +109,9 @@ def train_bpe_tokenizer(
                 "seconds": round(time.time() - start, 3),
             },
         )
-        _replace_dir(tmp_dir, output_dir)
+        replace_dir(tmp_dir, output_dir)
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # new tokenizer, or old one once swapped
         raise
     return output_dir
 
@@ -135,19 +138,3 @@ def _write_json(path: str, payload: dict) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
-
-
-def _replace_dir(new_dir: str, target: str) -> None:
-    """Move ``new_dir`` to ``target``; an existing target is swapped out, then removed."""
-    if not os.path.exists(target):
-        os.rename(new_dir, target)
-        return
-    parent = os.path.dirname(os.path.abspath(target))
-    backup = os.path.join(parent, f".{os.path.basename(target)}.old-{os.getpid()}")
-    os.rename(target, backup)
-    try:
-        os.rename(new_dir, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

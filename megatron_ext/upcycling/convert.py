@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megatron_ext.checkpoint.convert_mcore import compare_logits, preflight, resolve_dtype
 from megatron_ext.checkpoint.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
 from megatron_ext.checkpoint.keymaps import (
     HF_EMBED, Arch, ConversionError, arch_from_hf_config, hf_config_for, hf_settings_from_config,
@@ -89,7 +90,6 @@ def _write_hf(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseMode
 def _open_mcore(path: Path) -> DenseModel:
     """A dense mcore checkpoint served under HF names (its whole fp32 state dict in memory),
     in the precision its weights have (``convert_mcore.resolve_dtype``)."""
-    from megatron_ext.checkpoint.convert_mcore import resolve_dtype
     from megatron_ext.checkpoint.keymaps import hf_shapes
     from megatron_ext.checkpoint.mcore_io import (
         hf_config_from_mcore, hf_record, hf_view, read_mcore_checkpoint,
@@ -204,12 +204,8 @@ def upcycle_checkpoint(
     if output_format is None:  # the input's own format
         output_format = resolve_format(Path(input_dir), input_format)
     writer = _lookup(_WRITERS, output_format, "output")
-    output_dir = Path(output_dir)
-    for src in (input_dir, *btx_dirs):
-        if Path(src).absolute() == output_dir.absolute():
-            raise ConversionError(f"{output_dir}: the output must not be an input")
-    if output_dir.exists() and not overwrite:
-        raise ConversionError(f"{output_dir} exists (pass --overwrite to replace it)")
+    sources = [("--input", Path(input_dir))] + [("--btx-sources", Path(d)) for d in btx_dirs]
+    output_dir = preflight(sources, Path(output_dir), overwrite)
     if spec.btx_sources:
         raise UpcycleError("pass btx sources as btx_dirs, not as getters")
     # Placeholders stand in for the sources so that the recipe is checked before any input is read.
@@ -232,8 +228,6 @@ def upcycle_checkpoint(
             if in_fmt == output_format == "hf":
                 report = validate_upcycled(Path(input_dir), tmp, spec.function_preserving())
             else:
-                from megatron_ext.checkpoint.convert_mcore import compare_logits
-
                 # Drop the sources (an mcore one is a whole state dict in memory): both sides
                 # are reloaded from disk, one model at a time.
                 vocab, preserving = dense.arch.vocab_size, spec.function_preserving()

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make megatron_
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_ext.analysis.curves import CurvesError, plot, read_run, summary_table  # noqa: E402
-from megatron_ext.cli_utils import OneLineParser, UsageError  # noqa: E402
+from megatron_ext.cli_utils import OneLineParser, UsageError, check_disjoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
         if not 0.0 <= args.smooth < 1.0:
             raise UsageError(f"--smooth {args.smooth} is outside [0, 1)")
-        curves = []
+        curves, runs = [], []
         for item in args.run:
             label, sep, run_dir = item.partition("=")
             if not sep or not label or not run_dir:
                 raise UsageError(f"--run {item!r}: expected LABEL=RUN_DIR")
             curves.append(read_run(label, Path(run_dir)))
+            runs.append(("--run", run_dir))
+        check_disjoint(args.output, runs)  # the plot goes beside a run, never into or around it
     except (UsageError, CurvesError) as e:
         print(f"loss_curves: error: {e}", file=sys.stderr)
         return 2

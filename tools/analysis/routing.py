@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from megatron_ext.cli_utils import check_disjoint, recover_interrupted, replace_dir  # noqa: E402
 from megatron_ext.data.errors import ArgumentParser, DataError, run_cli  # noqa: E402
 
 # megatron-core warns at import when TE/apex are absent; irrelevant to a CPU/GPU analysis run.
@@ -112,15 +113,22 @@ def check_output(out: Path) -> None:
                         "choose another directory")
 
 
+def check_inputs(output: Path, args: argparse.Namespace, *resolved: tuple[str, str]) -> None:
+    """The report directory must not be, contain or lie inside any input (it replaces a
+    previous report as a whole): the checkpoint (and what its ``latest`` names), every text
+    file, the tokenizer. ``resolved``: inputs known only after reading the checkpoint."""
+    from megatron_ext.checkpoint.convert_mcore import checkpoint_inputs  # torch: start-up time
+
+    inputs = [*checkpoint_inputs("--checkpoint", Path(args.checkpoint)),
+              *(("--text", spec.partition("=")[2]) for spec in args.text), *resolved]
+    if args.tokenizer:
+        inputs.append(("--tokenizer", args.tokenizer))
+    check_disjoint(output, [(flag, path) for flag, path in inputs if path], error=DataError)
+
+
 def install(tmp: Path, out: Path) -> None:
-    """Swap the finished report in; a previous report is removed only after the rename."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / "report")
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Swap the finished report in atomically; the previous report is removed after."""
+    replace_dir(tmp, out)
 
 
 def _free_port() -> str:
@@ -153,8 +161,10 @@ def analyze(args: argparse.Namespace) -> int:
     if not 1 <= seq_length <= cfg.model.max_position_embeddings:
         raise DataError(f"--seq-length must be in 1..{cfg.model.max_position_embeddings}")
     out = args.output.resolve()
+    recover_interrupted(out)  # a previous report that a killed fallback swap left aside
     check_output(out)
     tokenizer_path = resolve_tokenizer(args.tokenizer, cfg)
+    check_inputs(args.output, args, ("--checkpoint", str(ckpt)), ("tokenizer", tokenizer_path))
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > padded_vocab(cfg):
         raise DataError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens, more "
@@ -199,7 +209,9 @@ def analyze(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return analyze(parse_args(argv))
+    args = parse_args(argv)
+    check_inputs(args.output, args)  # before megatron's import and any slow work
+    return analyze(args)
 
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing starts worker processes

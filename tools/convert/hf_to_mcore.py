@@ -37,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_megatron()  # before megatron is imported: its import-time warnings are noise
     from megatron_ext.checkpoint.convert_mcore import hf_to_mcore_checkpoint
     from megatron_ext.checkpoint.keymaps import ConversionError
+    from megatron_ext.checkpoint.manifest import content_checks
     from megatron_ext.upcycling.validate import ValidationError
 
     def work() -> Path:
         args = build_parser().parse_args(argv)
-        hf_to_mcore_checkpoint(args.input, args.output, overwrite=args.overwrite,
-                               validate=not args.skip_validation)
+        with content_checks(not args.no_verify_checksums):  # the output's, in validation
+            hf_to_mcore_checkpoint(args.input, args.output, overwrite=args.overwrite,
+                                   validate=not args.skip_validation)
         return args.output
 
     return run_tool(PROG, work, usage=(ConversionError,), failures=(ValidationError,))

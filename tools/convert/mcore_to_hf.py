@@ -43,13 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ext.checkpoint.convert_mcore import mcore_to_hf_checkpoint
     from megatron_ext.checkpoint.hf_io import parse_size
     from megatron_ext.checkpoint.keymaps import ConversionError
+    from megatron_ext.checkpoint.manifest import content_checks
     from megatron_ext.upcycling.validate import ValidationError
 
     def work() -> Path:
         args = build_parser().parse_args(argv)
-        mcore_to_hf_checkpoint(args.input, args.output, overwrite=args.overwrite,
-                               validate=not args.skip_validation, dtype=args.dtype,
-                               max_shard_bytes=parse_size(args.max_shard_size))
+        with content_checks(not args.no_verify_checksums):
+            mcore_to_hf_checkpoint(args.input, args.output, overwrite=args.overwrite,
+                                   validate=not args.skip_validation, dtype=args.dtype,
+                                   max_shard_bytes=parse_size(args.max_shard_size))
         return args.output
 
     return run_tool(PROG, work, usage=(ConversionError,), failures=(ValidationError,))

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_ext.checkpoint.manifest import content_checks
     from megatron_ext.upcycling.convert import upcycle_checkpoint
     from megatron_ext.upcycling.validate import ValidationError
 
@@ -71,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             method=args.method, ratio=args.ratio, num_experts=args.num_experts, top_k=args.top_k,
             seed=args.seed, index_sharing=args.index_sharing, router_init=args.router_init,
             noise_std=args.noise_std, init_std=args.init_std, moe_layers=args.moe_layers)
-        upcycle_checkpoint(
-            args.input, args.output, spec, btx_dirs=args.btx_sources,
-            input_format=args.input_format, output_format=args.output_format,
-            overwrite=args.overwrite, validate=not args.skip_validation,
-            max_shard_bytes=parse_size(args.max_shard_size))
+        with content_checks(not args.no_verify_checksums):  # mcore inputs (and outputs)
+            upcycle_checkpoint(
+                args.input, args.output, spec, btx_dirs=args.btx_sources,
+                input_format=args.input_format, output_format=args.output_format,
+                overwrite=args.overwrite, validate=not args.skip_validation,
+                max_shard_bytes=parse_size(args.max_shard_size))
         return args.output
 
     return run_tool(PROG, work, usage=(ConversionError, UpcycleError),
