@@ -182,19 +182,26 @@ class CheckpointConfig:
     save_interval: int = 0
     """Steps between saves; 0 = save only at the end (and on preemption)."""
     keep_last: int = 2
-    """Complete checkpoints kept; older ones are deleted after a successful save."""
+    """Checkpoints kept that verify (sizes and checksums); older ones are deleted after a successful save, damaged ones never count."""
     fully_reshardable_optimizer: bool = True
     """Save optimizer state in the format that reshards across TP/PP/EP changes."""
     async_save: bool = False
     """Write checkpoints in a background process per rank (megatron's async dist_checkpointing):
     training stops only to copy the state to host memory. A save becomes ``latest`` once every
     rank has finished writing; the final and preemption saves are waited for before exit."""
+    verify_checksums: bool = True
+    """Compare every checkpoint file with the checksum recorded at save before using it (resume,
+    `load`, pruning): a full read of the checkpoint. false checks file sizes only (one warning)."""
+    allow_config_change: bool = False
+    """Resume `save` even though this config changes the run (optimizer, schedule, data, batch,
+    steps, precision, model/MoE hyperparameters; see checkpoint/resume_check.py): the differing
+    fields are logged as a warning instead of refusing the resume. Shapes can never change."""
 
 
 @dataclass
 class WandbConfig:
     mode: Literal["online", "offline", "disabled"] = "disabled"
-    """online needs credentials (falls back to offline with a warning)."""
+    """online needs credentials and the server, else it logs offline (one warning)."""
     project: str = "drop-upcycling"
     """W&B project."""
     entity: Optional[str] = None
@@ -203,12 +210,17 @@ class WandbConfig:
     """Run name; None = the config file's name."""
     tags: list = field(default_factory=list)
     """Run tags."""
+    init_timeout_s: float = 30.0
+    """Longest wait for W&B to start a run; online past it, training goes on logging offline."""
+    finish_timeout_s: float = 60.0
+    """Longest wait at the end for W&B to upload; what is left stays on disk for `wandb sync`."""
 
 
 @dataclass
 class LoggingConfig:
-    output_dir: str = "runs/default"
-    """Run directory: resolved config, metrics.jsonl, TensorBoard events."""
+    output_dir: Optional[str] = None
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events. None = runs/<config
+    file name without .yaml> (runs/default without --config). One run at a time per directory."""
     tensorboard: bool = False
     """Also write TensorBoard events."""
     expert_load: bool = True
