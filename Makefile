@@ -25,8 +25,11 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) pretrain_moe.py --config configs/tiny-cpu.yaml \
 		--set checkpoint.save=runs/demo/checkpoints --set logging.output_dir=runs/demo
 
+# Two pytest workers, one test file each at a time (--dist loadfile keeps a module's fixtures,
+# e.g. the SLURM daemons, on one worker): most tests wait on subprocesses, so two workers on two
+# cores take ~12 min instead of ~20.
 test: $(STAMP)
-	$(PY) -m pytest -q -rs --timeout=900 tests
+	$(PY) -m pytest -q -rs --timeout=900 -n 2 --dist loadfile tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs tests/unit

@@ -163,7 +163,9 @@ def test_damage_after_a_verification_is_still_found(root):
 
 def test_checksums_off_checks_sizes_only_with_one_warning(root, capsys):
     d = root / "iter_0000006"
-    _garbage(d / "config.yaml")  # not a pickle: the restricted-unpickler check passes it
+    # Same size, still a YAML mapping (verify parses the saved config), different content.
+    size = (d / "config.yaml").stat().st_size
+    (d / "config.yaml").write_bytes(b"x: " + b"y" * (size - 3))
     manifest._noticed.discard("off")
     with manifest.content_checks(False):
         verify(d)
@@ -334,3 +336,20 @@ def test_async_two_rank_checksums_come_from_the_background_writers(tmp_path):
     manifest.forget(d)
     with pytest.raises(CheckpointError, match=f"{rank1.name} does not match"):
         verify(d)
+
+
+@pytest.mark.parametrize("content", [b"\xcd\xff binary", b"a: [unclosed", b"- a list\n- not sections\n",
+                                     b"lr: 1\nlr: 2\n"], ids=["binary", "syntax", "list", "dupkey"])
+def test_saved_config_that_does_not_parse_is_damage(root, content):
+    """A config.yaml whose checksum matches (the manifest rewritten too) but which is not a
+    mapping of sections: verify refuses it naming the file, so resume falls back to iter 4."""
+    d = root / "iter_0000006"
+    (d / "config.yaml").write_bytes(content)
+    meta = json.loads((d / "meta.json").read_text())
+    meta["files"]["config.yaml"] = manifest.file_sum(d / "config.yaml")
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="config.yaml"):
+        verify(d)
+    found, warnings = find_resumable(root)
+    assert found == root / "iter_0000004"
+    assert len(warnings) == 1 and "config.yaml" in warnings[0]
