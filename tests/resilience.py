@@ -47,8 +47,9 @@ def popen(args: list[str]) -> subprocess.Popen:
 
 def kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL to the run's whole process group, as a scheduler ends a job: the trainer, its
-    checkpoint writers and the result-queue manager that megatron's writer starts (which a
-    SIGKILL of the trainer alone would leave running)."""
+    checkpoint writers and the result-queue manager that megatron's writer starts. (Since
+    ``megatron_ext.platform.children`` those also die with a trainer killed alone; tests/unit/
+    test_signals.py checks both.)"""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:  # nothing of it left
