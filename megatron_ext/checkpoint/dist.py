@@ -22,7 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -306,12 +306,45 @@ def find_resumable(root: str | Path, checksums: Optional[bool] = None
     return None, problems
 
 
+def _rank0_verdict(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only; every rank returns its result or raises its CheckpointError.
+    Verifying checksums reads the whole checkpoint: once per job (rank 0), not once per rank
+    (64 ranks re-reading an 8x3.7B checkpoint from a shared filesystem), and every rank acts
+    on the same verdict (a rank that alone raised would leave the others in a collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    box: list = [None]
+    if _rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except CheckpointError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
+
+
+def find_resumable_shared(root: str | Path, checksums: Optional[bool] = None
+                          ) -> tuple[Optional[Path], list[str]]:
+    """``find_resumable`` decided on rank 0 for every rank of a job (see ``_rank0_verdict``)."""
+    return _rank0_verdict(lambda: find_resumable(root, checksums))
+
+
+def _verify_shared(path: Path, checksums: Optional[bool]) -> dict:
+    """``verify`` for a load by every rank: rank 0 reads the content (cached when it chose
+    ``path``), the verdict is shared, and the other ranks check file sizes only (cheap)."""
+    _rank0_verdict(lambda: verify(path, checksums))
+    return verify(path, checksums if _rank() == 0 else False)
+
+
 def load(path: Path, model, optimizer, layout: dict,
          checksums: Optional[bool] = None) -> tuple[TrainState, list[str]]:
     """Resume model (+ optimizer, RNG) from a verified checkpoint; returns state and warnings.
 
     The optimizer format (fully reshardable or not) is the one recorded in meta.json."""
-    meta = verify(path, checksums)
+    meta = _verify_shared(path, checksums)
     warnings = []
     inner = unwrap(model)
     model_sd = inner.sharded_state_dict()
@@ -345,11 +378,11 @@ def load_weights(path: str | Path, model, checksums: Optional[bool] = None) -> P
     """Initial weights only (``checkpoint.load``): a checkpoint dir or a root with ``latest``."""
     path = Path(path)
     if (path / "latest").is_file() or not (path / "meta.json").exists():
-        found, _ = find_resumable(path, checksums)
+        found, _ = find_resumable_shared(path, checksums)
         if found is None:
             raise CheckpointError(f"{path}: no checkpoint found")
         path = found
-    verify(path, checksums)
+    _verify_shared(path, checksums)
     inner = unwrap(model)
     loaded = dist_checkpointing.load({"model": inner.sharded_state_dict()}, str(path))
     inner.load_state_dict(loaded["model"])

@@ -156,7 +156,7 @@ def _run(cfg: Config, layout: Any, preempt: Any) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
     state = ckpt.TrainState()
-    resume, warnings = (ckpt.find_resumable(cfg.checkpoint.save)
+    resume, warnings = (ckpt.find_resumable_shared(cfg.checkpoint.save)
                         if cfg.checkpoint.save else (None, []))
     for w in warnings:
         warn(w) if rank0 else None

@@ -353,3 +353,24 @@ def test_saved_config_that_does_not_parse_is_damage(root, content):
     found, warnings = find_resumable(root)
     assert found == root / "iter_0000004"
     assert len(warnings) == 1 and "config.yaml" in warnings[0]
+
+
+@pytest.mark.slow
+def test_two_ranks_fall_back_together_on_rank0s_verdict(tmp_path):
+    """Rank 0 alone reads the checksums (once per job, not once per rank) and every rank
+    resumes the checkpoint it chose: a damaged shard of rank 1 in the newest checkpoint makes
+    both ranks resume the older one, with one warning naming the shard."""
+    args = small_args(tmp_path, 4, "--set", "parallel.expert=2", "--set", "checkpoint.save_interval=2")
+    first = torchrun(2, args)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    newest = tmp_path / "ckpt" / "iter_0000004"
+    shard = sorted(newest.glob("__1_*.distcp"))[0]
+    _garbage(shard)
+    second = torchrun(2, args)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert f"resumed from {tmp_path / 'ckpt' / 'iter_0000002'} at step 2" in out
+    warnings = [line for line in out.splitlines() if line.startswith("WARNING") and shard.name in line]
+    assert len(warnings) == 1, out[-4000:]
+    assert "Traceback" not in out
+    verify(newest)  # re-saved whole at step 4
