@@ -82,12 +82,33 @@ class Preemption:
         if startup:
             signal.signal(signal.SIGINT, self._interrupt)
             _Watchdog(self).start()
+            self._next_unraisable_hook = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
 
     def _handler(self, signum, frame):
         first = self.signum is None
         self.signum = signum
         if self.in_startup and first and not self.interrupted:
             raise StartupSignal(signum)
+
+    def _unraisable(self, info) -> None:
+        """Our handler's exception raised inside a callback whose exceptions Python ignores
+        (seen: the import system's module-lock weakref callback; also ``__del__``): print no
+        traceback, and deliver the signal again a moment later, once the main thread is out of
+        that callback (the watchdog still bounds the exit)."""
+        exc = info.exc_value
+        if isinstance(exc, StartupSignal):
+            self.signum = None  # the handler raises again
+            signum = exc.signum
+        elif isinstance(exc, KeyboardInterrupt) and self.interrupted:
+            self.interrupted = False
+            signum = signal.SIGINT
+        else:
+            self._next_unraisable_hook(info)
+            return
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
 
     def _interrupt(self, signum, frame):
         if not self.interrupted:  # later Ctrl-Cs: the cleanup of the first one goes on
