@@ -21,6 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ext.config.loader import ConfigError
@@ -172,6 +173,10 @@ def layer_specs(config: TransformerConfig, backends: Backends):
 
 def build_model(cfg: Config, backends: Backends) -> GPTModel:
     """Build this rank's GPTModel (parallel state must be initialized)."""
+    # megatron sizes its process-global aux-loss tracker by the first model's layer count and
+    # never resizes it: a second model with more layers in the same process (tests, experiment
+    # and evaluation tools) would index past its end. A new model starts a new tracker.
+    get_moe_layer_wise_logging_tracker().clear()
     config = transformer_config(cfg, backends)
     model_class = FusedLossGPTModel if backends.lm_loss == "fused" else GPTModel
     model = model_class(

@@ -107,3 +107,14 @@ def test_dry_run_estimate_follows_recompute_and_the_loss_head():
     assert acts("model.lm_loss=megatron") - acts() == pytest.approx(logits_fp32_gib)
     assert acts("train.recompute=full") < acts() / 2
     assert acts("train.recompute=selective", "train.recompute_modules=[moe_act]") == acts()
+
+
+def test_models_of_different_depth_in_one_process():
+    """megatron's aux-loss tracker is process-global and sized by the first model that logs to it;
+    a deeper model built later in the same process (tests, tools) must still run (it indexed past
+    the end of the old tracker before build_model reset it)."""
+    shallow = ["model.num_layers=2", "moe.layer_freq=[1,1]"]
+    loss, _, _ = _step(shallow)
+    assert torch.isfinite(loss)
+    loss, _, _ = _step(["model.num_layers=4", "moe.layer_freq=[1,1,1,1]"])
+    assert torch.isfinite(loss)
