@@ -1,9 +1,10 @@
 """The one family of user-facing errors: every fault the user can cause or fix is a ``UserError``.
 
-A CLI (``megatron_ext.platform.cli.run``) turns any ``UserError`` into exactly one line on stderr
-and its ``exit_code``; everything else is a bug and keeps its traceback. Each layer subclasses it
-for its own faults (``ConfigError``, ``DataError``, ``CheckpointError``, ...), so callers can catch
-one layer's faults or all of them. This module is the bottom layer: it imports nothing of ours.
+A CLI (``megatron_ext.platform.cli.run_cli``) turns any ``UserError`` into exactly one line on
+stderr and its ``exit_code``; everything else is a bug and keeps its traceback. Each layer
+subclasses it for its own faults (``ConfigError``, ``DataError``, ``CheckpointError``, ...), so
+callers can catch one layer's faults or all of them. This module is the bottom layer: it
+imports nothing of ours.
 
 The subclasses also derive from the builtin type they replaced (``ValueError`` or
 ``RuntimeError``), so code that catches those keeps working.

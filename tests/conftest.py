@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_ext.platform.launch import free_port  # noqa: F401 (the tests' one helper)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None,
@@ -26,7 +21,8 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None,
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     full_env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1",
                     WANDB_SILENT="true", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "SLURM_PROCID",
+              "SLURM_NTASKS"):
         full_env.pop(k, None)
     full_env["MASTER_ADDR"] = "127.0.0.1"
     full_env["MASTER_PORT"] = str(free_port())

@@ -12,8 +12,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_ext.errors import UserError
 
-class CurvesError(ValueError):
+
+class CurvesError(UserError, ValueError):
     """A run directory or metrics file that cannot be used; the message is one line."""
 
 
@@ -63,7 +65,8 @@ def ema(values: list[float], weight: float) -> list[float]:
 def summary_table(curves: list[Curve], last_fraction: float = 0.1) -> str:
     """Markdown: final training loss (mean over the last ``last_fraction`` of points), final
     validation loss/perplexity, tokens."""
-    rows = ["| run | tokens | train loss (last 10%) | val loss | val ppl |", "|---|---:|---:|---:|---:|"]
+    rows = ["| run | tokens | train loss (last 10%) | val loss | val ppl |",
+            "|---|---:|---:|---:|---:|"]
     for c in curves:
         k = max(1, int(len(c.train) * last_fraction))
         tail = [loss for _, loss in c.train[-k:]]
@@ -75,6 +78,7 @@ def summary_table(curves: list[Curve], last_fraction: float = 0.1) -> str:
 
 
 def plot(curves: list[Curve], out_png: Path, smooth: float = 0.0, log_x: bool = False) -> None:
+    # why inside: matplotlib takes ~1 s to import and only the plot needs it
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 4.5), dpi=120)

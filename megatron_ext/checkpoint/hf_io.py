@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from megatron_ext.checkpoint.keymaps import ConversionError
-from megatron_ext.cli_utils import recover_interrupted, remove_path, replace_dir
+from megatron_ext.platform.fs import recover_interrupted, staging
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -303,21 +303,12 @@ def write_hf_checkpoint(
 
 @contextmanager
 def staged_dir(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temp dir beside ``output``; on success it replaces ``output`` in one atomic
-    swap (``cli_utils.replace_dir``), on any error (or Ctrl-C, SIGTERM) it is removed, so a
-    failed run leaves nothing at the output path and a previous output stays where it was.
-    A SIGKILL leaves at most the hidden temp dir, never the old output moved away."""
+    """``platform.fs.staging`` for a converter's output: a previous output is replaced only with
+    ``overwrite`` (ConversionError otherwise), after putting back one that a killed fallback
+    swap left aside."""
     output = Path(output).absolute()
-    recover_interrupted(output)  # an old output that a killed fallback swap left aside
+    recover_interrupted(output)
     if (output.exists() or output.is_symlink()) and not overwrite:
         raise ConversionError(f"{output} exists (pass --overwrite to replace it)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    remove_path(tmp)
-    tmp.mkdir()
-    try:
+    with staging(output) as tmp:
         yield tmp
-        replace_dir(tmp, output)
-    except BaseException:
-        remove_path(tmp)  # the new tree, or the old output when the swap happened
-        raise

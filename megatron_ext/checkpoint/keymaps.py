@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megatron_ext.errors import UserError
+
 Getter = Callable[[str], Tensor]
 
 # Non-standard config.json field recording the dense layers of a mixed dense/MoE model
@@ -29,7 +31,7 @@ Getter = Callable[[str], Tensor]
 MLP_ONLY_LAYERS_FIELD = "mlp_only_layers"
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint does not match what the conversion expects; the message names the key."""
 
 

@@ -18,14 +18,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch.distributed as dist
 import xxhash
+
+from megatron_ext.errors import UserError
+from megatron_ext.platform.fs import atomic_write
 
 ALGO = "xxh3_128"
 FORMAT = 2
@@ -40,7 +43,7 @@ _verified: dict[str, tuple[tuple, bool]] = {}  # resolved dir -> (file stats, co
 _noticed: set[str] = set()
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used or written; the message says which and why."""
 
 
@@ -59,15 +62,7 @@ def file_sum(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def write_rank_sums(tmp: Path, rank: int, sums: dict[str, dict]) -> None:
@@ -145,7 +140,7 @@ def notice(key: str, msg: str) -> None:
 
 
 # --- reading and checking -----------------------------------------------------------------------
-def read(path: Path, step: Optional[int]) -> dict:
+def read(path: Path, step: int | None) -> dict:
     """meta.json of checkpoint ``path``, schema-checked; ``step``: the one its name says."""
     meta_file = path / "meta.json"
     if not path.is_dir():
@@ -169,7 +164,7 @@ def _is_int(v: Any, minimum: int = 0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
 
-def _schema_problem(meta: Any) -> Optional[str]:
+def _schema_problem(meta: Any) -> str | None:
     if not isinstance(meta, dict):
         return f"a JSON {type(meta).__name__}, not an object"
     for key in _INT_FIELDS:
@@ -201,7 +196,7 @@ def required_files(meta: dict) -> list[str]:
     return [*COORDINATOR_FILES[:2], *([] if legacy else ["config.yaml"]), *rng]
 
 
-def check(path: Path, meta: dict, checksums: Optional[bool] = None) -> None:
+def check(path: Path, meta: dict, checksums: bool | None = None) -> None:
     """Raise CheckpointError naming the first file that is missing, unrecorded, of the wrong
     size or (with checksums) of the wrong content. ``checksums=None``: ``content_checks``."""
     content = _content.get() if checksums is None else checksums

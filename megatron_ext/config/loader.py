@@ -10,15 +10,17 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from megatron_ext.config.schema import Config
+from megatron_ext.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem; the message names the field (``section.key``) and the reason."""
 
 
@@ -102,7 +104,8 @@ def read_config_text(p: Path) -> str:
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+        return " or ".join("null" if a is type(None) else _type_name(a)
+                           for a in typing.get_args(tp))
     names = {int: "an integer", float: "a number", bool: "true/false", str: "a string",
              list: "a list"}
     return names.get(tp, getattr(tp, "__name__", str(tp).replace("typing.", "")))
@@ -200,6 +203,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"{dotted}: expected section.key")
     node = tree
     for part in parts[:-1]:
         child = node.get(part)
@@ -220,7 +225,32 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, parse_yaml(raw, f"--set {key}") if raw != "" else ""
 
 
-def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
+Overrides = Iterable[str] | Mapping[str, Any]
+
+
+def _override_pairs(overrides: Overrides) -> Iterable[tuple[str, Any]]:
+    """(dotted key, value) pairs: ``a.b=c`` texts are parsed, a mapping's values taken as given."""
+    if isinstance(overrides, Mapping):
+        return overrides.items()
+    if isinstance(overrides, str):  # one text, not its characters
+        overrides = [overrides]
+    return (parse_override(text) for text in overrides)
+
+
+def _set_all(tree: dict, overrides: Overrides) -> dict:
+    for key, value in _override_pairs(overrides):
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def apply_overrides(cfg: Config, overrides: Overrides) -> Config:
+    """A new Config: ``cfg`` with dotted overrides applied (``["train.seed=1"]`` as given to
+    ``--set``, or ``{"train.seed": 1}``) and every field type-checked again, so a wrong type or
+    an unknown key is one ConfigError naming it. ``cfg`` itself is not changed."""
+    return _build(Config, _set_all(to_dict(cfg), overrides), "")
+
+
+def load_config(path: str | Path | None, overrides: Overrides = ()) -> Config:
     """Load a YAML file (or the defaults when ``path`` is None) and apply ``a.b=c`` overrides."""
     tree: dict = {}
     if path is not None:
@@ -229,10 +259,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
         tree = {} if tree is None else tree  # an empty file (or only comments): the defaults
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
-    return _build(Config, tree, "")
+    return _build(Config, _set_all(tree, overrides), "")
 
 
 def config_from_dict(tree: dict) -> Config:

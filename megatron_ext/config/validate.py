@@ -5,10 +5,8 @@ Each failure raises ConfigError with ``field: reason`` so the CLI can print one 
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.ranges import check_ranges, check_sizes
@@ -26,25 +24,16 @@ def moe_layer_pattern(cfg: Config) -> list[int]:
     return [int(x) for x in freq]
 
 
-def launched_world_size() -> int:
-    """Processes of the current launch (torchrun / srun), 1 for a plain ``python`` run."""
-    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if name in os.environ:
-            text = os.environ[name].strip()
-            _check(text.isdigit() and int(text) >= 1, f"environment {name}",
-                   f"{os.environ[name]!r} is not a positive process count")
-            return int(text)
-    return 1
-
-
-def planned_world_size(cfg: Config) -> int:
-    """What --dry-run / --print-config reason about: the config's plan, else the launch."""
+def planned_world_size(cfg: Config, launched: int = 1) -> int:
+    """What --dry-run / --print-config reason about: the config's plan (parallel.world_size),
+    else ``launched``, the launch's process count (``platform.launch.world_size()``; config sits
+    below platform and does not read the launcher's environment itself)."""
     if cfg.parallel.world_size is not None:
         return cfg.parallel.world_size
-    return launched_world_size()
+    return launched
 
 
-def data_parallel_size(cfg: Config, world_size: Optional[int] = None) -> int:
+def data_parallel_size(cfg: Config, world_size: int | None = None) -> int:
     world = planned_world_size(cfg) if world_size is None else world_size
     return world // (cfg.parallel.tensor * cfg.parallel.pipeline)
 
@@ -54,8 +43,10 @@ def _check(cond: bool, field: str, reason: str) -> None:
         raise ConfigError(f"{field}: {reason}")
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    """Raise ConfigError for the first problem; ``world_size`` None = the planned size."""
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Raise ConfigError for the first problem. ``world_size``: the processes the checks assume,
+    given by the caller (a launch: its real size; --dry-run: ``planned_world_size``); None =
+    the config's plan (parallel.world_size, else one process)."""
     # Every value in its declared range first (ranges.RANGES): the cross-field checks below
     # then never divide by zero or multiply absurd sizes.
     check_ranges(cfg)
@@ -197,8 +188,6 @@ def _check_cuda_graph(cfg: Config) -> None:
         _check(moe.grouped_gemm, "train.cuda_graph",
                "needs moe.grouped_gemm: true (the per-expert loop reads token counts on the host)")
     _check(tr.recompute == "none", "train.cuda_graph", "cannot be combined with train.recompute")
-    _check(not tr.nan_injection_steps, "train.cuda_graph",
-           "cannot be combined with train.nan_injection_steps")
 
 
 def check_paths(cfg: Config) -> None:
@@ -234,7 +223,8 @@ def _check_writable_dir(field: str, path: Path) -> None:
         with tempfile.TemporaryFile(dir=base):  # unlinked from the start: nothing left behind
             pass
     except OSError as e:
-        raise ConfigError(f"{field}: {path} cannot be written ({base}: {e.strerror or e})")
+        raise ConfigError(f"{field}: {path} cannot be written ({base}: {e.strerror or e})"
+                          ) from None
 
 
 def total_steps(cfg: Config) -> int:

@@ -36,18 +36,16 @@ from __future__ import annotations
 import os
 import re
 import sys
-import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
 
 from megatron_ext.data.errors import DataError
+from megatron_ext.platform.quiet import quiet_megatron
 
-with warnings.catch_warnings():
-    # megatron.core's package import warns about optional GPU libraries; not our business.
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex")
+with quiet_megatron():  # its package import warns about optional GPU libraries
     # The format's constants, from the reader we validate for (megatron-core 0.16.1).
     from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
 

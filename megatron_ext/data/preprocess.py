@@ -27,17 +27,18 @@ import os
 import signal
 import sys
 import time
-import warnings
 import zlib
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 import numpy as np
 
-from megatron_ext.cli_utils import check_disjoint, signals_deferred
 from megatron_ext.data.errors import DataError
 from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_ext.platform.fs import check_disjoint, signals_deferred
+from megatron_ext.platform.quiet import quiet_megatron
 
 TXT_MODES = ("blocks", "lines")
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
@@ -244,7 +245,7 @@ def _process_chunk(chunk: Chunk):
     texts, lines, skips = _parse(kind, records, _STATE["json_key"])
     eod = [tokenizer.eod] if _STATE["append_eod"] else []
     pieces: list[list[int]] = []
-    for ids, line_no in zip(_encode_all(tokenizer, texts), lines):
+    for ids, line_no in zip(_encode_all(tokenizer, texts), lines, strict=False):
         if ids is None:
             skips.append(("invalid_utf8", line_no))
         elif not ids:
@@ -368,9 +369,7 @@ def preprocess(
               tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "path", None))
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
-    with warnings.catch_warnings():
-        # megatron.core's package import warns about optional GPU libraries; not our business.
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex")
+    with quiet_megatron():  # its package import warns about optional GPU libraries
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-from megatron_ext.cli_utils import check_disjoint, recover_interrupted, replace_dir
 from megatron_ext.data.errors import DataError
+from megatron_ext.platform.fs import check_disjoint, recover_interrupted, staging
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
@@ -91,11 +89,7 @@ def train_bpe_tokenizer(
     else:
         tokenizer.train_from_iterator(_iter_texts(inputs, json_key), trainer)
 
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+    with staging(output_dir) as tmp_dir:  # replaces a previous tokenizer whole, or not at all
         tokenizer.save(os.path.join(tmp_dir, "tokenizer.json"))
         _write_json(os.path.join(tmp_dir, "tokenizer_config.json"), _hf_config(special_tokens))
         _write_json(
@@ -109,10 +103,6 @@ def train_bpe_tokenizer(
                 "seconds": round(time.time() - start, 3),
             },
         )
-        replace_dir(tmp_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # new tokenizer, or old one once swapped
-        raise
     return output_dir
 
 

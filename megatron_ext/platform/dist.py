@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
@@ -13,6 +15,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron_ext.config.schema import Config
 from megatron_ext.platform import cpu
 from megatron_ext.platform.compat import apply_megatron_fixes
+from megatron_ext.platform.launch import free_port, launch
 
 
 @dataclass
@@ -32,19 +35,10 @@ class Layout:
                 f"ep={self.expert} dp={self.data} backend={self.backend} device={self.device.type}")
 
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if name in os.environ:
-            return int(os.environ[name])
-    return default
-
-
 def environment() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun, else SLURM's srun, else a single process."""
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    return rank, world, local
+    found = launch()
+    return found.rank, found.world_size, found.local_rank
 
 
 def init_distributed(cfg: Config, timeout_minutes: int = 30, standalone: bool = False) -> Layout:
@@ -68,7 +62,7 @@ def init_distributed(cfg: Config, timeout_minutes: int = 30, standalone: bool = 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         # A single process needs no agreed port: take a free one so concurrent runs don't clash.
-        os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"
+        os.environ["MASTER_PORT"] = str(free_port()) if world == 1 else "29500"
     if not dist.is_initialized():
         store = dist.HashStore() if standalone else None
         dist.init_process_group(
@@ -86,19 +80,7 @@ def init_distributed(cfg: Config, timeout_minutes: int = 30, standalone: bool = 
                   parallel_state.get_data_parallel_world_size(), device, backend)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

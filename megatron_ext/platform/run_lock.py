@@ -31,11 +31,11 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
 
 import psutil
 
 from megatron_ext.config.loader import ConfigError
+from megatron_ext.platform.fs import write_temp
 
 LOCK_NAME = ".lock"
 # A takeover guard older than this was left by a process that died mid-takeover (it lives for
@@ -43,7 +43,7 @@ LOCK_NAME = ".lock"
 _GUARD_STALE_S = 30.0
 
 
-def _start_time(pid: int) -> Optional[float]:
+def _start_time(pid: int) -> float | None:
     """Start time of a running process, None if it is gone (a zombie counts as gone)."""
     try:
         proc = psutil.Process(pid)
@@ -66,7 +66,7 @@ def _describe(rec: dict) -> str:
     return f"pid {rec.get('pid')} on host {rec.get('host')}{job}, since {rec.get('since')}"
 
 
-def _read(lock: Path) -> Optional[dict]:
+def _read(lock: Path) -> dict | None:
     """The holder's record; None if the lock vanished meanwhile; {} if it is unreadable."""
     try:
         rec = json.loads(lock.read_text())
@@ -87,7 +87,7 @@ def _alive_here(rec: dict) -> bool:
     return now is not None and abs(now - started) < 1.0
 
 
-def _verdict(rec: dict, me: dict) -> Optional[str]:
+def _verdict(rec: dict, me: dict) -> str | None:
     """None if ``rec``'s lock may be taken over by ``me``, else why not."""
     if not rec:
         return "unreadable"
@@ -105,7 +105,7 @@ class RunLock:
     def __init__(self, path: str | Path, what: str):
         self.dir, self.what = Path(path), what
         self.file = self.dir / LOCK_NAME
-        self.record: Optional[dict] = None
+        self.record: dict | None = None
         self.created: list[Path] = []  # directories made for the lock, deepest first
 
     def acquire(self) -> list[str]:
@@ -117,8 +117,8 @@ class RunLock:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.created = missing
         me = my_record()
-        tmp = self.dir / f"{LOCK_NAME}.{me['host']}.{me['pid']}.tmp"
-        tmp.write_text(json.dumps(me, indent=1) + "\n")
+        # Written whole and synced before it is linked into place (create-if-absent).
+        tmp = write_temp(self.file, json.dumps(me, indent=1) + "\n")
         # Set before the lock exists: a signal right after the link still releases it (release
         # removes the file only if it carries this record).
         self.record = me

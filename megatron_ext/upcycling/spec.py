@@ -9,13 +9,14 @@ from dataclasses import dataclass, field, replace
 from torch import Tensor
 
 from megatron_ext.checkpoint.keymaps import Arch
+from megatron_ext.errors import UserError
 
 METHODS = ("scratch", "naive", "noise", "drop", "btx")
 INDEX_SHARING = ("per_projection", "shared")
 ROUTER_INITS = ("uniform_std002", "normal_std002")
 
 
-class UpcycleError(ValueError):
+class UpcycleError(UserError, ValueError):
     """A bad upcycling request (the message says which setting)."""
 
 

@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from megatron_ext.platform.launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 # The daemons live in sbin, which a non-login root shell may not have on PATH.
@@ -70,12 +71,6 @@ def _apt_install(*packages: str) -> str | None:
         output = _tail(result.stdout + result.stderr)
         return f"apt-get install {' '.join(packages)} failed:\n{output}"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -131,8 +126,8 @@ class SlurmCluster:
         return f"""\
 ClusterName=moetest
 SlurmctldHost=localhost
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from megatron_ext.platform.launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "scripts" / "slurm"
@@ -30,12 +31,6 @@ TERMINAL_STATES = {
     "PREEMPTED", "TIMEOUT",
 }  # fmt: skip
 LOSS_LINE = re.compile(r"^.*\bstep\s+(\d+)\s*/\s*(\d+)\b.*\bloss\b.*$", re.MULTILINE)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry_point_present() -> None:
@@ -69,7 +64,7 @@ def _submit(cluster, tmp_path: Path, *overrides: str) -> tuple[str, Path]:
             "GPUS_PER_NODE": "2",
             # The launcher derives the port from the job id, and every private test cluster
             # numbers its jobs from 1: a free port keeps concurrent test sessions apart.
-            "MOE_RDZV_PORT": str(_free_port()),
+            "MOE_RDZV_PORT": str(free_port()),
             # The job runs with the interpreter running these tests (the project's venv).
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), cluster.env["PATH"]]),
         },

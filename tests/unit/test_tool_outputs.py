@@ -29,7 +29,8 @@ import torch
 
 from megatron_ext.checkpoint.hf_io import staged_dir
 from megatron_ext.checkpoint.keymaps import ConversionError
-from megatron_ext.cli_utils import UsageError, _exchange, check_disjoint, replace_dir
+from megatron_ext.errors import UsageError
+from megatron_ext.platform.fs import _exchange, check_disjoint, replace_dir
 from tests.conftest import REPO
 
 TOOLS = {
@@ -257,7 +258,7 @@ def test_converter_killed_while_validating_keeps_input_and_previous_output(world
 _CHILD = r"""
 import os, signal, sys
 from pathlib import Path
-from megatron_ext import cli_utils
+from megatron_ext.platform import fs as cli_utils
 
 mode, new, target = sys.argv[1:]
 def die():

@@ -14,35 +14,34 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from a checkout: make megatron_ext importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from megatron_ext.analysis.curves import CurvesError, plot, read_run, summary_table  # noqa: E402
-from megatron_ext.cli_utils import OneLineParser, UsageError, check_disjoint  # noqa: E402
+from megatron_ext.analysis.curves import plot, read_run, summary_table
+from megatron_ext.errors import UsageError
+from megatron_ext.platform.cli import ArgumentParser, run_cli
+from megatron_ext.platform.fs import check_disjoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="loss_curves", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run_cli(_compare, argv)
+
+
+def _compare(argv: list[str] | None) -> int:
+    p = ArgumentParser(prog="loss_curves", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True, metavar="LABEL=RUN_DIR")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1)")
     p.add_argument("--log-x", action="store_true", help="logarithmic token axis")
-    try:
-        args = p.parse_args(argv)
-        if not 0.0 <= args.smooth < 1.0:
-            raise UsageError(f"--smooth {args.smooth} is outside [0, 1)")
-        curves, runs = [], []
-        for item in args.run:
-            label, sep, run_dir = item.partition("=")
-            if not sep or not label or not run_dir:
-                raise UsageError(f"--run {item!r}: expected LABEL=RUN_DIR")
-            curves.append(read_run(label, Path(run_dir)))
-            runs.append(("--run", run_dir))
-        check_disjoint(args.output, runs)  # the plot goes beside a run, never into or around it
-    except (UsageError, CurvesError) as e:
-        print(f"loss_curves: error: {e}", file=sys.stderr)
-        return 2
+    args = p.parse_args(argv)
+    if not 0.0 <= args.smooth < 1.0:
+        raise UsageError(f"--smooth {args.smooth} is outside [0, 1)")
+    curves, runs = [], []
+    for item in args.run:
+        label, sep, run_dir = item.partition("=")
+        if not sep or not label or not run_dir:
+            raise UsageError(f"--run {item!r}: expected LABEL=RUN_DIR")
+        curves.append(read_run(label, Path(run_dir)))
+        runs.append(("--run", run_dir))
+    check_disjoint(args.output, runs)  # the plot goes beside a run, never into or around it
     args.output.mkdir(parents=True, exist_ok=True)
     png, md = args.output / "loss_curves.png", args.output / "loss_curves.md"
     plot(curves, png.with_suffix(".tmp.png"), args.smooth, args.log_x)

@@ -12,25 +12,18 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
-import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
-# Runnable as a plain script from a checkout, without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from megatron_ext.data.errors import DataError
+from megatron_ext.platform.cli import ArgumentParser, run_cli
+from megatron_ext.platform.fs import check_disjoint, recover_interrupted, replace_dir
+from megatron_ext.platform.launch import free_port
+from megatron_ext.platform.quiet import quiet_process
 
-from megatron_ext.cli_utils import check_disjoint, recover_interrupted, replace_dir  # noqa: E402
-from megatron_ext.data.errors import ArgumentParser, DataError, run_cli  # noqa: E402
-
-# megatron-core warns at import when TE/apex are absent; irrelevant to a CPU/GPU analysis run.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed")
-# Deprecation notices from megatron/torch internals on every load; nothing the user can act on.
-for _message in ("full scope is deprecated", ".*load_state_dict` is deprecated",
-                 ".*deprecating ShardedTensor"):
-    warnings.filterwarnings("ignore", message=_message)
+quiet_process()  # before megatron is imported: its import-time notices are noise here
 
 EPILOG = """\
 outputs (DIR is replaced as a whole, never left half-written):
@@ -48,7 +41,7 @@ exit codes: 0 ok, 2 bad input (one line on stderr), 130 Ctrl-C, 143 SIGTERM.
 MARKER = "routing.json"  # an existing DIR holding this file is a previous report: replaceable
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
@@ -93,7 +86,7 @@ def parse_layers(text: str, moe_layers: list[int]) -> list[int]:
     return sorted(set(layers))
 
 
-def resolve_tokenizer(override: Optional[str], cfg) -> str:
+def resolve_tokenizer(override: str | None, cfg) -> str:
     if override:
         return override
     if cfg.data.tokenizer:
@@ -131,18 +124,12 @@ def install(tmp: Path, out: Path) -> None:
     replace_dir(tmp, out)
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def analyze(args: argparse.Namespace) -> int:
     from megatron_ext.analysis import routing as R
     from megatron_ext.checkpoint.dist import CheckpointError
+    from megatron_ext.checkpoint.load_model import checkpoint_config, load_model
     from megatron_ext.config.validate import moe_layer_pattern
     from megatron_ext.data.tokenizer import load_tokenizer
-    from megatron_ext.model.inference import checkpoint_config, load_model
     from megatron_ext.model.params import padded_vocab
     from megatron_ext.platform.dist import shutdown
 
@@ -173,7 +160,7 @@ def analyze(args: argparse.Namespace) -> int:
                for label, path in texts.items()}
 
     if "WORLD_SIZE" not in os.environ:  # alone: don't collide with a run on the default port
-        os.environ.setdefault("MASTER_PORT", _free_port())
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     try:
         # Dropless for the analysis: count the router's choices, not what capacity kept.
         cfg, model = load_model(ckpt, overrides={"moe.capacity_factor": None})
@@ -208,11 +195,15 @@ def analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     check_inputs(args.output, args)  # before megatron's import and any slow work
     return analyze(args)
 
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing starts worker processes
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from a checkout: make megatron_ext importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from megatron_ext.cli_utils import conversion_parser  # noqa: E402
-from megatron_ext.cli_utils import run_tool  # noqa: E402
+from megatron_ext.platform.cli import conversion_parser, run_cli
+from megatron_ext.platform.quiet import quiet_process
 
 PROG = "hf_to_mcore"
 
@@ -32,22 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_ext.checkpoint.mcore_io import quiet_megatron
+    return run_cli(_convert, argv)
 
-    quiet_megatron()  # before megatron is imported: its import-time warnings are noise
+
+def _convert(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_process(all_from_internals=True)  # before megatron is imported: its warnings are noise
+    # why inside: megatron-core and torch take seconds to import; --help and usage errors don't
     from megatron_ext.checkpoint.convert_mcore import hf_to_mcore_checkpoint
-    from megatron_ext.checkpoint.keymaps import ConversionError
     from megatron_ext.checkpoint.manifest import content_checks
-    from megatron_ext.upcycling.validate import ValidationError
 
-    def work() -> Path:
-        args = build_parser().parse_args(argv)
-        with content_checks(not args.no_verify_checksums):  # the output's, in validation
-            hf_to_mcore_checkpoint(args.input, args.output, overwrite=args.overwrite,
-                                   validate=not args.skip_validation)
-        return args.output
+    with content_checks(not args.no_verify_checksums):  # the output's, in validation
+        hf_to_mcore_checkpoint(args.input, args.output, overwrite=args.overwrite,
+                               validate=not args.skip_validation)
+    print(f"{PROG}: wrote {args.output}")
+    return 0
 
-    return run_tool(PROG, work, usage=(ConversionError,), failures=(ValidationError,))
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing starts worker processes
     sys.exit(main())

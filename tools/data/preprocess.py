@@ -4,14 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-# Runnable as a plain script from a checkout, without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from megatron_ext.data.errors import ArgumentParser, run_cli  # noqa: E402
+from megatron_ext.platform.cli import ArgumentParser, run_cli
 
 EPILOG = """\
 documents:
@@ -54,7 +50,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_preprocess, argv)
+
+
+def _preprocess(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    # why inside: tokenizers and megatron-core take seconds to import; --help does not wait
     from megatron_ext.data.preprocess import preprocess
 
     report = preprocess(
@@ -73,4 +74,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

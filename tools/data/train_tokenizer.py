@@ -5,14 +5,10 @@ Face tokenizer directory that transformers.AutoTokenizer and megatron_ext load."
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-# Runnable as a plain script from a checkout, without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from megatron_ext.data.errors import ArgumentParser, run_cli  # noqa: E402
+from megatron_ext.platform.cli import ArgumentParser, run_cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -29,7 +25,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_train, argv)
+
+
+def _train(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    # why inside: tokenizers takes a moment to import; --help does not wait
     from megatron_ext.data.tokenizer import load_tokenizer
     from megatron_ext.data.tokenizer_training import train_bpe_tokenizer
 
@@ -47,4 +48,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

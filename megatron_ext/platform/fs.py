@@ -1,30 +1,32 @@
-"""What every tool with an output shares: the command-line convention of the conversion tools
-(bad usage is one line, exit 2; a failure is one line, exit 1), and the two rules that keep a
-tool from destroying what it was given:
+"""The filesystem rules every writer shares: nothing half-written, nothing of the user's lost.
 
+* ``atomic_write``: a file's new content appears whole or not at all (temp file in the same
+  directory, fsync, rename, fsync of the directory); ``write_temp`` is its first half, for
+  writers that publish the temp file another way (``run_lock`` links it: create-if-absent).
 * ``check_disjoint``: an output must not be, contain or lie inside any input, however either is
   spelled (``..``, ``./``, trailing ``/``, relative or absolute, symlinks, hard links, bind
   mounts). Checked before any work, ``--overwrite`` or not.
-* ``replace_dir``: a finished directory takes the place of an existing output in one atomic
-  step (Linux ``renameat2(RENAME_EXCHANGE)``), so no kill leaves the old output moved away.
-  Where the filesystem cannot swap, the old output is renamed aside for the two renames only
-  (signals deferred) and a later run puts it back if a SIGKILL struck in between.
+* ``replace_dir`` / ``staging``: a finished directory takes the place of an existing output in
+  one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), so no kill leaves the old output moved
+  away. Where the filesystem cannot swap, the old output is renamed aside for the two renames
+  only (signals deferred) and a later run puts it back if a SIGKILL struck in between.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import errno
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+
+from megatron_ext.errors import UsageError
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -34,54 +36,43 @@ _NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 PathLike = str | os.PathLike
 
 
-class UsageError(Exception):
-    """Raised by OneLineParser instead of printing usage + message and exiting."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors become ``UsageError`` so the tool prints a single line."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
-def one_line(e: BaseException | str) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def run_tool(prog: str, work: Callable[[], Path], usage: tuple = (), failures: tuple = ()) -> int:
-    """Run a converter's ``work`` (parse args, write, return the output path) with the shared
-    exit codes: 0 done; 2 bad usage/input (``UsageError`` and ``usage``), one line on stderr;
-    1 ``failures`` and I/O errors. SLURM and friends stop jobs with SIGTERM: it becomes
-    SystemExit, so staged output is removed on the way out, as for Ctrl-C."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+# --- files appear whole -----------------------------------------------------------------------
+def fsync_dir(directory: PathLike) -> None:
+    """Make the directory's entries (a rename into it) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        output = work()
-    except (UsageError, *usage) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except (OSError, *failures) as e:
-        print(f"{prog}: failed: {one_line(e)}", file=sys.stderr)
-        return 1
-    print(f"{prog}: wrote {output}")
-    return 0
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def conversion_parser(prog: str, doc: str, input_help: str, output_help: str,
-                      validation_help: str) -> OneLineParser:
-    """The arguments every converter takes: --input, --output, --overwrite, --skip-validation,
-    --no-verify-checksums."""
-    p = OneLineParser(prog=prog, description=doc,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, type=Path, help=input_help)
-    p.add_argument("--output", required=True, type=Path,
-                   help=f"{output_help}; never an input, inside one or around one")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--skip-validation", action="store_true", help=validation_help)
-    p.add_argument("--no-verify-checksums", action="store_true",
-                   help="check megatron checkpoint file sizes only, not their recorded checksums "
-                        "(saves a full read of a huge checkpoint)")
-    return p
+def write_temp(path: PathLike, data: str | bytes) -> Path:
+    """Write ``data`` to a hidden temp file beside ``path`` and fsync it; returns the temp path
+    (the caller publishes it, then removes it if it is still there). The name holds host and
+    pid, so writers on different nodes of a shared filesystem never share a temp file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk (or a signal) leaves nothing half-written behind
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: PathLike, data: str | bytes) -> None:
+    """Replace ``path``'s content with ``data`` (text is UTF-8) so that a reader, or a run after
+    a crash or kill -9 at any moment, sees either the old content or the new one, whole."""
+    path = Path(path)
+    tmp = write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- outputs never touch inputs ---------------------------------------------------------------
@@ -222,3 +213,21 @@ def replace_dir(new: PathLike, target: PathLike) -> None:
     finally:  # also when a signal held during the swap is delivered on the way out
         if old is not None:
             remove_path(old)
+
+
+@contextmanager
+def staging(output: PathLike) -> Iterator[Path]:
+    """Yield a fresh hidden directory beside ``output``; when the block ends normally it replaces
+    ``output`` in one atomic swap (``replace_dir``), on any error (Ctrl-C and SIGTERM included)
+    it is removed. A SIGKILL leaves at most the hidden directory, never the old output moved."""
+    output = Path(output).absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    remove_path(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, output)
+    except BaseException:
+        remove_path(tmp)  # the new tree, or the old output when the swap happened
+        raise
