@@ -16,13 +16,15 @@ uses the experts identically (naive upcycling: ~0.02); from-scratch MoE reaches 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import torch
+from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_ext.data.errors import DataError
+from megatron_ext.model import inference
 
 # Paper, section 5 (8 experts, top-2, ~205k tokens per domain); see docs/REFERENCE.md section 2.
 PAPER_REFERENCE: dict[str, dict[str, float]] = {
@@ -94,8 +96,6 @@ def token_router_entropy(logits: torch.Tensor, score_function: str = "softmax") 
 
 def moe_routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """The top-k routers of ``model`` by 0-based transformer layer index."""
-    from megatron.core.transformer.moe.router import TopKRouter
-
     routers = {}
     for module in model.modules():
         if isinstance(module, TopKRouter):
@@ -112,7 +112,7 @@ class RouterChoiceCounter:
     """
 
     def __init__(self, model: torch.nn.Module, num_domains: int,
-                 layers: Optional[Sequence[int]] = None):
+                 layers: Sequence[int] | None = None):
         routers = moe_routers(model)
         if not routers:
             raise DataError("the model has no MoE layer (no top-k router)")
@@ -127,7 +127,7 @@ class RouterChoiceCounter:
         self.counts = torch.zeros(*shape, num_experts, dtype=torch.int64)
         self.entropy_sums = torch.zeros(*shape, dtype=torch.float64)
         self.tokens = torch.zeros(*shape, dtype=torch.int64)
-        self.domain: Optional[int] = None
+        self.domain: int | None = None
         self._handles = [routers[layer].register_forward_hook(self._hook(row))
                          for row, layer in enumerate(self.layers)]
 
@@ -153,7 +153,7 @@ class RouterChoiceCounter:
             handle.remove()
         self._handles = []
 
-    def __enter__(self) -> "RouterChoiceCounter":
+    def __enter__(self) -> RouterChoiceCounter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -213,17 +213,15 @@ class RoutingCounts:
 
 
 def collect_routing(model: torch.nn.Module, streams: dict[str, Sequence[int]], seq_length: int,
-                    top_k: int, layers: Optional[Sequence[int]] = None,
+                    top_k: int, layers: Sequence[int] | None = None,
                     batch_size: int = 8) -> RoutingCounts:
     """Run ``model`` over each domain's token stream in fixed-length chunks and count choices."""
-    from megatron_ext.model.inference import logits
-
     labels = list(streams)
     with RouterChoiceCounter(model, len(labels), layers) as counter:
         for index, label in enumerate(labels):
             counter.domain = index
             for batch in token_batches(streams[label], seq_length, batch_size):
-                logits(model, batch)
+                inference.logits(model, batch)
         counter.domain = None
     return RoutingCounts(labels, counter.layers, counter.counts, counter.entropy_sums,
                          counter.tokens, top_k)
@@ -233,7 +231,7 @@ def collect_routing(model: torch.nn.Module, streams: dict[str, Sequence[int]], s
 
 
 def _per_domain(labels: Sequence[str], values: torch.Tensor) -> dict[str, float]:
-    return {label: float(v) for label, v in zip(labels, values)}
+    return {label: float(v) for label, v in zip(labels, values, strict=False)}
 
 
 def summarize(rc: RoutingCounts) -> dict:
@@ -253,7 +251,7 @@ def summarize(rc: RoutingCounts) -> dict:
             "mean_tv": float(tv[row].mean()),
             "tv_to_mean": _per_domain(rc.labels, tv[row]),
             "top_expert": {label: int(e) for label, e in
-                           zip(rc.labels, usage[row].argmax(dim=-1))},
+                           zip(rc.labels, usage[row].argmax(dim=-1), strict=False)},
             "top_expert_share": _per_domain(rc.labels, share[row]),
             "usage_entropy": _per_domain(rc.labels, entropy[row]),
             "token_router_entropy": _per_domain(rc.labels, token_entropy[row]),
@@ -326,6 +324,7 @@ def plot_heatmap(usage: Sequence[Sequence[float]], labels: Sequence[str], layer:
                  top_k: int, path: str | Path) -> None:
     """Domains x experts heatmap of assignment shares (%), every cell annotated (paper Fig. 5)."""
     # Figure + Agg canvas directly: no pyplot global state, no display backend needed.
+    # why inside: matplotlib takes ~1 s to import and only the report's plots need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -3,9 +3,9 @@ directory: the library behind ``tools/convert/hf_to_mcore.py`` and ``mcore_to_hf
 
 Both directions stream through ``keymaps`` and stage their output beside the target; it is
 renamed only after writing and validation succeed. Validation (on by default) runs the source
-and the result on ``validate.probe_tokens`` (CPU, fp32): megatron via ``inference.logits``,
-transformers via ``LlamaForCausalLM`` / ``MixtralForCausalLM`` (``load_moe`` for mixed
-models), and fails above ``rel_tolerance * max(1, max |source logit|)``.
+and the result on ``model.compare.probe_tokens`` (CPU, fp32): megatron via
+``checkpoint.load_model`` and ``model.inference.logits``, transformers via ``hf_models``
+(``load_moe`` for mixed models), and fails above ``rel_tolerance * max(1, max |source logit|)``.
 
 Everything here runs in a single process (gloo world of 1); megatron is imported lazily.
 """
@@ -19,34 +19,39 @@ from pathlib import Path
 import torch
 
 from megatron_ext.checkpoint.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
+from megatron_ext.checkpoint.hf_models import hf_logits
 from megatron_ext.checkpoint.keymaps import (
-    HF_EMBED, ConversionError, arch_from_hf_config, hf_shapes, hf_to_mcore, mcore_to_hf,
+    HF_EMBED,
+    ConversionError,
+    arch_from_hf_config,
+    hf_shapes,
+    hf_to_mcore,
+    mcore_to_hf,
 )
 from megatron_ext.checkpoint.mcore_io import (  # no megatron import at module level
-    HF_RECORD, MIXED_NOTE, config_from_hf, hf_config_from_mcore, hf_record, is_mixed,
-    read_mcore_checkpoint, save_mcore_into, single_process,
+    HF_RECORD,
+    MIXED_NOTE,
+    config_from_hf,
+    hf_config_from_mcore,
+    hf_record,
+    is_mixed,
+    read_mcore_checkpoint,
+    save_mcore_into,
+    single_process,
 )
-from megatron_ext.cli_utils import check_disjoint
-from megatron_ext.upcycling.validate import ValidationError, ValidationReport, probe_tokens
+from megatron_ext.model.compare import ValidationError, ValidationReport, compare, probe_tokens
+from megatron_ext.platform.fs import check_disjoint
 
 DTYPE_CHOICES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}
 
 
 # --- logits -----------------------------------------------------------------------------------
-def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """transformers logits (fp32, CPU) of an HF checkpoint: Llama, Mixtral or mixed."""
-    from megatron_ext.upcycling.validate import load_dense, load_moe
-
-    arch = arch_from_hf_config(HFCheckpoint(path).config)
-    model = load_moe(path) if arch.num_experts else load_dense(path)
-    with torch.no_grad():
-        return model(tokens).logits.float()
-
-
 def mcore_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
     """Our megatron model's logits (fp32 on CPU, EP = 1), cut to the tokenizer vocabulary."""
-    from megatron_ext.model.inference import load_model, logits
+    # why inside: both import megatron-core (seconds), which HF-only conversions never need
+    from megatron_ext.checkpoint.load_model import load_model
+    from megatron_ext.model.inference import logits
 
     with single_process(None):
         cfg, model = load_model(path, expert_parallel=1)
@@ -65,11 +70,7 @@ def compare_logits(ref: tuple[Path, str], out: tuple[Path, str], vocab_size: int
     tokens = probe_tokens(vocab_size)
     expected = checkpoint_logits(*ref, tokens)
     got = checkpoint_logits(*out, tokens)
-    scale = expected.abs().max().item()
-    return ValidationReport(
-        max_abs_diff=(got - expected).abs().max().item(), max_abs_logit=scale,
-        finite=bool(torch.isfinite(got).all()), function_preserving=function_preserving,
-        tolerance=rel_tolerance * max(1.0, scale) if function_preserving else None)
+    return compare(expected, got, function_preserving, rel_tolerance)
 
 
 def summary(report: ValidationReport) -> str:
@@ -106,7 +107,7 @@ def checkpoint_inputs(flag: str, path: Path) -> list[tuple[str, Path]]:
 
 def preflight(inputs: list[tuple[str, Path]], output: Path, overwrite: bool) -> Path:
     """Checks made before any slow work, for every converter: inputs present, the output
-    disjoint from every input (``cli_utils.check_disjoint``, ``--overwrite`` or not), the output
+    disjoint from every input (``platform.fs.check_disjoint``, ``--overwrite`` or not), the output
     free unless ``overwrite``. ``inputs``: (flag, path) pairs, the primary input first."""
     for _, path in inputs:
         if not Path(path).exists():

@@ -20,20 +20,26 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.distributed import DistributedDataParallel
 
-from megatron_ext.checkpoint import manifest
-from megatron_ext.config.loader import ConfigError, parse_yaml
-from megatron_ext.checkpoint import safe_pickle  # importing it restricts megatron's reads
+from megatron_ext.checkpoint import (
+    manifest,
+    safe_pickle,  # importing it restricts megatron's reads
+)
 from megatron_ext.checkpoint.manifest import CheckpointError  # noqa: F401 (re-exported: dist.CheckpointError)
+from megatron_ext.config.loader import ConfigError, parse_yaml
+from megatron_ext.errors import one_line
+from megatron_ext.platform.fs import atomic_write
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
@@ -64,22 +70,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:  # a failed write (full disk) leaves nothing half-written behind
-        tmp.unlink(missing_ok=True)
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Strip DDP (its sharded_state_dict is the wrapped module's)."""
-    from megatron.core.distributed import DistributedDataParallel
-
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -121,7 +113,7 @@ def all_finite(model: torch.nn.Module) -> bool:
 
 def save(root: str | Path, state: TrainState, model, optimizer, config: dict,
          layout: dict, keep_last: int, fully_reshardable: bool,
-         async_queue: Optional[AsyncCallsQueue] = None) -> Path:
+         async_queue: AsyncCallsQueue | None = None) -> Path:
     """Write ``root/iter_<step>`` atomically, update ``latest``, prune old ones. All ranks call.
 
     With ``async_queue`` only the snapshot happens here (host copies, or a fork on CPU): the
@@ -188,13 +180,13 @@ def _commit(root: Path, tmp: Path, final: Path, meta: dict, config: dict,
     files = manifest.collect_sums(tmp, _world())
     shutil.rmtree(tmp / manifest.SUMS_DIR)
     meta = dict(meta, format=manifest.FORMAT, checksum=manifest.ALGO, files=files)
-    _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
+    atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
     if final.exists():  # a re-save of the same step (e.g. after a restart)
         manifest.forget(final)
         shutil.rmtree(final)
     os.replace(tmp, final)
     manifest.remember(final)
-    _atomic_write(root / "latest", final.name + "\n")
+    atomic_write(root / "latest", final.name + "\n")
     _prune(root, keep_last)
 
 
@@ -231,7 +223,7 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def verify(path: Path, checksums: Optional[bool] = None) -> dict:
+def verify(path: Path, checksums: bool | None = None) -> dict:
     """Return meta.json of a complete, undamaged checkpoint, or raise CheckpointError naming the
     checkpoint and the file. Before any other file is parsed, every file is compared with the
     size and checksum meta.json records (``checksums=None``: ``content_checks``, on by default;
@@ -252,13 +244,13 @@ def saved_config(path: Path) -> dict:
     try:
         tree = parse_yaml(f.read_bytes().decode("utf-8"), str(f))
     except (OSError, UnicodeDecodeError, ConfigError) as e:
-        raise CheckpointError(f"{f}: unreadable saved config ({' '.join(str(e).split())})") from None
+        raise CheckpointError(f"{f}: unreadable saved config ({one_line(e)})") from None
     if not isinstance(tree, dict):
         raise CheckpointError(f"{f}: the saved config is not a mapping of sections")
     return tree
 
 
-def _read_latest(root: Path, candidates: list[Path]) -> tuple[Optional[Path], Optional[str]]:
+def _read_latest(root: Path, candidates: list[Path]) -> tuple[Path | None, str | None]:
     """The checkpoint ``root/latest`` names, or a problem with it (any content, never raises)."""
     latest = root / "latest"
     if not latest.exists():
@@ -274,8 +266,8 @@ def _read_latest(root: Path, candidates: list[Path]) -> tuple[Optional[Path], Op
     return root / name, None
 
 
-def find_resumable(root: str | Path, checksums: Optional[bool] = None
-                   ) -> tuple[Optional[Path], list[str]]:
+def find_resumable(root: str | Path, checksums: bool | None = None
+                   ) -> tuple[Path | None, list[str]]:
     """Newest usable checkpoint under ``root`` (None if there is none) and warnings to print:
     at most one, naming what was skipped (damaged files, a bad ``latest``).
 
@@ -326,13 +318,13 @@ def _rank0_verdict(fn: Callable[[], Any]) -> Any:
     return value
 
 
-def find_resumable_shared(root: str | Path, checksums: Optional[bool] = None
-                          ) -> tuple[Optional[Path], list[str]]:
+def find_resumable_shared(root: str | Path, checksums: bool | None = None
+                          ) -> tuple[Path | None, list[str]]:
     """``find_resumable`` decided on rank 0 for every rank of a job (see ``_rank0_verdict``)."""
     return _rank0_verdict(lambda: find_resumable(root, checksums))
 
 
-def _verify_shared(path: Path, checksums: Optional[bool]) -> dict:
+def _verify_shared(path: Path, checksums: bool | None) -> dict:
     """``verify`` for a load by every rank: rank 0 reads the content (cached when it chose
     ``path``), the verdict is shared, and the other ranks check file sizes only (cheap)."""
     _rank0_verdict(lambda: verify(path, checksums))
@@ -340,7 +332,7 @@ def _verify_shared(path: Path, checksums: Optional[bool]) -> dict:
 
 
 def load(path: Path, model, optimizer, layout: dict,
-         checksums: Optional[bool] = None) -> tuple[TrainState, list[str]]:
+         checksums: bool | None = None) -> tuple[TrainState, list[str]]:
     """Resume model (+ optimizer, RNG) from a verified checkpoint; returns state and warnings.
 
     The optimizer format (fully reshardable or not) is the one recorded in meta.json."""
@@ -374,7 +366,7 @@ def load(path: Path, model, optimizer, layout: dict,
     return state, warnings
 
 
-def load_weights(path: str | Path, model, checksums: Optional[bool] = None) -> Path:
+def load_weights(path: str | Path, model, checksums: bool | None = None) -> Path:
     """Initial weights only (``checkpoint.load``): a checkpoint dir or a root with ``latest``."""
     path = Path(path)
     if (path / "latest").is_file() or not (path / "meta.json").exists():

@@ -23,39 +23,39 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import Tensor
 
 from megatron_ext.checkpoint.hf_io import TOKENIZER_FILES, staged_dir
 from megatron_ext.checkpoint.keymaps import (
-    MLP_ONLY_LAYERS_FIELD, Arch, ConversionError, arch_from_hf_config, check_key_set,
-    expand_rules, hf_config_for, hf_settings_from_config, mcore_shapes, split_qkv,
+    MLP_ONLY_LAYERS_FIELD,
+    Arch,
+    ConversionError,
+    arch_from_hf_config,
+    check_key_set,
+    expand_rules,
+    hf_config_for,
+    hf_settings_from_config,
+    mcore_shapes,
+    split_qkv,
 )
-from megatron_ext.config.loader import config_from_dict, to_dict
+from megatron_ext.checkpoint.manifest import CheckpointError
+from megatron_ext.config.loader import ConfigError, apply_overrides, to_dict
 from megatron_ext.config.schema import Config
+from megatron_ext.config.validate import moe_layer_pattern, validate
+from megatron_ext.platform.quiet import quiet_process
 
 TRAIN_CONFIG = "config.yaml"
 HF_RECORD = "hf"  # subdirectory: source config.json + tokenizer files
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 Getter = Callable[[str], Tensor]
-
-
-def quiet_megatron() -> None:
-    """Silence megatron-core's import-time and internal warnings (as pretrain_moe.py does), so a
-    bad input is reported in exactly one stderr line."""
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed")
-    for msg in ("full scope is deprecated", "Please use DTensor instead",
-                "`load_state_dict` is deprecated", "moe_ffn_hidden_size is not set"):
-        warnings.filterwarnings("ignore", message=msg)
-    warnings.filterwarnings("ignore", module=r"megatron\.")
-    warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
 
 
 # --- configs ----------------------------------------------------------------------------------
@@ -106,19 +106,10 @@ def config_from_hf(hf_config: dict[str, Any], overrides: Mapping[str, Any] | Non
     cfg.model.norm_epsilon = float(settings["rms_norm_eps"])
     cfg.data.mock = True
     cfg.data.seq_length = min(cfg.data.seq_length, max_pos)
-    tree = to_dict(cfg)
-    for dotted, value in (overrides or {}).items():
-        node = tree
-        *sections, key = dotted.split(".")
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[key] = value
-    return config_from_dict(tree)  # re-checks every field's type
+    return apply_overrides(cfg, overrides or {})  # re-checks every field's type
 
 
 def arch_from_config(cfg: Config) -> Arch:
-    from megatron_ext.config.validate import moe_layer_pattern
-
     m = cfg.model
     pattern = moe_layer_pattern(cfg)
     return Arch(
@@ -164,8 +155,7 @@ def hf_config_from_mcore(cfg: Config, arch: Arch, dtype: torch.dtype,
 def single_process(cfg: Config | None) -> Iterator[None]:
     """A world of one with TP = PP = EP = 1 (``cfg``; None: the body initializes it, e.g. via
     ``load_model``), torn down on exit so the next step can set up its own."""
-    import torch.distributed as dist
-
+    # why inside: platform.dist imports megatron-core (seconds); only mcore checkpoints need it
     from megatron_ext.platform.dist import init_distributed, shutdown
 
     if dist.is_initialized():
@@ -191,6 +181,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _fill(model: torch.nn.Module, stream: Iterable[tuple[str, Tensor]], vocab_size: int) -> None:
     """Copy every streamed tensor into its parameter; each parameter exactly once."""
+    # why inside: model.experts imports megatron-core (seconds); HF-only callers never need it
     from megatron_ext.model.experts import grouped_to_sequential_state
 
     # Grouped experts hold [E, ...] parameters: their per-expert slices are views, so copying
@@ -230,10 +221,9 @@ def save_mcore_into(out_dir: Path, stream: Iterable[tuple[str, Tensor]], cfg: Co
                     tokenizer_dir: Path | None = None) -> None:
     """Write a checkpoint root into the existing empty ``out_dir`` (staging is the caller's):
     ``iter_0000000/``, ``latest``, ``config.yaml`` and, given ``hf_config``, ``hf/``."""
-    quiet_megatron()
+    quiet_process(all_from_internals=True)  # a bad input is one stderr line
+    # why inside: both import megatron-core (seconds); HF-only callers never need it
     from megatron_ext.checkpoint import dist as ckpt
-    from megatron_ext.config.loader import ConfigError
-    from megatron_ext.config.validate import validate
     from megatron_ext.model.builder import build_model, resolve_backends
 
     build_cfg = copy.deepcopy(cfg)
@@ -290,11 +280,10 @@ def read_mcore_checkpoint(path: str | Path, dtype: torch.dtype | None = None
     Keys are SequentialMLP-style, without ``_extra_state``; vocabulary padding rows are cut to
     ``cfg.model.vocab_size``. Tensors are fp32 (CPU) unless ``dtype`` is given.
     """
-    quiet_megatron()
-    from megatron_ext.checkpoint.dist import CheckpointError
-    from megatron_ext.config.loader import ConfigError
+    quiet_process(all_from_internals=True)  # a bad input is one stderr line
+    # why inside: both import megatron-core (seconds); HF-only callers never need it
+    from megatron_ext.checkpoint.load_model import checkpoint_config, load_model
     from megatron_ext.model.experts import grouped_to_sequential_state
-    from megatron_ext.model.inference import checkpoint_config, load_model
 
     try:  # bad paths and damaged files fail here, before any process group exists
         ckpt_dir, cfg = checkpoint_config(path)
@@ -348,4 +337,4 @@ def is_mixed(arch: Arch) -> bool:
 
 MIXED_NOTE = (f"mixed dense/MoE model: config.json lists the dense layers in "
               f"'{MLP_ONLY_LAYERS_FIELD}'; stock MixtralForCausalLM (transformers, vLLM) cannot "
-              "load it (use megatron_ext.upcycling.validate.load_moe)")
+              "load it (use megatron_ext.checkpoint.hf_models.load_moe)")

@@ -23,8 +23,9 @@ this project never trains in FP8.
 Two entry points, so no caller has to remember anything:
 - ``check_checkpoint(path)``, called by ``dist.verify`` (every resume candidate,
   ``checkpoint.load``, the converters and the routing tool go through it): reads all of the
-  above, restricted, before megatron opens anything; a refusal is a ``CheckpointError`` naming the file and the object, so
-  resume falls back to an older checkpoint and the tools exit 2 with one line.
+  above, restricted, before megatron opens anything; a refusal is a ``CheckpointError`` naming
+  the file and the object, so resume falls back to an older checkpoint and the tools exit 2
+  with one line.
 - ``install()``, run when this module is imported (``dist`` imports it): megatron's own reads
   go through the same restricted readers. Upstream functions replaced, megatron-core 0.16.1
   (checked: another version fails loudly at import) with torch 2.13's checkpoint reader:
@@ -43,7 +44,7 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO
 
 import megatron.core
 import torch
@@ -56,8 +57,8 @@ from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from megatron_ext.checkpoint.manifest import CheckpointError
+from megatron_ext.platform.patches import TESTED_VERSIONS
 
-MEGATRON_VERSION = "0.16.1"
 DTYPES = tuple(n for n, v in vars(torch).items() if isinstance(v, torch.dtype))
 METADATA_GLOBALS: dict[str, tuple[str, ...]] = {
     "torch.distributed.checkpoint.metadata": (
@@ -72,7 +73,7 @@ METADATA_GLOBALS: dict[str, tuple[str, ...]] = {
 }
 COMMON_FILE = "common.pt"
 METADATA_FILE = ".metadata"
-Source = Union[str, Path, BinaryIO]
+Source = str | Path | BinaryIO
 
 
 def _resolve(module: str, name: str) -> Any:
@@ -316,7 +317,7 @@ def _load_bytes(self: Any, read_item: Any, value: io.BytesIO) -> None:
         self.state_dict[fqn] = obj
 
 
-def _load_common(self: Any, checkpoint_dir: Union[str, Path]) -> Any:
+def _load_common(self: Any, checkpoint_dir: str | Path) -> Any:
     """Replaces ``TorchCommonLoadStrategy.load_common``: ``common.pt``, restricted."""
     if MultiStorageClientFeature.is_enabled():
         raise CheckpointError(f"{checkpoint_dir}: multi-storage-client checkpoints are not "
@@ -326,7 +327,7 @@ def _load_common(self: Any, checkpoint_dir: Union[str, Path]) -> Any:
 
 
 def _load_sharded_objects(self: Any, sharded_objects_state_dict: Any,
-                          checkpoint_dir: Union[str, Path]) -> Any:
+                          checkpoint_dir: str | Path) -> Any:
     """Replaces ``TorchCommonLoadStrategy.load_sharded_objects`` (per-object ``.pt`` files of
     strategies that cannot store objects; torch_dist stores them in its shards)."""
     raise CheckpointError(f"{checkpoint_dir}: sharded objects in separate files are not "
@@ -347,9 +348,9 @@ def install() -> None:
     if getattr(mcore_torch, "_megatron_ext_restricted", False):
         return
     missing = [f"{getattr(o, '__name__', o)}.{n}" for o, n in _UPSTREAM if not hasattr(o, n)]
-    if megatron.core.__version__ != MEGATRON_VERSION or missing:
+    if megatron.core.__version__ not in TESTED_VERSIONS or missing:
         raise RuntimeError(
-            f"megatron_ext.checkpoint.safe_pickle wraps megatron-core {MEGATRON_VERSION}'s "
+            f"megatron_ext.checkpoint.safe_pickle wraps megatron-core {TESTED_VERSIONS}'s "
             f"checkpoint readers; found megatron-core {megatron.core.__version__}"
             f"{' without ' + ', '.join(missing) if missing else ''}: review the wrappers")
     mcore_torch._get_filesystem_reader = _filesystem_reader

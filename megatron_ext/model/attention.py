@@ -12,7 +12,6 @@ output [s, b, heads * d].
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,8 @@ except ImportError:  # pragma: no cover - not installable on CPU machines
 
 
 class SDPAttention(MegatronModule):
-    """Causal self-attention through torch SDPA (or flash-attn); a drop-in for DotProductAttention."""
+    """Causal self-attention through torch SDPA (or flash-attn); a drop-in for
+    DotProductAttention."""
 
     def __init__(
         self,
@@ -38,9 +38,9 @@ class SDPAttention(MegatronModule):
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
         pg_collection=None,
         use_flash_attn: bool = False,
     ):
@@ -52,7 +52,8 @@ class SDPAttention(MegatronModule):
         self.causal = attn_mask_type == AttnMaskType.causal
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(head_dim)
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (config.attention_dropout if attention_dropout is None
+                          else attention_dropout)
         self.use_flash_attn = use_flash_attn and HAVE_FLASH_ATTN
 
     def forward(
@@ -60,9 +61,9 @@ class SDPAttention(MegatronModule):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[torch.Tensor] = None,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:

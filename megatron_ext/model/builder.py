@@ -11,9 +11,7 @@ Also chosen here: the loss head (``FusedLossGPTModel`` or megatron's), the token
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +27,12 @@ from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern
 from megatron_ext.model import rope
 from megatron_ext.model.attention import HAVE_FLASH_ATTN, FlashAttention, SDPAttention
+from megatron_ext.model.dispatcher import use_local_dispatcher
+from megatron_ext.model.experts import use_grouped_experts
 from megatron_ext.model.lm_loss import FusedLossGPTModel
 from megatron_ext.model.norm import RMSNorm
 from megatron_ext.model.params import padded_vocab
+from megatron_ext.platform.quiet import quiet_megatron
 
 
 @dataclass
@@ -54,7 +55,7 @@ def have_te() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def resolve_backends(cfg: Config, cuda: Optional[bool] = None) -> Backends:
+def resolve_backends(cfg: Config, cuda: bool | None = None) -> Backends:
     cuda = torch.cuda.is_available() if cuda is None else cuda
     precision = cfg.train.precision
     if precision == "auto":
@@ -145,10 +146,9 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
 
 
 def layer_specs(config: TransformerConfig, backends: Backends):
-    with warnings.catch_warnings():
-        # With moe_grouped_gemm (set for moe_act recompute) and no TE, megatron picks and warns
-        # about its legacy GroupedMLP; our grouped experts replace it below.
-        warnings.filterwarnings("ignore", message="The legacy GroupedMLP")
+    # With moe_grouped_gemm (set for moe_act recompute) and no TE, megatron picks and warns
+    # about its legacy GroupedMLP; our grouped experts replace it below.
+    with quiet_megatron():
         block = get_gpt_decoder_block_spec(
             config, use_transformer_engine=backends.spec == "te", normalization="RMSNorm"
         )
@@ -165,8 +165,6 @@ def layer_specs(config: TransformerConfig, backends: Backends):
         spec.submodules.pre_mlp_layernorm = norm
     block.layer_norm = norm
     if backends.experts == "grouped":
-        from megatron_ext.model.experts import use_grouped_experts
-
         block = use_grouped_experts(block)
     return block
 
@@ -190,7 +188,5 @@ def build_model(cfg: Config, backends: Backends) -> GPTModel:
     )
     model.fuse_kernels = backends.fusion
     if backends.dispatcher == "local":
-        from megatron_ext.model.dispatcher import use_local_dispatcher
-
         use_local_dispatcher(model)
     return model

@@ -20,8 +20,6 @@ Not supported, and refused at construction: expert/tensor parallelism, a capacit
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -42,7 +40,7 @@ class LocalTokenDispatcher(MoETokenDispatcher):
             raise ValueError("LocalTokenDispatcher: dropless routing without shared-expert "
                              "overlap only")
         self.top_k = config.moe_router_topk
-        self.routing_map: Optional[torch.Tensor] = None
+        self.routing_map: torch.Tensor | None = None
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.hidden_shape = hidden_states.shape

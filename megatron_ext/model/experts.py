@@ -29,8 +29,9 @@ import copy
 import dataclasses
 import re
 import warnings
+from collections.abc import Mapping
 from functools import cached_property, partial
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,12 @@ from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensorFactory
 from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.layers import (
+    RowParallelLinear,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu as _init_cpu
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_gpu as _init_gpu
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.tensor_parallel.utils import divide
 from megatron.core.transformer.mlp import MLPSubmodules, apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
@@ -73,7 +76,8 @@ def grouped_mm_supported(x_TK: torch.Tensor, w_ENK: torch.Tensor) -> bool:
     ok = ok and x_TK.shape[-1] * x_TK.element_size() % 16 == 0
     if ok and x_TK.is_cuda and (x_TK.data_ptr() % 16 or w_ENK.data_ptr() % 16):
         # Say so (once: warnings' default filter); a silent fallback would hide a slowdown.
-        warnings.warn("GroupedGemmExperts: unaligned weight/input, using the loop path")
+        warnings.warn("GroupedGemmExperts: unaligned weight/input, using the loop path",
+                      stacklevel=2)
         return False
     return ok
 
@@ -111,7 +115,7 @@ def grouped_linear(
         if backend == "grouped_mm":
             raise RuntimeError(f"grouped_mm unavailable: {x_TK.dtype} {x_TK.device} {x_TK.shape}")
     chunks_TK = torch.split(x_TK, groups.splits)
-    return torch.cat([xe @ we.t() for xe, we in zip(chunks_TK, w_ENK.unbind(0))])
+    return torch.cat([xe @ we.t() for xe, we in zip(chunks_TK, w_ENK.unbind(0), strict=True)])
 
 
 def _expert_key(key: str, global_expert: int, singleton: bool) -> str:
@@ -139,8 +143,8 @@ class GroupedGemmExperts(MegatronModule):
         self,
         num_local_experts: int,
         config: TransformerConfig,
-        submodules: Optional[MLPSubmodules] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
+        submodules: MLPSubmodules | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
         backend: str = "auto",
     ):
         super().__init__(config=config)
@@ -251,7 +255,7 @@ class GroupedGemmExperts(MegatronModule):
     # ---- checkpointing -------------------------------------------------------------------
 
     def sharded_state_dict(
-        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> ShardedStateDict:
         """Exactly SequentialMLP's sharded tensors/objects (keys, shapes, offsets, replicas).
 
@@ -263,7 +267,7 @@ class GroupedGemmExperts(MegatronModule):
         dp_rank = get_pg_rank(self.dp_group)
         glu = self.config.gated_linear_unit
         sharded: ShardedStateDict = {}
-        for (name, linear), tp_axis in zip(_PARAMS, (0, 1)):
+        for (name, linear), tp_axis in zip(_PARAMS, (0, 1), strict=True):
             build = partial(
                 self._build_expert_shards, tp_axis=tp_axis, glu=glu and tp_axis == 0,
                 singleton=singleton, sharded_offsets=sharded_offsets,

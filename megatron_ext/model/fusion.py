@@ -9,16 +9,16 @@ function and the eager function runs from then on: a missing compiler costs spee
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
-from typing import Callable
+from collections.abc import Callable
+from functools import cache
+
+import torch
 
 FAILED: set[str] = set()  # names of functions whose compilation failed in this process
 
 
-@lru_cache(maxsize=None)
+@cache
 def compiled(fn: Callable) -> Callable:
-    import torch
-
     return torch.compile(fn, dynamic=True)
 
 
@@ -30,5 +30,5 @@ def run(fn: Callable, enabled: bool, *args):
         except Exception as e:  # noqa: BLE001 - any compiler error; eager is always correct
             FAILED.add(fn.__qualname__)
             warnings.warn(f"torch.compile of {fn.__qualname__} failed ({type(e).__name__}: "
-                          f"{str(e)[:200]}); running it eagerly")
+                          f"{str(e)[:200]}); running it eagerly", stacklevel=2)
     return fn(*args)

@@ -23,8 +23,6 @@ Math, for one token with logits z, target y and upstream gradient g:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
@@ -115,7 +113,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(
     hidden_SBH: torch.Tensor, weight_VH: torch.Tensor, labels_SB: torch.Tensor, *,
-    tp_group: Optional[dist.ProcessGroup] = None, sequence_parallel: bool = False,
+    tp_group: dist.ProcessGroup | None = None, sequence_parallel: bool = False,
     fuse: bool = False,
 ) -> torch.Tensor:
     """Per-token loss [S, B] of ``hidden @ weight.T`` against ``labels``.

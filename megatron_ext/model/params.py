@@ -42,7 +42,8 @@ def count_params(cfg: Config) -> ParamCounts:
     kv = m.num_kv_heads or m.num_attention_heads
     V = padded_vocab(cfg)
     emb = 2 * V * H  # untied input embedding + output layer
-    attn = L * (H * (m.num_attention_heads + 2 * kv) * head_dim + m.num_attention_heads * head_dim * H)
+    attn = L * (H * (m.num_attention_heads + 2 * kv) * head_dim
+                + m.num_attention_heads * head_dim * H)
     norms = L * 2 * H + H
     pattern = moe_layer_pattern(cfg)
     n_moe = sum(pattern)
@@ -74,12 +75,14 @@ def flops_per_token(cfg: Config) -> float:
 
 
 def memory_estimate_gb(cfg: Config, world_size: int, bf16: bool = True) -> dict[str, float]:
-    """Rough per-GPU memory: weights, grads, optimizer state (sharded if distributed), activations."""
+    """Rough per-GPU memory: weights, grads, optimizer state (sharded if distributed),
+    activations."""
     c = count_params(cfg)
     par = cfg.parallel
     dp = max(1, world_size // (par.tensor * par.pipeline))
     # Expert weights are split over expert-parallel ranks, everything over tensor parallelism.
-    per_rank = (c.total - c.experts_total) / par.tensor + c.experts_total / (par.tensor * par.expert)
+    per_rank = ((c.total - c.experts_total) / par.tensor
+                + c.experts_total / (par.tensor * par.expert))
     w_bytes = 2 if bf16 else 4
     weights = per_rank * w_bytes
     grads = per_rank * 4  # megatron DDP accumulates grads in fp32 by default

@@ -13,6 +13,7 @@ framework uses neither.
 from __future__ import annotations
 
 import torch
+from megatron.core.models.common.embeddings import rope_utils
 
 from megatron_ext.model import fusion
 
@@ -38,8 +39,6 @@ def fused_rope(t: torch.Tensor, freqs: torch.Tensor, transpose_output_memory: bo
 def install() -> bool:
     """Fill megatron's empty fused-RoPE slot with ``fused_rope``; True if a fused RoPE (ours or
     Transformer Engine's) is now there."""
-    from megatron.core.models.common.embeddings import rope_utils
-
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = fused_rope
     return rope_utils.fused_apply_rotary_pos_emb is not None

@@ -1,6 +1,12 @@
-"""Fixes for megatron-core 0.16.1 that apply on every device (CPU and GPU alike)."""
+"""Fixes for megatron-core 0.16.1 that apply on every device (CPU and GPU alike).
+
+Each is a record in ``megatron_ext.platform.patches`` (upstream equivalent, when it can go).
+"""
 
 from __future__ import annotations
+
+from megatron.core.tensor_parallel import random as tp_random
+from megatron.core.transformer.moe import moe_utils
 
 
 def apply_megatron_fixes() -> list[str]:
@@ -14,9 +20,6 @@ def apply_megatron_fixes() -> list[str]:
       ``layernorm`` selective recompute raises NameError. Without TE, a false ``fp8`` now means no
       FP8 (our experts' ``moe_act`` recompute already passes ``fp8=None``).
     """
-    from megatron.core.tensor_parallel import random as tp_random
-    from megatron.core.transformer.moe import moe_utils
-
     applied = []
     if not getattr(moe_utils, "HAVE_TE", False) and not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None

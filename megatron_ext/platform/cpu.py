@@ -6,7 +6,8 @@ megatron-core has no CPU path: it allocates on ``torch.cuda.current_device()``, 
 those assumptions to the CPU, and nothing else. It is enabled only when CUDA is unavailable
 (``enable_if_needed``), so GPU runs execute unmodified megatron-core code.
 
-Every redirection is listed in ``REDIRECTIONS`` (the test suite checks each one).
+Every redirection is listed in ``REDIRECTIONS`` (the test suite checks each one); the ones
+that replace megatron-core internals are also records in ``megatron_ext.platform.patches``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-_ACTIVE: "_CudaToCpuMode | None" = None
+_ACTIVE: _CudaToCpuMode | None = None
 
 REDIRECTIONS = (
     "torch.cuda.current_device -> cpu device (also called from backward, outside any mode)",
@@ -135,6 +136,8 @@ def enable() -> None:
     cuda.max_memory_allocated = lambda *a, **k: 0
     cuda.reset_peak_memory_stats = lambda *a, **k: None
 
+    # why inside: megatron-core (seconds to import) is loaded only when the CPU path is switched
+    # on, after the CUDA check above; GPU processes that import this module never pay for it
     from megatron.core.tensor_parallel import random as mc_random
 
     from megatron_ext.platform.compat import apply_megatron_fixes

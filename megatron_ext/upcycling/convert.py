@@ -22,11 +22,29 @@ from torch import Tensor
 from megatron_ext.checkpoint.convert_mcore import compare_logits, preflight, resolve_dtype
 from megatron_ext.checkpoint.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
 from megatron_ext.checkpoint.keymaps import (
-    HF_EMBED, Arch, ConversionError, arch_from_hf_config, hf_config_for, hf_settings_from_config,
+    HF_EMBED,
+    Arch,
+    ConversionError,
+    StreamGetter,
+    arch_from_hf_config,
+    hf_config_for,
+    hf_settings_from_config,
+    hf_shapes,
+    hf_to_mcore,
 )
+from megatron_ext.checkpoint.mcore_io import (
+    config_from_hf,
+    hf_config_from_mcore,
+    hf_record,
+    hf_view,
+    read_mcore_checkpoint,
+    save_mcore_into,
+    with_arch,
+)
+from megatron_ext.model.compare import ValidationError, ValidationReport
 from megatron_ext.upcycling.spec import UpcycleError, UpcycleSpec
 from megatron_ext.upcycling.upcycle import output_layout, upcycle
-from megatron_ext.upcycling.validate import ValidationError, ValidationReport, validate_upcycled
+from megatron_ext.upcycling.validate import validate_upcycled
 
 FORMATS = ("auto", "hf", "mcore")
 INFO_FILE = "upcycling.json"
@@ -90,11 +108,6 @@ def _write_hf(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseMode
 def _open_mcore(path: Path) -> DenseModel:
     """A dense mcore checkpoint served under HF names (its whole fp32 state dict in memory),
     in the precision its weights have (``convert_mcore.resolve_dtype``)."""
-    from megatron_ext.checkpoint.keymaps import hf_shapes
-    from megatron_ext.checkpoint.mcore_io import (
-        hf_config_from_mcore, hf_record, hf_view, read_mcore_checkpoint,
-    )
-
     get, keys, arch, cfg = read_mcore_checkpoint(path)
     if arch.num_experts:
         raise ConversionError(f"{path}: an MoE checkpoint ({arch.num_experts} experts), expected "
@@ -113,9 +126,6 @@ def _write_mcore(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseM
                  spec: UpcycleSpec, max_shard_bytes: int) -> None:
     """The HF-named MoE stream, renamed on the fly, into an mcore checkpoint root at ``out``.
     The training config keeps an mcore source's settings (HF source: our defaults)."""
-    from megatron_ext.checkpoint.keymaps import StreamGetter, hf_to_mcore
-    from megatron_ext.checkpoint.mcore_io import config_from_hf, save_mcore_into, with_arch
-
     moe_arch = spec.moe_arch(dense.arch)
     dtype = dense.dtype_of(HF_EMBED)
     hf_config = hf_config_for(moe_arch, top_k=spec.top_k,

@@ -41,9 +41,26 @@ import torch
 from torch import Tensor
 
 from megatron_ext.checkpoint.keymaps import (
-    HF_DENSE_MLP, HF_EMBED, HF_EXPERT, HF_FINAL_NORM, HF_INPUT_NORM, HF_K, HF_LM_HEAD, HF_O,
-    HF_POST_ATTN_NORM, HF_Q, HF_ROUTER, HF_V, Arch, StreamGetter, check_key_set, fetch,
-    hf_shapes, hf_to_mcore, mcore_shapes, mcore_to_hf,
+    HF_DENSE_MLP,
+    HF_EMBED,
+    HF_EXPERT,
+    HF_FINAL_NORM,
+    HF_INPUT_NORM,
+    HF_K,
+    HF_LM_HEAD,
+    HF_O,
+    HF_POST_ATTN_NORM,
+    HF_Q,
+    HF_ROUTER,
+    HF_V,
+    Arch,
+    StreamGetter,
+    check_key_set,
+    fetch,
+    hf_shapes,
+    hf_to_mcore,
+    mcore_shapes,
+    mcore_to_hf,
 )
 from megatron_ext.upcycling.spec import UpcycleSpec
 

@@ -12,7 +12,8 @@ from tests.resilience import small_args
 LOGITS = textwrap.dedent("""
     import sys, torch
     import torch.distributed as dist
-    from megatron_ext.model.inference import load_model, logits
+    from megatron_ext.checkpoint.load_model import load_model
+    from megatron_ext.model.inference import logits
     from megatron_ext.platform.dist import shutdown
     ckpt, ep, tp, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     cfg, model = load_model(ckpt, expert_parallel=ep, tensor_parallel=tp)

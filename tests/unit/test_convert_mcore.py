@@ -99,7 +99,8 @@ def test_round_trip_is_bit_exact(conv, kind: str) -> None:
 LOGITS = textwrap.dedent("""
     import sys, torch
     from transformers import LlamaForCausalLM, MixtralForCausalLM
-    from megatron_ext.model.inference import load_model, logits
+    from megatron_ext.checkpoint.load_model import load_model
+    from megatron_ext.model.inference import logits
     from megatron_ext.platform.dist import shutdown
 
     if __name__ == "__main__":
@@ -193,7 +194,7 @@ STRICT = textwrap.dedent("""
 
         # A failed validation: exit 1 and nothing at the output (the check itself is faked).
         import megatron_ext.checkpoint.convert_mcore as convert_mcore
-        from megatron_ext.upcycling.validate import ValidationReport
+        from megatron_ext.model.compare import ValidationReport
         from tools.convert.hf_to_mcore import main
         convert_mcore.compare_logits = lambda *a, **k: ValidationReport(1.0, 1.0, True, True, 1e-4)
         rc = main(["--input", sys.argv[1], "--output", str(out / "vfail")])

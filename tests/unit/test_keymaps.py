@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from megatron_ext.checkpoint.keymaps import (
-    Arch, ConversionError, StreamGetter, arch_from_hf_config, fuse_qkv, hf_config_for,
-    hf_settings_from_config, hf_shapes, hf_to_mcore, mcore_shapes, mcore_to_hf,
+    Arch,
+    ConversionError,
+    StreamGetter,
+    arch_from_hf_config,
+    fuse_qkv,
+    hf_config_for,
+    hf_settings_from_config,
+    hf_shapes,
+    hf_to_mcore,
+    mcore_shapes,
+    mcore_to_hf,
 )
 
 GQA = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,

@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_ext.checkpoint.hf_io import (
-    INDEX_NAME, HFCheckpoint, ShardedWriter, parse_size, read_safetensors_header, staged_dir,
+    INDEX_NAME,
+    HFCheckpoint,
+    ShardedWriter,
+    parse_size,
+    read_safetensors_header,
+    staged_dir,
 )
 from megatron_ext.checkpoint.keymaps import ConversionError
 

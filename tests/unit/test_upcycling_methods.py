@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from megatron_ext.checkpoint.keymaps import (
-    HF_DENSE_MLP, HF_EXPERT, HF_ROUTER, Arch, ConversionError, hf_shapes, hf_to_mcore,
+    HF_DENSE_MLP,
+    HF_EXPERT,
+    HF_ROUTER,
+    Arch,
+    ConversionError,
+    hf_shapes,
+    hf_to_mcore,
 )
 from megatron_ext.upcycling import UpcycleError, UpcycleSpec, upcycle, upcycle_mcore
 from megatron_ext.upcycling.upcycle import init_router

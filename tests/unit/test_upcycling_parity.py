@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.checkpoint.hf_models import load_moe
+from megatron_ext.model.compare import probe_tokens
 from megatron_ext.upcycling import UpcycleSpec
 from megatron_ext.upcycling.convert import upcycle_checkpoint
-from megatron_ext.upcycling.validate import load_moe, probe_tokens, validate_upcycled
+from megatron_ext.upcycling.validate import validate_upcycled
 
 
 @pytest.fixture(scope="module")

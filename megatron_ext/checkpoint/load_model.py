@@ -1,0 +1,67 @@
+"""Load one of our checkpoints into a megatron model for evaluation (no optimizer, no DDP).
+
+Used by conversion validation, routing analysis and the resharding tests. The parallel layout is
+the caller's choice (e.g. a checkpoint saved at EP=2 evaluated at EP=1): dist_checkpointing
+reshards on load. Running the loaded model is model-side: ``megatron_ext.model.inference``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_ext.checkpoint.dist import (
+    CheckpointError,
+    find_resumable,
+    load_weights,
+    saved_config,
+    verify,
+)
+from megatron_ext.config.loader import ConfigError, apply_overrides, config_from_dict
+from megatron_ext.config.schema import Config
+from megatron_ext.model.builder import build_model, resolve_backends
+from megatron_ext.platform.dist import init_distributed
+
+
+def checkpoint_config(path: str | Path) -> tuple[Path, Config]:
+    """Resolve ``path`` (a checkpoint dir, or a save root with ``latest``) and read its config."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found")
+    if not (path / "meta.json").exists():
+        found, _ = find_resumable(path)
+        if found is None:
+            raise CheckpointError(f"{path}: no checkpoint found")
+        path = found
+    verify(path)
+    try:  # data only (strict YAML); a config that does not build is a damaged checkpoint
+        return path, config_from_dict(saved_config(path))
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.yaml'}: {' '.join(str(e).split())}") from None
+
+
+def load_model(path: str | Path, expert_parallel: int = 1, tensor_parallel: int = 1,
+               overrides: Mapping[str, Any] | None = None):
+    """Initialize (if needed) distributed state, build the model of ``path`` and load it.
+
+    ``overrides``: dotted config fields (``{"moe.capacity_factor": None}``), type-checked by the
+    config loader. Returns (config, model in eval mode). Call
+    ``megatron_ext.platform.dist.shutdown()`` after.
+    """
+    path, cfg = checkpoint_config(path)
+    cfg.parallel.expert = expert_parallel
+    cfg.parallel.tensor = tensor_parallel
+    cfg.parallel.sequence_parallel = tensor_parallel > 1 and cfg.moe.num_experts > 0
+    cfg.parallel.world_size = None
+    cfg.train.precision = "fp32" if not torch.cuda.is_available() else cfg.train.precision
+    cfg = apply_overrides(cfg, overrides or {})
+    init_distributed(cfg)
+    model = build_model(cfg, resolve_backends(cfg))
+    if torch.cuda.is_available():
+        model.cuda()
+    load_weights(path, model)
+    model.eval()
+    return cfg, model
