@@ -53,8 +53,9 @@ EOF
 
 COPY . .
 # The project itself, without dependencies (done above); no build isolation so no setuptools
-# download. Runs also work from a mounted checkout: pretrain_moe.py's directory comes first on
-# sys.path, so the checkout's megatron_ext wins over this copy.
+# download. tools/*.py import this installed megatron_ext (they edit no sys.path). Runs also work
+# from a mounted checkout: pretrain_moe.py's directory comes first on sys.path, so the checkout's
+# megatron_ext wins over this copy; for the checkout's tools, set PYTHONPATH=<checkout> likewise.
 # Output directories are world-writable for non-root users (pyxis runs jobs as the caller).
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && mkdir -p runs logs \

@@ -5,10 +5,10 @@ Sample order and data parallelism
 Build the datasets once for the *global* sample counts (``train_iters * global_batch_size`` and
 so on), with the same arguments on every rank. Sample ``i`` of the returned dataset is then the
 same on every rank and for any data-parallel size: the order depends only on the blend, split,
-seq_length, seed and num_samples. Each rank takes its own slice of the global order with
-``rank_batch_indices`` (the order of megatron's MegatronPretrainingSampler): global step ``s``
-always consumes samples ``[s * G, (s + 1) * G)`` for global batch size ``G``, whatever the number
-of ranks, so changing the data-parallel size does not change what the model sees.
+seq_length, seed and num_samples. Each rank takes its own slice of the global order in training
+(``megatron_ext.training.batches.MicroBatches``): global step ``s`` always consumes samples
+``[s * G, (s + 1) * G)`` for global batch size ``G``, whatever the number of ranks, so changing
+the data-parallel size does not change what the model sees.
 
 Samples are dicts of torch tensors of length ``seq_length``: ``tokens`` (int64), ``labels``
 (int64, tokens shifted by one), ``loss_mask`` (float32), ``position_ids`` (int64); plus
@@ -32,21 +32,23 @@ import copy
 import logging
 import os
 import re
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from megatron_ext.data.errors import DataError
 from megatron_ext.data.integrity import (
-    FULL_SCAN_BYTES, check_indexed_dataset, discard_damaged_caches, token_range,
+    FULL_SCAN_BYTES,
+    check_indexed_dataset,
+    discard_damaged_caches,
+    token_range,
 )
 from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_ext.platform.quiet import quiet_megatron
 
-with warnings.catch_warnings():
-    # megatron.core's package import warns about optional GPU libraries; not our business.
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex")
+with quiet_megatron():  # its package import warns about optional GPU libraries
     from megatron.core.datasets.blended_dataset import BlendedDataset
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -145,7 +147,7 @@ def check_vocab(tokenizer_vocab: int, model_vocab: int, dataset_max_token: int |
     if tokenizer_vocab > model_vocab:
         raise DataError(
             f"tokenizer vocab size {tokenizer_vocab} exceeds the model's padded vocab size "
-            f"{model_vocab}; pad the model vocab from the tokenizer (padded_vocab_size)"
+            f"{model_vocab}; raise model.vocab_size (the model pads it to model.vocab_multiple)"
         )
     if dataset_max_token is None:
         return
@@ -270,20 +272,3 @@ def build_mock_datasets(
         train, valid, test = builder.build()
     return train, valid, test
 
-
-def rank_batch_indices(
-    consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int
-) -> range:
-    """Global sample indices of this rank's next micro-batch (MegatronPretrainingSampler order).
-
-    ``consumed_samples`` counts samples consumed by all ranks together; it grows by
-    ``micro_batch_size * dp_size`` per micro-step. A global step of batch size G spans
-    ``[s * G, (s + 1) * G)`` for every dp_size that divides it.
-    """
-    if not 0 <= dp_rank < dp_size or micro_batch_size <= 0 or consumed_samples < 0:
-        raise DataError(
-            f"bad data-parallel slice: consumed={consumed_samples} micro_batch={micro_batch_size} "
-            f"rank={dp_rank} size={dp_size}"
-        )
-    start = consumed_samples + dp_rank * micro_batch_size
-    return range(start, start + micro_batch_size)

@@ -20,7 +20,8 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from megatron_ext.data.errors import DataError
 
@@ -61,7 +62,7 @@ class Tokenizer:
         raise NotImplementedError
 
     @property
-    def unique_identifiers(self) -> "OrderedDict[str, Any]":
+    def unique_identifiers(self) -> OrderedDict[str, Any]:
         # megatron-core json-dumps config.tokenizer through this attribute to hash its index
         # caches. Content hash, not path: a retrained tokenizer is a cache miss, a copied one not.
         return OrderedDict(
@@ -243,17 +244,3 @@ def load_tokenizer(path: str) -> Tokenizer:
         " or a Hugging Face tokenizer directory)"
     )
 
-
-def padded_vocab_size(vocab_size: int, multiple: int = 128, tensor_parallel: int = 1) -> int:
-    """Round the vocabulary up to a multiple of ``multiple * tensor_parallel``.
-
-    Megatron splits the embedding rows evenly over tensor-parallel ranks and wants each shard a
-    multiple of ``multiple`` for efficient GEMMs, hence the product.
-    """
-    if vocab_size <= 0 or multiple <= 0 or tensor_parallel <= 0:
-        raise DataError(
-            f"padded_vocab_size needs positive integers, got vocab_size={vocab_size}, "
-            f"multiple={multiple}, tensor_parallel={tensor_parallel}"
-        )
-    step = multiple * tensor_parallel
-    return -(-vocab_size // step) * step

@@ -19,7 +19,6 @@ from tests.conftest import run_cli
     (["moe.token_dispatcher=allgather"], "needs the local token dispatcher"),
     (["moe.grouped_gemm=false"], "needs moe.grouped_gemm: true"),
     (["train.recompute=full"], "cannot be combined with train.recompute"),
-    (["train.nan_injection_steps=[3]"], "cannot be combined with train.nan_injection_steps"),
 ])
 def test_uncapturable_combinations_are_one_line(overrides, message):
     args = ["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml", "--dry-run",
@@ -63,7 +62,7 @@ def test_step_graph_needs_cuda():
 def test_activation_probe_frees_the_graph():
     """sigmoid saves its output: a pack hook returning the tensor itself would tie the output
     to its own grad_fn in a cycle gc cannot free (the leak the H100 bench showed)."""
-    from megatron_ext.bench.activations import saved_activation_bytes
+    from tools.bench.benchlib.activations import saved_activation_bytes
 
     w = torch.randn(64, 64, requires_grad=True)
     with saved_activation_bytes([w]) as held:
@@ -77,7 +76,7 @@ def test_activation_probe_frees_the_graph():
 
 
 def test_activation_probe_keeps_backward_working():
-    from megatron_ext.bench.activations import saved_activation_bytes
+    from tools.bench.benchlib.activations import saved_activation_bytes
 
     x = torch.randn(8, 16)
     w = torch.randn(16, 16, requires_grad=True)

@@ -15,13 +15,13 @@ from megatron_ext.data.datasets import (
     check_vocab,
     max_token_id,
     parse_blend,
-    rank_batch_indices,
     token_counts,
 )
 from megatron_ext.data.errors import DataError
 from megatron_ext.data.preprocess import preprocess
 from megatron_ext.data.tokenizer import load_tokenizer
 from megatron_ext.data.tokenizer_training import train_bpe_tokenizer
+from megatron_ext.training.batches import MicroBatches
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "corpus"
@@ -119,20 +119,38 @@ def test_order_is_deterministic_for_a_seed(data: dict[str, str], tmp_path: Path)
     assert not np.array_equal(reference, _tokens(other, 100))
 
 
+class _IndexDataset:
+    """Sample ``i`` is ``i`` in every field: which samples a micro-batch holds is readable."""
+
+    def __len__(self) -> int:
+        return 1000
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {key: np.full(SEQ, i) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def _rank_samples(micro_batch: int, dp_size: int, rank: int, consumed: int) -> list[int]:
+    """The samples training's MicroBatches gives this rank for the step starting at ``consumed``."""
+    batches = MicroBatches(_IndexDataset(), 8, micro_batch, dp_size, rank, torch.device("cpu"))
+    return [int(b["tokens"][i, 0]) for b in batches.step(consumed) for i in range(micro_batch)]
+
+
 @pytest.mark.parametrize("micro_batch", [1, 2])
 def test_global_batches_do_not_depend_on_dp_size(micro_batch: int) -> None:
+    """Training's slicing (training/batches.py): ranks are disjoint, together they cover the
+    global batch, and the result is the same for every data-parallel size and every call."""
     global_batch = 8
     for step in range(3):
         seen = {}
         for dp_size in (1, 2, 4):
             if global_batch % (micro_batch * dp_size):
                 continue
-            indices = []
             consumed = step * global_batch
-            while consumed < (step + 1) * global_batch:
-                for rank in range(dp_size):
-                    indices += list(rank_batch_indices(consumed, micro_batch, rank, dp_size))
-                consumed += micro_batch * dp_size
+            per_rank = [_rank_samples(micro_batch, dp_size, r, consumed) for r in range(dp_size)]
+            indices = [i for samples in per_rank for i in samples]
+            assert len(set(indices)) == len(indices), per_rank  # no sample on two ranks
+            assert per_rank == [_rank_samples(micro_batch, dp_size, r, consumed)
+                                for r in range(dp_size)]  # deterministic
             seen[dp_size] = sorted(indices)
         assert all(v == list(range(step * 8, step * 8 + 8)) for v in seen.values()), seen
 

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from megatron_ext.config.loader import ConfigError, load_config
+from megatron_ext.config.ranges import check_ranges
 from megatron_ext.data.errors import DataError
-from megatron_ext.data.tokenizer import load_tokenizer, padded_vocab_size
+from megatron_ext.data.tokenizer import load_tokenizer
 from megatron_ext.data.tokenizer_training import EOD_TOKEN, PAD_TOKEN, train_bpe_tokenizer
+from megatron_ext.model.params import padded_vocab
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "corpus"
@@ -85,20 +88,23 @@ def test_sentencepiece_model(small_corpus: list[str], tmp_path: Path) -> None:
     assert tok.encode_batch([text]) == [sp.encode(text)]
 
 
+# The one padding rule (model.params.padded_vocab): up to a multiple of model.vocab_multiple,
+# independent of the tensor-parallel size, so a checkpoint loads at any TP.
 @pytest.mark.parametrize(
     "vocab, multiple, tp, expected",
-    [(4096, 128, 1, 4096), (4097, 128, 1, 4224), (400, 128, 1, 512), (300, 128, 4, 512),
-     (50257, 128, 8, 51200), (1, 64, 1, 64)],
+    [(4096, 128, 1, 4096), (4097, 128, 1, 4224), (400, 128, 1, 512), (300, 128, 4, 384),
+     (50257, 128, 8, 50304), (1, 64, 1, 64)],
 )
 def test_padded_vocab_size(vocab: int, multiple: int, tp: int, expected: int) -> None:
-    assert padded_vocab_size(vocab, multiple, tp) == expected
+    cfg = load_config(None, [f"model.vocab_size={vocab}", f"model.vocab_multiple={multiple}",
+                             f"parallel.tensor={tp}"])
+    assert padded_vocab(cfg) == expected
 
 
 def test_padded_vocab_size_rejects_nonpositive() -> None:
-    with pytest.raises(DataError):
-        padded_vocab_size(0)
-    with pytest.raises(DataError):
-        padded_vocab_size(100, tensor_parallel=0)
+    for override in ("model.vocab_size=0", "model.vocab_multiple=0"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            check_ranges(load_config(None, [override]))
 
 
 def test_load_errors_are_one_line(tmp_path: Path) -> None:

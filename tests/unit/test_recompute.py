@@ -1,6 +1,6 @@
 """train.recompute: selective with train.recompute_modules. Each choice must give the same loss
 and gradients as no recomputation (CPU, fp32) and must actually hold less activation memory after
-forward (autograd's saved tensors, megatron_ext.bench.activations); bad choices are config
+forward (autograd's saved tensors, tools/bench/benchlib/activations.py); bad choices are config
 errors."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ pytestmark = cpu_megatron_module()
 
 from megatron.core import tensor_parallel  # noqa: E402
 
-from megatron_ext.bench.activations import saved_activation_bytes  # noqa: E402
 from megatron_ext.config.loader import load_config  # noqa: E402
 from megatron_ext.model.builder import build_model, resolve_backends  # noqa: E402
+from tools.bench.benchlib.activations import saved_activation_bytes  # noqa: E402
 
 SEQ, BATCH = 32, 2
 BASE = [

@@ -26,14 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchlib.report import device_name
 
-from megatron_ext.bench.report import device_name, free_port  # noqa: E402
-from megatron_ext.checkpoint import manifest  # noqa: E402
-from megatron_ext.checkpoint.hf_io import parse_size  # noqa: E402
-from megatron_ext.checkpoint.keymaps import ConversionError  # noqa: E402
+from megatron_ext.checkpoint import manifest
+from megatron_ext.checkpoint.hf_io import parse_size
+from megatron_ext.checkpoint.keymaps import ConversionError
+from megatron_ext.platform.cli import ArgumentParser, run_cli
+from megatron_ext.platform.launch import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CHUNK = 8 << 20  # the chunk manifest.file_sum reads
 
@@ -113,7 +114,7 @@ def render(speeds: dict[str, float], size: int, save: dict[str, float], config: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="1GiB", help="synthetic file size, e.g. 1GiB, 64MB")
     p.add_argument("--config", default="configs/tiny-cpu.yaml", help="config of the tiny save")
@@ -142,4 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

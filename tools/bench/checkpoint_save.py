@@ -22,11 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchlib.report import device_name
 
-from megatron_ext.bench.report import device_name, free_port  # noqa: E402
+from megatron_ext.platform.cli import ArgumentParser, run_cli
+from megatron_ext.platform.launch import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def run_mode(config: str, overrides: list[str], work: Path, async_save: bool, steps: int,
              interval: int) -> dict:
@@ -75,7 +77,7 @@ def render(results: list[dict], cmd: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -105,4 +107,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -24,6 +24,8 @@ mkdir -p "$OUT"
 LOG="$OUT/session-$PART.log"
 : >"$LOG"
 export PYTHONUNBUFFERED=1
+# The project is not installed on a bare GPU machine: the checkout provides megatron_ext (the
+# scripts find benchlib/ beside themselves).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 

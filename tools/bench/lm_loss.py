@@ -1,28 +1,26 @@
 """LM head + cross-entropy, forward + backward: megatron-core's path vs our fused one.
 
-Prints time and the peak memory each path adds over its inputs (see megatron_ext/bench/lm_loss.py).
+Prints time and the peak memory each path adds over its inputs (see benchlib/lm_loss.py).
   python tools/bench/lm_loss.py                       # 8x152M head: 16k tokens, h512, V 99584
   python tools/bench/lm_loss.py --tokens 4096 --hidden 128 --dtype fp32   # CPU-sized
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed")
+from megatron_ext.platform.cli import ArgumentParser, run_cli
+from megatron_ext.platform.quiet import quiet_process
 
-from megatron_ext.bench.lm_loss import PATHS, LossBenchOptions, measure  # noqa: E402
+quiet_process()  # before megatron is imported: its import-time notices are noise here
+
+from benchlib.lm_loss import PATHS, LossBenchOptions, measure  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=16384, help="micro-batch x sequence")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--vocab", type=int, default=99584)
@@ -58,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

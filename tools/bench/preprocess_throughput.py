@@ -18,12 +18,9 @@ import platform
 import shlex
 import sys
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
-# Runnable as a plain script from a checkout, without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from megatron_ext.data.errors import run_cli  # noqa: E402
+from megatron_ext.platform.cli import ArgumentParser, run_cli
 
 
 def cpu_model() -> str:
@@ -71,7 +68,7 @@ def measure(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--jsonl-mb", type=float, default=200.0,

@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from megatron_ext.platform.cli import ArgumentParser, run_cli
+from megatron_ext.platform.quiet import quiet_process
 
-# megatron-core warns at import when TE/apex are absent, and about internal deprecations.
-for _msg in (".*(Transformer Engine|Apex).*not installed", "full scope is deprecated",
-             "The legacy GroupedMLP", "CPU RNG state changed", "Please use DTensor instead",
-             "moe_ffn_hidden_size is not set"):
-    warnings.filterwarnings("ignore", message=_msg)
+quiet_process()  # before megatron is imported: its import-time notices are noise here
 
-from megatron_ext.bench.report import write_outputs  # noqa: E402
-from megatron_ext.bench.throughput import (  # noqa: E402
+from benchlib.report import write_outputs  # noqa: E402
+from benchlib.throughput import (  # noqa: E402
     VARIANTS,
     BenchOptions,
     run_benchmark,
@@ -36,7 +30,7 @@ from megatron_ext.bench.throughput import (  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchOptions, Path | None]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (e.g. configs/8x152M.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -111,4 +105,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -9,7 +9,6 @@ everything. Needs ~22 GB of free disk at full size; --layers N scales down (reco
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -23,12 +22,11 @@ from pathlib import Path
 import psutil
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from megatron_ext.checkpoint.hf_io import write_hf_checkpoint
+from megatron_ext.checkpoint.keymaps import Arch, hf_config_for, hf_shapes
+from megatron_ext.platform.cli import ArgumentParser, run_cli
 
-from megatron_ext.checkpoint.hf_io import write_hf_checkpoint  # noqa: E402
-from megatron_ext.checkpoint.keymaps import Arch, hf_config_for, hf_shapes  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 SECTION = "## Upcycling memory"
 TARGET_GB = 3.0
@@ -120,13 +118,13 @@ def record(docs: Path, entry: str) -> None:
     docs.write_text(head + SECTION + body.rstrip("\n") + "\n\n" + entry.rstrip("\n") + "\n" + tail)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=24, help="scale down (full size: 24)")
     p.add_argument("--workdir", type=Path, default=None, help="where the temp checkpoints go")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     arch = dense_arch(args.layers)
     dense_params = sum(torch.Size(s).numel() for s in hf_shapes(arch).values())
@@ -181,4 +179,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

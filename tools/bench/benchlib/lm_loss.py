@@ -15,13 +15,14 @@ Peak memory is what the step adds on top of its inputs (hidden, weight, labels):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.bench import report
+from . import report
 
 PATHS = ("megatron", "megatron-fused", "ours", "ours-compiled")
 

@@ -9,23 +9,17 @@ import json
 import platform
 import resource
 import shlex
-import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from megatron_ext.config.schema import Config
 
 # ---- environment -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device_name() -> str:
@@ -56,7 +50,7 @@ def environment(cfg: Config, opts: Any, flops_per_token: float) -> dict[str, Any
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "megatron_core": _version("megatron-core"), "transformers": _version("transformers"),
         "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "cpu_threads": torch.get_num_threads(),
         "options": dataclasses.asdict(opts),

@@ -31,18 +31,21 @@ import functools
 import gc
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
-from megatron_ext.bench import report
-from megatron_ext.bench.activations import saved_activation_bytes
 from megatron_ext.config.loader import load_config
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import validate
 from megatron_ext.model.params import flops_per_token, padded_vocab
+from megatron_ext.platform.launch import free_port
+
+from . import report
+from .activations import saved_activation_bytes
 
 VARIANTS = ("ours", "hf", "plain")
 
@@ -65,7 +68,7 @@ STEP_NOTE = ("forward (LM loss + router aux loss) + backward + grad-norm clip + 
 class BenchOptions:
     config: str
     overrides: list[str] = field(default_factory=list)
-    layers: Optional[int] = None
+    layers: int | None = None
     micro_batch: int = 4
     seq: int = 4096
     steps: int = 10
@@ -75,7 +78,7 @@ class BenchOptions:
     variants: tuple[str, ...] = VARIANTS
     profile: bool = False
     profile_steps: int = 2
-    profile_variants: Optional[tuple[str, ...]] = None  # None: those without +overrides
+    profile_variants: tuple[str, ...] | None = None  # None: those without +overrides
     trace_max_mb: float = 15.0
 
 
@@ -289,7 +292,7 @@ def free_memory() -> None:
 
 
 def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
-                    out_dir: Optional[Path]) -> dict[str, Any]:
+                    out_dir: Path | None) -> dict[str, Any]:
     """Build, warm up, time, optionally profile, and free one variant."""
     dev = device()
     base, extra = split_variant(name)
@@ -365,7 +368,7 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def run_benchmark(opts: BenchOptions, out_dir: Optional[Path] = None,
+def run_benchmark(opts: BenchOptions, out_dir: Path | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure the requested variants in turn; a failing variant (e.g. OOM) is recorded and
     the others still run. Returns the JSON-ready results."""
@@ -373,7 +376,7 @@ def run_benchmark(opts: BenchOptions, out_dir: Optional[Path] = None,
 
     cfg = bench_config(opts)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(report.free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     init_distributed(cfg)  # world 1: nccl on GPU, gloo + the CPU redirections otherwise
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

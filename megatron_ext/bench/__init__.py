@@ -1,1 +1,0 @@
-"""Benchmarks: training-step throughput of our model against reference stacks."""

@@ -1,0 +1,134 @@
+"""tools/convert/upcycle.py --config: the experts, top-k, MoE layers and the ``upcycling`` section
+come from the training config that will load the result (``--set`` overrides it, explicit flags
+override both), so an upcycled checkpoint cannot disagree with that run; a config whose model
+shape disagrees with the dense input, or that cannot be an MoE run, is one line and exit 2 with
+nothing written. Real tool subprocesses on a tiny dense Llama checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from megatron_ext.checkpoint.mcore_io import arch_from_config
+from megatron_ext.config.loader import load_config
+from tests.conftest import run_cli
+
+CLI = "tools/convert/upcycle.py"
+# The tiny dense model's shape, as a training config names it.
+MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2,
+         "ffn_hidden_size": 128, "vocab_size": 256}
+RUN = {"train": {"train_steps": 10, "global_batch_size": 1, "micro_batch_size": 1},
+       "data": {"mock": True, "seq_length": 32}}
+NOISE = {"method": "noise", "ratio": 0.25, "seed": 7, "index_sharing": "shared",
+         "router_init": "normal_std002", "noise_std": 0.05}
+DROP = {"method": "drop", "ratio": 0.75, "seed": 11, "index_sharing": "per_projection",
+        "router_init": "uniform_std002", "noise_std": 0.02}
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("upcycle_config") / "dense"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, vocab_size=256)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _config(tmp_path: Path, moe: dict, upcycling: dict, **model) -> Path:
+    path = tmp_path / "run.yaml"
+    tree = {"model": {**MODEL, **model}, "moe": moe, "upcycling": upcycling, **RUN}
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _upcycle(dense: Path, out: Path, *args: str | Path):
+    return run_cli([CLI, "--input", str(dense), "--output", str(out), "--skip-validation",
+                    *map(str, args)], timeout=300)
+
+
+def _recipe(out: Path) -> dict:
+    return json.loads((out / "upcycling.json").read_text())
+
+
+CONFIGS = {
+    # interleaved layers (layer 0 stays dense), the noise method, every upcycling field set
+    "noise, layer list": ({"num_experts": 4, "top_k": 1, "layer_freq": [0, 1]}, NOISE, [],
+                          {**NOISE, "num_experts": 4, "top_k": 1, "moe_layers": [1]}),
+    # every layer MoE; --set changes a field of the config as pretrain_moe.py --set would
+    "drop, --set": ({"num_experts": 2, "top_k": 2, "layer_freq": 1}, DROP,
+                    ["--set", "upcycling.seed=5", "--set", "moe.num_experts=4"],
+                    {**DROP, "seed": 5, "num_experts": 4, "top_k": 2, "moe_layers": None}),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_config_supplies_the_recipe(dense: Path, tmp_path: Path, case: str) -> None:
+    moe, upcycling, extra, expected = CONFIGS[case]
+    out = tmp_path / "moe"
+    r = _upcycle(dense, out, "--config", _config(tmp_path, moe, upcycling), *extra)
+    assert r.returncode == 0, r.stderr
+    recipe = _recipe(out)
+    assert {k: recipe[k] for k in expected} == expected
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["num_local_experts"] == expected["num_experts"]
+    assert hf["num_experts_per_tok"] == expected["top_k"]
+    dense_layers = sorted(set(range(2)) - set(expected["moe_layers"] or range(2)))
+    assert sorted(hf.get("mlp_only_layers") or []) == dense_layers
+
+
+def test_flags_override_the_config(dense: Path, tmp_path: Path) -> None:
+    config = _config(tmp_path, {"num_experts": 4, "top_k": 1, "layer_freq": [0, 1]}, NOISE)
+    out = tmp_path / "moe"
+    r = _upcycle(dense, out, "--config", config, "--method", "naive", "--num-experts", "2",
+                 "--top-k", "2", "--seed", "99", "--moe-layers", "0,1")
+    assert r.returncode == 0, r.stderr
+    recipe = _recipe(out)
+    assert (recipe["method"], recipe["num_experts"], recipe["top_k"], recipe["seed"],
+            recipe["moe_layers"]) == ("naive", 2, 2, 99, [0, 1])
+    # the fields no flag named still come from the config
+    assert (recipe["ratio"], recipe["index_sharing"], recipe["router_init"],
+            recipe["noise_std"]) == (0.25, "shared", "normal_std002", 0.05)
+
+
+@pytest.mark.slow  # a megatron checkpoint save: ~20-30 s on 2 busy cores
+def test_mcore_output_has_the_shape_of_the_run(dense: Path, tmp_path: Path) -> None:
+    """The megatron checkpoint's saved config describes the configured model: same tensors
+    (keymaps.Arch: shape, experts, MoE layers) and the same top-k."""
+    config = _config(tmp_path, {"num_experts": 4, "top_k": 1, "layer_freq": [0, 1]}, NOISE)
+    out = tmp_path / "moe"
+    r = _upcycle(dense, out, "--config", config, "--output-format", "mcore")
+    assert r.returncode == 0, r.stderr
+    saved, run = load_config(out / "config.yaml"), load_config(config)
+    assert arch_from_config(saved) == arch_from_config(run)
+    assert saved.moe.top_k == run.moe.top_k == 1
+
+
+MOE = {"num_experts": 4, "top_k": 2}
+BAD = {
+    "hidden size": ({"hidden_size": 128}, [], "model.hidden_size 128 vs 64"),
+    "layers and ffn": ({"num_layers": 3, "ffn_hidden_size": 256}, [],
+                       "model.num_layers 3 vs 2"),
+    "vocab by --set": ({}, ["--set", "model.vocab_size=512"], "model.vocab_size 512 vs 256"),
+    "kv heads": ({"num_kv_heads": 4}, [], "model.num_kv_heads 4 vs 2"),
+    "dense config": ({}, ["--set", "moe.num_experts=0"], "moe.num_experts is 0"),
+    "unknown key": ({}, ["--set", "upcycling.ratoi=0.5"], "ratoi"),
+    "bad recipe": ({}, ["--set", "upcycling.ratio=1.5"], "ratio"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_config_exits_2_with_one_line(dense: Path, tmp_path: Path, case: str) -> None:
+    model, extra, match = BAD[case]
+    out = tmp_path / "moe"
+    r = _upcycle(dense, out, "--config", _config(tmp_path, MOE, DROP, **model), *extra)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # nothing written
