@@ -16,7 +16,7 @@ to do: ``complete_message`` says so and the caller exits 0 without building anyt
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from megatron_ext.checkpoint.dist import CheckpointError, find_resumable, saved_config, verify
 from megatron_ext.config.loader import to_dict
@@ -51,7 +51,7 @@ POLICY: dict[str, str] = {
     "train.micro_batch_size": FREE, "train.log_interval": FREE, "train.eval_interval": FREE,
     "train.eval_iters": FREE, "train.max_skipped_steps": FREE, "train.peak_tflops": FREE,
     "train.recompute": FREE, "train.recompute_modules": FREE, "train.cuda_graph": FREE,
-    "train.deterministic": FREE, "train.nan_injection_steps": FREE,  # a test hook
+    "train.deterministic": FREE,
     "checkpoint": FREE, "logging": FREE,
 }
 
@@ -110,7 +110,7 @@ def check_resume(path: Path, cfg: Config) -> list[str]:
     return [f"resuming {path} with config changes (checkpoint.allow_config_change): {fields}"]
 
 
-def complete_message(path: Path, cfg: Config) -> Optional[str]:
+def complete_message(path: Path, cfg: Config) -> str | None:
     """The line to print when ``path`` already holds the run's last step, else None."""
     step, total = int(verify(path)["step"]), total_steps(cfg)
     if step < total:
@@ -118,7 +118,7 @@ def complete_message(path: Path, cfg: Config) -> Optional[str]:
     return f"run already complete: step {step} of {total} in {path}; nothing to do"
 
 
-def preflight(cfg: Config) -> tuple[Optional[str], list[str]]:
+def preflight(cfg: Config) -> tuple[str | None, list[str]]:
     """Before anything is built: check the resume of ``checkpoint.save``.
 
     Returns (the "already complete" line or None, warnings); raises CheckpointError when the

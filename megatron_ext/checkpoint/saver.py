@@ -11,15 +11,20 @@ import re
 import resource
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext.checkpoint import manifest
 from megatron_ext.checkpoint.dist import (
-    ITER_RE, CheckpointError, TrainState, _rank, iter_name, save,
+    ITER_RE,
+    CheckpointError,
+    TrainState,
+    _rank,
+    iter_name,
+    save,
 )
 
 # Write failures a user can act on, by errno. Writers in other processes (megatron's shard
@@ -34,7 +39,7 @@ _STRERROR = {os.strerror(n): n for n in _CAUSES}
 _WRITER_LOG = "megatron.core.dist_checkpointing.strategies.filesystem_async"
 
 # A committed checkpoint and its background write time (None: written synchronously).
-Committed = tuple[Path, Optional[float]]
+Committed = tuple[Path, float | None]
 
 class Saver:
     """The loop's checkpoint writer: synchronous, or asynchronous with ``async_save``.
@@ -112,7 +117,7 @@ class Saver:
 
 
 def _save_failed(e: BaseException, tmps: list[Path], kind: str = "",
-                 any_error: bool = False) -> Optional[CheckpointError]:
+                 any_error: bool = False) -> CheckpointError | None:
     """The one-line error of a failed save (None: not a write failure, but a bug to report with
     its traceback); rank 0 removes the unfinished directories either way, nothing else
     (``latest`` and older checkpoints were not touched)."""
@@ -137,8 +142,8 @@ def _save_failed(e: BaseException, tmps: list[Path], kind: str = "",
                            f"{where or tmps[0]}{on_rank}" + (f" ({space})" if space else ""))
 
 
-def _probable_cause(root: Path, tmps: list[Path], need: int, free: Optional[int]
-                    ) -> Optional[int]:
+def _probable_cause(root: Path, tmps: list[Path], need: int, free: int | None
+                    ) -> int | None:
     """The errno a write into ``root`` would get now, judged from the file system and limits."""
     try:
         if os.statvfs(root).f_flag & os.ST_RDONLY:
@@ -158,7 +163,7 @@ def _probable_cause(root: Path, tmps: list[Path], need: int, free: Optional[int]
     return None
 
 
-def _chain(e: BaseException) -> Iterator[tuple[Optional[int], BaseException]]:
+def _chain(e: BaseException) -> Iterator[tuple[int | None, BaseException]]:
     """(rank or None, error): ``e``, its causes, and the per-rank errors megatron's
     CheckpointException carries (the coordinator's only)."""
     seen, todo = set(), [(None, e)]
@@ -173,7 +178,7 @@ def _chain(e: BaseException) -> Iterator[tuple[Optional[int], BaseException]]:
             todo.append((r, failure[0] if isinstance(failure, tuple) else failure))
 
 
-def _errno_of(e: BaseException) -> tuple[Optional[int], Optional[str], Optional[int]]:
+def _errno_of(e: BaseException) -> tuple[int | None, str | None, int | None]:
     """(errno, file, rank) of the first OS error in ``e``'s chain, as an object or as text."""
     for rank, x in _chain(e):
         if isinstance(x, OSError) and x.errno is not None:
@@ -196,7 +201,7 @@ def _last_checkpoint_sizes(root: Path) -> list[int]:
         return []
 
 
-def _free_bytes(root: Path) -> Optional[int]:
+def _free_bytes(root: Path) -> int | None:
     try:
         return shutil.disk_usage(root).free
     except OSError:  # root not created yet

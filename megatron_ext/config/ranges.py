@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Union
 
 import psutil
 
@@ -40,7 +41,7 @@ class Range:
     hi_open: bool = False
     whole: bool = False
 
-    def problem(self, x: Union[int, float]) -> Optional[str]:
+    def problem(self, x: int | float) -> str | None:
         """Why ``x`` is out of range, or None."""
         if isinstance(x, float) and not math.isfinite(x):
             return f"must be a finite number, got {x}"
@@ -63,12 +64,12 @@ class Items:
     """What a list field may hold: numbers in ``numbers`` (integers only with ``integers``),
     strings when ``strings``; at most ``max_len`` items."""
 
-    numbers: Optional[Range] = None
+    numbers: Range | None = None
     integers: bool = False
     strings: bool = False
     max_len: int = 65536
 
-    def problem(self, items: list) -> Optional[str]:
+    def problem(self, items: list) -> str | None:
         if len(items) > self.max_len:
             return f"has {len(items)} items, at most {self.max_len} allowed"
         for i, x in enumerate(items):
@@ -91,7 +92,7 @@ class Items:
             "a number", "numbers").replace("a string", "strings")
 
 
-Rule = Union[Range, Items, tuple]
+Rule = Range | Items | tuple
 
 RANGES: dict[str, Rule] = {
     "model.num_layers": Range(1, 1024),
@@ -137,7 +138,6 @@ RANGES: dict[str, Rule] = {
     "train.max_skipped_steps": Range(0, STEPS_MAX),
     "train.peak_tflops": Range(0, 1e6, lo_open=True),
     "train.recompute_modules": Items(strings=True, max_len=16),
-    "train.nan_injection_steps": Items(Range(1, STEPS_MAX), integers=True),
     # [weight, prefix, ...]: megatron needs positive weights (a NaN weight passes its check).
     "data.blend": Items(Range(0, 1e12, lo_open=True), strings=True),
     "data.seq_length": Range(2, 2**22),

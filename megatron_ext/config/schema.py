@@ -8,7 +8,7 @@ Each field's docstring-comment is the user documentation (``--print-config`` sho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 
 @dataclass
@@ -19,7 +19,7 @@ class ModelConfig:
     """Model width."""
     num_attention_heads: int = 4
     """Query heads."""
-    num_kv_heads: Optional[int] = None
+    num_kv_heads: int | None = None
     """Key/value heads (grouped-query attention when fewer than the query heads); None = heads."""
     ffn_hidden_size: int = 256
     """SwiGLU intermediate size d_ff (per expert in MoE layers)."""
@@ -39,7 +39,7 @@ class ModelConfig:
     """Core attention: auto picks Transformer Engine, then flash-attn, then PyTorch SDPA."""
     lm_loss: Literal["fused", "megatron"] = "fused"
     """Training loss head: fused = output layer + cross-entropy in one function with model-dtype logits and chunked fp32 math (less memory); megatron = output_layer then vocab_parallel_cross_entropy."""
-    kernel_fusion: Optional[bool] = None
+    kernel_fusion: bool | None = None
     """torch.compile'd elementwise fusions (SwiGLU, RMSNorm, RoPE, the fused loss's softmax); None = on with CUDA."""
 
 
@@ -51,15 +51,15 @@ class MoEConfig:
     """Experts each token is routed to (weights renormalized over the top-k, as in Mixtral; top-1 uses Switch's softmax over all experts)."""
     aux_loss_coeff: float = 0.02
     """Load-balancing (Switch) loss coefficient."""
-    z_loss_coeff: Optional[float] = None
+    z_loss_coeff: float | None = None
     """Router z-loss coefficient; None disables it."""
     token_dispatcher: Literal["auto", "alltoall", "allgather", "local"] = "auto"
     """Token dispatcher. local: no expert/tensor parallelism, dropless, no host syncs; auto = local where it applies, else alltoall on GPU and allgather on CPU (gloo lacks alltoall of splits)."""
     grouped_gemm: bool = True
     """Run all local experts in one grouped GEMM per projection (falls back to a loop on CPU)."""
-    layer_freq: Union[int, list] = 1
+    layer_freq: int | list = 1
     """Every N-th layer is MoE (1 = all), or an explicit 0/1 list with one entry per layer."""
-    capacity_factor: Optional[float] = None
+    capacity_factor: float | None = None
     """Expert capacity factor; None = dropless. Overflow tokens are dropped when set."""
     token_drop_policy: Literal["probs", "position"] = "probs"
     """Which tokens are dropped past capacity: lowest router probability, or latest position."""
@@ -77,9 +77,9 @@ class ParallelConfig:
     """Expert-parallel size (experts are split across this many data-parallel ranks)."""
     sequence_parallel: bool = False
     """Sequence parallelism (needs tensor > 1)."""
-    distributed_optimizer: Optional[bool] = None
+    distributed_optimizer: bool | None = None
     """Shard optimizer state over data-parallel ranks; None = on for GPU, off for CPU."""
-    world_size: Optional[int] = None
+    world_size: int | None = None
     """Processes the run is planned for (dry-run / validation). None = read from the launcher."""
 
 
@@ -105,11 +105,11 @@ class OptimizerConfig:
 class ScheduleConfig:
     warmup_steps: int = 2
     """Linear warmup steps (the paper: 2000)."""
-    warmup_init_lr: Optional[float] = None
+    warmup_init_lr: float | None = None
     """LR the warmup starts from; None = min_lr (as the paper's stack did)."""
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup, to min_lr at the last step."""
-    decay_steps: Optional[int] = None
+    decay_steps: int | None = None
     """Steps over which warmup+decay run; None = train.train_steps."""
 
 
@@ -119,9 +119,9 @@ class TrainConfig:
     """Sequences per optimizer step (across all data-parallel ranks)."""
     micro_batch_size: int = 2
     """Sequences per forward/backward on one rank; gradients accumulate to the global batch."""
-    train_steps: Optional[int] = 30
+    train_steps: int | None = 30
     """Optimizer steps. Give this or train_tokens."""
-    train_tokens: Optional[int] = None
+    train_tokens: int | None = None
     """Train until this many tokens (rounded up to whole steps); overrides train_steps."""
     seed: int = 1234
     """Seed for weights, dropout and data order."""
@@ -148,11 +148,9 @@ class TrainConfig:
     """Capture each step's forward+backward (all micro-batches) as one CUDA graph after two
     eager steps, and replay it: removes the host launch overhead that bounds small models on a
     GPU (8x152M). Needs the local token dispatcher (no expert/tensor parallelism, no capacity
-    factor), no recomputation and no nan_injection_steps. Ignored, with a warning, on the CPU."""
+    factor) and no recomputation. Ignored, with a warning, on the CPU."""
     deterministic: bool = True
     """Fix CPU threads and pick deterministic algorithms so reruns are bit-identical on CPU."""
-    nan_injection_steps: list = field(default_factory=list)
-    """Test hook: make the loss NaN at these steps (exercises the skip logic)."""
 
 
 @dataclass
@@ -165,9 +163,9 @@ class DataConfig:
     """Train/validation/test split of each dataset, as relative weights."""
     seq_length: int = 128
     """Tokens per training sequence."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """SentencePiece .model file or Hugging Face tokenizer directory."""
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """Where dataset index caches go; None = next to the data."""
     demo_corpus: bool = False
     """Build the shipped bilingual demo corpus (tokenizer + .bin/.idx, cached) and train on it."""
@@ -175,9 +173,9 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = None
+    save: str | None = None
     """Directory for this run's checkpoints; a run with checkpoints there resumes automatically."""
-    load: Optional[str] = None
+    load: str | None = None
     """Initial weights only (e.g. an upcycled MoE); the optimizer starts fresh."""
     save_interval: int = 0
     """Steps between saves; 0 = save only at the end (and on preemption)."""
@@ -204,9 +202,9 @@ class WandbConfig:
     """online needs credentials and the server, else it logs offline (one warning)."""
     project: str = "drop-upcycling"
     """W&B project."""
-    entity: Optional[str] = None
+    entity: str | None = None
     """W&B team or user."""
-    name: Optional[str] = None
+    name: str | None = None
     """Run name; None = the config file's name."""
     tags: list = field(default_factory=list)
     """Run tags."""
@@ -218,7 +216,7 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    output_dir: Optional[str] = None
+    output_dir: str | None = None
     """Run directory: resolved config, metrics.jsonl, TensorBoard events. None = runs/<config
     file name without .yaml> (runs/default without --config). One run at a time per directory."""
     tensorboard: bool = False

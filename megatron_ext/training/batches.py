@@ -8,7 +8,7 @@ optimizer step is therefore the same for any layout, and resuming only needs ``c
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -21,14 +21,17 @@ None after capture (their memory is the graph's).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from megatron_ext.errors import UserError
 
 WARMUP_STEPS = 2
 
 
-class GraphCaptureError(RuntimeError):
+class GraphCaptureError(UserError, RuntimeError):
     """The step could not be captured (a host sync, a CPU tensor, a shape that changes)."""
 
 
@@ -40,7 +43,7 @@ class StepGraph:
             raise GraphCaptureError("train.cuda_graph needs a CUDA device")
         self.warmup = warmup
         self.calls = 0
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Any = None
         self._stream = torch.cuda.Stream()
 
@@ -105,7 +108,7 @@ class StaticInputs:
         if len(batches) != len(self.buffers):
             raise GraphCaptureError(f"train.cuda_graph: {len(batches)} micro-batches this step, "
                                     f"{len(self.buffers)} when captured")
-        for buf, b in zip(self.buffers, batches):
+        for buf, b in zip(self.buffers, batches, strict=True):
             for k, v in b.items():
                 if k not in buf or buf[k].shape != v.shape or buf[k].dtype != v.dtype:
                     raise GraphCaptureError(
@@ -113,3 +116,38 @@ class StaticInputs:
                         f"({tuple(v.shape)} {v.dtype})")
                 buf[k].copy_(v, non_blocking=True)
         return self.buffers
+
+
+class StepRunner:
+    """How the trainer runs a step's forward and backward: eagerly (this class) or replaying
+    one captured graph (``GraphedStepRunner``)."""
+
+    def stage(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        return batches
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+
+class GraphedStepRunner(StepRunner):
+    """train.cuda_graph: the forward+backward of all micro-batches replays one captured graph
+    that reads its inputs from fixed buffers."""
+
+    def __init__(self) -> None:
+        self.graph, self.inputs = StepGraph(), StaticInputs()
+
+    def stage(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        return self.inputs.stage(batches)
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        return self.graph.run(fn)
+
+
+def step_runner(cuda_graph: bool, warn: Callable[[str], None]) -> StepRunner:
+    """The runner for ``train.cuda_graph``; without a CUDA device the steps run eagerly, and
+    ``warn`` says so."""
+    if cuda_graph and torch.cuda.is_available():
+        return GraphedStepRunner()
+    if cuda_graph:
+        warn("train.cuda_graph: no CUDA device, so steps run eagerly")
+    return StepRunner()

@@ -15,8 +15,13 @@ from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import planned_world_size, total_steps
 from megatron_ext.data.errors import DataError
-from megatron_ext.model.params import count_params, flops_per_token, memory_estimate_gb, \
-    padded_vocab
+from megatron_ext.model.params import (
+    count_params,
+    flops_per_token,
+    memory_estimate_gb,
+    padded_vocab,
+)
+from megatron_ext.platform import launch
 from megatron_ext.training.exit_codes import CONFIG as EXIT_CONFIG
 from megatron_ext.training.exit_codes import FAILED as EXIT_FAILED
 from megatron_ext.training.exit_codes import OK as EXIT_OK
@@ -48,7 +53,7 @@ def _fail(line: str, code: int, rank0: bool) -> int:
 
 def dry_run(cfg: Config) -> str:
     c = count_params(cfg)
-    world = planned_world_size(cfg)
+    world = planned_world_size(cfg, launch.world_size())
     par = cfg.parallel
     dp = world // (par.tensor * par.pipeline)
     mem = memory_estimate_gb(cfg, world, bf16=cfg.train.precision != "fp32")

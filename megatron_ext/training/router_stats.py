@@ -1,4 +1,5 @@
-"""Per-layer expert load, imbalance, routing entropy and dropped tokens, at low overhead.
+"""Router statistics: the aux losses megatron tracks (``router_losses``) and per-layer expert
+load, imbalance, routing entropy and dropped tokens (``RouterStats``), at low overhead.
 
 A forward hook on every megatron ``TopKRouter`` adds the routing map's per-expert token counts into
 a device tensor (no host sync). ``collect()`` is called once per log interval: it all-reduces the
@@ -14,7 +15,41 @@ import math
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
 from megatron.core.transformer.moe.router import TopKRouter
+
+
+def router_losses(forwards: int) -> dict[str, float]:
+    """Unscaled load-balancing (and z-) loss per micro-batch, averaged over MoE layers, and
+    clear the tracker.
+
+    megatron's router adds each forward's unscaled loss into a per-layer tracker; ``forwards`` is
+    the number of micro-batch forwards since the last clear.
+    """
+    out = {}
+    tracker = get_moe_layer_wise_logging_tracker()
+    for name, key in (("load_balancing_loss", "aux_loss"), ("z_loss", "z_loss")):
+        vals = tracker.get(name, {}).get("values")
+        if vals is None:
+            continue
+        vals = vals.clone().float()
+        if dist.is_initialized():
+            # As megatron's reduce_aux_losses_tracker_across_ranks (whose AVG op gloo lacks):
+            # sum over the router's reduce group (TP ranks each saw part of the sequence with
+            # sequence parallelism), then average over data-parallel ranks.
+            entry = tracker[name]
+            if entry.get("reduce_group") is not None:
+                dist.all_reduce(vals, group=entry["reduce_group"])
+            if not entry.get("reduce_group_has_dp", False):
+                dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
+                vals /= parallel_state.get_data_parallel_world_size()
+        nz = vals[vals != 0]
+        out[key] = nz.mean().item() / max(forwards, 1) if nz.numel() else 0.0
+    clear_aux_losses_tracker()
+    return out
 
 
 class RouterStats:
@@ -24,7 +59,7 @@ class RouterStats:
         self.counts: list[torch.Tensor | None] = []
         self.tokens: list[torch.Tensor | None] = []
         self._handles = []
-        for name, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, TopKRouter):
                 idx = len(self.layers)
                 self.layers.append(module.layer_number)

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
+from torch.utils.data import Dataset
 
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import total_steps
+from megatron_ext.data import datasets as D
+from megatron_ext.data.demo import ensure_demo_data
+from megatron_ext.data.tokenizer import load_tokenizer
 from megatron_ext.model.builder import Backends, build_model, resolve_backends
 from megatron_ext.model.params import padded_vocab
 from megatron_ext.platform.dist import Layout
@@ -22,16 +27,25 @@ from megatron_ext.training.optim import build_optimizer, build_scheduler
 
 @dataclass
 class Run:
+    """Everything a training run is made of, built by ``build_run``."""
+
     cfg: Config
     layout: Layout
     backends: Backends
-    model: Any  # DDP(Float16Module?(GPTModel))
-    optimizer: Any
-    scheduler: Any
-    train_ds: Any
-    valid_ds: Optional[Any]
+    model: DistributedDataParallel  # DDP(Float16Module (bf16 only)(GPTModel))
+    optimizer: MegatronOptimizer  # a ChainedOptimizer (dense + expert parameters)
+    scheduler: OptimizerParamScheduler
+    train_ds: Dataset
+    valid_ds: Dataset | None
     total_steps: int
     distributed_optimizer: bool
+
+
+def layout_dict(run: Run) -> dict:
+    """The parallel layout a checkpoint records (and resume compares against)."""
+    lay = run.layout
+    return {"world_size": lay.world_size, "tensor": lay.tensor, "pipeline": lay.pipeline,
+            "expert": lay.expert, "distributed_optimizer": run.distributed_optimizer}
 
 
 def use_distributed_optimizer(cfg: Config) -> bool:
@@ -84,8 +98,6 @@ def mark_expert_params(model: torch.nn.Module) -> None:
 
 
 def build_datasets(cfg: Config, steps: int):
-    from megatron_ext.data import datasets as D
-
     d, tr = cfg.data, cfg.train
     n_eval = (steps // tr.eval_interval + 1) * tr.eval_iters * tr.global_batch_size \
         if tr.eval_interval else 0
@@ -96,13 +108,9 @@ def build_datasets(cfg: Config, steps: int):
         return train, (valid if n_eval else None)
     blend, tokenizer_path, cache_dir = list(d.blend), d.tokenizer, d.cache_dir
     if d.demo_corpus:
-        from megatron_ext.data.demo import ensure_demo_data
-
         tokenizer_path, prefixes = ensure_demo_data()
         blend = prefixes
         cache_dir = cache_dir or str(Path(tokenizer_path).parent / "index-cache")
-    from megatron_ext.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(tokenizer_path)
     # Scanning the token ids catches data made with another tokenizer: every token of a small
     # .bin, evenly spaced windows of a cluster-sized one (datasets.build_gpt_datasets).

@@ -35,9 +35,13 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from megatron_ext.platform import run_lock
+
+# From the launcher's environment: a signal may come before any process group exists.
+from megatron_ext.platform.launch import is_rank0
 from megatron_ext.training.exit_codes import INTERRUPTED as EXIT_INTERRUPTED
 from megatron_ext.training.exit_codes import OK as EXIT_OK
 
@@ -187,14 +191,9 @@ def run(entry: Callable[[], int]) -> int:
     try:
         return entry()
     except StartupSignal as e:
-        preempt.exit(EXIT_OK, e.line() if _rank0() else None)
+        preempt.exit(EXIT_OK, e.line() if is_rank0() else None)
     except KeyboardInterrupt:
-        preempt.exit(EXIT_INTERRUPTED, INTERRUPTED_LINE if _rank0() else None, sys.stderr)
-
-
-def _rank0() -> bool:
-    # From the launcher's environment: the signal may come before any process group exists.
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+        preempt.exit(EXIT_INTERRUPTED, INTERRUPTED_LINE if is_rank0() else None, sys.stderr)
 
 
 class _Watchdog(threading.Thread):

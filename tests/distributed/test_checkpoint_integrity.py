@@ -92,9 +92,15 @@ def test_incompatible_config_is_refused_with_fields(saved, tmp_path):
     assert "moe.num_experts (checkpoint 4, config 8)" in err
 
 
+def _with_nan_hook(args: list[str]) -> list[str]:
+    """The same run through tests/nan_injection.py, which makes the loss NaN at $NAN_STEPS."""
+    assert args[0] == "pretrain_moe.py"
+    return ["tests/nan_injection.py", *args[1:]]
+
+
 def test_nan_step_is_skipped_and_counted(tmp_path):
-    proc = run_cli(small_args(tmp_path, 5, "--set", "train.nan_injection_steps=[3]",
-                              "--set", "train.max_skipped_steps=2"))
+    proc = run_cli(_with_nan_hook(small_args(tmp_path, 5, "--set", "train.max_skipped_steps=2")),
+                   env={"NAN_STEPS": "3"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 3: non-finite loss (nan)" in proc.stderr and "step skipped (1/2)" in proc.stderr
     assert "skipped 1" in proc.stdout.splitlines()[-1]
@@ -103,9 +109,9 @@ def test_nan_step_is_skipped_and_counted(tmp_path):
 
 
 def test_too_many_nan_steps_stop_without_overwriting_a_good_checkpoint(tmp_path):
-    proc = run_cli(small_args(tmp_path, 6, "--set", "train.nan_injection_steps=[3,4]",
-                              "--set", "train.max_skipped_steps=1",
-                              "--set", "checkpoint.save_interval=2"))
+    proc = run_cli(_with_nan_hook(small_args(tmp_path, 6, "--set", "train.max_skipped_steps=1",
+                                             "--set", "checkpoint.save_interval=2")),
+                   env={"NAN_STEPS": "3,4"})
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "exceed train.max_skipped_steps=1" in proc.stderr
     assert (tmp_path / "ckpt/latest").read_text().strip() == "iter_0000002"

@@ -14,8 +14,15 @@ import psutil
 import pytest
 
 from megatron_ext.config.loader import ConfigError, load_config
-from megatron_ext.config.ranges import RANGES, Items, Range, check_ranges, index_bytes, \
-    numeric_fields, rules
+from megatron_ext.config.ranges import (
+    RANGES,
+    Items,
+    Range,
+    check_ranges,
+    index_bytes,
+    numeric_fields,
+    rules,
+)
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import validate
 from megatron_ext.training import dry_run
@@ -110,8 +117,6 @@ def test_every_declared_bound_is_enforced(name):
     ("train.seed=4294967296", "train.seed: must be <= 4294967295, got 4294967296"),
     ("train.micro_batch_size=0", "train.micro_batch_size: must be >= 1, got 0"),
     ("train.peak_tflops=0", "train.peak_tflops: must be > 0, got 0"),
-    ("train.nan_injection_steps=[3, -1]", "train.nan_injection_steps: item 1: must be >= 1"),
-    ("train.nan_injection_steps=[2.5]", "train.nan_injection_steps: item 0: 2.5 is not an int"),
     ("data.blend=[.nan, /x, 1, /y]", "data.blend: item 0: must be a finite number, got nan"),
     ("data.blend=[-1, /x, 1, /y]", "data.blend: item 0: must be > 0, got -1"),
     ("data.seq_length=1", "data.seq_length: must be >= 2, got 1"),

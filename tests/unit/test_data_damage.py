@@ -22,6 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# After megatron_ext.data, whose import already silenced megatron's optional-GPU-library warnings.
+from megatron.core.datasets.indexed_dataset import (  # noqa: E402
+    IndexedDataset,
+    IndexedDatasetBuilder,
+)
+
 from megatron_ext.data import integrity
 from megatron_ext.data.datasets import build_gpt_datasets, max_token_id, token_counts
 from megatron_ext.data.errors import DataError
@@ -29,11 +35,6 @@ from megatron_ext.data.integrity import check_indexed_dataset
 from megatron_ext.data.preprocess import preprocess
 from megatron_ext.data.tokenizer_training import train_bpe_tokenizer
 from tests.conftest import REPO, run_cli
-
-# After megatron_ext.data, whose import already silenced megatron's optional-GPU-library warnings.
-from megatron.core.datasets.indexed_dataset import (  # noqa: E402
-    IndexedDataset, IndexedDatasetBuilder,
-)
 
 EN = (REPO / "data" / "corpus" / "en_shakespeare.txt").read_text(encoding="utf-8")
 SEQ = 16

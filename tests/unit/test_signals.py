@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import cleanup, finish, handlers_installed, leftovers, start, \
-    wait_until_gone
 from tests.conftest import free_port
+from tests.processes import cleanup, finish, handlers_installed, leftovers, start, wait_until_gone
 from tests.resilience import small_args, wait_for_line
 
 STEPS = 6

@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from megatron_ext.config.schema import LoggingConfig
-from megatron_ext.training import loggers
+from megatron_ext.training import loggers, wandb_sink
 from tests import resilience
 from tests.conftest import REPO, free_port
 from tests.unit.test_wandb_offline import CREDENTIAL_ENV, _only, history, read_wandb_records
@@ -256,13 +256,13 @@ def test_bounded_call_gives_up_and_hands_a_late_result_on():
 
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="within 0.2 s"):
-        loggers._bounded(slow, 0.2, "slow call", on_late=late.append)
+        wandb_sink._bounded(slow, 0.2, "slow call", on_late=late.append)
     assert time.monotonic() - start < 2
     release.set()
     deadline = time.monotonic() + 5
     while not late and time.monotonic() < deadline:
         time.sleep(0.01)
     assert late == ["connected late"]
-    assert loggers._bounded(lambda: 7, 5, "fast call") == 7
+    assert wandb_sink._bounded(lambda: 7, 5, "fast call") == 7
     with pytest.raises(ZeroDivisionError):
-        loggers._bounded(lambda: 1 / 0, 5, "failing call")
+        wandb_sink._bounded(lambda: 1 / 0, 5, "failing call")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_ext.training import loggers
+from megatron_ext.training import wandb_sink
 from tests.conftest import run_cli
 
 BLOCK = 32768  # LevelDB log block size
@@ -171,22 +171,22 @@ def test_online_without_credentials_falls_back_to_offline(tmp_path, no_credentia
 
 
 def test_credentials_lookup(tmp_path, no_credentials, monkeypatch):
-    assert not loggers._wandb_has_credentials()
+    assert not wandb_sink._wandb_has_credentials()
     netrc_file = no_credentials / ".netrc"
     netrc_file.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
     netrc_file.chmod(0o600)
-    assert loggers._wandb_has_credentials()
+    assert wandb_sink._wandb_has_credentials()
     # a self-hosted server has its own netrc entry
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
-    assert not loggers._wandb_has_credentials()
+    assert not wandb_sink._wandb_has_credentials()
     with netrc_file.open("a") as handle:
         handle.write("machine wandb.example.com login user password " + "s" * 40 + "\n")
-    assert loggers._wandb_has_credentials()
+    assert wandb_sink._wandb_has_credentials()
     # $NETRC replaces ~/.netrc, as in the SDK
     monkeypatch.setenv("NETRC", str(tmp_path / "missing_netrc"))
-    assert not loggers._wandb_has_credentials()
+    assert not wandb_sink._wandb_has_credentials()
     (tmp_path / "broken_netrc").write_text("machine\n")
     monkeypatch.setenv("NETRC", str(tmp_path / "broken_netrc"))
-    assert not loggers._wandb_has_credentials()  # unreadable: no credentials, no crash
+    assert not wandb_sink._wandb_has_credentials()  # unreadable: no credentials, no crash
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
-    assert loggers._wandb_has_credentials()
+    assert wandb_sink._wandb_has_credentials()

@@ -1,0 +1,51 @@
+"""The callbacks of a training run, and the one list that builds them.
+
+The trainer (``megatron_ext.training.trainer``) owns only the step; each other concern is one
+module here, a ``Callback`` (``base``) that implements the named points it needs. Callbacks run
+in list order at every point, on every rank. Adding a concern is one new file and one line in
+``build``::
+
+    # megatron_ext/training/callbacks/grad_stats.py
+    class GradStats(Callback):
+        def on_log(self, trainer, metrics):
+            metrics["grad/max"] = ...
+
+    # in build() below, before MetricsLogger so its metrics are written:
+        GradStats(run),
+
+A launcher of one's own (e.g. a test) can add callbacks without editing the list: ``register``
+takes a factory ``Run -> Callback``, placed before checkpointing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from megatron_ext.training.callbacks.base import Callback
+from megatron_ext.training.callbacks.checkpointing import Checkpointing
+from megatron_ext.training.callbacks.metrics import MetricsLogger
+from megatron_ext.training.callbacks.router import RouterMetrics
+from megatron_ext.training.callbacks.throughput import Throughput
+from megatron_ext.training.callbacks.validation import Validation
+from megatron_ext.training.loggers import MetricsWriter
+from megatron_ext.training.setup import Run
+from megatron_ext.training.signals import Preemption
+
+_REGISTERED: list[Callable[[Run], Callback]] = []
+
+
+def register(factory: Callable[[Run], Callback]) -> None:
+    """Add a callback (built by ``factory(run)``) to every run this process starts."""
+    _REGISTERED.append(factory)
+
+
+def build(run: Run, writer: MetricsWriter, preempt: Preemption) -> list[Callback]:
+    moe = [RouterMetrics(run)] if run.cfg.moe.num_experts else []
+    return [
+        Throughput(run),       # first: it accumulates the step's times before anyone reads them
+        *moe,                  # router losses and expert load, reduced over ranks at log steps
+        MetricsLogger(writer),  # at log steps: gathers every callback's metrics and writes them
+        Validation(run),
+        *(factory(run) for factory in _REGISTERED),
+        Checkpointing(run, preempt),  # last: a preemption stops the run after its save
+    ]

@@ -1,0 +1,30 @@
+"""Router metrics per log interval: the unscaled load-balancing and z-losses (from megatron's
+aux-loss tracker) and, with ``logging.expert_load``, per-layer expert load, imbalance, routing
+entropy and dropped tokens (``megatron_ext.training.router_stats``)."""
+
+from __future__ import annotations
+
+from megatron_ext.training.callbacks.base import Callback
+from megatron_ext.training.router_stats import RouterStats, router_losses
+from megatron_ext.training.setup import Run
+from megatron_ext.training.trainer import Trainer
+
+
+class RouterMetrics(Callback):
+    def __init__(self, run: Run):
+        self.stats = (RouterStats(run.model, run.cfg.moe.top_k)
+                      if run.cfg.logging.expert_load else None)
+        self.forwards = 0  # micro-batch forwards on this rank since the last log step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.forwards += trainer.micro.num_microbatches
+
+    def on_log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        metrics.update(router_losses(self.forwards))
+        self.forwards = 0
+        if self.stats is not None:
+            metrics.update(self.stats.collect())
+
+    def close(self, trainer: Trainer, aborted: bool) -> None:
+        if self.stats is not None:
+            self.stats.remove()

@@ -1,0 +1,79 @@
+"""One training session, once the process group exists: build the run, resume it (or load
+initial weights), train it with the trainer and its callbacks, print the summary line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_ext.checkpoint import dist as ckpt
+from megatron_ext.config.loader import to_dict, to_yaml
+from megatron_ext.config.schema import Config
+from megatron_ext.platform import patches
+from megatron_ext.platform.dist import Layout
+from megatron_ext.training import callbacks
+from megatron_ext.training.console import log, warn
+from megatron_ext.training.cuda_graph import step_runner
+from megatron_ext.training.loggers import MetricsWriter
+from megatron_ext.training.setup import Run, build_run, layout_dict, run_dir
+from megatron_ext.training.signals import Preemption
+from megatron_ext.training.trainer import Summary, Trainer
+
+
+def train(cfg: Config, layout: Layout, preempt: Preemption) -> int:
+    """Build, resume or initialise, train; returns the exit code."""
+    patches.check()  # our patches of megatron-core internals hold for the installed version
+    rank0 = layout.rank == 0
+    if rank0:  # before building: a log line that says start-up reached the data and model
+        log(f"layout: {layout.describe()}")
+    run = build_run(cfg, layout)
+    if rank0:
+        log(f"backends: {run.backends.describe()}")
+    out = run_dir(cfg)
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    state = _initial_state(run, rank0)
+    writer = MetricsWriter(cfg.logging, out, to_dict(cfg), cfg.logging.wandb.name or "run",
+                           enabled=rank0)
+    try:
+        runner = step_runner(cfg.train.cuda_graph, warn if rank0 else lambda line: None)
+        trainer = Trainer(run, state, callbacks.build(run, writer, preempt), runner)
+        preempt.start_training(layout.device)  # signals from here on: finish the step and save
+        code, summary = trainer.fit()
+    finally:
+        writer.close()
+    if rank0:
+        log(_summary_line(summary, cfg, writer.jsonl_path))
+    return code
+
+
+def _initial_state(run: Run, rank0: bool) -> ckpt.TrainState:
+    """Resume from the newest verified checkpoint in checkpoint.save, else start at step 0 (from
+    checkpoint.load's weights when set)."""
+    cfg = run.cfg
+    state = ckpt.TrainState()
+    resume, warnings = (ckpt.find_resumable_shared(cfg.checkpoint.save)
+                        if cfg.checkpoint.save else (None, []))
+    for w in warnings if rank0 else ():
+        warn(w)
+    if resume is not None:  # rank 0 checked the config against it (resume_check.preflight)
+        state, warnings = ckpt.load(resume, run.model, run.optimizer, layout_dict(run))
+        run.scheduler.load_state_dict(state.scheduler)
+        for w in warnings if rank0 else ():
+            warn(w)
+        if rank0:
+            log(f"resumed from {resume} at step {state.step}")
+    elif cfg.checkpoint.load:
+        path = ckpt.load_weights(cfg.checkpoint.load, run.model)
+        if rank0:
+            log(f"initial weights from {path}")
+    return state
+
+
+def _summary_line(s: Summary, cfg: Config, metrics_path: Path) -> str:
+    fl = "n/a" if s.first_loss is None else f"{s.first_loss:.4f}"
+    ll = "n/a" if s.last_loss is None else f"{s.last_loss:.4f}"
+    where = cfg.checkpoint.save or "(checkpoint.save not set)"
+    return (f"summary: {s.status} | steps {s.steps} | tokens {s.tokens:,} | first loss {fl} | "
+            f"last loss {ll} | skipped {s.skipped_steps} | wall {s.wall_s:.1f}s | "
+            f"checkpoint {where} | metrics {metrics_path}")

@@ -1,0 +1,51 @@
+"""pretrain_moe.py with a test hook: the training loss is NaN at the steps listed in the
+environment variable NAN_STEPS (e.g. ``3,4``), which exercises the non-finite guard.
+
+The hook is not in the library or its config: it is a callback registered by this launcher
+(``megatron_ext.training.callbacks.register``). Run it as ``pretrain_moe.py`` is run:
+``python tests/nan_injection.py --config ... --set ...``.
+"""
+
+import math
+import os
+import sys
+
+import torch
+
+from megatron_ext.platform import children
+from megatron_ext.training import signals
+from megatron_ext.training.callbacks.base import Callback
+
+children.bind_helpers()  # as pretrain_moe.py: megatron's helper processes import this file too
+
+
+class NanInjection(Callback):
+    """Multiplies the model's output (per-token losses) by NaN during the forward of the listed
+    steps (1-based), so the loss and every gradient are non-finite; validation is untouched."""
+
+    def __init__(self, steps: set[int]):
+        self.steps = steps
+
+    def on_start(self, trainer) -> None:
+        def poison(module, inputs, output):
+            if torch.is_grad_enabled() and trainer.state.step + 1 in self.steps:
+                return output * math.nan
+            return output
+
+        self.handle = trainer.run.model.register_forward_hook(poison)
+
+    def close(self, trainer, aborted: bool) -> None:
+        self.handle.remove()
+
+
+def _main() -> int:
+    from megatron_ext.training import callbacks
+    from megatron_ext.training.cli import main
+
+    steps = {int(s) for s in os.environ["NAN_STEPS"].split(",")}
+    callbacks.register(lambda run: NanInjection(steps))
+    return main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(signals.run(_main))
