@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 WHEELS ?= /opt/wheels
 PIP_FLAGS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -28,8 +28,13 @@ demo: $(STAMP)
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a module's fixtures,
 # e.g. the SLURM daemons, on one worker): most tests wait on subprocesses, so two workers on two
 # cores take ~12 min instead of ~20.
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q -rs --timeout=900 -n 2 --dist loadfile tests
+
+# ruff (rules in pyproject.toml) and the import layers (import-linter contract in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs tests/unit

@@ -17,7 +17,7 @@ def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings: the string literal right after each annotated field."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {}
-    for node, nxt in zip(body, body[1:] + [None]):
+    for node, nxt in zip(body, body[1:] + [None], strict=True):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                     and isinstance(nxt.value.value, str)):
@@ -41,8 +41,9 @@ def sections() -> list[tuple[str, type]]:
 
 def render() -> str:
     lines = ["# Configuration reference", "",
-             "Generated from `megatron_ext/config/schema.py` by `python -m megatron_ext.config.docs`."
-             " Override any field with `--set section.key=value` (YAML syntax).", ""]
+             "Generated from `megatron_ext/config/schema.py` by "
+             "`python -m megatron_ext.config.docs`. Override any field with "
+             "`--set section.key=value` (YAML syntax).", ""]
     for name, cls in sections():
         docs = field_docs(cls)
         lines += [f"## `{name}`", "", "| field | default | range | meaning |",

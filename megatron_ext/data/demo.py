@@ -93,7 +93,7 @@ def _build(root: str, files: list[str], vocab_size: int, workers: int) -> None:
         tokenizer_dir, prefixes = _layout(tmp, files)
         train_bpe_tokenizer(files, vocab_size, tokenizer_dir)
         reports = {}
-        for path, prefix in zip(files, prefixes):
+        for path, prefix in zip(files, prefixes, strict=True):
             mode = TXT_MODES.get(_language(path), "blocks")
             report = preprocess(
                 [path], prefix, tokenizer_dir, append_eod=True, workers=workers, txt_mode=mode

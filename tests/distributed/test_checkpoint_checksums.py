@@ -338,7 +338,8 @@ def test_async_two_rank_checksums_come_from_the_background_writers(tmp_path):
         verify(d)
 
 
-@pytest.mark.parametrize("content", [b"\xcd\xff binary", b"a: [unclosed", b"- a list\n- not sections\n",
+@pytest.mark.parametrize("content", [b"\xcd\xff binary", b"a: [unclosed",
+                                     b"- a list\n- not sections\n",
                                      b"lr: 1\nlr: 2\n"], ids=["binary", "syntax", "list", "dupkey"])
 def test_saved_config_that_does_not_parse_is_damage(root, content):
     """A config.yaml whose checksum matches (the manifest rewritten too) but which is not a
@@ -360,7 +361,8 @@ def test_two_ranks_fall_back_together_on_rank0s_verdict(tmp_path):
     """Rank 0 alone reads the checksums (once per job, not once per rank) and every rank
     resumes the checkpoint it chose: a damaged shard of rank 1 in the newest checkpoint makes
     both ranks resume the older one, with one warning naming the shard."""
-    args = small_args(tmp_path, 4, "--set", "parallel.expert=2", "--set", "checkpoint.save_interval=2")
+    args = small_args(tmp_path, 4, "--set", "parallel.expert=2",
+                      "--set", "checkpoint.save_interval=2")
     first = torchrun(2, args)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     newest = tmp_path / "ckpt" / "iter_0000004"
@@ -370,7 +372,8 @@ def test_two_ranks_fall_back_together_on_rank0s_verdict(tmp_path):
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert f"resumed from {tmp_path / 'ckpt' / 'iter_0000002'} at step 2" in out
-    warnings = [line for line in out.splitlines() if line.startswith("WARNING") and shard.name in line]
+    warnings = [line for line in out.splitlines()
+                if line.startswith("WARNING") and shard.name in line]
     assert len(warnings) == 1, out[-4000:]
     assert "Traceback" not in out
     verify(newest)  # re-saved whole at step 4

@@ -51,7 +51,8 @@ def test_type_and_key_errors(override, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["parallel.expert=3", "parallel.world_size=3"], "parallel.expert: num_experts=8 is not divisible by expert=3"),
+    (["parallel.expert=3", "parallel.world_size=3"],
+     "parallel.expert: num_experts=8 is not divisible by expert=3"),
     (["parallel.tensor=3", "parallel.world_size=3"], "parallel.tensor: num_attention_heads=4"),
     (["model.num_kv_heads=3"], "model.num_kv_heads: num_attention_heads=4 is not divisible"),
     (["moe.top_k=9"], "moe.top_k: top_k=9 must be between 1 and num_experts=8"),
@@ -95,7 +96,8 @@ def _one_error_line(proc):
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/nope.yaml"], "config error: config file not found: configs/nope.yaml"),
-    (["--config", "configs/tiny-cpu.yaml", "--set", "moe.bogus=1"], "config error: moe.bogus: unknown key"),
+    (["--config", "configs/tiny-cpu.yaml", "--set", "moe.bogus=1"],
+     "config error: moe.bogus: unknown key"),
     (["--config", "configs/tiny-cpu.yaml", "--set", "moe.top_k=9"], "config error: moe.top_k"),
     (["--config", "configs/tiny-cpu.yaml", "--set", "data.demo_corpus=false",
       "--set", "data.blend=[/nonexistent/x]", "--set", "data.tokenizer=/nonexistent/tok"],
