@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -180,7 +181,9 @@ def numeric_fields(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, 
         if dataclasses.is_dataclass(tp):
             yield from numeric_fields(tp, dotted + ".")
             continue
-        arms = typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
+        # Optional[int] and int | None are different objects with the same meaning.
+        union = typing.get_origin(tp) in (Union, types.UnionType)
+        arms = typing.get_args(tp) if union else (tp,)
         if any(a in (int, float, list) or typing.get_origin(a) is list for a in arms):
             yield dotted, tp
 

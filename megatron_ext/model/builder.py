@@ -19,7 +19,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    get_moe_layer_wise_logging_tracker,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ext.config.loader import ConfigError
@@ -169,12 +172,19 @@ def layer_specs(config: TransformerConfig, backends: Backends):
     return block
 
 
+def _reset_moe_globals() -> None:
+    """A new model starts megatron's process-global MoE state afresh. Its aux-loss tracker is
+    sized by the first model's layer count and never resized (a deeper second model in the same
+    process indexed past its end), and the aux-loss gradient scale keeps the shape and value of
+    whichever backward set it first (0-d outside the schedule, [1] inside it: the schedule's
+    copy_ into a 0-d scale fails)."""
+    get_moe_layer_wise_logging_tracker().clear()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
 def build_model(cfg: Config, backends: Backends) -> GPTModel:
     """Build this rank's GPTModel (parallel state must be initialized)."""
-    # megatron sizes its process-global aux-loss tracker by the first model's layer count and
-    # never resizes it: a second model with more layers in the same process (tests, experiment
-    # and evaluation tools) would index past its end. A new model starts a new tracker.
-    get_moe_layer_wise_logging_tracker().clear()
+    _reset_moe_globals()
     config = transformer_config(cfg, backends)
     model_class = FusedLossGPTModel if backends.lm_loss == "fused" else GPTModel
     model = model_class(

@@ -96,6 +96,16 @@ PATCHES: tuple[Patch, ...] = (
                     "without fp32 [tokens, vocab] logits",
     ),
     Patch(
+        "moe-globals-reset", "megatron_ext.model.builder",
+        targets=("megatron.core.transformer.moe.moe_utils.MoEAuxLossAutoScaler"
+                 ".main_loss_backward_scale",
+                 "megatron.core.transformer.moe.moe_utils.get_moe_layer_wise_logging_tracker"),
+        upstream="megatron.core.transformer.moe.moe_utils.clear_aux_losses_tracker (zeroes the "
+                 "tracker's values but keeps their size)",
+        remove_when="megatron-core keeps MoE logging and aux-loss scale state per model, not "
+                    "per process",
+    ),
+    Patch(
         "step-cuda-graph", "megatron_ext.training.cuda_graph",
         targets=(),
         upstream="megatron.core.full_cuda_graph.FullCudaGraphWrapper (wraps "

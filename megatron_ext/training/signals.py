@@ -5,7 +5,8 @@
   SIGTERM/SIGUSR1 raise ``StartupSignal``. It unwinds through every ``finally`` (temporary files
   are removed, process groups shut down) and ``cli.main`` exits 0 with one line: nothing was
   trained, so nothing is lost and a rerun starts the same way. (scripts/slurm/launcher.sh requeues
-  on the USR1 it forwarded, whatever the exit code.)
+  on the USR1 it forwarded, whatever the exit code.) A signal that stops the main thread
+  inside an import exits at once with the same line instead of raising (``_in_import``).
 - Training (``start_training`` onwards): they only set a flag; the loop finishes the step, saves
   and exits 0. A second signal cannot interrupt the save.
 - SIGINT (Ctrl-C), any phase: one ``KeyboardInterrupt``; ``cli.main`` prints one line and exits
@@ -65,6 +66,19 @@ class StartupSignal(BaseException):
         return startup_line(self.signum)
 
 
+def _in_import(frame) -> bool:
+    """Whether the main thread was stopped inside an import. A signal must not raise there: an
+    import runs callbacks whose exceptions are swallowed (the import lock's weakref callback) or
+    cross C++ (torch's extension modules call Python while they load; an exception there aborts
+    the process with SIGABRT). Nothing is being written during an import, so the process exits
+    at once instead (atexit callbacks, e.g. the run lock's release, still run)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def startup_line(signum: int) -> str:
     return f"received {signal.Signals(signum).name} during start-up; nothing saved; exiting"
 
@@ -93,6 +107,8 @@ class Preemption:
         first = self.signum is None
         self.signum = signum
         if self.in_startup and first and not self.interrupted:
+            if _in_import(frame):
+                self.exit(EXIT_OK, startup_line(signum) if is_rank0() else None)
             raise StartupSignal(signum)
 
     def _unraisable(self, info) -> None:
@@ -116,6 +132,8 @@ class Preemption:
 
     def _interrupt(self, signum, frame):
         if not self.interrupted:  # later Ctrl-Cs: the cleanup of the first one goes on
+            if _in_import(frame):
+                self.exit(EXIT_INTERRUPTED, INTERRUPTED_LINE if is_rank0() else None, sys.stderr)
             self.interrupted = True
             raise KeyboardInterrupt
 

@@ -7,6 +7,7 @@ reader refuses duplicate keys, syntax errors, directories and binary files with 
 import dataclasses
 import math
 import re
+import types
 import typing
 from typing import Union
 
@@ -42,7 +43,8 @@ def _schema_fields(cls=Config, prefix=""):
 
 
 def _arms(tp):
-    return typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
+    union = typing.get_origin(tp) in (Union, types.UnionType)  # Optional[X] or X | None
+    return typing.get_args(tp) if union else (tp,)
 
 
 def test_every_numeric_and_list_field_declares_its_range():

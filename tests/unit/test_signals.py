@@ -200,3 +200,48 @@ def test_signal_inside_a_callback_that_swallows_exceptions_is_delivered_again(tm
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert out.strip() == "received SIGUSR1 during start-up; nothing saved; exiting", out
+
+
+ABORTING_IMPORT = """
+import os, signal, time
+try:  # as torch's extension modules: an exception that reaches their C++ aborts the process
+    os.kill(os.getpid(), signal.{sig})
+    for _ in range(300):
+        time.sleep(0.01)
+    print("NOT INTERRUPTED")
+except BaseException:
+    os.abort()
+"""
+
+IMPORTER = """
+import sys
+from megatron_ext.training import signals
+signals.install()
+def main():
+    import aborting_import  # noqa: F401
+    return 3
+sys.exit(signals.run(main))
+"""
+
+
+@pytest.mark.parametrize("sig, code, line", [
+    ("SIGUSR1", 0, "received SIGUSR1 during start-up; nothing saved; exiting"),
+    ("SIGINT", 130, "interrupted (Ctrl-C)"),
+])
+def test_signal_inside_an_import_exits_without_raising_into_it(tmp_path, sig, code, line):
+    """Seen in CI: a start-up signal raised inside torch's import crossed C++ and aborted the
+    process (SIGABRT, exit -6). A signal that stops the main thread inside an import ends the
+    process at once with its line and exit code, raising nothing into the importing code."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    (tmp_path / "aborting_import.py").write_text(ABORTING_IMPORT.format(sig=sig))
+    (tmp_path / "importer.py").write_text(IMPORTER)
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    r = subprocess.run([sys.executable, str(tmp_path / "importer.py")], env=env,
+                       capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode == code, out
+    assert out.strip() == line, out

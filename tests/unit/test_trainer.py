@@ -109,3 +109,20 @@ def test_a_failing_callback_closes_every_callback_as_aborted(tmp_path):
     assert recorder.events[-1] == ("close", True)
     assert ("end", "completed") not in recorder.events
     assert trainer.state.step == 2
+
+
+def test_a_model_trained_earlier_in_the_process_leaves_no_state_behind(tmp_path):
+    """megatron keeps MoE state per process (the aux-loss gradient scale, 0-d once a backward
+    ran outside the schedule; the per-layer tracker). A run after another model in the same
+    process (tests, evaluation and experiment tools) must not inherit it (build_model resets)."""
+    trainer, writer = _trainer(tmp_path / "first", Recorder())
+    model = trainer.run.model
+    tokens = torch.randint(0, 128, (2, 17))
+    position_ids = torch.arange(16).expand(2, 16)
+    model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:]).mean().backward()
+    writer.close()
+    recorder = Recorder()
+    trainer, writer = _trainer(tmp_path / "second", recorder)
+    code, summary = trainer.fit()
+    writer.close()
+    assert code == 0 and summary.steps == STEPS and recorder.events[-1] == ("close", False)

@@ -17,22 +17,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchlib import runs
 from benchlib.report import device_name
 
 from megatron_ext.checkpoint import manifest
 from megatron_ext.checkpoint.hf_io import parse_size
 from megatron_ext.checkpoint.keymaps import ConversionError
 from megatron_ext.platform.cli import ArgumentParser, run_cli
-from megatron_ext.platform.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,14 +76,7 @@ def tiny_save(config: str, work: Path) -> dict[str, float]:
             "--set", "train.train_tokens=null", "--set", "schedule.warmup_steps=0",
             "--set", "checkpoint.save_interval=1", "--set", f"checkpoint.save={work / 'ckpt'}",
             "--set", f"logging.output_dir={work / 'run'}"]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"error: the training run failed (exit {proc.returncode}): "
-                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    metrics = (work / "run" / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in metrics]
+    records = runs.train(args, work / "run", "training run")
     save_s = next(r["time/save_s"] for r in records if r["kind"] == "train" and r["step"] == 2)
     ckpt = work / "ckpt" / "iter_0000002"
     files = [p for p in ckpt.rglob("*") if p.is_file() and p.name != "meta.json"]

@@ -15,17 +15,15 @@ CPU smoke run:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from benchlib import runs
 from benchlib.report import device_name
 
 from megatron_ext.platform.cli import ArgumentParser, run_cli
-from megatron_ext.platform.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,14 +43,7 @@ def run_mode(config: str, overrides: list[str], work: Path, async_save: bool, st
             "--set", f"checkpoint.async_save={str(async_save).lower()}"]
     for o in overrides:
         args += ["--set", o]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"error: the {tag} run failed (exit {proc.returncode}): "
-                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    records = [json.loads(line) for line in
-               (work / tag / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = runs.train(args, work / tag / "run", f"{tag} run")
     train = {r["step"]: r for r in records if r["kind"] == "train"}
     saves = [train[s + 1]["time/save_s"] for s in range(interval, steps, interval)]
     step_s = [r["time/step_s"] for s, r in sorted(train.items()) if s > 1]
