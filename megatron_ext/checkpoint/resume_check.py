@@ -43,6 +43,7 @@ POLICY: dict[str, str] = {
     # The layout: a resume reshards the model and the optimizer state.
     "parallel": FREE,
     "optimizer": RUN, "schedule": RUN, "data": RUN, "upcycling": RUN,
+    "data.valid_sets": FREE,  # what is evaluated, not what is trained
     "data.cache_dir": FREE,  # where index caches go; the indices are the same
     # train: batch, length, seed and precision change the run; the rest is observation,
     # recomputation, capture or failure policy. micro_batch_size only splits the same global

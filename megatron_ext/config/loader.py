@@ -176,6 +176,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
         return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping of names, got {short_repr(value)}")
+        return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     raise ConfigError(f"{where}: unsupported type {tp!r}")

@@ -5,6 +5,7 @@ Each failure raises ConfigError with ``field: reason`` so the CLI can print one 
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -148,6 +149,42 @@ def _check_data(cfg: Config) -> None:
     _check(len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
            "data.split", f"{d.split!r} is not like '998,1,1'")
     _check(float(parts[0]) > 0, "data.split", f"{d.split!r} leaves no training data")
+    _check_valid_sets(cfg)
+
+
+DEMO_PREFIX = "demo:"  # data.valid_sets: a language of the demo corpus (demo:en, demo:ja)
+
+
+def names_demo_corpus(source: object) -> bool:
+    """Whether a data.valid_sets entry reads the demo corpus (``demo:<language>``)."""
+    items = source if isinstance(source, list) else [source]
+    return any(isinstance(x, str) and x.startswith(DEMO_PREFIX) for x in items)
+
+
+def active_valid_sets(cfg: Config) -> dict:
+    """The data.valid_sets this run evaluates: entries naming the demo corpus count only when
+    training on it (so a demo config switched to other data does not fail on them)."""
+    return {name: source for name, source in cfg.data.valid_sets.items()
+            if cfg.data.demo_corpus or not names_demo_corpus(source)}
+
+
+def _check_valid_sets(cfg: Config) -> None:
+    d, sets = cfg.data, cfg.data.valid_sets
+    _check(isinstance(sets, dict), "data.valid_sets", "must map names to a prefix or a blend")
+    for name, source in sets.items():
+        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None,
+               f"data.valid_sets: {name!r}", "names use letters, digits, '_', '.', '-' only")
+        items = source if isinstance(source, list) else [source]
+        _check(len(items) > 0 and all(isinstance(x, (str, int, float)) and x != ""
+                                      for x in items),
+               f"data.valid_sets.{name}",
+               "must be a dataset prefix or a [weight, prefix, ...] blend")
+    active = active_valid_sets(cfg)
+    if not active:
+        return
+    _check(not d.mock, "data.valid_sets", f"{', '.join(active)}: need real data (data.mock)")
+    _check(float(d.split.split(",")[1]) > 0 or not cfg.train.eval_interval, "data.valid_sets",
+           f"data.split {d.split!r} holds out no validation documents")
 
 
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "moe_act", "mlp", "moe")

@@ -14,8 +14,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 from torch.utils.data import Dataset
 
+from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import total_steps
+from megatron_ext.config.validate import DEMO_PREFIX, active_valid_sets, total_steps
 from megatron_ext.data import datasets as D
 from megatron_ext.data.demo import ensure_demo_data
 from megatron_ext.data.tokenizer import load_tokenizer
@@ -36,7 +37,8 @@ class Run:
     optimizer: MegatronOptimizer  # a ChainedOptimizer (dense + expert parameters)
     scheduler: OptimizerParamScheduler
     train_ds: Dataset
-    valid_ds: Dataset | None
+    valid_ds: Dataset | None  # the training blend's held-out split
+    valid_sets: dict[str, Dataset]  # data.valid_sets
     total_steps: int
     distributed_optimizer: bool
 
@@ -58,7 +60,7 @@ def build_run(cfg: Config, layout: Layout) -> Run:
     steps = total_steps(cfg)
     # Data first: a damaged or mismatched dataset is reported in seconds, not after a large model
     # is allocated (building datasets draws no torch random numbers: the model init is unchanged).
-    train_ds, valid_ds = build_datasets(cfg, steps)
+    data = build_datasets(cfg, steps)
     backends = resolve_backends(cfg)
     bf16 = backends.precision == "bf16"
     model = build_model(cfg, backends)
@@ -80,8 +82,8 @@ def build_run(cfg: Config, layout: Layout) -> Run:
     tconfig.finalize_model_grads_func = finalize_model_grads
     optimizer = build_optimizer(cfg, model, bf16, distributed)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    return Run(cfg, layout, backends, model, optimizer, scheduler, train_ds, valid_ds, steps,
-               distributed)
+    return Run(cfg, layout, backends, model, optimizer, scheduler, data.train, data.valid,
+               data.valid_sets, steps, distributed)
 
 
 def mark_expert_params(model: torch.nn.Module) -> None:
@@ -97,27 +99,51 @@ def mark_expert_params(model: torch.nn.Module) -> None:
             param.allreduce = False
 
 
-def build_datasets(cfg: Config, steps: int):
+@dataclass
+class Datasets:
+    train: Dataset
+    valid: Dataset | None  # the training blend's held-out split (val_loss)
+    valid_sets: dict[str, Dataset]  # data.valid_sets, each its sources' held-out split
+
+
+def build_datasets(cfg: Config, steps: int) -> Datasets:
+    """Training data and the validation sets. Validation reads the same ``eval_iters`` global
+    batches at every ``eval_interval``, so its curve moves only with the weights."""
     d, tr = cfg.data, cfg.train
-    n_eval = (steps // tr.eval_interval + 1) * tr.eval_iters * tr.global_batch_size \
-        if tr.eval_interval else 0
+    n_eval = tr.eval_iters * tr.global_batch_size if tr.eval_interval else 0
     num_samples = (steps * tr.global_batch_size, n_eval, 0)
     if d.mock:
         train, valid, _ = D.build_mock_datasets(d.seq_length, tr.seed, num_samples,
                                                 cfg.model.vocab_size, d.split)
-        return train, (valid if n_eval else None)
+        return Datasets(train, valid if n_eval else None, {})
     blend, tokenizer_path, cache_dir = list(d.blend), d.tokenizer, d.cache_dir
+    demo: dict[str, str] = {}
     if d.demo_corpus:
         tokenizer_path, prefixes = ensure_demo_data()
         blend = prefixes
+        demo = {f"{DEMO_PREFIX}{Path(p).name}": p for p in prefixes}  # demo:en -> .../en
         cache_dir = cache_dir or str(Path(tokenizer_path).parent / "index-cache")
     tok = load_tokenizer(tokenizer_path)
-    # Scanning the token ids catches data made with another tokenizer: every token of a small
-    # .bin, evenly spaced windows of a cluster-sized one (datasets.build_gpt_datasets).
-    train, valid, _ = D.build_gpt_datasets(blend, d.split, d.seq_length, tr.seed, num_samples,
-                                           tok, cache_dir, model_vocab_size=padded_vocab(cfg),
-                                           scan_max_token=True)
-    return train, (valid if n_eval else None)
+
+    def build(sources: list, samples: tuple[int, int, int]) -> tuple:
+        # Scanning the token ids catches data made with another tokenizer: every token of a
+        # small .bin, evenly spaced windows of a cluster-sized one (datasets.build_gpt_datasets).
+        return D.build_gpt_datasets(sources, d.split, d.seq_length, tr.seed, samples, tok,
+                                    cache_dir, model_vocab_size=padded_vocab(cfg),
+                                    scan_max_token=True)
+
+    train, valid, _ = build(blend, num_samples)
+    named = {}
+    for name, source in active_valid_sets(cfg).items():
+        sources = [demo.get(x, x) if isinstance(x, str) else x
+                   for x in (source if isinstance(source, list) else [source])]
+        unknown = [x for x in sources if isinstance(x, str) and x.startswith(DEMO_PREFIX)]
+        if unknown:
+            raise ConfigError(f"data.valid_sets.{name}: {unknown[0]} is not a demo corpus "
+                              f"language (have {', '.join(sorted(demo))})")
+        # Only the held-out split is read: a one-sample training split is all megatron needs.
+        named[name] = build(sources, (1, n_eval, 0))[1]
+    return Datasets(train, valid if n_eval else None, named)
 
 
 def dp_rank_and_size() -> tuple[int, int]:

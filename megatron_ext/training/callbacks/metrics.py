@@ -26,8 +26,12 @@ class MetricsLogger(Callback):
 
     def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if trainer.rank0:
-            log(f"validation at step {trainer.state.step} | loss {metrics['val_loss']:.4f} | "
-                f"ppl {metrics['val_ppl']:.2f}")
+            parts = [f"validation at step {trainer.state.step}"]
+            if "val_loss" in metrics:
+                parts.append(f"loss {metrics['val_loss']:.4f} | ppl {metrics['val_ppl']:.2f}")
+            parts += [f"{key[:-5]} loss {value:.4f} ppl {metrics[key[:-5] + '/ppl']:.2f}"
+                      for key, value in metrics.items() if key.endswith("/loss")]
+            log(" | ".join(parts))
         self.writer.write(trainer.state.step, metrics, kind="valid")
 
     def on_save(self, trainer: Trainer, path: Path, background_s: float | None) -> None:

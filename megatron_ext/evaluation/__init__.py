@@ -1,0 +1,2 @@
+"""Evaluation of our checkpoints: text generation and downstream tasks through
+lm-evaluation-harness (a layer above checkpoint; training's in-loop evaluation uses it)."""
