@@ -86,19 +86,6 @@ def parse_layers(text: str, moe_layers: list[int]) -> list[int]:
     return sorted(set(layers))
 
 
-def resolve_tokenizer(override: str | None, cfg) -> str:
-    if override:
-        return override
-    if cfg.data.tokenizer:
-        return cfg.data.tokenizer
-    if cfg.data.demo_corpus:
-        from megatron_ext.data.demo import ensure_demo_data
-
-        return ensure_demo_data()[0]
-    raise DataError("the checkpoint's config names no tokenizer (data.tokenizer); pass "
-                    "--tokenizer")
-
-
 def check_output(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
                                               and not (out / MARKER).is_file())):
@@ -130,6 +117,7 @@ def analyze(args: argparse.Namespace) -> int:
     from megatron_ext.checkpoint.load_model import checkpoint_config, load_model
     from megatron_ext.config.validate import moe_layer_pattern
     from megatron_ext.data.tokenizer import load_tokenizer
+    from megatron_ext.evaluation.tokenizer import tokenizer_path
     from megatron_ext.model.params import padded_vocab
     from megatron_ext.platform.dist import shutdown
 
@@ -150,11 +138,11 @@ def analyze(args: argparse.Namespace) -> int:
     out = args.output.resolve()
     recover_interrupted(out)  # a previous report that a killed fallback swap left aside
     check_output(out)
-    tokenizer_path = resolve_tokenizer(args.tokenizer, cfg)
-    check_inputs(args.output, args, ("--checkpoint", str(ckpt)), ("tokenizer", tokenizer_path))
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer_file = tokenizer_path(cfg, args.tokenizer)
+    check_inputs(args.output, args, ("--checkpoint", str(ckpt)), ("tokenizer", tokenizer_file))
+    tokenizer = load_tokenizer(tokenizer_file)
     if tokenizer.vocab_size > padded_vocab(cfg):
-        raise DataError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens, more "
+        raise DataError(f"tokenizer {tokenizer_file} has {tokenizer.vocab_size} tokens, more "
                         f"than the model's vocabulary ({padded_vocab(cfg)}): wrong tokenizer?")
     streams = {label: R.read_token_stream(path, tokenizer, args.max_tokens)
                for label, path in texts.items()}
@@ -172,7 +160,7 @@ def analyze(args: argparse.Namespace) -> int:
         shutdown()
 
     summary = R.summarize(counts)
-    summary.update(checkpoint=str(ckpt), tokenizer=str(tokenizer_path), seq_length=seq_length,
+    summary.update(checkpoint=str(ckpt), tokenizer=str(tokenizer_file), seq_length=seq_length,
                    texts={label: str(path) for label, path in texts.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
