@@ -1,8 +1,9 @@
-"""The bilingual demo data: a byte-level BPE tokenizer and one indexed dataset per language.
+"""The demo data: a byte-level BPE tokenizer and one indexed dataset per domain.
 
 ``ensure_demo_data()`` trains the tokenizer on ``data/corpus/*.txt`` and preprocesses each file
-into its own prefix (``en``: Shakespeare, documents = blank-line-separated speeches; ``ja``: Natsume
-Soseki, documents = paragraphs, one per line), appending EOD to every document. Results are cached
+into its own prefix (``code``: CPython standard-library source, documents = blank-line-separated
+blocks; ``en``: Shakespeare, documents = blank-line-separated speeches; ``ja``: Natsume Soseki,
+documents = paragraphs, one per line), appending EOD to every document. Results are cached
 under ``cache_dir/<key>`` where the key hashes the corpus contents, the vocabulary size and the
 recipe version; a build happens at most once (an flock serializes concurrent callers, e.g. all
 ranks of a job) and appears atomically (built in a temporary directory, then renamed).
@@ -29,15 +30,17 @@ MARKER = "COMPLETE.json"
 
 
 def corpus_files(corpus_dir: str = CORPUS_DIR) -> list[str]:
-    """The demo corpus: every .txt file in ``corpus_dir``, sorted (en before ja)."""
-    files = sorted(glob.glob(os.path.join(corpus_dir, "*.txt")))
+    """The demo corpus: every .txt file in ``corpus_dir`` but the licence texts that travel
+    with them (``*.LICENSE.txt``), sorted (code, en, ja)."""
+    files = sorted(f for f in glob.glob(os.path.join(corpus_dir, "*.txt"))
+                   if not f.endswith(".LICENSE.txt"))
     if not files:
         raise DataError(f"no demo corpus: no .txt files in {corpus_dir}")
     return files
 
 
 def _language(path: str) -> str:
-    # en_shakespeare.txt -> en
+    # en_shakespeare.txt -> en, code_python.txt -> code
     return os.path.basename(path).split("_")[0].split(".")[0]
 
 

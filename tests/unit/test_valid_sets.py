@@ -37,12 +37,12 @@ def _indices(dataset) -> set[int]:
 def test_named_sets_are_held_out_documents_of_their_language():
     cfg = load_config(TINY, SMALL)
     data = build_datasets(cfg, 10)
-    assert sorted(data.valid_sets) == ["english", "japanese"]
+    assert sorted(data.valid_sets) == ["code", "english", "japanese"]
     # The training blend holds one GPTDataset per language; each named set is its language's
     # validation split: the same documents as the blend's held-out part, none of its training ones.
     train_parts = {d.dataset_path.rsplit("/", 1)[-1]: d for d in data.train.datasets}
     valid_parts = {d.dataset_path.rsplit("/", 1)[-1]: d for d in data.valid.datasets}
-    for name, language in (("english", "en"), ("japanese", "ja")):
+    for name, language in (("english", "en"), ("japanese", "ja"), ("code", "code")):
         held_out = data.valid_sets[name]
         assert held_out.dataset_path.endswith(f"/{language}") and _indices(held_out)
         assert _indices(held_out) == _indices(valid_parts[language])
@@ -72,9 +72,9 @@ def test_a_training_run_logs_every_set(tmp_path):
     assert [r["step"] for r in valid] == [5, 10]
     for record in valid:
         assert {"val_loss", "val_ppl", "english/loss", "english/ppl", "japanese/loss",
-                "japanese/ppl"} <= set(record)
+                "japanese/ppl", "code/loss", "code/ppl"} <= set(record)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("validation at step 5"))
-    assert "english loss" in line and "japanese loss" in line
+    assert "english loss" in line and "japanese loss" in line and "code loss" in line
 
 
 def test_demo_sets_are_skipped_with_a_warning_when_training_on_other_data(tmp_path):
@@ -84,7 +84,7 @@ def test_demo_sets_are_skipped_with_a_warning_when_training_on_other_data(tmp_pa
         args += ["--set", item]
     proc = run_cli(args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "data.valid_sets: english, japanese read the demo corpus" in proc.stderr
+    assert "data.valid_sets: english, japanese, code read the demo corpus" in proc.stderr
 
 
 @pytest.mark.parametrize("override, message", [
@@ -109,4 +109,5 @@ def test_an_unknown_demo_language_is_one_line(tmp_path):
     proc = run_cli(args, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: data.valid_sets.fr: demo:fr is not a demo corpus language (have demo:en, demo:ja)")
+        "error: data.valid_sets.fr: demo:fr is not a demo corpus language "
+        "(have demo:code, demo:en, demo:ja)")
