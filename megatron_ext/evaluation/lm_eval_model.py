@@ -1,0 +1,221 @@
+"""lm-evaluation-harness's LM interface over our megatron model (registered as ``megatron_ext``).
+
+    lm = MegatronLM.from_checkpoint("runs/x/checkpoints", batch_size=16)
+    lm_eval.simple_evaluate(model=lm, tasks=["demo_en_mc"], task_manager=...)
+    # or, once this module is imported: simple_evaluate(model="megatron_ext",
+    #     model_args="checkpoint=runs/x/checkpoints,batch_size=16")
+
+It scores exactly as lm-eval's own HF model (``HFLM``) does, so that a checkpoint and its HF export
+give the same numbers (tests/unit/test_lm_eval.py checks it):
+
+* requests are tokenized by lm-eval's ``TemplateLM`` (context/continuation split, an empty
+  context replaced by EOD) with the checkpoint's tokenizer (``evaluation.tokenizer``); our data
+  never has BOS, so none is added;
+* ``loglikelihood``: right-padded batches of ``(context + continuation)[-(L+1):][:-1]`` with
+  L = ``model.max_position_embeddings``; each row's continuation log-probs are read at its own
+  positions (attention is causal, so right padding never changes a row's real logits); the
+  softmax runs over the tokenizer's vocabulary (megatron's vocabulary padding cut off);
+* ``loglikelihood_rolling``: disjoint windows of L tokens (lm-eval's ``get_rolling_token_windows``,
+  as HFLM), all scored in batches, summed per document;
+* ``generate_until``: ``evaluation.generate`` (greedy unless the request samples), stopping at
+  EOD, at any ``until`` string or after ``max_gen_toks``; the context is left-truncated to
+  L - max_gen_toks tokens; the text is cut at the first stop string.
+
+Token dropping (``moe.capacity_factor``) is switched off: with it a token's experts would depend
+on the rest of the batch. Single process: a checkpoint saved with any expert/tensor-parallel
+layout is resharded into this one process on load (``checkpoint.load_model``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from megatron_ext.checkpoint.load_model import load_model
+from megatron_ext.config.schema import Config
+from megatron_ext.data.errors import DataError
+from megatron_ext.data.tokenizer import Tokenizer
+from megatron_ext.evaluation.generate import generate
+from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
+from megatron_ext.model.inference import logits as model_logits
+
+# One request as TemplateLM hands it over: ((context, continuation) | None, context ids, cont ids).
+TokenRequest = tuple[Any, list[int], list[int]]
+DEFAULT_MAX_GEN_TOKS = 256  # as HFLM
+
+
+def _positive_int(name: str, value: Any) -> int:
+    # lm-eval passes model_args from its command line as strings ("batch_size=8").
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise DataError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
+@register_model("megatron_ext")
+class MegatronLM(TemplateLM):
+    """lm-eval LM backed by one of our megatron models (see the module docstring)."""
+
+    def __init__(self, checkpoint: str | None = None, batch_size: int | str = 8,
+                 tokenizer: str | None = None, max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS,
+                 *, cfg: Config | None = None, model: torch.nn.Module | None = None,
+                 tok: Tokenizer | None = None, **_lm_eval_extras: Any) -> None:
+        """Load ``checkpoint`` (lm-eval's registry path), or wrap an already built ``model`` with
+        its ``cfg`` and ``tok`` (in-loop evaluation). ``_lm_eval_extras``: what lm-eval passes to
+        every model (device, max_batch_size, ...): the device is the model's own."""
+        super().__init__()
+        if model is None:
+            if checkpoint is None:
+                raise DataError("megatron_ext: pass checkpoint=PATH")
+            cfg, model = load_model(checkpoint, overrides={"moe.capacity_factor": None})
+        if cfg is None:
+            raise DataError("megatron_ext: a model needs its config (cfg=)")
+        self.cfg, self.model = cfg, model
+        self.tok = tok if tok is not None else checkpoint_tokenizer(cfg, tokenizer)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+        self.vocab_size = cfg.model.vocab_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, batch_size: int = 8,
+                        tokenizer: str | None = None) -> MegatronLM:
+        return cls(str(path), batch_size=batch_size, tokenizer=tokenizer)
+
+    # --- what TemplateLM asks of a model ------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eod
+
+    @property
+    def max_length(self) -> int:
+        return int(self.cfg.model.max_position_embeddings)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tok.path
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+        ids = self.tok.encode(string)  # never BOS: our training data has none
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, ids: Sequence[int]) -> str:
+        # As HFLM's decode(skip_special_tokens=True) for the specials our tokenizers carry.
+        special = {self.tok.eod, self.tok.pad_id}
+        return self.tok.decode([i for i in ids if i not in special])
+
+    # --- scoring -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _score_batch(self, rows: list[list[int]], conts: list[list[int]]
+                     ) -> list[tuple[float, bool]]:
+        """Sum of log-probs of ``conts`` and is-greedy, each continuation being predicted by the
+        last positions of its row (the model inputs, right-padded into one batch)."""
+        width = max(len(r) for r in rows)
+        tokens_BS = torch.full((len(rows), width), self.tok.eod, dtype=torch.long)
+        for b, row in enumerate(rows):
+            tokens_BS[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+        logits_BSV = model_logits(self.model, tokens_BS)[..., :self.vocab_size]
+        out = []
+        for b, (row, cont) in enumerate(zip(rows, conts, strict=True)):
+            # Position p predicts token p + 1: the continuation's tokens are predicted by the
+            # last len(cont) positions of the row (its padding, further right, is never read).
+            logp_CV = F.log_softmax(logits_BSV[b, len(row) - len(cont):len(row)].float(), dim=-1)
+            targets_C = torch.tensor(cont, dtype=torch.long, device=logp_CV.device)
+            picked_C = logp_CV.gather(-1, targets_C[:, None]).squeeze(-1)
+            out.append((float(picked_C.sum()), bool((logp_CV.argmax(-1) == targets_C).all())))
+        return out
+
+    def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), greedy?) per request, in request order."""
+        limit = self.max_length
+        order = sorted(range(len(requests)),
+                       key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            rows, conts = [], []
+            for i in chunk:
+                _, context, continuation = requests[i]
+                if not context or not continuation or len(continuation) > limit:
+                    raise DataError(f"cannot score a request of {len(context)} context and "
+                                    f"{len(continuation)} continuation tokens "
+                                    f"(context length {limit})")
+                rows.append((context + continuation)[-(limit + 1):][:-1])
+                conts.append(continuation)
+            for i, answer in zip(chunk, self._score_batch(rows, conts), strict=True):
+                results[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents in disjoint windows of ``max_length`` tokens."""
+        windows: list[TokenRequest] = []
+        owners: list[int] = []
+        for r, (text,) in enumerate(req.args for req in requests):
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.eot_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(r)
+        totals = [0.0] * len(requests)
+        for r, (logp, _) in zip(owners, self._loglikelihood_tokens(windows), strict=True):
+            totals[r] += logp
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # --- generation --------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Continuations of each context; requests with equal generation settings run batched."""
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        out = [""] * len(requests)
+        for indices in groups.values():
+            contexts = [requests[i].args[0] for i in indices]
+            texts = self._generate_group(contexts, dict(requests[indices[0]].args[1]))
+            for i, text in zip(indices, texts, strict=True):
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return out
+
+    def _generate_group(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None),
+                                      eos=self.tok.decode([self.eot_token_id]))
+        max_gen_toks = int(kwargs.pop("max_gen_toks"))
+        if max_gen_toks >= self.max_length:
+            raise DataError(f"max_gen_toks {max_gen_toks} leaves no room for a context in the "
+                            f"model's {self.max_length} tokens")
+        sample = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0) > 0
+        prompts = [self.tok_encode(c, left_truncate_len=self.max_length - max_gen_toks)
+                   for c in contexts]
+
+        def stop(ids: list[int]) -> bool:  # a stop string anywhere in the text so far
+            text = self.tok.decode(ids)
+            return any(s and s in text for s in until)
+
+        ids = generate(self.model, prompts, max_gen_toks, eos_id=self.eot_token_id,
+                       vocab_size=self.vocab_size, stop=stop, batch_size=self.batch_size,
+                       temperature=float(kwargs["temperature"]) if sample else 0.0,
+                       top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0,
+                       seed=kwargs.get("seed"), max_length=self.max_length)
+        return [postprocess_generated_text(self.tok_decode(x), stop=until, think_end_token=None)
+                for x in ids]

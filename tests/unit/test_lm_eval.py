@@ -1,0 +1,170 @@
+"""Downstream evaluation through lm-evaluation-harness (tools/eval/lm_eval.py).
+
+Guarantees shown:
+* parity: on one checkpoint (trained by the real pretrain_moe.py at expert-parallel 2 in two
+  processes, exported by the real mcore_to_hf.py), our LM class (one process: the checkpoint
+  resharded to EP=1) and lm-eval's own HF model on the export give the same per-request
+  loglikelihoods (fp32 CPU, within 1e-4), the same greedy flags, the same generated text, the
+  same rolling loglikelihoods and the same task metrics, on every local task kind (multiple
+  choice en/ja, generation, rolling perplexity en/ja), with batches of 8;
+* the CLI writes results.json, results.md and samples/, and appends the metrics to the training
+  run's own W&B run (offline); bad input (missing checkpoint, a directory that is no
+  checkpoint, unknown task with close matches, an HF directory without a tokenizer, no task, a
+  run directory without a W&B run) ends in one line and exit 2;
+* the local tasks' shipped data files are exactly what tasks/build_local_tasks.py builds, and
+  the tasks load with no network;
+* our class is registered in lm-eval's model registry as ``megatron_ext``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli, torchrun
+from tests.resilience import SMALL
+
+TOOL = "tools/eval/lm_eval.py"
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+TASKS = ["demo_en_mc", "demo_ja_mc", "demo_en_gen", "demo_en_ppl", "demo_ja_ppl"]
+# The demo corpus and tokenizer instead of SMALL's mock data; a 64-token context so that some
+# multiple-choice requests are left-truncated and every perplexity document spans windows.
+DEMO = ["--set", "data.mock=false", "--set", "data.demo_corpus=true",
+        "--set", "model.vocab_size=4096", "--set", "model.max_position_embeddings=64",
+        "--set", "data.valid_sets={}"]
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[Path, Path]:
+    """(our checkpoint, saved at expert-parallel 2 by two processes; its HF export with the demo
+    tokenizer copied in). The training run (logging.wandb offline) is the sibling ``run/``."""
+    from megatron_ext.data.demo import ensure_demo_data
+
+    tmp = tmp_path_factory.mktemp("lm_eval")
+    _ok(torchrun(2, ["pretrain_moe.py", *SMALL, *DEMO, "--set", "train.train_steps=20",
+                     "--set", "parallel.expert=2", "--set", "logging.wandb.mode=offline",
+                     "--set", f"checkpoint.save={tmp}/ckpt",
+                     "--set", f"logging.output_dir={tmp}/run"]))
+    _ok(run_cli(["tools/convert/mcore_to_hf.py", "--input", str(tmp / "ckpt"),
+                 "--output", str(tmp / "hf"), "--dtype", "float32"]))
+    tokenizer = Path(ensure_demo_data(cache_dir=str(REPO / ".cache" / "demo"))[0])
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, tmp / "hf" / name)
+    return tmp / "ckpt", tmp / "hf"
+
+
+def _evaluate(checkpoint: Path, out: Path, *extra: str):
+    proc = run_cli([TOOL, "--checkpoint", str(checkpoint), "--tasks", ",".join(TASKS),
+                    "--limit", "12", "--batch-size", "8", "--log-samples",
+                    "--output", str(out), *extra], env=OFFLINE)
+    _ok(proc)
+    results = json.loads((out / "results.json").read_text())
+    samples = {t: [json.loads(x) for x in (out / "samples" / f"{t}.jsonl").read_text().splitlines()]
+               for t in TASKS}
+    return results, samples, (out / "results.md").read_text()
+
+
+def _responses(rows: list[dict]) -> dict[int, list]:
+    return {row["doc_id"]: [r[0] for r in row["resps"]] for row in rows}
+
+
+@pytest.mark.slow
+def test_our_model_matches_lm_eval_hf_model(models, tmp_path):
+    ckpt, hf = models
+    meta = json.loads(next(ckpt.glob("iter_*/meta.json")).read_text())
+    assert meta["layout"]["expert"] == 2  # saved at EP=2, evaluated here in one process (EP=1)
+    ours, our_samples, table = _evaluate(ckpt, tmp_path / "ours",
+                                         "--wandb-run-dir", str(ckpt.parent / "run"))
+    ref, ref_samples, _ = _evaluate(hf, tmp_path / "hf")
+    assert ref["config"]["model"] != ours["config"]["model"]  # really two different backends
+    n_requests = 0
+    for task in TASKS:
+        a, b = _responses(our_samples[task]), _responses(ref_samples[task])
+        assert a.keys() == b.keys() and len(a) == 12, task
+        for doc in a:
+            for x, y in zip(a[doc], b[doc], strict=True):
+                n_requests += 1
+                if isinstance(x, str):  # generate_until: the same text, character for character
+                    assert x == y, (task, doc)
+                elif isinstance(x, list):  # loglikelihood: (logprob, is_greedy)
+                    assert abs(x[0] - y[0]) <= 1e-4 and x[1] == y[1], (task, doc, x, y)
+                else:  # rolling: a sum over hundreds of tokens, so also a relative bound
+                    assert math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-4), (task, doc, x, y)
+    assert n_requests == 12 * (4 + 4 + 1 + 1 + 1)  # every request of every kind compared
+    for task in TASKS:
+        for metric, value in ours["results"][task].items():
+            if isinstance(value, float):
+                assert math.isclose(value, ref["results"][task][metric], rel_tol=1e-5), \
+                    (task, metric)
+    assert "demo_ja_mc" in table and "acc_norm" in table
+    _appended_to_training_wandb_run(ckpt.parent / "run")
+
+
+def _appended_to_training_wandb_run(run_dir: Path) -> None:
+    """The results went into the training run's own W&B run (same id, a resumed offline run)."""
+    rid = (run_dir / "wandb_run_id").read_text().strip()
+    runs = sorted((run_dir / "wandb").glob(f"offline-run-*-{rid}/run-{rid}.wandb"))
+    assert len(runs) == 2, runs  # training's, then the evaluation's
+    assert b"lm_eval/demo_en_mc/acc" in runs[-1].read_bytes()
+
+
+def _fails(args: list[str], *needles: str) -> None:
+    proc = run_cli([TOOL, *args], env=OFFLINE, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_input_found_before_loading_is_one_line_exit_2(tmp_path):
+    missing = tmp_path / "nowhere"
+    _fails(["--checkpoint", str(missing), "--tasks", "demo_en_mc"], str(missing), "not found")
+    _fails(["--checkpoint", str(tmp_path), "--tasks", ","], "no task")
+    _fails(["--checkpoint", str(tmp_path), "--tasks", "demo_en_mc", "--wandb-run-dir",
+            str(tmp_path)], "no W&B run", "wandb_run_id")
+
+
+@pytest.mark.slow  # three runs that import lm-eval and megatron; one indexes lm-eval's 15k tasks
+def test_bad_checkpoint_or_task_is_one_line_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _fails(["--checkpoint", str(tmp_path / "empty"), "--tasks", "demo_en_mc"],
+           str(tmp_path / "empty"), "no checkpoint found")
+    hf = tmp_path / "hf_no_tokenizer"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    _fails(["--checkpoint", str(hf), "--tasks", "demo_en_mc"], "no tokenizer", "--tokenizer")
+    _fails(["--checkpoint", str(tmp_path), "--tasks", "demo_en_mc,demo_ja_mcq,hellaswog"],
+           "demo_ja_mcq", "did you mean demo_ja_mc", "hellaswog", "hellaswag")
+
+
+def test_shipped_task_data_is_what_the_builder_writes():
+    proc = run_cli(["tasks/build_local_tasks.py", "--check"])
+    assert proc.returncode == 0, proc.stderr
+    for task in TASKS:
+        assert (REPO / "tasks" / "demo" / f"{task}.yaml").is_file()
+
+
+def test_local_tasks_load_offline_and_model_is_registered(monkeypatch):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    from lm_eval.api.registry import get_model
+
+    from megatron_ext.evaluation import harness
+    from megatron_ext.evaluation.lm_eval_model import MegatronLM
+
+    assert get_model("megatron_ext") is MegatronLM
+    manager = harness.task_manager(["demo_local"])
+    assert harness.check_tasks(manager, ["demo_local"]) == ["demo_local"]
+    loaded = manager.load(TASKS)["tasks"]
+    sizes = {name: len(list(task.eval_docs)) for name, task in loaded.items()}
+    assert sizes == {"demo_en_mc": 100, "demo_ja_mc": 100, "demo_en_gen": 50,
+                     "demo_en_ppl": 20, "demo_ja_ppl": 20}
