@@ -53,7 +53,7 @@ POLICY: dict[str, str] = {
     "train.eval_iters": FREE, "train.max_skipped_steps": FREE, "train.peak_tflops": FREE,
     "train.recompute": FREE, "train.recompute_modules": FREE, "train.cuda_graph": FREE,
     "train.deterministic": FREE,
-    "checkpoint": FREE, "logging": FREE,
+    "checkpoint": FREE, "logging": FREE, "eval": FREE,
 }
 
 

@@ -225,6 +225,8 @@ class LoggingConfig:
     """Also write TensorBoard events."""
     expert_load: bool = True
     """Log per-layer expert load, load imbalance and routing entropy."""
+    expert_similarity: bool = True
+    """Log per-layer mean/min/max pairwise cosine similarity of the experts' weights."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases."""
 
@@ -246,6 +248,18 @@ class UpcyclingConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: list = field(default_factory=list)
+    """lm-evaluation-harness tasks run on the current weights during training (e.g. the local demo_en_mc; see tasks/README.md); their metrics are logged as tasks/<task>/<metric> beside the losses."""
+    task_interval: int = 0
+    """Steps between in-loop task evaluations (0 = never); they run on rank 0 and need an unsplit model (parallel.tensor = parallel.expert = 1)."""
+    limit: int | None = None
+    """Items per task in in-loop evaluation (None = all)."""
+    batch_size: int = 8
+    """Requests per forward in in-loop evaluation."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -256,4 +270,5 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     upcycling: UpcyclingConfig = field(default_factory=UpcyclingConfig)

@@ -150,6 +150,17 @@ def _check_data(cfg: Config) -> None:
            "data.split", f"{d.split!r} is not like '998,1,1'")
     _check(float(parts[0]) > 0, "data.split", f"{d.split!r} leaves no training data")
     _check_valid_sets(cfg)
+    _check_eval(cfg)
+
+
+def _check_eval(cfg: Config) -> None:
+    ev, par = cfg.eval, cfg.parallel
+    if not ev.tasks or not ev.task_interval:
+        return
+    # The tasks run on rank 0 alone: its model must be whole (no expert/tensor/pipeline split).
+    _check(par.tensor == 1 and par.expert == 1 and par.pipeline == 1, "eval.tasks",
+           "in-loop evaluation needs parallel.tensor = parallel.expert = parallel.pipeline = 1 "
+           "(evaluate a checkpoint with tools/eval/lm_eval.py instead)")
 
 
 DEMO_PREFIX = "demo:"  # data.valid_sets: a language of the demo corpus (demo:en, demo:ja)

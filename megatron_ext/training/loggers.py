@@ -113,6 +113,8 @@ def format_line(step: int, total: int, m: dict[str, Any]) -> str:
     parts = [f"step {step}/{total}", f"tokens {m['tokens']:,}", f"loss {m['loss']:.4f}"]
     if "aux_loss" in m:
         parts.append(f"aux {m['aux_loss']:.4f}")
+    if "moe/expert_cos_mean" in m:  # expert diversity: 1.0 for identical experts
+        parts.append(f"expert cos {m['moe/expert_cos_mean']:.3f}")
     parts += [f"lr {m['lr']:.3e}", f"gnorm {m['grad_norm']:.3f}",
               f"tok/s {m['tokens_per_s']:,.0f}", f"TFLOP/s {m['tflops']:.2f}",
               f"MFU {100 * m['mfu']:.2f}%", f"ETA {_hms(m['eta_s'])}"]

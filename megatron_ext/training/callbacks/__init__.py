@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.callbacks.checkpointing import Checkpointing
+from megatron_ext.training.callbacks.expert_similarity import ExpertSimilarity
 from megatron_ext.training.callbacks.metrics import MetricsLogger
 from megatron_ext.training.callbacks.router import RouterMetrics
 from megatron_ext.training.callbacks.throughput import Throughput
@@ -40,12 +41,23 @@ def register(factory: Callable[[Run], Callback]) -> None:
 
 
 def build(run: Run, writer: MetricsWriter, preempt: Preemption) -> list[Callback]:
-    moe = [RouterMetrics(run)] if run.cfg.moe.num_experts else []
+    moe = [RouterMetrics(run), ExpertSimilarity(run)] if run.cfg.moe.num_experts else []
     return [
         Throughput(run),       # first: it accumulates the step's times before anyone reads them
         *moe,                  # router losses and expert load, reduced over ranks at log steps
         MetricsLogger(writer),  # at log steps: gathers every callback's metrics and writes them
         Validation(run),
+        *_downstream(run),
         *(factory(run) for factory in _REGISTERED),
         Checkpointing(run, preempt),  # last: a preemption stops the run after its save
     ]
+
+
+def _downstream(run: Run) -> list[Callback]:
+    """In-loop lm-eval tasks, only when configured."""
+    if not (run.cfg.eval.tasks and run.cfg.eval.task_interval):
+        return []
+    # why inside: lm-evaluation-harness takes seconds to import; most runs do not use it
+    from megatron_ext.training.callbacks.downstream import DownstreamTasks
+
+    return [DownstreamTasks(run)]

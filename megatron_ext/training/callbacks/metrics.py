@@ -31,6 +31,8 @@ class MetricsLogger(Callback):
                 parts.append(f"loss {metrics['val_loss']:.4f} | ppl {metrics['val_ppl']:.2f}")
             parts += [f"{key[:-5]} loss {value:.4f} ppl {metrics[key[:-5] + '/ppl']:.2f}"
                       for key, value in metrics.items() if key.endswith("/loss")]
+            parts += [f"{key[len('tasks/'):]} {value:.4f}" for key, value in metrics.items()
+                      if key.startswith("tasks/") and "stderr" not in key]
             log(" | ".join(parts))
         self.writer.write(trainer.state.step, metrics, kind="valid")
 

@@ -1,0 +1,69 @@
+"""In-loop downstream evaluation (``eval.tasks`` every ``eval.task_interval`` steps), as
+OLMo-core does: lm-evaluation-harness tasks on the current weights, through the same LM class as
+``tools/eval/lm_eval.py`` (``megatron_ext.evaluation``), logged as ``tasks/<task>/<metric>``
+beside the losses (console, JSONL, W&B under ``valid/``).
+
+Rank 0 evaluates its replica alone (config validation requires an unsplit model); the other ranks
+wait at a barrier. The time counts as evaluation, not training (``Trainer.excluded``). The task
+names are checked when the run starts, so a typo fails in seconds, not at the first interval.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.distributed as dist
+
+from megatron_ext.checkpoint.dist import unwrap
+from megatron_ext.evaluation import harness
+from megatron_ext.evaluation.lm_eval_model import MegatronLM
+from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
+from megatron_ext.training.callbacks.base import Callback
+from megatron_ext.training.setup import Run
+from megatron_ext.training.trainer import Trainer
+
+
+class DownstreamTasks(Callback):
+    def __init__(self, run: Run):
+        self.run, self.ev = run, run.cfg.eval
+        self.enabled = run.layout.rank == 0
+        if self.enabled:
+            self.manager = harness.task_manager(self.ev.tasks)
+            harness.check_tasks(self.manager, self.ev.tasks)
+            self.tokenizer = checkpoint_tokenizer(run.cfg)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if not trainer.is_step(self.ev.task_interval):
+            return
+        with trainer.excluded("eval"):
+            metrics = self._evaluate() if self.enabled else {}
+            if dist.is_initialized():
+                dist.barrier()
+            trainer.emit("on_eval", metrics)
+
+    def _evaluate(self) -> dict[str, float]:
+        model = unwrap(self.run.model)  # without DDP: a forward on this rank alone
+        lm = MegatronLM(cfg=self.run.cfg, model=model, tok=self.tokenizer,
+                        batch_size=self.ev.batch_size)
+        model.eval()
+        try:
+            results = harness.evaluate(lm, list(self.ev.tasks), self.manager, limit=self.ev.limit)
+        finally:
+            model.train()
+        return task_metrics(results)
+
+
+def task_metrics(results: dict) -> dict[str, float]:
+    """lm-eval's ``results`` as flat ``tasks/<task>/<metric>`` numbers (filters other than
+    lm-eval's default "none" keep their name: ``acc,strict`` -> ``acc_strict``)."""
+    out = {}
+    for task, entries in results.get("results", {}).items():
+        for key, value in entries.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if not math.isfinite(value):
+                continue
+            metric, _, filt = key.partition(",")
+            name = metric if filt in ("", "none") else f"{metric}_{filt}"
+            out[f"tasks/{task}/{name}"] = float(value)
+    return out
