@@ -24,8 +24,9 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None,
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "SLURM_PROCID",
               "SLURM_NTASKS"):
         full_env.pop(k, None)
+    # No MASTER_PORT: a single process picks a free one itself right before it binds it
+    # (platform.dist); one chosen here could be taken during the seconds of start-up.
     full_env["MASTER_ADDR"] = "127.0.0.1"
-    full_env["MASTER_PORT"] = str(free_port())
     full_env.update(env or {})
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 
 SMALL = [
     "--config", "configs/tiny-cpu.yaml",
@@ -31,9 +31,10 @@ def small_args(tmp: Path, steps: int, *extra: str) -> list[str]:
 
 
 def env() -> dict:
+    # No MASTER_PORT (see conftest.run_cli): the process picks a free one as it binds it.
     e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+             MASTER_ADDR="127.0.0.1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         e.pop(k, None)
     return e
 

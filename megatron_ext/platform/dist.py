@@ -70,6 +70,10 @@ def init_distributed(cfg: Config, timeout_minutes: int = 30, standalone: bool = 
             timeout=timedelta(minutes=timeout_minutes),
         )
     par = cfg.parallel
+    if parallel_state.model_parallel_is_initialized():
+        # A second model in one process (evaluating two checkpoints, a tool after a run): its
+        # layout replaces the first one's instead of tripping megatron's "already initialized".
+        parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=par.tensor,
         pipeline_model_parallel_size=par.pipeline,

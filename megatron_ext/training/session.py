@@ -28,10 +28,6 @@ def train(cfg: Config, layout: Layout, preempt: Preemption) -> int:
     run = build_run(cfg, layout)
     if rank0:
         log(f"backends: {run.backends.describe()}")
-        skipped = [name for name in cfg.data.valid_sets if name not in run.valid_sets]
-        if skipped:
-            warn(f"data.valid_sets: {', '.join(skipped)} read the demo corpus, which this run "
-                 "does not train on (data.demo_corpus: false): not evaluated")
     out = run_dir(cfg)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import torch
 
 from megatron_ext.data.errors import DataError
 from megatron_ext.evaluation.generate import check_prompts, check_sampling, next_tokens
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tools.generate import main as generate_main
 from tools.generate import show
 
@@ -204,6 +204,18 @@ def test_cli_prints_each_completion(ckpt: Path, probe: dict, capsys) -> None:
         [str(n), r["text"] + "\n\n"] for n, r in enumerate(records, 1)]
 
 
+def _tokenizer_larger_than_the_model(tmp_path: Path) -> str:
+    """A real BPE tokenizer with more ids than the model's 4096 (not the one it learned)."""
+    from megatron_ext.data.tokenizer_training import train_bpe_tokenizer
+
+    corpus = REPO / "data" / "corpus"
+    text = tmp_path / "text.txt"
+    text.write_text((corpus / "en_shakespeare.txt").read_text(encoding="utf-8")[:400_000]
+                    + (corpus / "ja_neko.txt").read_text(encoding="utf-8")[:200_000],
+                    encoding="utf-8")
+    return str(train_bpe_tokenizer([str(text)], 4400, str(tmp_path / "big-tok")))
+
+
 def _one_line_exit_2(argv: list[str], capsys, needle: str) -> None:
     assert generate_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -219,7 +231,10 @@ def test_cli_bad_inputs_exit_2_with_one_line(ckpt: Path, tmp_path: Path, capsys)
     empty.write_text("\n  \n", encoding="utf-8")
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00abc\n")
+    big_tokenizer = _tokenizer_larger_than_the_model(tmp_path)
     cases = [
+        (["--checkpoint", good, "--tokenizer", big_tokenizer, "--prompt", "a"],
+         "more than the model's vocabulary"),
         (["--checkpoint", str(tmp_path / "nope"), "--prompt", "a"], "nope: not found"),
         (["--checkpoint", good, "--prompts", str(empty)], "no prompts"),
         (["--checkpoint", good, "--prompts", str(tmp_path / "missing.txt")], "missing.txt"),
