@@ -81,7 +81,7 @@ def test_megatron_moe_forward_backward_on_cpu(tmp_path, dispatcher):
         from megatron_ext.platform import cpu
         cpu.enable()
         import torch.distributed as dist
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
         from megatron.core import parallel_state, tensor_parallel
         parallel_state.initialize_model_parallel(1, 1)
         tensor_parallel.model_parallel_cuda_manual_seed(0)
