@@ -18,8 +18,8 @@ from megatron_ext.config.loader import ConfigError, load_config
 from megatron_ext.data.errors import DataError
 
 
-def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """``lm_eval/<task>/<metric>`` -> value for every finite numeric metric (stderrs too); the
+def flat_metrics(results: dict[str, Any], prefix: str = "lm_eval") -> dict[str, float]:
+    """``<prefix>/<task>/<metric>`` -> value for every finite numeric metric (stderrs too); the
     ``,none`` filter suffix lm-eval appends is dropped, other filters kept (``metric/filter``)."""
     out = {}
     for task, metrics in results.get("results", {}).items():
@@ -30,7 +30,7 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
                 continue
             metric, _, filt = key.partition(",")
             name = metric if filt in ("", "none") else f"{metric}/{filt}"
-            out[f"lm_eval/{task}/{name}"] = float(value)
+            out[f"{prefix}/{task}/{name}"] = float(value)
     return out
 
 

@@ -10,14 +10,13 @@ names are checked when the run starts, so a typo fails in seconds, not at the fi
 
 from __future__ import annotations
 
-import math
-
 import torch.distributed as dist
 
 from megatron_ext.checkpoint.dist import unwrap
 from megatron_ext.evaluation import harness
 from megatron_ext.evaluation.lm_eval_model import MegatronLM
 from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
+from megatron_ext.evaluation.wandb_results import flat_metrics
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.setup import Run
 from megatron_ext.training.trainer import Trainer
@@ -50,20 +49,5 @@ class DownstreamTasks(Callback):
             results = harness.evaluate(lm, list(self.ev.tasks), self.manager, limit=self.ev.limit)
         finally:
             model.train()
-        return task_metrics(results)
+        return flat_metrics(results, prefix="tasks")
 
-
-def task_metrics(results: dict) -> dict[str, float]:
-    """lm-eval's ``results`` as flat ``tasks/<task>/<metric>`` numbers (filters other than
-    lm-eval's default "none" keep their name: ``acc,strict`` -> ``acc_strict``)."""
-    out = {}
-    for task, entries in results.get("results", {}).items():
-        for key, value in entries.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            if not math.isfinite(value):
-                continue
-            metric, _, filt = key.partition(",")
-            name = metric if filt in ("", "none") else f"{metric}_{filt}"
-            out[f"tasks/{task}/{name}"] = float(value)
-    return out
