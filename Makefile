@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 WHEELS ?= /opt/wheels
 PIP_FLAGS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo compare-tiny test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) pretrain_moe.py --config configs/tiny-cpu.yaml \
 		--set checkpoint.save=runs/demo/checkpoints --set logging.output_dir=runs/demo
+
+# The paper's comparison at tiny size (docs/experiments.md): a dense base of 400 steps, then
+# scratch, naive and Drop-Upcycling r=0.5 for 800 steps each (16 x 128 tokens a step). Resumable:
+# rerunning skips finished stages.
+compare-tiny: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) tools/experiments/compare_inits.py \
+		--config configs/tiny-cpu.yaml --methods scratch,naive,drop:0.5 \
+		--train-dense 819200 --tokens 1638400 --output runs/compare-tiny
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a module's fixtures,
 # e.g. the SLURM daemons, on one worker): most tests wait on subprocesses, so two workers on two

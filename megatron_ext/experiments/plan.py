@@ -1,0 +1,203 @@
+"""The comparison as a list of stages: dense base -> initialization -> training -> evaluation ->
+routing, one per method; each stage an exact command of one of our CLIs and the outputs that
+show it finished (``runner`` runs and checks them).
+
+Every training run gets the same config, ``--set`` overrides, seed and step count, so data order,
+schedule and token budget are identical across methods; only ``checkpoint.load`` differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_ext.config.loader import ConfigError, load_config, read_config_text
+from megatron_ext.config.schema import Config
+from megatron_ext.config.validate import planned_world_size, validate
+from megatron_ext.data.demo import CORPUS_DIR, corpus_files
+from megatron_ext.errors import UserError, one_line
+
+# method name -> needs a ratio (drop, noise) ; btx needs several dense bases: a later session.
+KINDS = {"scratch": False, "naive": False, "noise": True, "drop": True}
+PRETRAIN, UPCYCLE = "pretrain_moe.py", "tools/convert/upcycle.py"
+ROUTING, LM_EVAL = "tools/analysis/routing.py", "tools/eval/lm_eval.py"
+FINGERPRINT_FILE = "experiment.json"
+
+
+class ExperimentError(UserError, ValueError):
+    """A bad comparison request (method, dense base, output dir); one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One initialization, as given on the command line (``drop:0.5``)."""
+
+    kind: str
+    ratio: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.ratio is None else f"{self.kind}:{self.ratio:g}"
+
+    @property
+    def slug(self) -> str:  # a directory name
+        return self.label.replace(":", "_r")
+
+
+def parse_methods(text: str) -> list[Method]:
+    """``scratch,naive,noise:0.5,drop:0.5,drop:1.0`` -> Methods; ExperimentError names a bad one."""
+    methods: list[Method] = []
+    for item in (s.strip() for s in text.split(",")):
+        kind, _, ratio = item.partition(":")
+        if kind not in KINDS:
+            raise ExperimentError(f"--methods: unknown method {item!r} (use {', '.join(KINDS)}; "
+                                  "drop and noise take a ratio, e.g. drop:0.5)")
+        if KINDS[kind] != bool(ratio):
+            raise ExperimentError(f"--methods: {item!r}: " + (
+                f"{kind} needs a ratio in [0, 1], e.g. {kind}:0.5" if KINDS[kind]
+                else f"{kind} takes no ratio"))
+        method = Method(kind, _ratio(item, ratio) if ratio else None)
+        if method in methods:
+            raise ExperimentError(f"--methods: {item!r} is given twice")
+        methods.append(method)
+    return methods
+
+
+def _ratio(item: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ExperimentError(f"--methods: {item!r}: the ratio must be a number in [0, 1]")
+    return value
+
+
+@dataclass
+class Stage:
+    """One step of the comparison: ``argv`` (run as ``python *argv`` from the repository root)
+    is finished when ``done`` (see runner.DONE) holds for ``output``."""
+
+    name: str
+    argv: list[str]
+    done: str  # "checkpoint" | "json"
+    output: Path
+    steps: int = 0  # training steps the checkpoint must have reached (checkpoint stages)
+    tokens: int = 0
+    needs: tuple[str, ...] = ()  # stages whose outputs this one reads
+    workdir: Path | None = None  # removed before a rerun forced by a redone ``needs`` stage
+
+
+@dataclass
+class Experiment:
+    config: Path
+    overrides: list[str]
+    methods: list[Method]
+    tokens: int
+    output: Path
+    dense: Path | None = None  # given base; else trained for dense_tokens
+    dense_tokens: int = 0
+    tasks: str | None = None
+    routing_tokens: int = 20_000
+    cfg: Config = field(init=False)
+
+    def __post_init__(self) -> None:
+        try:
+            self.cfg = load_config(self.config, self.overrides)
+            p = self.cfg.parallel  # checked as pretrain_moe.py checks it, before any stage
+            validate(self.cfg, world_size=planned_world_size(self.cfg,
+                                                             p.tensor * p.pipeline * p.expert))
+        except ConfigError as e:
+            raise ExperimentError(f"--config {self.config}: {one_line(e)}") from None
+        if self.cfg.moe.num_experts == 0:
+            raise ExperimentError(f"--config {self.config}: moe.num_experts is 0; give the "
+                                  "config of the MoE runs (the dense base is derived from it)")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.global_batch_size * self.cfg.data.seq_length
+
+    def steps(self, tokens: int) -> int:
+        return max(1, math.ceil(tokens / self.tokens_per_step))
+
+    def fingerprint(self) -> dict:
+        """What makes two runs the same experiment (stored in DIR/experiment.json)."""
+        identity = {"config": read_config_text(self.config), "overrides": self.overrides,
+                    "methods": [m.label for m in self.methods], "tokens": self.tokens,
+                    "dense": str(self.dense) if self.dense else None,
+                    "dense_tokens": self.dense_tokens, "tasks": self.tasks,
+                    "routing_tokens": self.routing_tokens}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        return {"fingerprint": digest[:16], **identity}
+
+
+def heldout_paths(exp: Experiment) -> dict[str, Path]:
+    """Domain label (en, ja, code) -> DIR/heldout/<label>.txt, the routing stages' text."""
+    return {Path(f).name.split("_")[0].split(".")[0]: exp.output / "heldout" / Path(f).name
+            for f in corpus_files(CORPUS_DIR)}
+
+
+def heldout_text(text: str, split: str) -> str:
+    """The end of a corpus file that ``data.split`` holds out of training: its documents are
+    split in file order, so the last (validation + test) share is never trained on. 90% of that
+    share, from a line start, keeps clear of the boundary (documents differ in length)."""
+    weights = [float(w) for w in split.replace("/", ",").split(",")]
+    share = 0.9 * sum(weights[1:]) / sum(weights)
+    start = text.find("\n", int(len(text) * (1 - share))) + 1
+    return text[start:] if 0 < start < len(text) else ""
+
+
+def _sets(*pairs: str) -> list[str]:
+    return [a for p in pairs for a in ("--set", p)]
+
+
+def build_stages(exp: Experiment) -> list[Stage]:
+    """Every stage of ``exp``, in order (dense first, then each method's chain)."""
+    out, cfg_args = exp.output, ["--config", str(exp.config), *_sets(*exp.overrides)]
+    stages, dense, needs = [], exp.dense, ()
+    if dense is None:
+        needs = ("dense",)
+        steps, dense = exp.steps(exp.dense_tokens), out / "dense" / "ckpt"
+        stages.append(Stage("dense", [PRETRAIN, *cfg_args, *_sets(
+            "moe.num_experts=0", f"train.train_steps={steps}", f"checkpoint.save={dense}",
+            f"logging.output_dir={out / 'dense' / 'run'}")], "checkpoint", dense, steps,
+            steps * exp.tokens_per_step))
+    steps = exp.steps(exp.tokens)
+    for m in exp.methods:
+        stages.extend(_method_stages(exp, m, dense, cfg_args, steps, needs))
+    return stages
+
+
+def _method_stages(exp: Experiment, m: Method, dense: Path, cfg_args: list[str],
+                   steps: int, needs: tuple[str, ...]) -> list[Stage]:
+    out, train = exp.output, exp.output / "train" / m.slug
+    ckpt, stages, load = train / "ckpt", [], []
+    if m.kind == "scratch":  # the trainer's own random init: no upcycling, no dense base
+        needs = ()
+    else:
+        init = out / "init" / m.slug
+        recipe = [f"upcycling.method={m.kind}"] + (
+            [f"upcycling.ratio={m.ratio}"] if m.ratio is not None else [])
+        stages.append(Stage(f"init/{m.label}", [
+            UPCYCLE, *cfg_args, *_sets(*recipe), "--input", str(dense), "--output", str(init),
+            "--output-format", "mcore", "--overwrite"], "checkpoint", init, needs=needs))
+        load, needs = [f"checkpoint.load={init}"], (f"init/{m.label}",)
+    stages.append(Stage(f"train/{m.label}", [PRETRAIN, *cfg_args, *_sets(
+        f"train.train_steps={steps}", f"checkpoint.save={ckpt}",
+        f"logging.output_dir={train / 'run'}", *load)], "checkpoint", ckpt, steps,
+        steps * exp.tokens_per_step, needs, workdir=train))
+    needs = (f"train/{m.label}",)
+    if exp.tasks:
+        stages.append(Stage(f"eval/{m.label}", [
+            LM_EVAL, "--checkpoint", str(ckpt), "--tasks", exp.tasks,
+            "--output", str(out / "eval" / m.slug)], "json",
+            out / "eval" / m.slug / "results.json", needs=needs))
+    texts = [f"{label}={path}" for label, path in heldout_paths(exp).items()]
+    stages.append(Stage(f"routing/{m.label}", [
+        ROUTING, "--checkpoint", str(ckpt), "--text", *texts, "--max-tokens",
+        str(exp.routing_tokens), "--output", str(out / "routing" / m.slug)], "json",
+        out / "routing" / m.slug / "routing.json", needs=needs))
+    return stages

@@ -1,0 +1,205 @@
+"""tools/experiments/compare_inits.py runs the paper's comparison end to end, each stage a real
+subprocess of our CLIs, and is resumable:
+
+* a shortened run (dense base, naive and drop:0.5, a few steps of a tiny model) goes through every
+  stage; the report holds every method's final losses on each validation set, its routing
+  table and its expert-similarity curve (naive starting at ~1, drop:0.5 near (1-r)^4), the plot,
+  and each stage's exact command, wall time and tokens (also in stages.json); the training runs
+  differ only in their checkpoint paths and ``checkpoint.load``;
+* a rerun skips every stage; a run killed (SIGKILL to its whole process group) in a training stage
+  resumes that training from its checkpoint and skips what had finished;
+* bad input (unknown or malformed method, a bad config, a dense base whose shape or kind does not
+  match the config, an output dir holding something else) is one line and exit 2, with nothing
+  touched.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.resilience import kill_job, popen, wait_for_line
+
+TOOL = "tools/experiments/compare_inits.py"
+TINY = ["--config", "configs/tiny-cpu.yaml", *[a for kv in (
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+    "data.seq_length=32", "train.global_batch_size=8", "train.micro_batch_size=8",
+    "train.log_interval=1", "train.eval_interval=2", "schedule.warmup_steps=1",
+    "checkpoint.save_interval=2") for a in ("--set", kv)]]
+TOKENS_PER_STEP = 8 * 32
+
+
+def compare(out: Path, *extra: str, methods: str = "naive,drop:0.5", steps: int = 4,
+            dense: list[str] | None = None) -> list[str]:
+    return [TOOL, *TINY, "--methods", methods, "--tokens", str(steps * TOKENS_PER_STEP),
+            *(dense or ["--train-dense", str(2 * TOKENS_PER_STEP)]), "--routing-tokens", "1000",
+            "--output", str(out), *extra]
+
+
+def one_error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (
+        proc.returncode, proc.stderr[-2000:])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """One shortened comparison, in a directory that held a foreign file (--overwrite)."""
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    out.mkdir()
+    (out / "foreign.txt").write_text("not an experiment")
+    start = time.monotonic()
+    proc = run_cli(compare(out, "--overwrite"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"out": out, "wall": time.monotonic() - start}
+
+
+@pytest.mark.slow
+def test_every_stage_runs_and_the_report_holds_every_number(run) -> None:
+    out = run["out"]
+    assert not (out / "foreign.txt").exists()  # --overwrite replaced the foreign directory
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == [
+        "dense", "init/naive", "train/naive", "routing/naive",
+        "init/drop:0.5", "train/drop:0.5", "routing/drop:0.5"]
+    assert all(s["state"] == "ran" and s["wall_s"] > 0 for s in stages)
+    by_name = {s["name"]: s for s in stages}
+    assert by_name["dense"]["tokens"] == 2 * TOKENS_PER_STEP
+    assert by_name["train/naive"]["tokens"] == 4 * TOKENS_PER_STEP
+    assert "moe.num_experts=0" in by_name["dense"]["command"]
+    assert "upcycling.method=drop" in by_name["init/drop:0.5"]["command"]
+    # Identical training runs but for where they save and what they load.
+    naive, drop = (by_name[f"train/{m}"]["command"] for m in ("naive", "drop:0.5"))
+    differ = [(a, b) for a, b in zip(naive, drop, strict=True) if a != b]
+    assert all("checkpoint." in a or "logging.output_dir" in a for a, _ in differ), differ
+
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["methods"]) == ["naive", "drop:0.5"]
+    for label, row in report["methods"].items():
+        for key in ("train", "val_loss", "english/loss", "japanese/loss", "code/loss"):
+            assert 0 < row["final"][key] < 20, (label, key)
+        assert len(row["series"]["train"]) == 4 and row["series"]["train"][-1][0] == 1024
+        assert len(row["series"]["cos"]) == 4
+        assert set(row["routing"]["average"]) >= {"mean_tv", "usage_entropy"}
+    # After one step, naive experts are still nearly identical; drop:0.5 near (1 - 0.5)^4.
+    assert report["methods"]["naive"]["final"]["cos_first"] > 0.98
+    assert abs(report["methods"]["drop:0.5"]["final"]["cos_first"] - 0.0625) < 0.05
+    md = (out / "report.md").read_text()
+    for needle in ("| naive |", "| drop:0.5 |", "english/loss", "mean_tv", "curves.png",
+                   "python tools/convert/upcycle.py", "python tools/analysis/routing.py",
+                   "Drop-Upcycling r=0.5"):  # the paper's row beside ours
+        assert needle in md, needle
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for domain in ("en_shakespeare", "ja_neko", "code_python"):  # held-out text, per domain
+        assert (out / "heldout" / f"{domain}.txt").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_stage(run) -> None:
+    before = (out := run["out"]) / "report.json"
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "train").rglob("*") if p.is_file()}
+    start = time.monotonic()
+    proc = run_cli(compare(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    assert all(s["state"] == "skipped (verified)" for s in stages), stages
+    assert all(s["wall_s"] > 0 for s in stages)  # the first run's times are kept
+    assert "| step" not in proc.stdout  # nothing trained
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert json.loads(before.read_text())["methods"]["naive"]["final"]
+    assert time.monotonic() - start < 0.5 * run["wall"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["sigkill-group", "sigterm-tool"])
+def test_stopped_training_resumes_from_its_checkpoint(run, tmp_path: Path, stop: str) -> None:
+    out = tmp_path / "cmp"  # scratch from the first run's dense base: train and routing only
+    args = compare(out, methods="scratch", steps=8,
+                   dense=["--dense", str(run["out"] / "dense" / "ckpt")])
+    proc = popen(args)
+    # The training has saved step 4 (checkpoint.save_interval=2) and goes on.
+    wait_for_line(proc, lambda line: "| step 5/8" in line, timeout=600)
+    if stop == "sigkill-group":  # a scheduler's kill: everything dies at once
+        kill_job(proc)
+        resumed = 4
+    else:  # scancel/Ctrl-C of the tool alone: the training it runs saves its step and stops
+        proc.send_signal(signal.SIGTERM)
+        tail = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 143 and "error: terminated" in tail, tail[-2000:]
+        saved = sorted((out / "train" / "scratch" / "ckpt").glob("iter_*"))
+        resumed = int(saved[-1].name[5:])
+        assert resumed >= 5
+    assert not (out / "stages.json").exists()  # no stage had finished
+    again = run_cli(args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    assert [(s["name"], s["state"]) for s in stages] == [("train/scratch", "ran"),
+                                                         ("routing/scratch", "ran")]
+    log = (out / "logs" / "train_scratch.log").read_text()
+    assert f"resumed from {out / 'train' / 'scratch' / 'ckpt'}" in log, log[-2000:]
+    assert f"at step {resumed}" in log  # not started over
+    assert "| step 8/8" in again.stdout and f"| step {resumed}/8" not in again.stdout
+    again = run_cli(args)  # and now everything is done
+    assert again.returncode == 0 and "| step" not in again.stdout
+
+
+@pytest.mark.parametrize("methods, needle", [
+    ("naive,bogus", "unknown method 'bogus'"), ("drop", "drop needs a ratio"),
+    ("drop:1.5", "ratio must be a number in [0, 1]"), ("naive:0.5", "naive takes no ratio"),
+    ("btx:2", "unknown method 'btx:2'"), ("naive,naive", "given twice"),
+])
+def test_bad_method_is_one_line(tmp_path: Path, methods: str, needle: str) -> None:
+    proc = run_cli(compare(tmp_path / "cmp", methods=methods))
+    assert needle in one_error_line(proc)
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["shape", "moe", "missing"])
+def test_mismatched_dense_base_is_one_line(run, tmp_path: Path, case: str) -> None:
+    out = run["out"]
+    dense, extra, needle = {
+        "shape": (out / "dense" / "ckpt", ["--set", "model.ffn_hidden_size=192"],
+                  "ffn_hidden_size 192 vs 128"),
+        "moe": (out / "init" / "naive", [], "an MoE checkpoint (8 experts)"),
+        "missing": (tmp_path / "nowhere", [], "nowhere"),
+    }[case]
+    proc = run_cli(compare(tmp_path / "cmp", *extra, dense=["--dense", str(dense)]))
+    line = one_error_line(proc)
+    assert needle in line and "--dense" in line, line
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["tokens", "methods", "foreign"])
+def test_output_of_another_experiment_is_refused(run, tmp_path: Path, change: str) -> None:
+    if change == "foreign":
+        out = tmp_path / "mine"
+        out.mkdir()
+        (out / "keep.txt").write_text("the user's")
+        args = compare(out)
+    else:
+        out = run["out"]
+        args = compare(out, steps=6) if change == "tokens" else compare(out, methods="naive")
+    before = sorted(p.name for p in out.iterdir())
+    line = one_error_line(run_cli(args))
+    assert f"--output {out}" in line and "--overwrite" in line, line
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--set", "train.bogus=1"], "train.bogus: unknown key"),
+    (["--set", "train.micro_batch_size=3"], "not divisible"),
+    (["--set", "moe.num_experts=0"], "moe.num_experts is 0"),
+    (["--tokens", "0"], "--tokens must be a positive number"),
+])
+def test_bad_config_is_one_line(tmp_path: Path, extra: list[str], needle: str) -> None:
+    proc = run_cli(compare(tmp_path / "cmp", *extra))
+    assert needle in one_error_line(proc)
+    assert not (tmp_path / "cmp").exists()

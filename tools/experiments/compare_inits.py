@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""The paper's comparison of MoE initializations in one command, each stage a subprocess.
+
+    python tools/experiments/compare_inits.py --config configs/tiny-cpu.yaml \\
+        --methods scratch,naive,drop:0.5 --tokens 200000 --train-dense 200000 --output runs/compare
+
+Stages: dense base (pretrain_moe.py with moe.num_experts=0, unless --dense gives one) -> per
+method an initialization (tools/convert/upcycle.py --config; scratch: none) -> its training
+(pretrain_moe.py, identical config, seed, data order, schedule and steps; checkpoint.load = the
+upcycled model) -> downstream tasks (tools/eval/lm_eval.py, with --tasks) -> routing by domain
+(tools/analysis/routing.py on the held-out end of the demo corpus' en/ja/code files) ->
+DIR/report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from megatron_ext.experiments.plan import KINDS, Experiment, build_stages, parse_methods
+from megatron_ext.platform.cli import ArgumentParser, run_cli
+from megatron_ext.platform.fs import check_disjoint
+from megatron_ext.platform.quiet import quiet_process
+
+quiet_process()  # before megatron is imported: its import-time notices are noise here
+
+EPILOG = f"""\
+methods: {', '.join(KINDS)}; drop and noise take the ratio r (drop:0.5, noise:0.5).
+tokens: each MoE run trains ceil(TOKENS / (global_batch_size * seq_length)) steps.
+rerun the same command to resume: finished stages (outputs that verify) are skipped, an
+interrupted training resumes from its checkpoint. A DIR holding another experiment (config,
+methods, tokens, ...) is refused unless --overwrite (which deletes it first).
+outputs: DIR/report.md, report.json, curves.png, stages.json (each stage's command, wall time,
+tokens), logs/<stage>.log, dense/, init/<method>/, train/<method>/, routing/<method>/, eval/.
+exit codes: 0 ok, 2 bad input or a stage's bad input (one line), 1 a stage failed, 130 Ctrl-C.
+"""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, type=Path, help="config of the MoE runs")
+    p.add_argument("--methods", required=True, help="comma-separated, e.g. scratch,naive,drop:0.5")
+    p.add_argument("--tokens", required=True, type=int, help="training tokens per method")
+    p.add_argument("--output", required=True, type=Path, help="experiment directory")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--dense", type=Path, help="dense base: our checkpoint or an HF dir")
+    base.add_argument("--train-dense", type=int, metavar="TOKENS",
+                      help="train the dense base first, for TOKENS tokens")
+    p.add_argument("--tasks", help="downstream tasks for tools/eval/lm_eval.py (e.g. demo_local)")
+    p.add_argument("--routing-tokens", type=int, default=20_000, help="tokens per domain")
+    p.add_argument("--overwrite", action="store_true", help="replace a different experiment")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="config override for every stage (repeatable), as pretrain_moe.py --set")
+    args = p.parse_args(argv)
+    for flag in ("tokens", "train_dense", "routing_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be a positive number of tokens")
+    return args
+
+
+def _compare(argv: Sequence[str] | None) -> int:
+    args = parse_args(argv)
+    exp = Experiment(args.config, args.overrides, parse_methods(args.methods), args.tokens,
+                     args.output, dense=args.dense, dense_tokens=args.train_dense or 0,
+                     tasks=args.tasks, routing_tokens=args.routing_tokens)
+    # why inside: these import megatron-core (seconds); --help and usage errors stay fast
+    from megatron_ext.experiments.report import write_report
+    from megatron_ext.experiments.runner import (
+        check_dense,
+        prepare_output,
+        run_stages,
+        write_heldout,
+    )
+
+    check_disjoint(exp.output, [("--config", exp.config)] + (
+        [("--dense", exp.dense)] if exp.dense else []))
+    if exp.dense is not None:
+        check_dense(exp)
+    prepare_output(exp.output, exp.fingerprint(), args.overwrite)
+    write_heldout(exp)
+    ledger = run_stages(build_stages(exp), exp.output)
+    write_report(exp, ledger)
+    print(f"compare: report {exp.output / 'report.md'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_compare, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
