@@ -168,7 +168,7 @@ class DataConfig:
     cache_dir: str | None = None
     """Where dataset index caches go; None = next to the data."""
     demo_corpus: bool = False
-    """Build the shipped demo corpus (English, Japanese, Python code; tokenizer + .bin/.idx, cached) and train on it."""
+    """Build the shipped demo corpus (English, Japanese, Python code; tokenizer + .bin/.idx, cached) and train on it: on all three languages, or on those `blend` names (e.g. [demo:en] or [1, demo:en, 1, demo:code])."""
     valid_sets: dict = field(default_factory=dict)
     """Named validation sets, name -> prefix or [weight, prefix, ...] blend (demo:en, demo:ja, demo:code name the demo corpus and apply only with demo_corpus: true). Each uses its held-out documents (data.split's validation part), the same samples at every eval_interval, logged as valid/<name>/loss and /ppl; the training blend's held-out split stays val_loss."""
 

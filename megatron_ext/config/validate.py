@@ -145,6 +145,10 @@ def _check_data(cfg: Config) -> None:
     if not d.mock and not d.demo_corpus:
         _check(len(d.blend) > 0, "data.blend", "empty: give datasets, or set data.mock: true")
         _check(d.tokenizer is not None, "data.tokenizer", "needed with data.blend")
+    if d.demo_corpus:  # the demo tokenizer cannot read other data: only its languages blend
+        _check(all(names_demo_corpus(x) for x in d.blend if isinstance(x, str)), "data.blend",
+               "with data.demo_corpus it may name only demo corpus languages (demo:en, demo:ja, "
+               "demo:code); empty = all of them")
     parts = d.split.split(",")
     _check(len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
            "data.split", f"{d.split!r} is not like '998,1,1'")

@@ -120,8 +120,9 @@ def build_datasets(cfg: Config, steps: int) -> Datasets:
     demo: dict[str, str] = {}
     if d.demo_corpus:
         tokenizer_path, prefixes = ensure_demo_data()
-        blend = prefixes
         demo = {f"{DEMO_PREFIX}{Path(p).name}": p for p in prefixes}  # demo:en -> .../en
+        # a blend naming demo languages trains on those only (e.g. a BTX domain branch)
+        blend = _demo_sources("data.blend", blend, demo) if blend else prefixes
         cache_dir = cache_dir or str(Path(tokenizer_path).parent / "index-cache")
     tok = load_tokenizer(tokenizer_path)
 
@@ -135,15 +136,22 @@ def build_datasets(cfg: Config, steps: int) -> Datasets:
     train, valid, _ = build(blend, num_samples)
     named = {}
     for name, source in active_valid_sets(cfg).items():
-        sources = [demo.get(x, x) if isinstance(x, str) else x
-                   for x in (source if isinstance(source, list) else [source])]
-        unknown = [x for x in sources if isinstance(x, str) and x.startswith(DEMO_PREFIX)]
-        if unknown:
-            raise ConfigError(f"data.valid_sets.{name}: {unknown[0]} is not a demo corpus "
-                              f"language (have {', '.join(sorted(demo))})")
+        sources = _demo_sources(f"data.valid_sets.{name}",
+                                source if isinstance(source, list) else [source], demo)
         # Only the held-out split is read: a one-sample training split is all megatron needs.
         named[name] = build(sources, (1, n_eval, 0))[1]
     return Datasets(train, valid if n_eval else None, named)
+
+
+def _demo_sources(field: str, sources: list, demo: dict[str, str]) -> list:
+    """``sources`` with each ``demo:<language>`` replaced by that demo prefix; ConfigError
+    names one that is not a demo corpus language."""
+    resolved = [demo.get(x, x) if isinstance(x, str) else x for x in sources]
+    unknown = [x for x in resolved if isinstance(x, str) and x.startswith(DEMO_PREFIX)]
+    if unknown:
+        raise ConfigError(f"{field}: {unknown[0]} is not a demo corpus language "
+                          f"(have {', '.join(sorted(demo))})")
+    return resolved
 
 
 def dp_rank_and_size() -> tuple[int, int]:

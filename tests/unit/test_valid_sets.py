@@ -1,6 +1,7 @@
 """data.valid_sets: per-domain validation. Each named set reads only its sources' held-out
 documents (never a training document), the same samples at every evaluation, and reaches the
-metrics as <name>/loss and /ppl beside val_loss; bad sets are one config line, exit 2."""
+metrics as <name>/loss and /ppl beside val_loss; bad sets are one config line, exit 2.
+data.blend naming demo languages (a BTX domain branch) trains on those languages only."""
 
 from __future__ import annotations
 
@@ -61,6 +62,15 @@ def test_the_same_samples_every_time_and_per_language_losses(tmp_path):
     assert first["english"] != first["japanese"]
 
 
+@pytest.mark.parametrize("blend, languages", [
+    (["demo:en"], ["en"]), ([1, "demo:ja", 3, "demo:code"], ["code", "ja"])])
+def test_a_blend_of_demo_languages_trains_on_those_only(blend, languages):
+    cfg = load_config(TINY, SMALL + [f"data.blend={blend}"])
+    train = build_datasets(cfg, 10).train
+    parts = getattr(train, "datasets", [train])  # one language: megatron's plain GPTDataset
+    assert sorted(d.dataset_path.rsplit("/", 1)[-1] for d in parts) == languages
+
+
 def test_a_training_run_logs_every_set(tmp_path):
     args = ["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml"]
     for item in SMALL + [f"logging.output_dir={tmp_path}"]:
@@ -97,6 +107,7 @@ def test_demo_sets_are_not_evaluated_when_training_on_other_data(tmp_path):
     ("data.valid_sets={x: []}", "data.valid_sets.x: must be a dataset prefix"),
     ("data.valid_sets=[demo:en]", "data.valid_sets: expected a mapping of names"),
     ("data.split='100,0,0'", "data.valid_sets: data.split '100,0,0' holds out no validation"),
+    ("data.blend=[/data/web]", "data.blend: with data.demo_corpus it may name only demo"),
 ])
 def test_bad_sets_are_one_config_line(override, message):
     proc = run_cli(["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml", "--dry-run",
@@ -106,13 +117,15 @@ def test_bad_sets_are_one_config_line(override, message):
     assert message in proc.stderr
 
 
-def test_an_unknown_demo_language_is_one_line(tmp_path):
-    args = ["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml", "--set",
-            "data.valid_sets={fr: demo:fr}", "--set", f"logging.output_dir={tmp_path}"]
+@pytest.mark.parametrize("override, field", [
+    ("data.valid_sets={fr: demo:fr}", "data.valid_sets.fr"), ("data.blend=[demo:fr]", "data.blend")])
+def test_an_unknown_demo_language_is_one_line(tmp_path, override, field):
+    args = ["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml", "--set", override,
+            "--set", f"logging.output_dir={tmp_path}"]
     for item in SMALL:
         args += ["--set", item]
     proc = run_cli(args, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: data.valid_sets.fr: demo:fr is not a demo corpus language "
+        f"error: {field}: demo:fr is not a demo corpus language "
         "(have demo:code, demo:en, demo:ja)")
