@@ -20,8 +20,9 @@ from megatron_ext.config.validate import planned_world_size, validate
 from megatron_ext.data.demo import CORPUS_DIR, corpus_files
 from megatron_ext.errors import UserError, one_line
 
-# method name -> needs a ratio (drop, noise) ; btx needs several dense bases: a later session.
-KINDS = {"scratch": False, "naive": False, "noise": True, "drop": True}
+# method name -> needs a ratio (drop, noise). btx (Branch-Train-MiX) has its experts from the dense
+# base and from one branch of it per demo domain, each trained further on that domain alone.
+KINDS = {"scratch": False, "naive": False, "noise": True, "drop": True, "btx": False}
 PRETRAIN, UPCYCLE = "pretrain_moe.py", "tools/convert/upcycle.py"
 ROUTING, LM_EVAL = "tools/analysis/routing.py", "tools/eval/lm_eval.py"
 FINGERPRINT_FILE = "experiment.json"
@@ -29,6 +30,14 @@ FINGERPRINT_FILE = "experiment.json"
 
 class ExperimentError(UserError, ValueError):
     """A bad comparison request (method, dense base, output dir); one line, exit 2."""
+
+
+def checked_config(path: Path, overrides: list[str]) -> Config:
+    """The config as pretrain_moe.py loads and checks it (ConfigError: one line)."""
+    cfg = load_config(path, overrides)
+    p = cfg.parallel
+    validate(cfg, world_size=planned_world_size(cfg, p.tensor * p.pipeline * p.expert))
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -102,19 +111,38 @@ class Experiment:
     dense_tokens: int = 0
     tasks: str | None = None
     routing_tokens: int = 20_000
+    btx_tokens: int | None = None  # per domain branch; None = a quarter of ``tokens``
     cfg: Config = field(init=False)
 
     def __post_init__(self) -> None:
         try:
-            self.cfg = load_config(self.config, self.overrides)
-            p = self.cfg.parallel  # checked as pretrain_moe.py checks it, before any stage
-            validate(self.cfg, world_size=planned_world_size(self.cfg,
-                                                             p.tensor * p.pipeline * p.expert))
+            self.cfg = checked_config(self.config, self.overrides)
         except ConfigError as e:
             raise ExperimentError(f"--config {self.config}: {one_line(e)}") from None
         if self.cfg.moe.num_experts == 0:
             raise ExperimentError(f"--config {self.config}: moe.num_experts is 0; give the "
                                   "config of the MoE runs (the dense base is derived from it)")
+        if any(m.kind == "btx" for m in self.methods):
+            self._check_btx()
+
+    def _check_btx(self) -> None:
+        sources = 1 + len(btx_domains())  # the base and one branch per domain
+        if not self.cfg.data.demo_corpus:
+            raise ExperimentError("--methods btx: its branches train on the demo corpus "
+                                  "languages; the config needs data.demo_corpus: true")
+        if self.cfg.moe.num_experts % sources:
+            raise ExperimentError(f"--methods btx: moe.num_experts {self.cfg.moe.num_experts} "
+                                  f"is not divisible by its {sources} source models (the dense "
+                                  f"base and a branch per domain: {', '.join(btx_domains())})")
+        if self.dense is not None and not (self.dense / "latest").is_file() \
+                and not (self.dense / "meta.json").is_file():
+            raise ExperimentError(f"--methods btx: its branches continue training --dense "
+                                  f"{self.dense}, which must be one of our checkpoints (convert "
+                                  "an HF dir with tools/convert/hf_to_mcore.py)")
+
+    @property
+    def branch_tokens(self) -> int:
+        return self.btx_tokens or max(1, self.tokens // 4)
 
     @property
     def tokens_per_step(self) -> int:
@@ -129,15 +157,25 @@ class Experiment:
                     "methods": [m.label for m in self.methods], "tokens": self.tokens,
                     "dense": str(self.dense) if self.dense else None,
                     "dense_tokens": self.dense_tokens, "tasks": self.tasks,
-                    "routing_tokens": self.routing_tokens}
+                    "routing_tokens": self.routing_tokens,
+                    **({"btx_tokens": self.branch_tokens}
+                       if any(m.kind == "btx" for m in self.methods) else {})}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return {"fingerprint": digest[:16], **identity}
 
 
+def _domain(corpus_file: str) -> str:  # code_python.txt -> code
+    return Path(corpus_file).name.split("_")[0].split(".")[0]
+
+
+def btx_domains() -> list[str]:
+    """The demo corpus languages (code, en, ja): one BTX branch each."""
+    return [_domain(f) for f in corpus_files(CORPUS_DIR)]
+
+
 def heldout_paths(exp: Experiment) -> dict[str, Path]:
-    """Domain label (en, ja, code) -> DIR/heldout/<label>.txt, the routing stages' text."""
-    return {Path(f).name.split("_")[0].split(".")[0]: exp.output / "heldout" / Path(f).name
-            for f in corpus_files(CORPUS_DIR)}
+    """Domain label (en, ja, code) -> DIR/heldout/<file>, the routing stages' text."""
+    return {_domain(f): exp.output / "heldout" / Path(f).name for f in corpus_files(CORPUS_DIR)}
 
 
 def heldout_text(text: str, split: str) -> str:
@@ -148,6 +186,20 @@ def heldout_text(text: str, split: str) -> str:
     share = 0.9 * sum(weights[1:]) / sum(weights)
     start = text.find("\n", int(len(text) * (1 - share))) + 1
     return text[start:] if 0 < start < len(text) else ""
+
+
+def check_stage_configs(exp: Experiment, stages: list[Stage]) -> None:
+    """Each training stage's own config (the experiment's with the stage's overrides), checked
+    before the first stage runs: a branch too short for the warm-up fails now, not after the
+    dense base has trained. ExperimentError names the stage."""
+    for stage in stages:
+        if stage.argv[0] != PRETRAIN:
+            continue
+        sets = [stage.argv[i + 1] for i, arg in enumerate(stage.argv) if arg == "--set"]
+        try:
+            checked_config(exp.config, sets)
+        except ConfigError as e:
+            raise ExperimentError(f"stage {stage.name}: {one_line(e)}") from None
 
 
 def _sets(*pairs: str) -> list[str]:
@@ -167,7 +219,24 @@ def build_stages(exp: Experiment) -> list[Stage]:
             steps * exp.tokens_per_step))
     steps = exp.steps(exp.tokens)
     for m in exp.methods:
+        if m.kind == "btx":
+            stages.extend(_branch_stages(exp, dense, cfg_args, needs))
         stages.extend(_method_stages(exp, m, dense, cfg_args, steps, needs))
+    return stages
+
+
+def _branch_stages(exp: Experiment, dense: Path, cfg_args: list[str],
+                   needs: tuple[str, ...]) -> list[Stage]:
+    """BTX's branches: the dense base trained further on one demo domain each, the same
+    config and schedule as the base (its weights loaded, a fresh optimizer)."""
+    stages, steps = [], exp.steps(exp.branch_tokens)
+    for domain in btx_domains():
+        work = exp.output / "branch" / domain
+        stages.append(Stage(f"branch/{domain}", [PRETRAIN, *cfg_args, *_sets(
+            "moe.num_experts=0", f"data.blend=[demo:{domain}]", f"train.train_steps={steps}",
+            f"checkpoint.load={dense}", f"checkpoint.save={work / 'ckpt'}",
+            f"logging.output_dir={work / 'run'}")], "checkpoint", work / "ckpt", steps,
+            steps * exp.tokens_per_step, needs, workdir=work))
     return stages
 
 
@@ -181,9 +250,15 @@ def _method_stages(exp: Experiment, m: Method, dense: Path, cfg_args: list[str],
         init = out / "init" / m.slug
         recipe = [f"upcycling.method={m.kind}"] + (
             [f"upcycling.ratio={m.ratio}"] if m.ratio is not None else [])
+        branches: list[str] = []
+        if m.kind == "btx":  # source 0 is the base, then the branches in domain order
+            branches = ["--btx-sources", *(str(out / "branch" / d / "ckpt")
+                                           for d in btx_domains())]
+            needs = needs + tuple(f"branch/{d}" for d in btx_domains())
         stages.append(Stage(f"init/{m.label}", [
-            UPCYCLE, *cfg_args, *_sets(*recipe), "--input", str(dense), "--output", str(init),
-            "--output-format", "mcore", "--overwrite"], "checkpoint", init, needs=needs))
+            UPCYCLE, *cfg_args, *_sets(*recipe), "--input", str(dense), *branches,
+            "--output", str(init), "--output-format", "mcore", "--overwrite"], "checkpoint",
+            init, needs=needs))
         load, needs = [f"checkpoint.load={init}"], (f"init/{m.label}",)
     stages.append(Stage(f"train/{m.label}", [PRETRAIN, *cfg_args, *_sets(
         f"train.train_steps={steps}", f"checkpoint.save={ckpt}",

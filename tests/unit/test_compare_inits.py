@@ -8,9 +8,11 @@ subprocess of our CLIs, and is resumable:
   differ only in their checkpoint paths and ``checkpoint.load``;
 * a rerun skips every stage; a run killed (SIGKILL to its whole process group) in a training stage
   resumes that training from its checkpoint and skips what had finished;
-* bad input (unknown or malformed method, a bad config, a dense base whose shape or kind does not
-  match the config, an output dir holding something else) is one line and exit 2, with nothing
-  touched.
+* btx trains one branch of the dense base per demo domain (on that domain alone) and mixes the
+  base and the branches into the MoE; its plan and a real shortened run are checked;
+* bad input (unknown or malformed method, a bad config, a stage whose own config fails, a dense
+  base whose shape or kind does not match the config, an output dir holding something else) is
+  one line and exit 2, with nothing touched.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_ext.experiments.plan import Experiment, build_stages, parse_methods
+from megatron_ext.experiments.report import read_metrics
 from tests.conftest import run_cli
 from tests.resilience import kill_job, popen, wait_for_line
 
@@ -152,7 +156,7 @@ def test_stopped_training_resumes_from_its_checkpoint(run, tmp_path: Path, stop:
 @pytest.mark.parametrize("methods, needle", [
     ("naive,bogus", "unknown method 'bogus'"), ("drop", "drop needs a ratio"),
     ("drop:1.5", "ratio must be a number in [0, 1]"), ("naive:0.5", "naive takes no ratio"),
-    ("btx:2", "unknown method 'btx:2'"), ("naive,naive", "given twice"),
+    ("btx:2", "btx takes no ratio"), ("naive,naive", "given twice"), ("", "unknown method ''"),
 ])
 def test_bad_method_is_one_line(tmp_path: Path, methods: str, needle: str) -> None:
     proc = run_cli(compare(tmp_path / "cmp", methods=methods))
@@ -203,3 +207,56 @@ def test_bad_config_is_one_line(tmp_path: Path, extra: list[str], needle: str) -
     proc = run_cli(compare(tmp_path / "cmp", *extra))
     assert needle in one_error_line(proc)
     assert not (tmp_path / "cmp").exists()
+
+
+def test_btx_plan_branches_the_base_per_domain() -> None:
+    sets = [a for a in TINY[2:] if a != "--set"]
+    exp = Experiment(Path("configs/tiny-cpu.yaml"), sets, parse_methods("btx"),
+                     4 * TOKENS_PER_STEP, Path("/nonexistent/out"), dense_tokens=512,
+                     btx_tokens=2 * TOKENS_PER_STEP)
+    stages = {s.name: s for s in build_stages(exp)}
+    assert list(stages) == ["dense", "branch/code", "branch/en", "branch/ja", "init/btx",
+                            "train/btx", "routing/btx"]
+    dense = "/nonexistent/out/dense/ckpt"
+    for domain in ("code", "en", "ja"):
+        argv = stages[f"branch/{domain}"].argv
+        for setting in ("moe.num_experts=0", f"data.blend=[demo:{domain}]",
+                        "train.train_steps=2", f"checkpoint.load={dense}"):
+            assert setting in argv, (domain, setting)
+        assert stages[f"branch/{domain}"].needs == ("dense",)
+    init = stages["init/btx"]
+    at = init.argv.index("--btx-sources")  # the base is source 0, then the branches in order
+    assert init.argv[init.argv.index("--input") + 1] == dense
+    assert init.argv[at + 1:at + 4] == [f"/nonexistent/out/branch/{d}/ckpt"
+                                        for d in ("code", "en", "ja")]
+    assert init.needs == ("dense", "branch/code", "branch/en", "branch/ja")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--set", "moe.num_experts=6"], "6 is not divisible by its 4 source models"),
+    (["--set", "data.demo_corpus=false", "--set", "data.mock=true"],
+     "needs data.demo_corpus: true"),
+    (["--btx-tokens", str(TOKENS_PER_STEP)],  # one step: shorter than the warm-up
+     "stage branch/code: schedule.warmup_steps: 1 must be 0 or less"),
+])
+def test_bad_btx_request_is_one_line(tmp_path: Path, extra: list[str], needle: str) -> None:
+    proc = run_cli(compare(tmp_path / "cmp", *extra, methods="btx"))
+    assert needle in one_error_line(proc)
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.slow
+def test_btx_runs_end_to_end(run, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    proc = run_cli(compare(out, "--btx-tokens", str(2 * TOKENS_PER_STEP), methods="btx",
+                           steps=2, dense=["--dense", str(run["out"] / "dense" / "ckpt")]))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["branch/code", "branch/en", "branch/ja",
+                                           "init/btx", "train/btx", "routing/btx"]
+    # each branch trained on its own domain only: its training loss is that domain's
+    branch = read_metrics(out / "branch" / "en" / "run" / "metrics.jsonl")
+    assert branch["train"][-1][0] == 2 * TOKENS_PER_STEP
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["methods"]["btx"]["final"]["english/loss"] < 20
+    assert "| btx |" in (out / "report.md").read_text()

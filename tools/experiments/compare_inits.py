@@ -19,7 +19,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_ext.experiments.plan import KINDS, Experiment, build_stages, parse_methods
+from megatron_ext.experiments.plan import (
+    KINDS,
+    Experiment,
+    build_stages,
+    check_stage_configs,
+    parse_methods,
+)
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 from megatron_ext.platform.fs import check_disjoint
 from megatron_ext.platform.quiet import quiet_process
@@ -28,6 +34,8 @@ quiet_process()  # before megatron is imported: its import-time notices are nois
 
 EPILOG = f"""\
 methods: {', '.join(KINDS)}; drop and noise take the ratio r (drop:0.5, noise:0.5).
+btx (Branch-Train-MiX): the dense base trained further on each demo domain (code, en, ja) for
+--btx-tokens each; experts from the base and the branches (num_experts divisible by 4).
 tokens: each MoE run trains ceil(TOKENS / (global_batch_size * seq_length)) steps.
 rerun the same command to resume: finished stages (outputs that verify) are skipped, an
 interrupted training resumes from its checkpoint. A DIR holding another experiment (config,
@@ -51,11 +59,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="train the dense base first, for TOKENS tokens")
     p.add_argument("--tasks", help="downstream tasks for tools/eval/lm_eval.py (e.g. demo_local)")
     p.add_argument("--routing-tokens", type=int, default=20_000, help="tokens per domain")
+    p.add_argument("--btx-tokens", type=int, metavar="TOKENS",
+                   help="btx: training tokens of each domain branch (default: --tokens / 4)")
     p.add_argument("--overwrite", action="store_true", help="replace a different experiment")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config override for every stage (repeatable), as pretrain_moe.py --set")
     args = p.parse_args(argv)
-    for flag in ("tokens", "train_dense", "routing_tokens"):
+    for flag in ("tokens", "train_dense", "routing_tokens", "btx_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive number of tokens")
@@ -66,7 +76,10 @@ def _compare(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     exp = Experiment(args.config, args.overrides, parse_methods(args.methods), args.tokens,
                      args.output, dense=args.dense, dense_tokens=args.train_dense or 0,
-                     tasks=args.tasks, routing_tokens=args.routing_tokens)
+                     tasks=args.tasks, routing_tokens=args.routing_tokens,
+                     btx_tokens=args.btx_tokens)
+    stages = build_stages(exp)
+    check_stage_configs(exp, stages)
     # why inside: these import megatron-core (seconds); --help and usage errors stay fast
     from megatron_ext.experiments.report import write_report
     from megatron_ext.experiments.runner import (
@@ -82,7 +95,7 @@ def _compare(argv: Sequence[str] | None) -> int:
         check_dense(exp)
     prepare_output(exp.output, exp.fingerprint(), args.overwrite)
     write_heldout(exp)
-    ledger = run_stages(build_stages(exp), exp.output)
+    ledger = run_stages(stages, exp.output)
     write_report(exp, ledger)
     print(f"compare: report {exp.output / 'report.md'}")
     return 0
