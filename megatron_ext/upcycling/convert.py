@@ -178,10 +178,6 @@ def _check_same_shapes(base: DenseModel, other: DenseModel) -> None:
                 f"{base.dtype_of(name)}")
 
 
-def _no_getter(name: str) -> Tensor:
-    raise KeyError(name)
-
-
 def _with_progress(stream: Iterator[tuple[str, Tensor]], num_layers: int,
                    log: Callable[[str], None]) -> Iterator[tuple[str, Tensor]]:
     start, last = time.monotonic(), -1
@@ -218,8 +214,7 @@ def upcycle_checkpoint(
     output_dir = preflight(sources, Path(output_dir), overwrite)
     if spec.btx_sources:
         raise UpcycleError("pass btx sources as btx_dirs, not as getters")
-    # Placeholders stand in for the sources so that the recipe is checked before any input is read.
-    replace(spec, btx_sources=tuple(_no_getter for _ in btx_dirs)).validate()
+    spec.with_placeholder_sources(len(btx_dirs)).validate()  # before any input is read
     dense = open_dense(Path(input_dir), input_format)
     sources = [open_dense(Path(d), input_format) for d in btx_dirs]
     for source in sources:

@@ -20,6 +20,10 @@ class UpcycleError(UserError, ValueError):
     """A bad upcycling request (the message says which setting)."""
 
 
+def _unread(name: str) -> Tensor:
+    raise KeyError(f"{name}: a placeholder btx source is never read")
+
+
 @dataclass(frozen=True)
 class UpcycleSpec:
     """One upcycling recipe. Every random draw comes from ``seed`` (order: see ``upcycle``)."""
@@ -53,6 +57,11 @@ class UpcycleSpec:
     @property
     def num_sources(self) -> int:
         return 1 + len(self.btx_sources)
+
+    def with_placeholder_sources(self, count: int) -> UpcycleSpec:
+        """This recipe with ``count`` btx sources that cannot be read: checks the recipe (e.g.
+        experts divisible by the sources) before any source is opened."""
+        return replace(self, btx_sources=tuple(_unread for _ in range(count)))
 
     def validate(self, arch: Arch | None = None) -> None:
         """Raise ``UpcycleError`` for the first bad setting (``arch``: the dense input)."""

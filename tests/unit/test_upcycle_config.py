@@ -65,6 +65,10 @@ CONFIGS = {
     "drop, --set": ({"num_experts": 2, "top_k": 2, "layer_freq": 1}, DROP,
                     ["--set", "upcycling.seed=5", "--set", "moe.num_experts=4"],
                     {**DROP, "seed": 5, "num_experts": 4, "top_k": 2, "moe_layers": None}),
+    # btx from the config, its other sources by flag (the input itself stands in for a branch)
+    "btx, --btx-sources": ({"num_experts": 4, "top_k": 2, "layer_freq": 1}, {"method": "btx"},
+                           ["--btx-sources", "{dense}"],
+                           {"method": "btx", "num_experts": 4, "top_k": 2, "moe_layers": None}),
 }
 
 
@@ -72,6 +76,7 @@ CONFIGS = {
 def test_config_supplies_the_recipe(dense: Path, tmp_path: Path, case: str) -> None:
     moe, upcycling, extra, expected = CONFIGS[case]
     out = tmp_path / "moe"
+    extra = [x.format(dense=dense) for x in extra]
     r = _upcycle(dense, out, "--config", _config(tmp_path, moe, upcycling), *extra)
     assert r.returncode == 0, r.stderr
     recipe = _recipe(out)
@@ -120,12 +125,16 @@ BAD = {
     "dense config": ({}, ["--set", "moe.num_experts=0"], "moe.num_experts is 0"),
     "unknown key": ({}, ["--set", "upcycling.ratoi=0.5"], "ratoi"),
     "bad recipe": ({}, ["--set", "upcycling.ratio=1.5"], "ratio"),
+    "btx, no sources": ({}, ["--set", "upcycling.method=btx"], "btx needs at least one other"),
+    "btx, 3 sources": ({}, ["--set", "upcycling.method=btx", "--btx-sources", "{dense}",
+                            "{dense}"], "num_experts 4 is not divisible by the 3 btx source"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_config_exits_2_with_one_line(dense: Path, tmp_path: Path, case: str) -> None:
     model, extra, match = BAD[case]
+    extra = [x.format(dense=dense) for x in extra]
     out = tmp_path / "moe"
     r = _upcycle(dense, out, "--config", _config(tmp_path, MOE, DROP, **model), *extra)
     assert r.returncode == 2, r.stderr

@@ -142,7 +142,8 @@ def spec_from_args(args: argparse.Namespace) -> UpcycleSpec:
     if args.config is not None:
         cfg = read_config(args.config, args.overrides)
         spec = UpcycleSpec(**{**config_values(cfg), **given}, init_std=args.init_std)
-        spec.validate()  # a bad recipe is reported before the input is read
+        # a bad recipe is reported before the input is read
+        spec.with_placeholder_sources(len(args.btx_sources)).validate()
         check_dense_shape(cfg, args)
         return spec
     return UpcycleSpec(**given, init_std=args.init_std)
