@@ -64,8 +64,10 @@ def collect(exp: Experiment, ledger: list[dict]) -> dict:
         series = read_metrics(exp.output / "train" / m.slug / "run" / "metrics.jsonl")
         final = {key: points[-1][1] for key, points in series.items() if points}
         final["cos_first"] = series["cos"][0][1] if series["cos"] else None
-        row = {"final": final, "series": series,
-               "routing": _routing(exp.output / "routing" / m.slug / "routing.json")}
+        routing = exp.output / "routing" / m.slug
+        row = {"final": final, "series": series, "routing": _routing(routing / "routing.json"),
+               "heatmaps": sorted(str(p.relative_to(exp.output))
+                                  for p in routing.glob("heatmap_layer*.png"))}
         if exp.tasks:
             row["tasks"] = _task_scores(exp.output / "eval" / m.slug / "results.json")
         methods[m.label] = row
@@ -138,6 +140,11 @@ def markdown(data: dict) -> str:
     if paper:
         lines += ["The paper's numbers:", ""] + _table(["method", "mean_tv", "usage_entropy"], [
             [name, p.get("mean_tv"), p.get("usage_entropy")] for name, p in paper.items()])
+    lines += ["## Routing heatmaps", "", "Expert usage per domain and MoE layer (layer 0 first), "
+              "from the routing tool (`DIR/routing/<method>/`).", ""]
+    for label, row in methods.items():
+        lines += [f"{label}: " + " ".join(f"![{label} {Path(h).stem}]({h})"
+                                          for h in row.get("heatmaps", [])), ""]
     lines += ["## Stages", ""] + _table(["stage", "state", "wall s", "tokens", "command"], [
         [s["name"], s["state"], _wall(s["wall_s"]), s["tokens"], f"`{' '.join(s['command'])}`"]
         for s in data["stages"]])

@@ -91,13 +91,16 @@ def test_every_stage_runs_and_the_report_holds_every_number(run) -> None:
         assert len(row["series"]["train"]) == 4 and row["series"]["train"][-1][0] == 1024
         assert len(row["series"]["cos"]) == 4
         assert set(row["routing"]["average"]) >= {"mean_tv", "usage_entropy"}
+        slug = label.replace(":", "_r")
+        assert row["heatmaps"] == [f"routing/{slug}/heatmap_layer{i}.png" for i in (0, 1)]
     # After one step, naive experts are still nearly identical; drop:0.5 near (1 - 0.5)^4.
     assert report["methods"]["naive"]["final"]["cos_first"] > 0.98
     assert abs(report["methods"]["drop:0.5"]["final"]["cos_first"] - 0.0625) < 0.05
     md = (out / "report.md").read_text()
     for needle in ("| naive |", "| drop:0.5 |", "english/loss", "mean_tv", "curves.png",
                    "python tools/convert/upcycle.py", "python tools/analysis/routing.py",
-                   "Drop-Upcycling r=0.5"):  # the paper's row beside ours
+                   "Drop-Upcycling r=0.5",  # the paper's row beside ours
+                   "](routing/drop_r0.5/heatmap_layer1.png)"):
         assert needle in md, needle
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for domain in ("en_shakespeare", "ja_neko", "code_python"):  # held-out text, per domain
