@@ -32,11 +32,13 @@ class ExperimentError(UserError, ValueError):
     """A bad comparison request (method, dense base, output dir); one line, exit 2."""
 
 
-def checked_config(path: Path, overrides: list[str]) -> Config:
-    """The config as pretrain_moe.py loads and checks it (ConfigError: one line)."""
+def checked_config(path: Path, overrides: list[str], procs: int = 1) -> Config:
+    """The config as pretrain_moe.py loads and checks it when launched as ``procs`` processes
+    (1: the smallest world its layout allows); ConfigError: one line."""
     cfg = load_config(path, overrides)
     p = cfg.parallel
-    validate(cfg, world_size=planned_world_size(cfg, p.tensor * p.pipeline * p.expert))
+    validate(cfg, world_size=planned_world_size(
+        cfg, procs if procs > 1 else p.tensor * p.pipeline * p.expert))
     return cfg
 
 
@@ -98,6 +100,15 @@ class Stage:
     tokens: int = 0
     needs: tuple[str, ...] = ()  # stages whose outputs this one reads
     workdir: Path | None = None  # removed before a rerun forced by a redone ``needs`` stage
+    procs: int = 1  # > 1: a training stage launched by torchrun on this node
+
+    @property
+    def command(self) -> list[str]:
+        """The exact command line of the local backend (``python`` = this interpreter)."""
+        if self.procs == 1:
+            return ["python", *self.argv]
+        return ["python", "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={self.procs}", *self.argv]
 
 
 @dataclass
@@ -112,11 +123,12 @@ class Experiment:
     tasks: str | None = None
     routing_tokens: int = 20_000
     btx_tokens: int | None = None  # per domain branch; None = a quarter of ``tokens``
+    procs: int = 1  # processes per training stage (torchrun on this node: its GPUs, or CPU)
     cfg: Config = field(init=False)
 
     def __post_init__(self) -> None:
         try:
-            self.cfg = checked_config(self.config, self.overrides)
+            self.cfg = checked_config(self.config, self.overrides, self.procs)
         except ConfigError as e:
             raise ExperimentError(f"--config {self.config}: {one_line(e)}") from None
         if self.cfg.moe.num_experts == 0:
@@ -197,7 +209,7 @@ def check_stage_configs(exp: Experiment, stages: list[Stage]) -> None:
             continue
         sets = [stage.argv[i + 1] for i, arg in enumerate(stage.argv) if arg == "--set"]
         try:
-            checked_config(exp.config, sets)
+            checked_config(exp.config, sets, exp.procs)
         except ConfigError as e:
             raise ExperimentError(f"stage {stage.name}: {one_line(e)}") from None
 
@@ -216,7 +228,7 @@ def build_stages(exp: Experiment) -> list[Stage]:
         stages.append(Stage("dense", [PRETRAIN, *cfg_args, *_sets(
             "moe.num_experts=0", f"train.train_steps={steps}", f"checkpoint.save={dense}",
             f"logging.output_dir={out / 'dense' / 'run'}")], "checkpoint", dense, steps,
-            steps * exp.tokens_per_step))
+            steps * exp.tokens_per_step, procs=exp.procs))
     steps = exp.steps(exp.tokens)
     for m in exp.methods:
         if m.kind == "btx":
@@ -236,7 +248,7 @@ def _branch_stages(exp: Experiment, dense: Path, cfg_args: list[str],
             "moe.num_experts=0", f"data.blend=[demo:{domain}]", f"train.train_steps={steps}",
             f"checkpoint.load={dense}", f"checkpoint.save={work / 'ckpt'}",
             f"logging.output_dir={work / 'run'}")], "checkpoint", work / "ckpt", steps,
-            steps * exp.tokens_per_step, needs, workdir=work))
+            steps * exp.tokens_per_step, needs, workdir=work, procs=exp.procs))
     return stages
 
 
@@ -263,7 +275,7 @@ def _method_stages(exp: Experiment, m: Method, dense: Path, cfg_args: list[str],
     stages.append(Stage(f"train/{m.label}", [PRETRAIN, *cfg_args, *_sets(
         f"train.train_steps={steps}", f"checkpoint.save={ckpt}",
         f"logging.output_dir={train / 'run'}", *load)], "checkpoint", ckpt, steps,
-        steps * exp.tokens_per_step, needs, workdir=train))
+        steps * exp.tokens_per_step, needs, workdir=train, procs=exp.procs))
     needs = (f"train/{m.label}",)
     if exp.tasks:
         stages.append(Stage(f"eval/{m.label}", [

@@ -127,7 +127,7 @@ def _run_logged(argv: list[str], log: Path) -> tuple[int, str]:
     # line-buffered: the log is current while a long stage runs
     with open(log, "a", encoding="utf-8", buffering=1) as f, subprocess.Popen(
             [sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env=_stage_env()) as proc:
+            text=True, env=stage_env()) as proc:
         try:
             for line in proc.stdout:
                 f.write(line)
@@ -141,7 +141,7 @@ def _run_logged(argv: list[str], log: Path) -> tuple[int, str]:
     return proc.returncode, error or last
 
 
-def _stage_env() -> dict[str, str]:
+def stage_env() -> dict[str, str]:
     """The environment of a stage: ours without the rendezvous variables, which each stage's
     processes choose for themselves (this process may have set them: checking a --dense
     checkpoint opens a process group, and its port is still held)."""
@@ -165,7 +165,7 @@ def run_stages(stages: list[Stage], output: Path) -> list[dict]:
         previous = {}
     records, redone = [], set()
     for stage in stages:
-        record = {"name": stage.name, "command": ["python", *stage.argv], "tokens": stage.tokens,
+        record = {"name": stage.name, "command": stage.command, "tokens": stage.tokens,
                   "output": str(stage.output)}
         old = previous.get(stage.name, {})
         stale = any(n in redone for n in stage.needs)  # its inputs changed: start it afresh
@@ -186,10 +186,10 @@ def run_stages(stages: list[Stage], output: Path) -> list[dict]:
 
 
 def _execute(stage: Stage, output: Path, old: dict) -> dict:
-    print(f"compare: {stage.name}: python {' '.join(stage.argv)}", flush=True)
+    print(f"compare: {stage.name}: {' '.join(stage.command)}", flush=True)
     log = output / "logs" / (stage.name.replace("/", "_").replace(":", "_r") + ".log")
     start = time.monotonic()
-    code, line = _run_logged(stage.argv, log)
+    code, line = _run_logged(stage.command[1:], log)
     wall = round(time.monotonic() - start, 2)  # this run's (a resumed training: its last leg)
     if code != 0 or not is_done(stage):
         why = f"exit {code}" if code != 0 else "its output does not verify"

@@ -128,6 +128,9 @@ ClusterName=moetest
 SlurmctldHost=localhost
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
+# The launcher derives its rendezvous port from the job id: a random first id keeps two test
+# sessions' private clusters (both numbering from 1) off each other's ports.
+FirstJobId={secrets.randbelow(1_000_000) + 1000}
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge

@@ -205,11 +205,25 @@ def test_output_of_another_experiment_is_refused(run, tmp_path: Path, change: st
     (["--set", "train.micro_batch_size=3"], "not divisible"),
     (["--set", "moe.num_experts=0"], "moe.num_experts is 0"),
     (["--tokens", "0"], "--tokens must be a positive number"),
+    (["--nproc-per-node", "3"], "not divisible"),  # 8 sequences a step over 3 processes
 ])
 def test_bad_config_is_one_line(tmp_path: Path, extra: list[str], needle: str) -> None:
     proc = run_cli(compare(tmp_path / "cmp", *extra))
     assert needle in one_error_line(proc)
     assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.slow
+def test_trainings_run_under_torchrun_with_nproc_per_node(run, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    proc = run_cli(compare(out, "--nproc-per-node", "2", methods="scratch", steps=2,
+                           dense=["--dense", str(run["out"] / "dense" / "ckpt")]))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    stages = {s["name"]: s for s in json.loads((out / "stages.json").read_text())["stages"]}
+    assert stages["train/scratch"]["command"][:5] == [
+        "python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert stages["routing/scratch"]["command"][:2] == ["python", "tools/analysis/routing.py"]
+    assert "world=2" in (out / "logs" / "train_scratch.log").read_text()
 
 
 def test_btx_plan_branches_the_base_per_domain() -> None:
