@@ -216,7 +216,8 @@ def test_bad_config_is_one_line(tmp_path: Path, extra: list[str], needle: str) -
 @pytest.mark.slow
 def test_trainings_run_under_torchrun_with_nproc_per_node(run, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    proc = run_cli(compare(out, "--nproc-per-node", "2", methods="scratch", steps=2,
+    proc = run_cli(compare(out, "--nproc-per-node", "2", "--set", "train.micro_batch_size=4",
+                           methods="scratch", steps=2,
                            dense=["--dense", str(run["out"] / "dense" / "ckpt")]))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     stages = {s["name"]: s for s in json.loads((out / "stages.json").read_text())["stages"]}
