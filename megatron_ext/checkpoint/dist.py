@@ -39,6 +39,7 @@ from megatron_ext.checkpoint import (
 from megatron_ext.checkpoint.manifest import CheckpointError  # noqa: F401 (re-exported: dist.CheckpointError)
 from megatron_ext.config.loader import ConfigError, parse_yaml
 from megatron_ext.errors import one_line
+from megatron_ext.model.chunks import model_chunks
 from megatron_ext.platform.fs import atomic_write
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
@@ -73,6 +74,22 @@ def _barrier() -> None:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Strip DDP (its sharded_state_dict is the wrapped module's)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def model_sharded_state_dict(model: torch.nn.Module) -> dict:
+    """The sharded state of every model chunk of this rank (``model_chunks``) under
+    ``model``/``model<i>``. The keys written to disk are megatron's global ones (layers by their
+    global number), so a checkpoint loads at any pipeline layout, interleaved or not."""
+    chunks = [unwrap(chunk) for chunk in model_chunks(model)]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _load_model_state(model: torch.nn.Module, loaded: dict) -> None:
+    chunks = [unwrap(chunk) for chunk in model_chunks(model)]
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
 
 
 def _optimizer_metadata(fully_reshardable: bool) -> dict:
@@ -133,9 +150,8 @@ def save(root: str | Path, state: TrainState, model, optimizer, config: dict,
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    inner = unwrap(model)
-    model_sd = inner.sharded_state_dict()
-    sharded = {"model": model_sd}
+    model_sd = model_sharded_state_dict(model)
+    sharded = dict(model_sd)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=False, metadata=_optimizer_metadata(fully_reshardable)
@@ -338,9 +354,8 @@ def load(path: Path, model, optimizer, layout: dict,
     The optimizer format (fully reshardable or not) is the one recorded in meta.json."""
     meta = _verify_shared(path, checksums)
     warnings = []
-    inner = unwrap(model)
-    model_sd = inner.sharded_state_dict()
-    sharded = {"model": model_sd}
+    model_sd = model_sharded_state_dict(model)
+    sharded = dict(model_sd)
     same_layout = meta["layout"] == layout
     if optimizer is not None and meta.get("has_optimizer"):
         if not same_layout and layout.get("distributed_optimizer") and not meta.get(
@@ -353,7 +368,7 @@ def load(path: Path, model, optimizer, layout: dict,
             model_sd, is_loading=True,
             metadata=_optimizer_metadata(meta.get("optimizer_fully_reshardable", True)))
     loaded = dist_checkpointing.load(sharded, str(path))
-    inner.load_state_dict(loaded["model"])
+    _load_model_state(model, loaded)
     if "optimizer" in loaded:
         optimizer.load_state_dict(loaded["optimizer"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
@@ -375,7 +390,6 @@ def load_weights(path: str | Path, model, checksums: bool | None = None) -> Path
             raise CheckpointError(f"{path}: no checkpoint found")
         path = found
     _verify_shared(path, checksums)
-    inner = unwrap(model)
-    loaded = dist_checkpointing.load({"model": inner.sharded_state_dict()}, str(path))
-    inner.load_state_dict(loaded["model"])
+    loaded = dist_checkpointing.load(model_sharded_state_dict(model), str(path))
+    _load_model_state(model, loaded)
     return path

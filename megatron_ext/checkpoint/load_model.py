@@ -54,6 +54,10 @@ def load_model(path: str | Path, expert_parallel: int = 1, tensor_parallel: int 
     path, cfg = checkpoint_config(path)
     cfg.parallel.expert = expert_parallel
     cfg.parallel.tensor = tensor_parallel
+    # The whole model on each rank, whatever pipeline layout the checkpoint was saved at.
+    cfg.parallel.pipeline = 1
+    cfg.parallel.virtual_pipeline = None
+    cfg.parallel.first_stage_layers = cfg.parallel.last_stage_layers = None
     cfg.parallel.sequence_parallel = tensor_parallel > 1 and cfg.moe.num_experts > 0
     cfg.parallel.world_size = None
     cfg.train.precision = "fp32" if not torch.cuda.is_available() else cfg.train.precision

@@ -116,6 +116,9 @@ RANGES: dict[str, Rule] = {
     "moe.capacity_factor": Range(0, 1024, lo_open=True),
     "parallel.tensor": Range(1, 1024),
     "parallel.pipeline": Range(1, 1024),
+    "parallel.virtual_pipeline": Range(1, 1024),
+    "parallel.first_stage_layers": Range(1, 1024),
+    "parallel.last_stage_layers": Range(1, 1024),
     "parallel.expert": Range(1, 1024),
     "parallel.world_size": Range(1, 2**20),
     "optimizer.lr": Range(0, LR_MAX),
@@ -154,6 +157,16 @@ RANGES: dict[str, Rule] = {
     "upcycling.ratio": Range(0, 1),
     "upcycling.seed": Range(0, SEED_MAX),
     "upcycling.noise_std": Range(0, 1, lo_open=True),
+    # The cluster --plan assumes: past these, no machine the planner could describe exists.
+    "cluster.gpus_per_node": Range(1, 1024),
+    "cluster.peak_tflops": Range(0, 1e6, lo_open=True),
+    "cluster.memory_gb": Range(0, 1e5, lo_open=True),
+    "cluster.usable_memory_fraction": Range(0, 1, lo_open=True),
+    "cluster.hbm_gbs": Range(0, 1e6, lo_open=True),
+    "cluster.intra_node_gbs": Range(0, 1e6, lo_open=True),
+    "cluster.inter_node_gbs": Range(0, 1e6, lo_open=True),
+    "cluster.intra_node_latency_us": Range(0, 1e6),
+    "cluster.inter_node_latency_us": Range(0, 1e6),
 }
 
 

@@ -72,7 +72,17 @@ class ParallelConfig:
     tensor: int = 1
     """Tensor-parallel size."""
     pipeline: int = 1
-    """Pipeline-parallel size."""
+    """Pipeline-parallel size (megatron's 1F1B schedule; the layers are split into this many
+    stages, the embedding on the first and the LM loss on the last)."""
+    virtual_pipeline: int | None = None
+    """Model chunks per pipeline stage (megatron's interleaved schedule; needs pipeline > 1 and
+    micro-batches per step a multiple of pipeline). None or 1 = not interleaved."""
+    first_stage_layers: int | None = None
+    """Transformer layers on the first pipeline stage (it also holds the embedding); None = an
+    even split."""
+    last_stage_layers: int | None = None
+    """Transformer layers on the last pipeline stage (it also holds the LM head and loss);
+    None = an even split."""
     expert: int = 1
     """Expert-parallel size (experts are split across this many data-parallel ranks)."""
     sequence_parallel: bool = False
@@ -260,6 +270,36 @@ class EvalConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The machines a run is planned for (``--plan``, ``--dry-run``); training never reads it.
+    Defaults: the paper's TSUBAME 4.0 nodes, 4x H100 SXM 80GB per node."""
+
+    gpus_per_node: int = 4
+    """GPUs (processes) per node; groups of up to this many consecutive ranks talk over NVLink."""
+    gpu: str = "H100-SXM"
+    """GPU model, for the report only (the numbers below are what the planner uses)."""
+    peak_tflops: float = 989.0
+    """Dense bf16 peak per GPU, TFLOP/s (H100 SXM data sheet); the planner's MFU is against it."""
+    memory_gb: float = 80.0
+    """Device memory per GPU, GiB (H100 80GB; the driver reports 79.6 GiB of it)."""
+    usable_memory_fraction: float = 0.9
+    """Share of `memory_gb` a layout's estimate may use (CUDA context, NCCL buffers, allocator
+    fragmentation and the estimate's own error take the rest)."""
+    hbm_gbs: float = 3350.0
+    """Device-memory bandwidth, GB/s (H100 SXM data sheet: 3.35 TB/s); memory-bound kernels."""
+    intra_node_gbs: float = 450.0
+    """NVLink bandwidth per GPU per direction, GB/s: NVLink 4 has 18 links x 25 GB/s = 450
+    (NVIDIA's "900 GB/s" counts both directions)."""
+    inter_node_gbs: float = 100.0
+    """InfiniBand bandwidth per node per direction, GB/s: 4 x 200 Gb/s NDR200 = 4 x 25 GB/s,
+    shared by the node's GPUs (one rail each)."""
+    intra_node_latency_us: float = 5.0
+    """Per collective step over NVLink, microseconds (NCCL's small-message latency)."""
+    inter_node_latency_us: float = 10.0
+    """Per collective step over InfiniBand, microseconds."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -272,3 +312,4 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     upcycling: UpcyclingConfig = field(default_factory=UpcyclingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

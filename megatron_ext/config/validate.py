@@ -108,8 +108,7 @@ def _check_layout(cfg: Config, world: int) -> int:
            "needs tensor > 1")
     _check(moe.num_experts == 0 or par.tensor == 1 or par.sequence_parallel,
            "parallel.sequence_parallel", "megatron-core needs it for MoE with tensor > 1")
-    _check(par.pipeline == 1, "parallel.pipeline",
-           "pipeline parallelism is not supported yet by this framework's loop")
+    _check_pipeline(cfg)
     _check(world % (par.tensor * par.pipeline) == 0, "parallel.tensor",
            f"world size {world} is not divisible by tensor*pipeline={par.tensor * par.pipeline}")
     dp = world // (par.tensor * par.pipeline)
@@ -119,12 +118,64 @@ def _check_layout(cfg: Config, world: int) -> int:
     return dp
 
 
+def pipeline_stage_layers(cfg: Config) -> list[int]:
+    """Transformer layers per pipeline stage (megatron's split: ``first_stage_layers`` and
+    ``last_stage_layers`` when set, the rest evenly over the other stages). Assumes a layout
+    that ``validate`` accepted."""
+    par, n = cfg.parallel, cfg.model.num_layers
+    first, last = par.first_stage_layers, par.last_stage_layers
+    if par.pipeline == 1:
+        return [n]
+    middle = par.pipeline - (first is not None) - (last is not None)
+    each = (n - (first or 0) - (last or 0)) // max(middle, 1)
+    stages = [each] * par.pipeline
+    if first is not None:
+        stages[0] = first
+    if last is not None:
+        stages[-1] = last
+    return stages
+
+
+def _check_pipeline(cfg: Config) -> None:
+    """Stages and virtual stages (model chunks) each get a whole number of layers, at least
+    one (megatron's split; the first/last stage may be set apart from the even rest)."""
+    par, n = cfg.parallel, cfg.model.num_layers
+    vpp = par.virtual_pipeline or 1
+    first, last = par.first_stage_layers, par.last_stage_layers
+    if par.pipeline == 1:
+        for field, value in (("virtual_pipeline", par.virtual_pipeline if vpp > 1 else None),
+                             ("first_stage_layers", first), ("last_stage_layers", last)):
+            _check(value is None, f"parallel.{field}", "needs parallel.pipeline > 1")
+        return
+    for field, value in (("first_stage_layers", first), ("last_stage_layers", last)):
+        _check(value is None or value % vpp == 0, f"parallel.{field}",
+               f"{value} is not divisible by virtual_pipeline={vpp}")
+    rest = n - (first or 0) - (last or 0)
+    middle = par.pipeline - (first is not None) - (last is not None)
+    if middle == 0:
+        _check(rest == 0, "parallel.first_stage_layers",
+               f"first_stage_layers + last_stage_layers = {n - rest} must equal "
+               f"model.num_layers={n} with pipeline=2")
+        return
+    what = ("model.num_layers" if first is None and last is None
+            else "the layers left by first/last_stage_layers")
+    _check(rest >= middle * vpp and rest % (middle * vpp) == 0,
+           "parallel.pipeline" if what == "model.num_layers" else "parallel.first_stage_layers",
+           f"{what} ({rest}) must split into {middle} stage(s) x virtual_pipeline={vpp} "
+           f"chunks of at least one layer each")
+
+
 def _check_batch_and_schedule(cfg: Config, dp: int) -> int:
     """Batch sizes, run length and LR schedule; returns the number of optimizer steps."""
     tr, opt = cfg.train, cfg.optimizer
     _check(tr.global_batch_size % (tr.micro_batch_size * dp) == 0, "train.global_batch_size",
            f"{tr.global_batch_size} is not divisible by micro_batch_size*data_parallel="
            f"{tr.micro_batch_size}*{dp}")
+    par, micro = cfg.parallel, tr.global_batch_size // (tr.micro_batch_size * dp)
+    # megatron's interleaved schedule runs the micro-batches in groups of `pipeline`.
+    _check((par.virtual_pipeline or 1) == 1 or micro % par.pipeline == 0,
+           "parallel.virtual_pipeline", f"the interleaved schedule needs micro-batches per step "
+           f"({micro}) to be a multiple of pipeline={par.pipeline}")
     _check(tr.train_steps is not None or tr.train_tokens is not None, "train.train_steps",
            "give train_steps or train_tokens")
     _check(opt.min_lr <= opt.lr, "optimizer.min_lr",
@@ -240,6 +291,8 @@ def _check_cuda_graph(cfg: Config) -> None:
         _check(moe.grouped_gemm, "train.cuda_graph",
                "needs moe.grouped_gemm: true (the per-expert loop reads token counts on the host)")
     _check(tr.recompute == "none", "train.cuda_graph", "cannot be combined with train.recompute")
+    _check(par.pipeline == 1, "train.cuda_graph",
+           "cannot be combined with pipeline parallelism (parallel.pipeline > 1)")
 
 
 def check_paths(cfg: Config) -> None:

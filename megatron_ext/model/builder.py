@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
@@ -105,9 +106,23 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_method_std,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         tensor_model_parallel_size=par.tensor, pipeline_model_parallel_size=par.pipeline,
+        # Pipeline stages: chunks per stage (interleaved schedule), an uneven first/last stage,
+        # and the dtype and fixed shapes of the activations sent between stages.
+        virtual_pipeline_model_parallel_size=(
+            par.virtual_pipeline if par.pipeline > 1 and (par.virtual_pipeline or 1) > 1
+            else None),
+        num_layers_in_first_pipeline_stage=par.first_stage_layers if par.pipeline > 1 else None,
+        num_layers_in_last_pipeline_stage=par.last_stage_layers if par.pipeline > 1 else None,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, variable_seq_lengths=False,
+        # gloo matches point-to-point messages between two ranks in posting order: with two
+        # stages, batched ops swap the activations and gradients that both go to the same peer
+        # (same shapes: silently wrong). megatron's unbatched ops use a second group for one
+        # direction. On GPU, megatron's default (batched NCCL ops).
+        batch_p2p_comm=torch.cuda.is_available(),
         expert_model_parallel_size=par.expert, sequence_parallel=par.sequence_parallel,
-        # Init on the host keeps weights identical across layouts for one seed, and is the only
-        # option on CPU; on GPU megatron initializes on the device (faster, per-rank RNG).
+        # Init on the host keeps weights identical across TP/EP layouts for one seed (not across
+        # pipeline layouts: a stage draws only its own layers), and is the only option on CPU;
+        # on GPU megatron initializes on the device (faster, per-rank RNG).
         use_cpu_initialization=not torch.cuda.is_available(),
         # SwiGLU through megatron's torch.compile'd bias_swiglu (dense MLPs and our experts).
         bias_activation_fusion=backends.fusion,
@@ -148,12 +163,14 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
-def layer_specs(config: TransformerConfig, backends: Backends):
+def layer_specs(config: TransformerConfig, backends: Backends, vp_stage: int | None = None):
+    """The layer specs of this rank's pipeline stage (chunk ``vp_stage`` when interleaved)."""
     # With moe_grouped_gemm (set for moe_act recompute) and no TE, megatron picks and warns
     # about its legacy GroupedMLP; our grouped experts replace it below.
     with quiet_megatron():
         block = get_gpt_decoder_block_spec(
-            config, use_transformer_engine=backends.spec == "te", normalization="RMSNorm"
+            config, use_transformer_engine=backends.spec == "te", normalization="RMSNorm",
+            vp_stage=vp_stage,
         )
     if backends.spec == "te":
         return block
@@ -183,20 +200,42 @@ def _reset_moe_globals() -> None:
 
 
 def build_model(cfg: Config, backends: Backends) -> GPTModel:
-    """Build this rank's GPTModel (parallel state must be initialized)."""
+    """Build this rank's GPTModel (parallel state must be initialized): the whole model, or its
+    pipeline stage. With an interleaved pipeline use ``build_model_chunks``."""
+    chunks = build_model_chunks(cfg, backends)
+    if len(chunks) != 1:
+        raise ConfigError("parallel.virtual_pipeline: this tool needs one model chunk per rank "
+                          "(set parallel.virtual_pipeline: null)")
+    return chunks[0]
+
+
+def build_model_chunks(cfg: Config, backends: Backends) -> list[GPTModel]:
+    """This rank's model chunks (parallel state must be initialized): one per virtual pipeline
+    stage, in order. Each holds its own layers, numbered globally (megatron's layer offset), so
+    checkpoints and metrics name a layer the same way at any pipeline layout; the first chunk
+    of the first stage holds the embedding, the last chunk of the last stage the LM head."""
     _reset_moe_globals()
-    config = transformer_config(cfg, backends)
+    config = transformer_config(cfg, backends)  # one config: the schedule reads chunk 0's
+    vpp = config.virtual_pipeline_model_parallel_size
     model_class = FusedLossGPTModel if backends.lm_loss == "fused" else GPTModel
-    model = model_class(
-        config=config,
-        transformer_layer_spec=layer_specs(config, backends),
-        vocab_size=padded_vocab(cfg),
-        max_sequence_length=cfg.model.max_position_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(cfg.model.rotary_base),
-        share_embeddings_and_output_weights=False,
-    )
-    model.fuse_kernels = backends.fusion
-    if backends.dispatcher == "local":
-        use_local_dispatcher(model)
-    return model
+    chunks = []
+    for vp_stage in range(vpp) if vpp else [None]:
+        model = model_class(
+            config=config,
+            transformer_layer_spec=layer_specs(config, backends, vp_stage),
+            vocab_size=padded_vocab(cfg),
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            position_embedding_type="rope",
+            rotary_base=int(cfg.model.rotary_base),
+            share_embeddings_and_output_weights=False,
+            vp_stage=vp_stage,
+        )
+        model.fuse_kernels = backends.fusion
+        if backends.dispatcher == "local":
+            use_local_dispatcher(model)
+        chunks.append(model)
+    return chunks

@@ -29,9 +29,11 @@ class Layout:
     data: int
     device: torch.device
     backend: str
+    virtual_pipeline: int | None = None  # model chunks per pipeline stage (interleaved)
 
     def describe(self) -> str:
-        return (f"world={self.world_size} tp={self.tensor} pp={self.pipeline} "
+        vpp = f" vpp={self.virtual_pipeline}" if self.virtual_pipeline else ""
+        return (f"world={self.world_size} tp={self.tensor} pp={self.pipeline}{vpp} "
                 f"ep={self.expert} dp={self.data} backend={self.backend} device={self.device.type}")
 
 
@@ -77,11 +79,20 @@ def init_distributed(cfg: Config, timeout_minutes: int = 30, standalone: bool = 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=par.tensor,
         pipeline_model_parallel_size=par.pipeline,
+        # None unless interleaved: megatron's "is first/last stage" then asks for a chunk.
+        virtual_pipeline_model_parallel_size=virtual_pipeline(cfg),
         expert_model_parallel_size=par.expert,
     )
     seed_everything(cfg.train.seed)
     return Layout(rank, world, local, par.tensor, par.pipeline, par.expert,
-                  parallel_state.get_data_parallel_world_size(), device, backend)
+                  parallel_state.get_data_parallel_world_size(), device, backend,
+                  virtual_pipeline(cfg))
+
+
+def virtual_pipeline(cfg: Config) -> int | None:
+    """Model chunks per pipeline stage as megatron takes it: None when not interleaved."""
+    vpp = cfg.parallel.virtual_pipeline
+    return vpp if cfg.parallel.pipeline > 1 and vpp is not None and vpp > 1 else None
 
 
 def seed_everything(seed: int) -> None:

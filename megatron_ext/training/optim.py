@@ -11,7 +11,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_ext.config.schema import Config
 
 
-def build_optimizer(cfg: Config, model, bf16: bool, distributed: bool):
+def build_optimizer(cfg: Config, chunks: list, bf16: bool, distributed: bool):
+    """megatron's optimizer over every model chunk of this rank (one unless interleaved)."""
     o = cfg.optimizer
     mcfg = McoreOptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -19,7 +20,7 @@ def build_optimizer(cfg: Config, model, bf16: bool, distributed: bool):
         clip_grad=o.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=distributed,
     )
-    return get_megatron_optimizer(mcfg, [model])
+    return get_megatron_optimizer(mcfg, list(chunks))
 
 
 def build_scheduler(cfg: Config, optimizer, total_steps: int) -> OptimizerParamScheduler:

@@ -22,34 +22,56 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 
-def router_losses(forwards: int) -> dict[str, float]:
-    """Unscaled load-balancing (and z-) loss per micro-batch, averaged over MoE layers, and
-    clear the tracker.
+def router_losses(forwards: int, num_layers: int) -> dict[str, float]:
+    """Unscaled load-balancing (and z-) loss per micro-batch, averaged over the MoE layers of
+    every pipeline stage, and clear the tracker (a collective: every rank calls it at once).
 
-    megatron's router adds each forward's unscaled loss into a per-layer tracker; ``forwards`` is
-    the number of micro-batch forwards since the last clear.
+    megatron's router adds each forward's unscaled loss into a per-layer tracker (a slot for each
+    of the model's ``num_layers``); ``forwards`` is the number of micro-batch forwards since the
+    last clear.
     """
     out = {}
     tracker = get_moe_layer_wise_logging_tracker()
+    pipeline = dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1
     for name, key in (("load_balancing_loss", "aux_loss"), ("z_loss", "z_loss")):
         vals = tracker.get(name, {}).get("values")
-        if vals is None:
+        if vals is None and not pipeline:
             continue
-        vals = vals.clone().float()
+        # The last slot says whether this stage tracked the loss at all (a pipeline stage
+        # without MoE layers has no entry but still joins the pipeline's sum).
+        present = float(vals is not None)
+        vals = (vals.clone().float() if vals is not None else
+                torch.zeros(num_layers, device="cuda" if torch.cuda.is_available() else "cpu"))
+        vals = torch.cat([vals, torch.full((1,), present, device=vals.device)])
         if dist.is_initialized():
-            # As megatron's reduce_aux_losses_tracker_across_ranks (whose AVG op gloo lacks):
-            # sum over the router's reduce group (TP ranks each saw part of the sequence with
-            # sequence parallelism), then average over data-parallel ranks.
-            entry = tracker[name]
-            if entry.get("reduce_group") is not None:
-                dist.all_reduce(vals, group=entry["reduce_group"])
-            if not entry.get("reduce_group_has_dp", False):
-                dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
-                vals /= parallel_state.get_data_parallel_world_size()
+            _reduce_tracked(vals, tracker.get(name, {}), pipeline)
+        if vals[-1] == 0:
+            continue
+        vals = vals[:-1]
         nz = vals[vals != 0]
         out[key] = nz.mean().item() / max(forwards, 1) if nz.numel() else 0.0
     clear_aux_losses_tracker()
     return out
+
+
+def _reduce_tracked(vals: torch.Tensor, entry: dict, pipeline: bool) -> None:
+    """As megatron's reduce_aux_losses_tracker_across_ranks (whose AVG op gloo lacks): sum over
+    the router's reduce group (TP ranks each saw part of the sequence with sequence
+    parallelism; without one, average over TP), average over data-parallel ranks, then sum over
+    the pipeline stages (each fills only its own layers' slots). The flag in the last slot
+    stays non-zero where any rank tracked the loss."""
+    if entry.get("reduce_group") is not None:
+        dist.all_reduce(vals, group=entry["reduce_group"])
+    elif parallel_state.get_tensor_model_parallel_world_size() > 1:
+        # The z-loss is tracked without a group: each TP rank's mean over its own sequence
+        # shard (MoE with TP implies sequence parallelism). Equal shards: average them.
+        dist.all_reduce(vals, group=parallel_state.get_tensor_model_parallel_group())
+        vals /= parallel_state.get_tensor_model_parallel_world_size()
+    if not entry.get("reduce_group_has_dp", False):
+        dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
+        vals /= parallel_state.get_data_parallel_world_size()
+    if pipeline:
+        dist.all_reduce(vals, group=parallel_state.get_pipeline_model_parallel_group())
 
 
 class RouterStats:
@@ -84,9 +106,23 @@ class RouterStats:
         return hook
 
     def collect(self) -> dict[str, float]:
-        """Reduce and reset; returns flat metrics ``moe/layer{L}/...`` plus averages."""
+        """Reduce and reset; returns flat metrics ``moe/layer{L}/...`` plus averages, over the
+        MoE layers of every pipeline stage (a collective: every rank calls it at once)."""
+        layers = self._reduce_local()
+        if dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            # Each stage reports its own layers (a stage may have none): gather the small
+            # [layers, experts] tables of every stage, once per log interval.
+            group = parallel_state.get_pipeline_model_parallel_group()
+            gathered: list = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, layers, group=group)
+            layers = sorted((x for stage in gathered for x in stage), key=lambda x: x[0])
+        return _metrics(layers, self.top_k) if layers else {}
+
+    def _reduce_local(self) -> list[tuple[int, torch.Tensor, float]]:
+        """(layer, routed tokens per expert, tokens) of this stage's MoE layers, summed over the
+        ranks that routed other tokens; the buffers restart from zero."""
         if not self.layers or self.counts[0] is None:
-            return {}
+            return []
         counts = torch.stack(self.counts)  # [moe_layers, experts] (copies)
         tokens = torch.stack(self.tokens)
         if dist.is_initialized():
@@ -100,29 +136,33 @@ class RouterStats:
         counts, tokens = counts.cpu(), tokens.cpu()
         for buf in (*self.counts, *self.tokens):
             buf.zero_()
-        out: dict[str, float] = {}
-        ratios, entropies, dropped = [], [], []
-        E = counts.shape[1]
-        for i, layer in enumerate(self.layers):
-            routed = counts[i].sum().item()
-            frac = counts[i] / max(routed, 1.0)
-            nz = frac[frac > 0]
-            entropy = float(-(nz * nz.log()).sum())
-            ratio = float(frac.max() / frac.min()) if frac.min() > 0 else math.inf
-            drop = 1.0 - routed / max(tokens[i].item() * self.top_k, 1.0)
-            for e in range(E):
-                out[f"moe/layer{layer}/load_e{e}"] = float(frac[e])
-            out[f"moe/layer{layer}/max_min_ratio"] = ratio
-            out[f"moe/layer{layer}/entropy"] = entropy
-            out[f"moe/layer{layer}/dropped_frac"] = drop
-            ratios.append(ratio)
-            entropies.append(entropy)
-            dropped.append(drop)
-        out["moe/max_min_ratio"] = max(ratios)
-        out["moe/entropy"] = sum(entropies) / len(entropies)
-        out["moe/dropped_frac"] = sum(dropped) / len(dropped)
-        return out
+        return [(layer, counts[i], tokens[i].item()) for i, layer in enumerate(self.layers)]
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _metrics(layers: list[tuple[int, torch.Tensor, float]], top_k: int) -> dict[str, float]:
+    """Per-layer load, imbalance, entropy and dropped fraction, and their summaries."""
+    out: dict[str, float] = {}
+    ratios, entropies, dropped = [], [], []
+    for layer, counts, tokens in layers:
+        routed = counts.sum().item()
+        frac = counts / max(routed, 1.0)
+        nz = frac[frac > 0]
+        entropy = float(-(nz * nz.log()).sum())
+        ratio = float(frac.max() / frac.min()) if frac.min() > 0 else math.inf
+        drop = 1.0 - routed / max(tokens * top_k, 1.0)
+        for e in range(counts.shape[0]):
+            out[f"moe/layer{layer}/load_e{e}"] = float(frac[e])
+        out[f"moe/layer{layer}/max_min_ratio"] = ratio
+        out[f"moe/layer{layer}/entropy"] = entropy
+        out[f"moe/layer{layer}/dropped_frac"] = drop
+        ratios.append(ratio)
+        entropies.append(entropy)
+        dropped.append(drop)
+    out["moe/max_min_ratio"] = max(ratios)
+    out["moe/entropy"] = sum(entropies) / len(entropies)
+    out["moe/dropped_frac"] = sum(dropped) / len(dropped)
+    return out

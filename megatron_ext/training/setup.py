@@ -20,7 +20,8 @@ from megatron_ext.config.validate import DEMO_PREFIX, active_valid_sets, total_s
 from megatron_ext.data import datasets as D
 from megatron_ext.data.demo import ensure_demo_data
 from megatron_ext.data.tokenizer import load_tokenizer
-from megatron_ext.model.builder import Backends, build_model, resolve_backends
+from megatron_ext.model.builder import Backends, build_model_chunks, resolve_backends
+from megatron_ext.model.chunks import as_model
 from megatron_ext.model.params import padded_vocab
 from megatron_ext.platform.dist import Layout
 from megatron_ext.training.optim import build_optimizer, build_scheduler
@@ -33,7 +34,9 @@ class Run:
     cfg: Config
     layout: Layout
     backends: Backends
-    model: DistributedDataParallel  # DDP(Float16Module (bf16 only)(GPTModel))
+    # DDP(Float16Module (bf16 only)(GPTModel)): this rank's model or pipeline stage; with an
+    # interleaved pipeline a ModelChunks of them (megatron_ext.model.chunks.model_chunks).
+    model: torch.nn.Module
     optimizer: MegatronOptimizer  # a ChainedOptimizer (dense + expert parameters)
     scheduler: OptimizerParamScheduler
     train_ds: Dataset
@@ -46,8 +49,11 @@ class Run:
 def layout_dict(run: Run) -> dict:
     """The parallel layout a checkpoint records (and resume compares against)."""
     lay = run.layout
-    return {"world_size": lay.world_size, "tensor": lay.tensor, "pipeline": lay.pipeline,
-            "expert": lay.expert, "distributed_optimizer": run.distributed_optimizer}
+    layout = {"world_size": lay.world_size, "tensor": lay.tensor, "pipeline": lay.pipeline,
+              "expert": lay.expert, "distributed_optimizer": run.distributed_optimizer}
+    if lay.virtual_pipeline:  # only when interleaved: older checkpoints compare equal
+        layout["virtual_pipeline"] = lay.virtual_pipeline
+    return layout
 
 
 def use_distributed_optimizer(cfg: Config) -> bool:
@@ -62,28 +68,39 @@ def build_run(cfg: Config, layout: Layout) -> Run:
     # is allocated (building datasets draws no torch random numbers: the model init is unchanged).
     data = build_datasets(cfg, steps)
     backends = resolve_backends(cfg)
-    bf16 = backends.precision == "bf16"
-    model = build_model(cfg, backends)
+    distributed = use_distributed_optimizer(cfg)
+    chunks = [_wrap(layout, chunk, backends, distributed, index)
+              for index, chunk in enumerate(build_model_chunks(cfg, backends))]
+    tconfig = chunks[0].config
+    # The schedule calls these between micro-batches and after the last backward (megatron
+    # takes one no_sync per chunk with an interleaved pipeline).
+    no_sync = [chunk.no_sync for chunk in chunks]
+    tconfig.no_sync_func = no_sync[0] if len(chunks) == 1 else no_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    model = as_model(chunks)
+    optimizer = build_optimizer(cfg, chunks, backends.precision == "bf16", distributed)
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    return Run(cfg, layout, backends, model, optimizer, scheduler, data.train, data.valid,
+               data.valid_sets, steps, distributed)
+
+
+def _wrap(layout: Layout, model: torch.nn.Module, backends: Backends, distributed: bool,
+          index: int) -> DistributedDataParallel:
+    """One model chunk on its device, in bf16 if so configured, under megatron's DDP."""
     tconfig = model.config
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     mark_expert_params(model)
-    if bf16:
+    if backends.precision == "bf16":
         model = Float16Module(tconfig, model)
-    distributed = use_distributed_optimizer(cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
         use_distributed_optimizer=distributed, check_for_nan_in_grad=False,
         bucket_size=None if layout.data == 1 else 40_000_000,
     )
-    model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
-    # The schedule calls these between micro-batches and after the last backward.
-    tconfig.no_sync_func = model.no_sync
-    tconfig.finalize_model_grads_func = finalize_model_grads
-    optimizer = build_optimizer(cfg, model, bf16, distributed)
-    scheduler = build_scheduler(cfg, optimizer, steps)
-    return Run(cfg, layout, backends, model, optimizer, scheduler, data.train, data.valid,
-               data.valid_sets, steps, distributed)
+    # As megatron's training loop: only the first chunk's gradients are bucketed.
+    return DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model,
+                                   disable_bucketing=index > 0)
 
 
 def mark_expert_params(model: torch.nn.Module) -> None:

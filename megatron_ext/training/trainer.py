@@ -14,6 +14,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
+from megatron.core import parallel_state
+
 from megatron_ext.checkpoint.dist import TrainState
 from megatron_ext.training import exit_codes
 from megatron_ext.training.batches import MicroBatches
@@ -89,14 +92,16 @@ class Trainer:
             getattr(callback, hook)(self, *args)
 
     def log_metrics(self) -> dict[str, float]:
-        """The metrics of this log step: the step's own, then each callback's (``on_log``)."""
+        """The metrics of this log step: the step's own, then each callback's (``on_log``), and
+        those only other pipeline stages have (their layers'). A collective: every rank calls
+        it at each log step."""
         result = self.last
         metrics = {"loss": result.loss, "lr": self.run.optimizer.param_groups[0]["lr"],
                    "grad_norm": result.grad_norm, "tokens": self.state.consumed_tokens,
                    "consumed_samples": self.state.consumed_samples,
                    "skipped": self.state.skipped_steps, "elapsed_s": time.time() - self.t_start}
         self.emit("on_log", metrics)
-        return metrics
+        return _with_other_stages(metrics)
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> tuple[int, Summary]:
@@ -165,3 +170,18 @@ class Trainer:
         s = self.state
         return Summary(self.status, s.step, s.consumed_tokens, self.losses[0], self.losses[1],
                        time.time() - self.t_start, s.skipped_steps)
+
+
+def _with_other_stages(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` plus the keys that only other pipeline stages computed: a callback that
+    reports per layer (``moe/layer{L}/...``) sees only its own stage's layers. Values this stage
+    has are kept (the step's loss and norm are the same on every stage)."""
+    if not dist.is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
+    group = parallel_state.get_pipeline_model_parallel_group()
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, metrics, group=group)
+    for other in gathered:
+        for key, value in other.items():
+            metrics.setdefault(key, value)
+    return metrics

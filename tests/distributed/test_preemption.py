@@ -1,4 +1,5 @@
-"""A run killed with -9 after a save, or signalled with SIGUSR1, continues bit-identically."""
+"""A run killed with -9 after a save, or signalled with SIGUSR1, continues bit-identically
+(kill -9 also at pipeline-parallel size 2: two processes, one layer per stage)."""
 
 import random
 import signal
@@ -9,24 +10,49 @@ from tests.conftest import run_cli
 from tests.resilience import kill_job, losses_by_step, popen, small_args, wait_for_line
 
 STEPS = 12
+SYNC, ASYNC = (), ("--set", "checkpoint.async_save=true")
 # Both tests also run with background (async) saves: a kill mid-write must leave the previous
 # checkpoint as latest, and a signal must wait for the write before exiting 0.
-MODES = pytest.mark.parametrize("mode", [(), ("--set", "checkpoint.async_save=true")],
-                                ids=["sync", "async"])
+MODES = pytest.mark.parametrize("mode", [SYNC, ASYNC], ids=["sync", "async"])
+PP2 = ("--set", "parallel.pipeline=2")
+TORCHRUN2 = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+
+def _launcher(layout: tuple) -> list[str]:
+    """Python arguments that start a run of ``layout`` (two processes for PP=2)."""
+    return TORCHRUN2 if layout == PP2 else []
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reference")
-    proc = run_cli(small_args(tmp, STEPS, "--set", "checkpoint.save_interval=4"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return losses_by_step(tmp / "run")
+def references(tmp_path_factory):
+    """The uninterrupted run's losses per layout, computed once each when first asked for."""
+    done = {}
+
+    def get(layout: tuple = ()) -> dict[int, float]:
+        if layout not in done:
+            tmp = tmp_path_factory.mktemp("reference")
+            proc = run_cli([*_launcher(layout), *small_args(
+                tmp, STEPS, "--set", "checkpoint.save_interval=4", *layout)])
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[layout] = losses_by_step(tmp / "run")
+        return done[layout]
+
+    return get
 
 
-@MODES
-def test_kill9_after_save_then_restart_is_bit_identical(tmp_path, reference, mode):
+@pytest.fixture
+def reference(references):
+    return references()
+
+
+@pytest.mark.parametrize("mode, layout", [(SYNC, ()), (ASYNC, ()), (SYNC, PP2)],
+                         ids=["sync", "async", "sync-pp2"])
+def test_kill9_after_save_then_restart_is_bit_identical(tmp_path, references, mode, layout):
+    reference = references(layout)
     kill_at = random.Random().randint(5, 7)  # some step after the save at step 4
-    proc = popen(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=4", *mode))
+    args = [*_launcher(layout), *small_args(tmp_path, STEPS, "--set",
+                                            "checkpoint.save_interval=4", *mode, *layout)]
+    proc = popen(args)
     # A background save is committed (and logged) a few steps after it starts.
     seen = wait_for_line(proc, lambda line: line.startswith("saved checkpoint")
                          and "iter_0000004" in line)
@@ -38,7 +64,7 @@ def test_kill9_after_save_then_restart_is_bit_identical(tmp_path, reference, mod
     latest = (tmp_path / "ckpt" / "latest").read_text().strip()
     assert latest in ("iter_0000004", "iter_0000008"), (kill_at, latest)
     saved = int(latest.split("_")[1])
-    again = run_cli(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=4", *mode))
+    again = run_cli(args)  # the same command
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and f"{latest} at step {saved}" in again.stdout, \
         again.stdout[-3000:]

@@ -118,7 +118,8 @@ def test_bad_sets_are_one_config_line(override, message):
 
 
 @pytest.mark.parametrize("override, field", [
-    ("data.valid_sets={fr: demo:fr}", "data.valid_sets.fr"), ("data.blend=[demo:fr]", "data.blend")])
+    ("data.valid_sets={fr: demo:fr}", "data.valid_sets.fr"),
+    ("data.blend=[demo:fr]", "data.blend")])
 def test_an_unknown_demo_language_is_one_line(tmp_path, override, field):
     args = ["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml", "--set", override,
             "--set", f"logging.output_dir={tmp_path}"]

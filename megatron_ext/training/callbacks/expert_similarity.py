@@ -119,7 +119,8 @@ def pairwise_cosines(maps_ED: Tensor) -> Tensor:
 @torch.no_grad()
 def expert_similarity(model: torch.nn.Module) -> dict[str, float]:
     """The metrics of every MoE layer of ``model`` (a collective over the experts' EP and
-    expert-TP groups: call on every rank). Empty without MoE layers or with one expert."""
+    expert-TP groups and the pipeline: call on every rank). Empty without MoE layers or with
+    one expert."""
     out: dict[str, float] = {}
     means = []
     for layer in model.modules():
@@ -133,8 +134,12 @@ def expert_similarity(model: torch.nn.Module) -> dict[str, float]:
         out[f"{key}_min"] = cos.min().item()
         out[f"{key}_max"] = cos.max().item()
         means.append(out[f"{key}_mean"])
-    if means:
-        out["moe/expert_cos_mean"] = sum(means) / len(means)
+    total = torch.tensor([sum(means), float(len(means))], dtype=torch.float64)
+    if dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        # each pipeline stage holds some of the layers: the mean is over all of them
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    if total[1] > 0:
+        out["moe/expert_cos_mean"] = (total[0] / total[1]).item()
     return out
 
 

@@ -1,6 +1,7 @@
 """Router metrics per log interval: the unscaled load-balancing and z-losses (from megatron's
 aux-loss tracker) and, with ``logging.expert_load``, per-layer expert load, imbalance, routing
-entropy and dropped tokens (``megatron_ext.training.router_stats``)."""
+entropy and dropped tokens (``megatron_ext.training.router_stats``), over the MoE layers of every
+pipeline stage."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class RouterMetrics(Callback):
         self.forwards += trainer.micro.num_microbatches
 
     def on_log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        metrics.update(router_losses(self.forwards))
+        metrics.update(router_losses(self.forwards, trainer.run.cfg.model.num_layers))
         self.forwards = 0
         if self.stats is not None:
             metrics.update(self.stats.collect())
