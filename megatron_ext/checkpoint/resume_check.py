@@ -54,6 +54,7 @@ POLICY: dict[str, str] = {
     "train.recompute": FREE, "train.recompute_modules": FREE, "train.cuda_graph": FREE,
     "train.deterministic": FREE,
     "checkpoint": FREE, "logging": FREE, "eval": FREE,
+    "cluster": FREE,  # the machines --plan assumes; training never reads it
 }
 
 

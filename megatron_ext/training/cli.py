@@ -29,6 +29,9 @@ from megatron_ext.training.signals import Preemption
 quiet_process()
 
 
+PLAN_TOP = 10  # layouts --plan shows unless --plan-all
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(
         prog="pretrain_moe.py",
@@ -42,8 +45,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true",
                    help="print the fully resolved config as YAML and exit")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate, count parameters, show layout and memory estimates; no training")
-    return p.parse_args(argv)
+                   help="validate, count parameters, show layout, memory estimate and predicted "
+                   "step time (the config's cluster section); no training")
+    p.add_argument("--plan", action="store_true",
+                   help="rank every parallel layout of --nodes nodes by predicted step time "
+                   "(memory per GPU, tokens/s, MFU, days to the token budget); no training")
+    p.add_argument("--nodes", type=int, metavar="N",
+                   help="nodes of cluster.gpus_per_node GPUs that --plan lays the run out on")
+    p.add_argument("--plan-all", action="store_true",
+                   help="with --plan: every valid layout, those that do not fit included "
+                   "(default: the 10 best that fit)")
+    args = p.parse_args(argv)
+    if (args.nodes is not None or args.plan_all) and not args.plan:
+        raise UsageError("--nodes and --plan-all go with --plan")
+    if args.plan and (args.nodes is None or args.nodes < 1):
+        raise UsageError("--plan needs --nodes N (N >= 1)")
+    return args
 
 
 def train_main(cfg: Config, preempt: Preemption) -> int:
@@ -145,7 +162,7 @@ def _main(argv: list[str] | None, preempt: Preemption) -> int:
         args = parse_args(argv)
     except UsageError as e:
         return _fail(f"error: {e}")
-    info_only = args.print_config or args.dry_run
+    info_only = args.print_config or args.dry_run or args.plan
     try:
         cfg = load_config(args.config, args.overrides)
         # --dry-run / --print-config reason about the planned size (parallel.world_size); a
@@ -165,6 +182,8 @@ def _main(argv: list[str] | None, preempt: Preemption) -> int:
         return EXIT_OK
     if args.dry_run:
         return dry_run.main(cfg, is_rank0())
+    if args.plan:
+        return dry_run.plan_main(cfg, args.nodes, None if args.plan_all else PLAN_TOP, is_rank0())
     # Here, not at the top: the checkpoint layer imports megatron-core (seconds), which
     # --print-config, --dry-run and a start-up signal do without.
     from megatron_ext.checkpoint.manifest import content_checks

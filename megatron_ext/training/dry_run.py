@@ -15,12 +15,15 @@ from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import planned_world_size, total_steps
 from megatron_ext.data.errors import DataError
+from megatron_ext.errors import UserError
 from megatron_ext.model.params import (
     count_params,
     flops_per_token,
     memory_estimate_gb,
     padded_vocab,
 )
+from megatron_ext.model.planner.report import plan_text, step_line
+from megatron_ext.model.planner.step import predict
 from megatron_ext.platform import launch
 from megatron_ext.training.exit_codes import CONFIG as EXIT_CONFIG
 from megatron_ext.training.exit_codes import FAILED as EXIT_FAILED
@@ -42,6 +45,21 @@ def main(cfg: Config, rank0: bool = True) -> int:
         return _fail(f"error: --dry-run failed ({type(e).__name__}: {reason}); this is a bug, "
                      f"please report it with the config", EXIT_FAILED, rank0)
     print(text, flush=True)
+    return EXIT_OK
+
+
+def plan_main(cfg: Config, nodes: int, top: int | None, rank0: bool = True) -> int:
+    """``--plan``: the ranked layouts of ``nodes`` nodes (stdout), or one error line."""
+    try:
+        text = plan_text(cfg, nodes, top)
+    except UserError as e:
+        return _fail(f"error: {e}", EXIT_CONFIG, rank0)
+    except Exception as e:  # noqa: BLE001 - any other failure is ours: one line, exit 1
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+        return _fail(f"error: --plan failed ({type(e).__name__}: {reason}); this is a bug, "
+                     f"please report it with the config", EXIT_FAILED, rank0)
+    if rank0:
+        print(text, flush=True)
     return EXIT_OK
 
 
@@ -76,6 +94,7 @@ def dry_run(cfg: Config) -> str:
         "memory per GPU (estimate, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items())
         + {"full": " (full recompute)", "selective": " (selective recompute not modelled: "
            "activations are an upper bound)"}.get(cfg.train.recompute, ""),
+        step_line(predict(cfg, world), cfg),
     ]
     units = cfg.model.num_layers * max(1, cfg.moe.num_experts)
     if units > META_BUILD_MAX_EXPERT_LAYERS:
