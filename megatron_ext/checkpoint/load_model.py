@@ -47,8 +47,10 @@ def load_model(path: str | Path, expert_parallel: int = 1, tensor_parallel: int 
                overrides: Mapping[str, Any] | None = None):
     """Initialize (if needed) distributed state, build the model of ``path`` and load it.
 
-    ``overrides``: dotted config fields (``{"moe.capacity_factor": None}``), type-checked by the
-    config loader. Returns (config, model in eval mode). Call
+    The model computes every token (``moe.capacity_factor`` off): token dropping is a training
+    device, and with it a token's output would depend on the other tokens of its batch, unlike
+    the exported HF model's. ``overrides``: dotted config fields, type-checked by the config
+    loader, applied after that. Returns (config, model in eval mode). Call
     ``megatron_ext.platform.dist.shutdown()`` after.
     """
     path, cfg = checkpoint_config(path)
@@ -61,7 +63,7 @@ def load_model(path: str | Path, expert_parallel: int = 1, tensor_parallel: int 
     cfg.parallel.sequence_parallel = tensor_parallel > 1 and cfg.moe.num_experts > 0
     cfg.parallel.world_size = None
     cfg.train.precision = "fp32" if not torch.cuda.is_available() else cfg.train.precision
-    cfg = apply_overrides(cfg, overrides or {})
+    cfg = apply_overrides(cfg, {"moe.capacity_factor": None, **(overrides or {})})
     init_distributed(cfg)
     model = build_model(cfg, resolve_backends(cfg))
     if torch.cuda.is_available():

@@ -82,7 +82,7 @@ class MegatronLM(TemplateLM):
         if model is None:
             if checkpoint is None:
                 raise DataError("megatron_ext: pass checkpoint=PATH")
-            cfg, model = load_model(checkpoint, overrides={"moe.capacity_factor": None})
+            cfg, model = load_model(checkpoint)
         if cfg is None:
             raise DataError("megatron_ext: a model needs its config (cfg=)")
         self.cfg, self.model = cfg, model

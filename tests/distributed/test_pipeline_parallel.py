@@ -121,3 +121,22 @@ def test_pipeline_layouts_match_one_process_and_reshard(tmp_path: Path, upcycled
     assert "tp=2 pp=2" in out and "| skipped 1 |" in out.splitlines()[-1]
     _assert_same(tp, ref, (1, 2, 3), "pp2 x tp2")
     assert tp[4]["loss"] == "nan"
+
+
+@pytest.mark.slow  # one 2-process run and one conversion: ~30 s
+def test_pipeline_keeps_mixed_layers_capacity_async_saves_and_conversion(tmp_path: Path) -> None:
+    """Features the parity test does not exercise, at PP=2 from a random init: dense and MoE
+    layers interleaved (each stage gets one of each), token dropping by capacity factor, async
+    saves; the checkpoint verifies and converts to HF (validated against transformers)."""
+    records, out = _train(tmp_path, "mixed", 2, 3, "--set", "parallel.pipeline=2",
+                          "--set", "moe.layer_freq=[0,1,0,1]", "--set", "moe.capacity_factor=1.0",
+                          "--set", "checkpoint.async_save=true")
+    assert "pp=2" in out and "step 3/3 |" in out
+    assert all(0 < records[s]["loss"] < 20 for s in (1, 2, 3))
+    loads = sorted(k for k in records[3] if k.endswith("/load_e0"))
+    assert loads == ["moe/layer2/load_e0", "moe/layer4/load_e0"]  # one MoE layer per stage
+    r = run_cli(["tools/convert/mcore_to_hf.py", "--input", str(tmp_path / "mixed" / "ckpt"),
+                 "--output", str(tmp_path / "hf")])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["mlp_only_layers"] == [0, 2]

@@ -150,8 +150,8 @@ def analyze(args: argparse.Namespace) -> int:
     if "WORLD_SIZE" not in os.environ:  # alone: don't collide with a run on the default port
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     try:
-        # Dropless for the analysis: count the router's choices, not what capacity kept.
-        cfg, model = load_model(ckpt, overrides={"moe.capacity_factor": None})
+        # dropless (load_model): count the router's choices, not what capacity kept
+        cfg, model = load_model(ckpt)
         counts = R.collect_routing(model, streams, seq_length, cfg.moe.top_k, layers,
                                    args.batch_size)
     except CheckpointError as err:
