@@ -1,8 +1,11 @@
 """A run killed with -9 after a save, or signalled with SIGUSR1, continues bit-identically
-(kill -9 also at pipeline-parallel size 2: two processes, one layer per stage)."""
+(also at pipeline-parallel size 2: two processes, one layer per stage; SIGUSR1 there with async
+saves)."""
 
+import os
 import random
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -40,11 +43,6 @@ def references(tmp_path_factory):
     return get
 
 
-@pytest.fixture
-def reference(references):
-    return references()
-
-
 @pytest.mark.parametrize("mode, layout", [(SYNC, ()), (ASYNC, ()), (SYNC, PP2)],
                          ids=["sync", "async", "sync-pp2"])
 def test_kill9_after_save_then_restart_is_bit_identical(tmp_path, references, mode, layout):
@@ -78,11 +76,28 @@ def _step(line: str) -> int:
     return int(line.split()[1].split("/")[0]) if line.startswith("step ") else -1
 
 
-@MODES
-def test_sigusr1_saves_current_step_exits_0_and_resumes_identically(tmp_path, reference, mode):
-    proc = popen(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=0", *mode))
+def _signal_workers(proc, layout: tuple) -> None:
+    """SIGUSR1 to the training processes: torchrun's workers (as the SLURM launcher relays it;
+    torchrun itself would die of it), or the one process."""
+    if layout != PP2:
+        proc.send_signal(signal.SIGUSR1)
+        return
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(int(pid), signal.SIGUSR1)
+
+
+@pytest.mark.parametrize("mode, layout", [(SYNC, ()), (ASYNC, ()), (ASYNC, PP2)],
+                         ids=["sync", "async", "async-pp2"])
+def test_sigusr1_saves_current_step_exits_0_and_resumes_identically(tmp_path, references, mode,
+                                                                    layout):
+    reference = references(layout)
+    args = [*_launcher(layout), *small_args(tmp_path, STEPS, "--set",
+                                            "checkpoint.save_interval=0", *mode, *layout)]
+    proc = popen(args)
     wait_for_line(proc, lambda line: line.startswith("step 2/"))
-    proc.send_signal(signal.SIGUSR1)
+    _signal_workers(proc, layout)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "received signal" in out and "summary: preempted" in out
@@ -90,7 +105,7 @@ def test_sigusr1_saves_current_step_exits_0_and_resumes_identically(tmp_path, re
     stopped = int(latest.split("_")[1])
     assert 2 <= stopped < STEPS
     assert f"saved step {stopped}" in out
-    again = run_cli(small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=0", *mode))
+    again = run_cli(args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"at step {stopped}" in again.stdout
     resumed = losses_by_step(tmp_path / "run")
