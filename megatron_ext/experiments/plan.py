@@ -121,6 +121,7 @@ class Experiment:
     dense: Path | None = None  # given base; else trained for dense_tokens
     dense_tokens: int = 0
     tasks: str | None = None
+    eval_limit: float | None = None  # lm_eval.py --limit: examples per task (a fraction if < 1)
     routing_tokens: int = 20_000
     btx_tokens: int | None = None  # per domain branch; None = a quarter of ``tokens``
     procs: int = 1  # processes per training stage (torchrun on this node: its GPUs, or CPU)
@@ -152,6 +153,19 @@ class Experiment:
                                   f"{self.dense}, which must be one of our checkpoints (convert "
                                   "an HF dir with tools/convert/hf_to_mcore.py)")
 
+    def cli_args(self) -> list[str]:
+        """The arguments of compare_inits.py that make this experiment (a SLURM job re-runs
+        the tool with them)."""
+        base = (["--dense", str(self.dense)] if self.dense
+                else ["--train-dense", str(self.dense_tokens)])
+        return ["--config", str(self.config), *_sets(*self.overrides),
+                "--methods", ",".join(m.label for m in self.methods), "--tokens", str(self.tokens),
+                *base, *(["--tasks", self.tasks] if self.tasks else []),
+                *(["--eval-limit", f"{self.eval_limit:g}"] if self.eval_limit else []),
+                *(["--btx-tokens", str(self.btx_tokens)] if self.btx_tokens else []),
+                "--routing-tokens", str(self.routing_tokens), "--output", str(self.output),
+                *(["--nproc-per-node", str(self.procs)] if self.procs > 1 else [])]
+
     @property
     def branch_tokens(self) -> int:
         return self.btx_tokens or max(1, self.tokens // 4)
@@ -169,6 +183,7 @@ class Experiment:
                     "methods": [m.label for m in self.methods], "tokens": self.tokens,
                     "dense": str(self.dense) if self.dense else None,
                     "dense_tokens": self.dense_tokens, "tasks": self.tasks,
+                    "eval_limit": float(self.eval_limit) if self.eval_limit else None,
                     "routing_tokens": self.routing_tokens,
                     **({"btx_tokens": self.branch_tokens}
                        if any(m.kind == "btx" for m in self.methods) else {})}
@@ -280,6 +295,7 @@ def _method_stages(exp: Experiment, m: Method, dense: Path, cfg_args: list[str],
     if exp.tasks:
         stages.append(Stage(f"eval/{m.label}", [
             LM_EVAL, "--checkpoint", str(ckpt), "--tasks", exp.tasks,
+            *(["--limit", f"{exp.eval_limit:g}"] if exp.eval_limit else []),
             "--output", str(out / "eval" / m.slug)], "json",
             out / "eval" / m.slug / "results.json", needs=needs))
     texts = [f"{label}={path}" for label, path in heldout_paths(exp).items()]

@@ -210,13 +210,7 @@ def _sbatch_argv(exp: Experiment, job: Job, deps: list[str], user: list[str]) ->
 
 def report_argv(exp: Experiment) -> list[str]:
     """``compare_inits.py`` with ``exp``'s arguments and ``--report-only``."""
-    base = ["--dense", str(exp.dense)] if exp.dense else ["--train-dense", str(exp.dense_tokens)]
-    return [TOOL, "--config", str(exp.config), *(a for o in exp.overrides for a in ("--set", o)),
-            "--methods", ",".join(m.label for m in exp.methods), "--tokens", str(exp.tokens),
-            *base, *(["--tasks", exp.tasks] if exp.tasks else []),
-            *(["--btx-tokens", str(exp.btx_tokens)] if exp.btx_tokens else []),
-            "--routing-tokens", str(exp.routing_tokens), "--output", str(exp.output),
-            "--report-only"]
+    return [TOOL, *exp.cli_args(), "--report-only"]
 
 
 def submit(exp: Experiment, queue: Queue, live: dict[str, str], user_args: list[str]) -> None:

@@ -36,6 +36,7 @@ TINY = ["--config", "configs/tiny-cpu.yaml", *[a for kv in (
     "train.log_interval=1", "train.eval_interval=2", "schedule.warmup_steps=1",
     "checkpoint.save_interval=2") for a in ("--set", kv)]]
 TOKENS_PER_STEP = 8 * 32
+RUN_EXTRA = ("--tasks", "demo_en_mc", "--eval-limit", "8")  # the shortened run's downstream task
 
 
 def compare(out: Path, *extra: str, methods: str = "naive,drop:0.5", steps: int = 4,
@@ -59,7 +60,7 @@ def run(tmp_path_factory) -> dict:
     out.mkdir()
     (out / "foreign.txt").write_text("not an experiment")
     start = time.monotonic()
-    proc = run_cli(compare(out, "--overwrite"), timeout=900)
+    proc = run_cli(compare(out, "--overwrite", *RUN_EXTRA), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"out": out, "wall": time.monotonic() - start}
 
@@ -70,8 +71,8 @@ def test_every_stage_runs_and_the_report_holds_every_number(run) -> None:
     assert not (out / "foreign.txt").exists()  # --overwrite replaced the foreign directory
     stages = json.loads((out / "stages.json").read_text())["stages"]
     assert [s["name"] for s in stages] == [
-        "dense", "init/naive", "train/naive", "routing/naive",
-        "init/drop:0.5", "train/drop:0.5", "routing/drop:0.5"]
+        "dense", "init/naive", "train/naive", "eval/naive", "routing/naive",
+        "init/drop:0.5", "train/drop:0.5", "eval/drop:0.5", "routing/drop:0.5"]
     assert all(s["state"] == "ran" and s["wall_s"] > 0 for s in stages)
     by_name = {s["name"]: s for s in stages}
     assert by_name["dense"]["tokens"] == 2 * TOKENS_PER_STEP
@@ -91,6 +92,7 @@ def test_every_stage_runs_and_the_report_holds_every_number(run) -> None:
         assert len(row["series"]["train"]) == 4 and row["series"]["train"][-1][0] == 1024
         assert len(row["series"]["cos"]) == 4
         assert set(row["routing"]["average"]) >= {"mean_tv", "usage_entropy"}
+        assert 0 <= row["tasks"]["demo_en_mc/acc"] <= 1, row["tasks"]
         slug = label.replace(":", "_r")
         assert row["heatmaps"] == [f"routing/{slug}/heatmap_layer{i}.png" for i in (0, 1)]
     # After one step, naive experts are still nearly identical; drop:0.5 near (1 - 0.5)^4.
@@ -100,7 +102,8 @@ def test_every_stage_runs_and_the_report_holds_every_number(run) -> None:
     for needle in ("| naive |", "| drop:0.5 |", "english/loss", "mean_tv", "curves.png",
                    "python tools/convert/upcycle.py", "python tools/analysis/routing.py",
                    "Drop-Upcycling r=0.5",  # the paper's row beside ours
-                   "](routing/drop_r0.5/heatmap_layer1.png)"):
+                   "](routing/drop_r0.5/heatmap_layer1.png)", "## Downstream tasks",
+                   "demo_en_mc/acc", "--limit 8"):
         assert needle in md, needle
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for domain in ("en_shakespeare", "ja_neko", "code_python"):  # held-out text, per domain
@@ -112,7 +115,7 @@ def test_rerun_skips_every_stage(run) -> None:
     before = (out := run["out"]) / "report.json"
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "train").rglob("*") if p.is_file()}
     start = time.monotonic()
-    proc = run_cli(compare(out))
+    proc = run_cli(compare(out, *RUN_EXTRA))
     assert proc.returncode == 0, proc.stderr[-2000:]
     stages = json.loads((out / "stages.json").read_text())["stages"]
     assert all(s["state"] == "skipped (verified)" for s in stages), stages
@@ -193,7 +196,8 @@ def test_output_of_another_experiment_is_refused(run, tmp_path: Path, change: st
         args = compare(out)
     else:
         out = run["out"]
-        args = compare(out, steps=6) if change == "tokens" else compare(out, methods="naive")
+        args = (compare(out, *RUN_EXTRA, steps=6) if change == "tokens"
+                else compare(out, *RUN_EXTRA, methods="naive"))
     before = sorted(p.name for p in out.iterdir())
     line = one_error_line(run_cli(args))
     assert f"--output {out}" in line and "--overwrite" in line, line
@@ -225,6 +229,22 @@ def test_trainings_run_under_torchrun_with_nproc_per_node(run, tmp_path: Path) -
         "python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert stages["routing/scratch"]["command"][:2] == ["python", "tools/analysis/routing.py"]
     assert "world=2" in (out / "logs" / "train_scratch.log").read_text()
+
+
+def test_cli_args_make_the_same_experiment() -> None:
+    """A SLURM job re-runs the tool with ``Experiment.cli_args()``: every field survives."""
+    from tools.experiments.compare_inits import parse_args
+
+    sets = [a for a in TINY[2:] if a != "--set"] + ["train.micro_batch_size=4"]
+    exp = Experiment(Path("configs/tiny-cpu.yaml"), sets, parse_methods("naive,drop:0.5,btx"),
+                     4096, Path("/nonexistent/out"), dense_tokens=2048, tasks="demo_en_mc",
+                     eval_limit=8, routing_tokens=500, btx_tokens=1024, procs=2)
+    a = parse_args(exp.cli_args())
+    again = Experiment(a.config, a.overrides, parse_methods(a.methods), a.tokens, a.output,
+                       dense=a.dense, dense_tokens=a.train_dense or 0, tasks=a.tasks,
+                       eval_limit=a.eval_limit, routing_tokens=a.routing_tokens,
+                       btx_tokens=a.btx_tokens, procs=a.nproc_per_node)
+    assert again.fingerprint() == exp.fingerprint() and again.procs == 2
 
 
 def test_btx_plan_branches_the_base_per_domain() -> None:

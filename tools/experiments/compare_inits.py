@@ -67,6 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     base.add_argument("--train-dense", type=int, metavar="TOKENS",
                       help="train the dense base first, for TOKENS tokens")
     p.add_argument("--tasks", help="downstream tasks for tools/eval/lm_eval.py (e.g. demo_local)")
+    p.add_argument("--eval-limit", type=float, metavar="N",
+                   help="with --tasks: at most N examples per task (a fraction if < 1)")
     p.add_argument("--routing-tokens", type=int, default=20_000, help="tokens per domain")
     p.add_argument("--btx-tokens", type=int, metavar="TOKENS",
                    help="btx: training tokens of each domain branch (default: --tokens / 4)")
@@ -103,7 +105,8 @@ def _compare(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     exp = Experiment(args.config, args.overrides, parse_methods(args.methods), args.tokens,
                      args.output, dense=args.dense, dense_tokens=args.train_dense or 0,
-                     tasks=args.tasks, routing_tokens=args.routing_tokens,
+                     tasks=args.tasks, eval_limit=args.eval_limit,
+                     routing_tokens=args.routing_tokens,
                      btx_tokens=args.btx_tokens, procs=args.nproc_per_node)
     stages = build_stages(exp)
     check_stage_configs(exp, stages)
