@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from megatron_ext.model.chunks import model_chunks
 from megatron_ext.platform import children
 from megatron_ext.training import signals
 from megatron_ext.training.callbacks.base import Callback
@@ -32,10 +33,13 @@ class NanInjection(Callback):
                 return output * math.nan
             return output
 
-        self.handle = trainer.run.model.register_forward_hook(poison)
+        # every chunk of an interleaved pipeline (its ModelChunks is never called itself)
+        self.handles = [chunk.register_forward_hook(poison)
+                        for chunk in model_chunks(trainer.run.model)]
 
     def close(self, trainer, aborted: bool) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 def _main() -> int:
