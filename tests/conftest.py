@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def set_args(*settings: str) -> list[str]:
+    """``--set`` options of the CLIs: set_args("a.b=1", "c.d=2") -> [--set, a.b=1, --set, c.d=2]."""
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None,
             cwd: Path = REPO) -> subprocess.CompletedProcess:
     # The repo first; keep what the caller's PYTHONPATH adds (e.g. wheels unpacked elsewhere).

@@ -10,18 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import REPO, set_args
 
-SMALL = [
-    "--config", "configs/tiny-cpu.yaml",
-    "--set", "data.demo_corpus=false", "--set", "data.mock=true",
-    "--set", "model.num_layers=2", "--set", "model.hidden_size=64",
-    "--set", "model.ffn_hidden_size=128", "--set", "model.vocab_size=512",
-    "--set", "moe.num_experts=4", "--set", "data.seq_length=32",
-    "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=4",
-    "--set", "train.eval_interval=0", "--set", "train.log_interval=1",
-    "--set", "schedule.warmup_steps=2", "--set", "checkpoint.keep_last=5",
-]
+SMALL = ["--config", "configs/tiny-cpu.yaml", *set_args(
+    "data.demo_corpus=false", "data.mock=true", "model.num_layers=2", "model.hidden_size=64",
+    "model.ffn_hidden_size=128", "model.vocab_size=512", "moe.num_experts=4",
+    "data.seq_length=32", "train.global_batch_size=8", "train.micro_batch_size=4",
+    "train.eval_interval=0", "train.log_interval=1", "schedule.warmup_steps=2",
+    "checkpoint.keep_last=5")]
 
 
 def small_args(tmp: Path, steps: int, *extra: str) -> list[str]:

@@ -25,19 +25,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli, torchrun
+from tests.conftest import run_cli, set_args, torchrun
 
 TOL = 2e-5
-COMMON = [
-    "--config", "configs/tiny-cpu.yaml", "--set", "data.demo_corpus=false",
-    "--set", "data.mock=true", "--set", "model.hidden_size=64",
-    "--set", "model.ffn_hidden_size=128", "--set", "model.vocab_size=512",
-    "--set", "data.seq_length=32", "--set", "train.global_batch_size=8",
-    "--set", "train.micro_batch_size=2", "--set", "train.eval_interval=2",
-    "--set", "train.log_interval=1", "--set", "schedule.warmup_steps=0",
-    "--set", "schedule.decay_steps=5",  # the same LR at each step in 3- and 5-step runs
-    "--set", "moe.z_loss_coeff=0.001", "--set", "checkpoint.save_interval=3",
-]
+COMMON = ["--config", "configs/tiny-cpu.yaml", *set_args(
+    "data.demo_corpus=false", "data.mock=true", "model.hidden_size=64",
+    "model.ffn_hidden_size=128", "model.vocab_size=512", "data.seq_length=32",
+    "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_interval=2",
+    "train.log_interval=1", "schedule.warmup_steps=0",
+    "schedule.decay_steps=5",  # the same LR at each step in 3- and 5-step runs
+    "moe.z_loss_coeff=0.001", "checkpoint.save_interval=3")]
 COMPARED = ("loss", "aux_loss", "z_loss", "grad_norm", "moe/expert_cos_mean")
 
 

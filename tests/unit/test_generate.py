@@ -26,21 +26,17 @@ import torch
 
 from megatron_ext.data.errors import DataError
 from megatron_ext.evaluation.generate import check_prompts, check_sampling, next_tokens
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, set_args
 from tools.generate import main as generate_main
 from tools.generate import show
 
 NEW = 32
-TRAIN = [
-    "pretrain_moe.py", "--config", "configs/tiny-cpu.yaml",
-    "--set", "model.num_layers=2", "--set", "model.hidden_size=64",
-    "--set", "model.ffn_hidden_size=128", "--set", "moe.num_experts=4",
-    "--set", "data.seq_length=64", "--set", "train.global_batch_size=8",
-    "--set", "train.micro_batch_size=4", "--set", "train.eval_interval=0",
-    "--set", "data.valid_sets={}", "--set", "train.log_interval=10",
-    "--set", "schedule.warmup_steps=2", "--set", "train.train_steps=30",
-    "--set", "optimizer.lr=3e-3",
-]
+TRAIN = ["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml", *set_args(
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+    "moe.num_experts=4", "data.seq_length=64", "train.global_batch_size=8",
+    "train.micro_batch_size=4", "train.eval_interval=0", "data.valid_sets={}",
+    "train.log_interval=10", "schedule.warmup_steps=2", "train.train_steps=30",
+    "optimizer.lr=3e-3")]
 PROMPTS = [
     "To",
     "To be, or not to be, that is the question:",
