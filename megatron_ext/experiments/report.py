@@ -13,6 +13,7 @@ import io
 import json
 from pathlib import Path
 
+from megatron_ext.analysis.curves import tokens_axis
 from megatron_ext.experiments.plan import Experiment
 from megatron_ext.platform.fs import atomic_write
 
@@ -92,7 +93,7 @@ def plot(data: dict, out_png: Path) -> None:
         ax.set_title({"train": "training loss", "cos": "expert cosine similarity (mean)",
                       "val_loss": "validation loss (blend)"}.get(key, f"validation: {key}"),
                      fontsize=9)
-        ax.set_xlabel("tokens", fontsize=8)
+        tokens_axis(ax, fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
