@@ -183,10 +183,12 @@ class Experiment:
                     "methods": [m.label for m in self.methods], "tokens": self.tokens,
                     "dense": str(self.dense) if self.dense else None,
                     "dense_tokens": self.dense_tokens, "tasks": self.tasks,
-                    "eval_limit": float(self.eval_limit) if self.eval_limit else None,
-                    "routing_tokens": self.routing_tokens,
-                    **({"btx_tokens": self.branch_tokens}
-                       if any(m.kind == "btx" for m in self.methods) else {})}
+                    "routing_tokens": self.routing_tokens}
+        # Options added later count only when used: an older experiment keeps its fingerprint.
+        if self.eval_limit:
+            identity["eval_limit"] = float(self.eval_limit)
+        if any(m.kind == "btx" for m in self.methods):
+            identity["btx_tokens"] = self.branch_tokens
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return {"fingerprint": digest[:16], **identity}
 
