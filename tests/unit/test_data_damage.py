@@ -312,7 +312,7 @@ def test_build_run_opens_the_data_before_building_the_model(
     def model_built(*args, **kwargs):
         raise AssertionError("the model was built before the data was checked")
 
-    monkeypatch.setattr(setup, "build_model", model_built)
+    monkeypatch.setattr(setup, "build_model_chunks", model_built)
     prefix = _copy(sound["prefix"], tmp_path)
     os.truncate(prefix + ".bin", 100)
     cfg = load_config(str(REPO / "configs" / "tiny-cpu.yaml"), _overrides(sound, prefix, tmp_path))
