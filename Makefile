@@ -27,7 +27,8 @@ demo: $(STAMP)
 
 # The paper's comparison at tiny size (docs/experiments.md): a dense base of 300 steps, then
 # scratch, naive, Drop-Upcycling r=0.5 and r=1.0 for 400 steps each (16 x 128 tokens a step), then
-# routing by domain and the report: 17 min on 2 cores (docs/experiments.md). Resumable: rerunning skips finished stages.
+# routing by domain and the report: 17 min on 2 cores (docs/benchmarks.md). Resumable: rerunning
+# skips finished stages.
 compare-tiny: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) tools/experiments/compare_inits.py \
 		--config configs/tiny-cpu.yaml --methods scratch,naive,drop:0.5,drop:1.0 \
