@@ -9,7 +9,7 @@ subprocess of our CLIs, and is resumable:
 * a rerun skips every stage; a run killed (SIGKILL to its whole process group) in a training stage
   resumes that training from its checkpoint and skips what had finished;
 * btx trains one branch of the dense base per demo domain (on that domain alone) and mixes the
-  base and the branches into the MoE; its plan and a real shortened run are checked;
+  base and the branches into the MoE (its plan here; real runs: test_compare_bases.py);
 * bad input (unknown or malformed method, a bad config, a stage whose own config fails, a dense
   base whose shape or kind does not match the config, an output dir holding something else) is
   one line and exit 2, with nothing touched.
@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 from megatron_ext.experiments.plan import Experiment, build_stages, parse_methods
-from megatron_ext.experiments.report import read_metrics
 from tests.conftest import run_cli
 from tests.resilience import kill_job, popen, wait_for_line
 
@@ -217,20 +216,6 @@ def test_bad_config_is_one_line(tmp_path: Path, extra: list[str], needle: str) -
     assert not (tmp_path / "cmp").exists()
 
 
-@pytest.mark.slow
-def test_trainings_run_under_torchrun_with_nproc_per_node(run, tmp_path: Path) -> None:
-    out = tmp_path / "cmp"
-    proc = run_cli(compare(out, "--nproc-per-node", "2", "--set", "train.micro_batch_size=4",
-                           methods="scratch", steps=2,
-                           dense=["--dense", str(run["out"] / "dense" / "ckpt")]))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    stages = {s["name"]: s for s in json.loads((out / "stages.json").read_text())["stages"]}
-    assert stages["train/scratch"]["command"][:5] == [
-        "python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    assert stages["routing/scratch"]["command"][:2] == ["python", "tools/analysis/routing.py"]
-    assert "world=2" in (out / "logs" / "train_scratch.log").read_text()
-
-
 def test_cli_args_make_the_same_experiment() -> None:
     """A SLURM job re-runs the tool with ``Experiment.cli_args()``: every field survives."""
     from tools.experiments.compare_inits import parse_args
@@ -281,20 +266,3 @@ def test_bad_btx_request_is_one_line(tmp_path: Path, extra: list[str], needle: s
     proc = run_cli(compare(tmp_path / "cmp", *extra, methods="btx"))
     assert needle in one_error_line(proc)
     assert not (tmp_path / "cmp").exists()
-
-
-@pytest.mark.slow
-def test_btx_runs_end_to_end(run, tmp_path: Path) -> None:
-    out = tmp_path / "cmp"
-    proc = run_cli(compare(out, "--btx-tokens", str(2 * TOKENS_PER_STEP), methods="btx",
-                           steps=2, dense=["--dense", str(run["out"] / "dense" / "ckpt")]))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    stages = json.loads((out / "stages.json").read_text())["stages"]
-    assert [s["name"] for s in stages] == ["branch/code", "branch/en", "branch/ja",
-                                           "init/btx", "train/btx", "routing/btx"]
-    # each branch trained on its own domain only: its training loss is that domain's
-    branch = read_metrics(out / "branch" / "en" / "run" / "metrics.jsonl")
-    assert branch["train"][-1][0] == 2 * TOKENS_PER_STEP
-    report = json.loads((out / "report.json").read_text())
-    assert 0 < report["methods"]["btx"]["final"]["english/loss"] < 20
-    assert "| btx |" in (out / "report.md").read_text()
