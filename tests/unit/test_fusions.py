@@ -68,4 +68,7 @@ def test_compiled_rms_norm_matches_torch(monkeypatch):
         grads.append((y.detach(), x.grad, norm.weight.grad))
     assert not fusion.FAILED
     for a, b in zip(grads[1], grads[0]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # The compiled kernel sums in another order (which can vary with the thread count): the
+        # rounding error of an element scales with the largest terms of its sums (input
+        # gradients reach ~35 here), not with the element itself.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item()))
