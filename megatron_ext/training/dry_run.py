@@ -36,29 +36,28 @@ META_BUILD_MAX_EXPERT_LAYERS = 16384
 
 def main(cfg: Config, rank0: bool = True) -> int:
     """Print the report (stdout) or one error line (stderr, rank 0 only); the exit code."""
-    try:
-        text = dry_run(cfg)
-    except (ConfigError, DataError) as e:
-        return _fail(f"config error: {e}", EXIT_CONFIG, rank0)
-    except Exception as e:  # noqa: BLE001 - any other failure is ours: one line, exit 1
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
-        return _fail(f"error: --dry-run failed ({type(e).__name__}: {reason}); this is a bug, "
-                     f"please report it with the config", EXIT_FAILED, rank0)
-    print(text, flush=True)
-    return EXIT_OK
+    return _report(lambda: dry_run(cfg), "--dry-run", (ConfigError, DataError), "config error",
+                   rank0, every_rank=True)
 
 
 def plan_main(cfg: Config, nodes: int, top: int | None, rank0: bool = True) -> int:
     """``--plan``: the ranked layouts of ``nodes`` nodes (stdout), or one error line."""
+    return _report(lambda: plan_text(cfg, nodes, top), "--plan", (UserError,), "error", rank0)
+
+
+def _report(make, what: str, known: tuple, prefix: str, rank0: bool,
+            every_rank: bool = False) -> int:
+    """Print ``make()``'s text, or one error line: ``known`` errors are the user's (exit 2),
+    anything else is ours (exit 1, named as a bug)."""
     try:
-        text = plan_text(cfg, nodes, top)
-    except UserError as e:
-        return _fail(f"error: {e}", EXIT_CONFIG, rank0)
+        text = make()
+    except known as e:
+        return _fail(f"{prefix}: {e}", EXIT_CONFIG, rank0)
     except Exception as e:  # noqa: BLE001 - any other failure is ours: one line, exit 1
         reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
-        return _fail(f"error: --plan failed ({type(e).__name__}: {reason}); this is a bug, "
+        return _fail(f"error: {what} failed ({type(e).__name__}: {reason}); this is a bug, "
                      f"please report it with the config", EXIT_FAILED, rank0)
-    if rank0:
+    if rank0 or every_rank:
         print(text, flush=True)
     return EXIT_OK
 
