@@ -10,6 +10,8 @@ names are checked when the run starts, so a typo fails in seconds, not at the fi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.distributed as dist
 
 from megatron_ext.checkpoint.dist import unwrap
@@ -19,7 +21,9 @@ from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
 from megatron_ext.evaluation.wandb_results import flat_metrics
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.setup import Run
-from megatron_ext.training.trainer import Trainer
+
+if TYPE_CHECKING:  # annotations only (the trainer is a layer below the callbacks)
+    from megatron_ext.training.trainer import Trainer
 
 
 class DownstreamTasks(Callback):
