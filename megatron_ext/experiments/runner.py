@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from megatron_ext.checkpoint.dist import ITER_RE, CheckpointError, find_resumable
-from megatron_ext.checkpoint.mcore_io import arch_from_config
+from megatron_ext.conversion.mcore_io import arch_from_config
 from megatron_ext.data.demo import CORPUS_DIR
 from megatron_ext.errors import UserError, one_line
 from megatron_ext.experiments.plan import (

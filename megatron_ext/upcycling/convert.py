@@ -1,7 +1,7 @@
 """Directory to directory upcycling: the library function behind ``tools/convert/upcycle.py``.
 
 Checkpoint formats are dispatched in one place (``_READERS`` / ``_WRITERS``): HF directories,
-and our megatron-core checkpoints (``megatron_ext.checkpoint.mcore_io``: read whole at EP = 1,
+and our megatron-core checkpoints (``megatron_ext.conversion.mcore_io``: read whole at EP = 1,
 written in one process at EP = 1; any EP can train from the result).
 The output is staged in a temp dir beside the target and renamed only after writing and
 validation succeed, so any failure leaves nothing at the output path.
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from megatron_ext.checkpoint.convert_mcore import compare_logits, preflight, resolve_dtype
-from megatron_ext.checkpoint.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
-from megatron_ext.checkpoint.keymaps import (
+from megatron_ext.conversion.convert import compare_logits, preflight, resolve_dtype
+from megatron_ext.conversion.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
+from megatron_ext.conversion.keymaps import (
     HF_EMBED,
     Arch,
     ConversionError,
@@ -32,7 +32,7 @@ from megatron_ext.checkpoint.keymaps import (
     hf_shapes,
     hf_to_mcore,
 )
-from megatron_ext.checkpoint.mcore_io import (
+from megatron_ext.conversion.mcore_io import (
     config_from_hf,
     hf_config_from_mcore,
     hf_record,
@@ -107,7 +107,7 @@ def _write_hf(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseMode
 
 def _open_mcore(path: Path) -> DenseModel:
     """A dense mcore checkpoint served under HF names (its whole fp32 state dict in memory),
-    in the precision its weights have (``convert_mcore.resolve_dtype``)."""
+    in the precision its weights have (``conversion.convert.resolve_dtype``)."""
     get, keys, arch, cfg = read_mcore_checkpoint(path)
     if arch.num_experts:
         raise ConversionError(f"{path}: an MoE checkpoint ({arch.num_experts} experts), expected "

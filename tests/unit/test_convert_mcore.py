@@ -149,8 +149,8 @@ def test_upcycle_to_mcore_naive_keeps_the_dense_function(conv, tmp_path: Path) -
 def test_config_from_hf(conv) -> None:
     import json
 
-    from megatron_ext.checkpoint.keymaps import ConversionError
-    from megatron_ext.checkpoint.mcore_io import config_from_hf
+    from megatron_ext.conversion.keymaps import ConversionError
+    from megatron_ext.conversion.mcore_io import config_from_hf
 
     mixed = json.loads((conv["mixed"]["hf"] / "config.json").read_text())
     cfg = config_from_hf(mixed, {"train.seed": 5})
@@ -168,9 +168,9 @@ def test_config_from_hf(conv) -> None:
 STRICT = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from megatron_ext.checkpoint.hf_io import HFCheckpoint
-    from megatron_ext.checkpoint.keymaps import ConversionError, arch_from_hf_config, hf_to_mcore
-    from megatron_ext.checkpoint.mcore_io import (
+    from megatron_ext.conversion.hf_io import HFCheckpoint
+    from megatron_ext.conversion.keymaps import ConversionError, arch_from_hf_config, hf_to_mcore
+    from megatron_ext.conversion.mcore_io import (
         config_from_hf, read_mcore_checkpoint, write_mcore_checkpoint)
 
     if __name__ == "__main__":
@@ -193,10 +193,10 @@ STRICT = textwrap.dedent("""
         print("read back ok")
 
         # A failed validation: exit 1 and nothing at the output (the check itself is faked).
-        import megatron_ext.checkpoint.convert_mcore as convert_mcore
+        import megatron_ext.conversion.convert as convert
         from megatron_ext.model.compare import ValidationReport
         from tools.convert.hf_to_mcore import main
-        convert_mcore.compare_logits = lambda *a, **k: ValidationReport(1.0, 1.0, True, True, 1e-4)
+        convert.compare_logits = lambda *a, **k: ValidationReport(1.0, 1.0, True, True, 1e-4)
         rc = main(["--input", sys.argv[1], "--output", str(out / "vfail")])
         print("vfail", rc, (out / "vfail").exists(), len(list(out.glob(".vfail*"))))
 """)

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext.checkpoint.hf_io import staged_dir
-from megatron_ext.checkpoint.keymaps import ConversionError
+from megatron_ext.conversion.hf_io import staged_dir
+from megatron_ext.conversion.keymaps import ConversionError
 from megatron_ext.errors import UsageError
 from megatron_ext.platform.fs import _exchange, check_disjoint, replace_dir
 from tests.conftest import REPO

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from megatron_ext.checkpoint.mcore_io import arch_from_config
 from megatron_ext.config.loader import load_config
+from megatron_ext.conversion.mcore_io import arch_from_config
 from tests.conftest import run_cli
 
 CLI = "tools/convert/upcycle.py"

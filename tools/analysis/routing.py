@@ -97,7 +97,7 @@ def check_inputs(output: Path, args: argparse.Namespace, *resolved: tuple[str, s
     """The report directory must not be, contain or lie inside any input (it replaces a
     previous report as a whole): the checkpoint (and what its ``latest`` names), every text
     file, the tokenizer. ``resolved``: inputs known only after reading the checkpoint."""
-    from megatron_ext.checkpoint.convert_mcore import checkpoint_inputs  # torch: start-up time
+    from megatron_ext.conversion.convert import checkpoint_inputs  # torch: start-up time
 
     inputs = [*checkpoint_inputs("--checkpoint", Path(args.checkpoint)),
               *(("--text", spec.partition("=")[2]) for spec in args.text), *resolved]

@@ -35,8 +35,8 @@ def _convert(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     quiet_process(all_from_internals=True)  # before megatron is imported: its warnings are noise
     # why inside: megatron-core and torch take seconds to import; --help and usage errors don't
-    from megatron_ext.checkpoint.convert_mcore import hf_to_mcore_checkpoint
     from megatron_ext.checkpoint.manifest import content_checks
+    from megatron_ext.conversion.convert import hf_to_mcore_checkpoint
 
     with content_checks(not args.no_verify_checksums):  # the output's, in validation
         hf_to_mcore_checkpoint(args.input, args.output, overwrite=args.overwrite,

@@ -40,9 +40,9 @@ def _convert(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     quiet_process(all_from_internals=True)  # before megatron is imported: its warnings are noise
     # why inside: megatron-core and torch take seconds to import; --help and usage errors don't
-    from megatron_ext.checkpoint.convert_mcore import mcore_to_hf_checkpoint
-    from megatron_ext.checkpoint.hf_io import parse_size
     from megatron_ext.checkpoint.manifest import content_checks
+    from megatron_ext.conversion.convert import mcore_to_hf_checkpoint
+    from megatron_ext.conversion.hf_io import parse_size
 
     with content_checks(not args.no_verify_checksums):
         mcore_to_hf_checkpoint(args.input, args.output, overwrite=args.overwrite,

@@ -19,12 +19,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_ext.checkpoint.hf_io import parse_size
 from megatron_ext.checkpoint.manifest import content_checks
-from megatron_ext.checkpoint.mcore_io import arch_from_config
 from megatron_ext.config.loader import ConfigError, load_config
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern, planned_world_size, validate
+from megatron_ext.conversion.hf_io import parse_size
+from megatron_ext.conversion.mcore_io import arch_from_config
 from megatron_ext.platform.cli import conversion_parser, run_cli
 from megatron_ext.upcycling.spec import (
     INDEX_SHARING,

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from megatron_ext.checkpoint.keymaps import ConversionError
+from megatron_ext.conversion.keymaps import ConversionError
 from megatron_ext.platform.fs import recover_interrupted, staging
 
 INDEX_NAME = "model.safetensors.index.json"

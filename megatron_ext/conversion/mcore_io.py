@@ -33,8 +33,12 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor
 
-from megatron_ext.checkpoint.hf_io import TOKENIZER_FILES, staged_dir
-from megatron_ext.checkpoint.keymaps import (
+from megatron_ext.checkpoint.manifest import CheckpointError
+from megatron_ext.config.loader import ConfigError, apply_overrides, to_dict
+from megatron_ext.config.schema import Config
+from megatron_ext.config.validate import moe_layer_pattern, validate
+from megatron_ext.conversion.hf_io import TOKENIZER_FILES, staged_dir
+from megatron_ext.conversion.keymaps import (
     MLP_ONLY_LAYERS_FIELD,
     Arch,
     ConversionError,
@@ -46,10 +50,6 @@ from megatron_ext.checkpoint.keymaps import (
     mcore_shapes,
     split_qkv,
 )
-from megatron_ext.checkpoint.manifest import CheckpointError
-from megatron_ext.config.loader import ConfigError, apply_overrides, to_dict
-from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import moe_layer_pattern, validate
 from megatron_ext.platform.quiet import quiet_process
 
 TRAIN_CONFIG = "config.yaml"
@@ -337,4 +337,4 @@ def is_mixed(arch: Arch) -> bool:
 
 MIXED_NOTE = (f"mixed dense/MoE model: config.json lists the dense layers in "
               f"'{MLP_ONLY_LAYERS_FIELD}'; stock MixtralForCausalLM (transformers, vLLM) cannot "
-              "load it (use megatron_ext.checkpoint.hf_models.load_moe)")
+              "load it (use megatron_ext.conversion.hf_models.load_moe)")

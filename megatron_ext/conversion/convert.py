@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.checkpoint.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
-from megatron_ext.checkpoint.hf_models import hf_logits
-from megatron_ext.checkpoint.keymaps import (
+from megatron_ext.conversion.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
+from megatron_ext.conversion.hf_models import hf_logits
+from megatron_ext.conversion.keymaps import (
     HF_EMBED,
     ConversionError,
     arch_from_hf_config,
@@ -28,7 +28,7 @@ from megatron_ext.checkpoint.keymaps import (
     hf_to_mcore,
     mcore_to_hf,
 )
-from megatron_ext.checkpoint.mcore_io import (  # no megatron import at module level
+from megatron_ext.conversion.mcore_io import (  # no megatron import at module level
     HF_RECORD,
     MIXED_NOTE,
     config_from_hf,
