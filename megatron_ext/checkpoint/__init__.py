@@ -1,7 +1,7 @@
 """Training state: megatron-core distributed checkpoints of a run and everything that makes them
 safe to resume from.
 
-* ``dist``: save, commit (atomic rename, ``latest``), prune, verify, find the newest resumable
+* ``store``: save, commit (atomic rename, ``latest``), prune, verify, find the newest resumable
   checkpoint, load (model, optimizer, scheduler, RNG) and load weights only;
 * ``saver``: synchronous and background (async) saves for the training loop;
 * ``manifest``: per-file sizes and xxh3 checksums (``meta.json``) and their verification;

@@ -1,11 +1,11 @@
-"""Read and write our megatron-core checkpoints (``megatron_ext.checkpoint.dist``) tensor by tensor.
+"""Read and write our megatron-core checkpoints (``checkpoint.store``) tensor by tensor.
 
 Both directions speak the mcore names of ``keymaps`` (local spec, SequentialMLP experts
 ``local_experts.{e}``), so ``keymaps.hf_to_mcore`` / ``mcore_to_hf`` streams plug straight in.
 
 Writing (``write_mcore_checkpoint``) runs in ONE process: gloo world of 1, TP = PP = EP = 1, our
 model built from the config, every parameter filled exactly once from the stream, then saved with
-``dist.save`` (step 0, no optimizer). dist_checkpointing reshards on load, so a training run can
+``store.save`` (step 0, no optimizer). dist_checkpointing reshards on load, so a training run can
 start from it at any expert-parallel size. Peak memory: one model copy in the stream's dtype
 (bf16 sources build a bf16 model; norms stay fp32), plus one streamed tensor, plus whatever
 dist_checkpointing stages while writing.
@@ -223,7 +223,7 @@ def save_mcore_into(out_dir: Path, stream: Iterable[tuple[str, Tensor]], cfg: Co
     ``iter_0000000/``, ``latest``, ``config.yaml`` and, given ``hf_config``, ``hf/``."""
     quiet_process(all_from_internals=True)  # a bad input is one stderr line
     # why inside: both import megatron-core (seconds); HF-only callers never need it
-    from megatron_ext.checkpoint import dist as ckpt
+    from megatron_ext.checkpoint import store as ckpt
     from megatron_ext.model.builder import build_model, resolve_backends
 
     build_cfg = copy.deepcopy(cfg)

@@ -1,7 +1,7 @@
 """Run a comparison's stages in order, skipping those whose outputs verify.
 
 A stage is finished only when its output verifies: a checkpoint stage when
-``checkpoint.dist.find_resumable`` finds a checkpoint (sizes and checksums checked) at the
+``checkpoint.store.find_resumable`` finds a checkpoint (sizes and checksums checked) at the
 planned step; a JSON stage when its results file parses. An unfinished stage is simply run
 again with the same command: ``pretrain_moe.py`` resumes from its own ``checkpoint.save``, the
 converter and the routing tool replace their output whole. ``DIR/stages.json`` records each
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_ext.checkpoint.dist import ITER_RE, CheckpointError, find_resumable
+from megatron_ext.checkpoint.store import ITER_RE, CheckpointError, find_resumable
 from megatron_ext.conversion.mcore_io import arch_from_config
 from megatron_ext.data.demo import CORPUS_DIR
 from megatron_ext.errors import UserError, one_line

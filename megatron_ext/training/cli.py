@@ -77,7 +77,7 @@ def train_main(cfg: Config, preempt: Preemption, extra_callbacks: Sequence[Facto
             return _stop(stop)  # before any process group: nobody else waits for this one
         # Here, after the locks: torch and megatron-core take seconds to import, and a run
         # directory in use must be refused before that (and --dry-run never needs them).
-        from megatron_ext.checkpoint import dist as ckpt
+        from megatron_ext.checkpoint import store as ckpt
         from megatron_ext.platform.dist import init_distributed, shutdown
         from megatron_ext.training import session
         from megatron_ext.training.cuda_graph import step_stream
@@ -118,7 +118,7 @@ def _preflight(cfg: Config, locks: RunLocks) -> tuple[int, str | None] | None:
     except (ConfigError, OSError) as e:
         return EXIT_CONFIG, f"error: {e}"
     from megatron_ext.checkpoint import resume_check  # megatron: only once the locks are held
-    from megatron_ext.checkpoint.dist import CheckpointError
+    from megatron_ext.checkpoint.store import CheckpointError
 
     try:
         done, warnings = resume_check.preflight(cfg)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_ext.checkpoint import dist as ckpt
+from megatron_ext.checkpoint import store as ckpt
 from megatron_ext.config.loader import to_dict, to_yaml
 from megatron_ext.config.schema import Config
 from megatron_ext.platform import patches

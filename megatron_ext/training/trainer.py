@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_ext.checkpoint.dist import TrainState
+from megatron_ext.checkpoint.store import TrainState
 from megatron_ext.training import exit_codes
 from megatron_ext.training.batches import MicroBatches
 from megatron_ext.training.console import warn

@@ -16,9 +16,9 @@ import sys
 
 import pytest
 
-from megatron_ext.checkpoint import dist as ckpt
 from megatron_ext.checkpoint import manifest
-from megatron_ext.checkpoint.dist import CheckpointError, find_resumable, verify
+from megatron_ext.checkpoint import store as ckpt
+from megatron_ext.checkpoint.store import CheckpointError, find_resumable, verify
 from tests.conftest import REPO, run_cli, torchrun
 from tests.resilience import env, small_args
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext.checkpoint import dist as ckpt
 from megatron_ext.checkpoint import manifest, safe_pickle
+from megatron_ext.checkpoint import store as ckpt
 from tests.conftest import run_cli
 from tests.resilience import small_args
 

@@ -113,8 +113,8 @@ def install(tmp: Path, out: Path) -> None:
 
 def analyze(args: argparse.Namespace) -> int:
     from megatron_ext.analysis import routing as R
-    from megatron_ext.checkpoint.dist import CheckpointError
     from megatron_ext.checkpoint.load_model import checkpoint_config, load_model
+    from megatron_ext.checkpoint.store import CheckpointError
     from megatron_ext.config.validate import moe_layer_pattern
     from megatron_ext.data.tokenizer import load_tokenizer
     from megatron_ext.evaluation.tokenizer import tokenizer_path

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
-from megatron_ext.checkpoint.dist import unwrap
+from megatron_ext.checkpoint.store import unwrap
 from megatron_ext.evaluation import harness
 from megatron_ext.evaluation.lm_eval_model import MegatronLM
 from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_ext.checkpoint.dist import ITER_RE
+from megatron_ext.checkpoint.store import ITER_RE
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.console import log
 from megatron_ext.training.loggers import MetricsWriter, format_line
