@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Downstream tasks through lm-evaluation-harness on our checkpoint or on an HF directory.
 
-    python tools/eval/lm_eval.py --checkpoint runs/tiny-cpu/checkpoints --tasks demo_local \\
+    moe-lm-eval --checkpoint runs/tiny-cpu/checkpoints --tasks demo_local \\
         --output runs/tiny-cpu/lm_eval
-    python tools/eval/lm_eval.py --checkpoint HF_DIR --tasks hellaswag,arc_easy --limit 100
+    moe-lm-eval --checkpoint HF_DIR --tasks hellaswag,arc_easy --limit 100
 """
 
 from __future__ import annotations
@@ -12,16 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-# This file is named like the package it drives: running it puts tools/eval/ first on sys.path,
-# where ``import lm_eval`` would find this script instead of the package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-from megatron_ext.errors import UserError  # noqa: E402 (after the sys.path fix above)
-from megatron_ext.evaluation.wandb_results import append_results  # noqa: E402
-from megatron_ext.evaluation.wandb_results import run_id as wandb_run_id  # noqa: E402
-from megatron_ext.platform.cli import ArgumentParser, run_cli  # noqa: E402
-from megatron_ext.platform.quiet import quiet_process  # noqa: E402
+from megatron_ext.errors import UserError
+from megatron_ext.evaluation.wandb_results import append_results
+from megatron_ext.evaluation.wandb_results import run_id as wandb_run_id
+from megatron_ext.platform.cli import ArgumentParser, run_cli
+from megatron_ext.platform.quiet import quiet_process
 
 PROG = "lm_eval"
 EPILOG = """\

@@ -1,14 +1,13 @@
-#!/usr/bin/env python3
 """The paper's comparison of MoE initializations in one command, each stage a subprocess.
 
-    python tools/experiments/compare_inits.py --config configs/tiny-cpu.yaml \\
+    moe-compare-inits --config configs/tiny-cpu.yaml \\
         --methods scratch,naive,drop:0.5 --tokens 200000 --train-dense 200000 --output runs/compare
 
 Stages: dense base (pretrain_moe.py with moe.num_experts=0, unless --dense gives one) -> per
-method an initialization (tools/convert/upcycle.py --config; scratch: none) -> its training
+method an initialization (moe-upcycle --config; scratch: none) -> its training
 (pretrain_moe.py, identical config, seed, data order, schedule and steps; checkpoint.load = the
-upcycled model) -> downstream tasks (tools/eval/lm_eval.py, with --tasks) -> routing by domain
-(tools/analysis/routing.py on the held-out end of the demo corpus' en/ja/code files) ->
+upcycled model) -> downstream tasks (moe-lm-eval, with --tasks) -> routing by domain
+(moe-routing on the held-out end of the demo corpus' en/ja/code files) ->
 DIR/report.md.
 """
 
@@ -66,7 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     base.add_argument("--dense", type=Path, help="dense base: our checkpoint or an HF dir")
     base.add_argument("--train-dense", type=int, metavar="TOKENS",
                       help="train the dense base first, for TOKENS tokens")
-    p.add_argument("--tasks", help="downstream tasks for tools/eval/lm_eval.py (e.g. demo_local)")
+    p.add_argument("--tasks", help="downstream tasks for moe-lm-eval (e.g. demo_local)")
     p.add_argument("--eval-limit", type=float, metavar="N",
                    help="with --tasks: at most N examples per task (a fraction if < 1)")
     p.add_argument("--routing-tokens", type=int, default=20_000, help="tokens per domain")

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Generate text with one of our checkpoints: greedy by default, batched, stops at EOS.
 
-    python tools/generate.py --checkpoint runs/demo/checkpoints --prompt "To be, or not to be"
-    python tools/generate.py --checkpoint CKPT --prompts prompts.txt --temperature 0.8 \\
+    moe-generate --checkpoint runs/demo/checkpoints --prompt "To be, or not to be"
+    moe-generate --checkpoint CKPT --prompts prompts.txt --temperature 0.8 \\
         --top-p 0.95 --seed 1 --json
 """
 

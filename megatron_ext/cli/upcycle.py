@@ -1,8 +1,8 @@
 """Upcycle a dense Llama checkpoint into a Mixtral-style MoE (Drop-Upcycling and baselines).
 
-    python tools/convert/upcycle.py --input DENSE --output MOE --method drop --ratio 0.5 \\
+    moe-upcycle --input DENSE --output MOE --method drop --ratio 0.5 \\
         --num-experts 8 --top-k 2 --seed 1234
-    python tools/convert/upcycle.py --input DENSE --output MOE --config configs/8x152M.yaml
+    moe-upcycle --input DENSE --output MOE --config configs/8x152M.yaml
 
 --config takes the experts, top-k, MoE layers and the ``upcycling`` section from the training
 config that will load the result (``--set`` overrides it, explicit flags override both), and

@@ -1,6 +1,6 @@
 """Compare the loss curves of several runs (training and validation loss vs tokens).
 
-    python tools/analysis/loss_curves.py --run du=runs/du --run nu=runs/naive \
+    moe-loss-curves --run du=runs/du --run nu=runs/naive \
         --run scratch=runs/scratch --output runs/compare [--smooth 0.9] [--log-x]
 
 Each RUN_DIR is a training run's ``logging.output_dir`` (it holds metrics.jsonl). Writes

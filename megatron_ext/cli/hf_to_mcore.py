@@ -1,6 +1,6 @@
 """Convert an HF Llama / Mixtral / mixed dense-MoE checkpoint into our megatron-core checkpoint.
 
-    python tools/convert/hf_to_mcore.py --input HF_DIR --output CKPT_ROOT
+    moe-hf-to-mcore --input HF_DIR --output CKPT_ROOT
 
 CKPT_ROOT gets iter_0000000/ + latest (dist_checkpointing, loadable at any expert-parallel size),
 config.yaml (a complete training config) and hf/ (source config.json and tokenizer files). Train

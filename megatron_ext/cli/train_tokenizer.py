@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Train a byte-level BPE tokenizer (special tokens <|endoftext|> = EOD, <pad>) into a Hugging
 Face tokenizer directory that transformers.AutoTokenizer and megatron_ext load."""
 

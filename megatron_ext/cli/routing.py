@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Expert routing by domain: per-layer heatmaps, specialization (TV distance) and entropy.
 
-    python tools/analysis/routing.py --checkpoint runs/tiny-cpu/checkpoints \\
+    moe-routing --checkpoint runs/tiny-cpu/checkpoints \\
         --text en=data/corpus/en_shakespeare.txt --text ja=data/corpus/ja_neko.txt \\
         --output runs/tiny-cpu/routing
 """

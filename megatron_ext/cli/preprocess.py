@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Tokenize .txt/.jsonl/.jsonl.gz files into a megatron-core indexed dataset (PREFIX.bin/.idx)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Convert one of our megatron-core checkpoints into an HF checkpoint directory.
 
-    python tools/convert/mcore_to_hf.py --input CKPT --output HF_DIR [--max-shard-size 2GB]
+    moe-mcore-to-hf --input CKPT --output HF_DIR [--max-shard-size 2GB]
 
 CKPT: a checkpoint root (with ``latest``) or one ``iter_*`` directory, saved at any
 expert-parallel size. Dense -> LlamaForCausalLM, all-MoE -> MixtralForCausalLM. A mixed
