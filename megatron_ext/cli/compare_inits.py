@@ -3,9 +3,9 @@
     moe-compare-inits --config configs/tiny-cpu.yaml \\
         --methods scratch,naive,drop:0.5 --tokens 200000 --train-dense 200000 --output runs/compare
 
-Stages: dense base (pretrain_moe.py with moe.num_experts=0, unless --dense gives one) -> per
+Stages: dense base (moe-pretrain with moe.num_experts=0, unless --dense gives one) -> per
 method an initialization (moe-upcycle --config; scratch: none) -> its training
-(pretrain_moe.py, identical config, seed, data order, schedule and steps; checkpoint.load = the
+(moe-pretrain, identical config, seed, data order, schedule and steps; checkpoint.load = the
 upcycled model) -> downstream tasks (moe-lm-eval, with --tasks) -> routing by domain
 (moe-routing on the held-out end of the demo corpus' en/ja/code files) ->
 DIR/report.md.

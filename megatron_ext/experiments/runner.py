@@ -30,6 +30,7 @@ from megatron_ext.experiments.plan import (
     Stage,
     heldout_paths,
     heldout_text,
+    same_command,
 )
 from megatron_ext.platform.fs import atomic_write
 from megatron_ext.upcycling.convert import open_dense
@@ -120,7 +121,8 @@ def is_done(stage: Stage) -> bool:
 
 
 def _run_logged(argv: list[str], log: Path) -> tuple[int, str]:
-    """Run ``python *argv`` from the repository root, its output to the console and ``log``;
+    """Run ``python *argv`` (``-m`` and a module, ...) from the repository root, its output to the
+    console and ``log``;
     returns the exit code and the last ``error:`` line (or the last line)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     last, error = "", ""
@@ -172,8 +174,7 @@ def run_stages(stages: list[Stage], output: Path) -> list[dict]:
         if stale and stage.workdir is not None and stage.workdir.exists():
             shutil.rmtree(stage.workdir)
         # A verified output of another command (an older version of this tool) is redone.
-        if not stale and is_done(stage) and old.get("command", record["command"]) == \
-                record["command"]:
+        if not stale and is_done(stage) and same_command(old.get("command"), record["command"]):
             record.update(state="skipped (verified)", wall_s=old.get("wall_s"),
                           runs=old.get("runs", 0))
             print(f"compare: {stage.name}: done, skipped", flush=True)
