@@ -75,9 +75,15 @@ def _evaluate(argv: list[str] | None) -> int:
         wandb_run_id(args.wandb_run_dir)
     quiet_process(all_from_internals=True)  # before megatron is imported: its notices are noise
     # why inside: lm-eval, torch and megatron-core take seconds to import; --help does not
+    from megatron_ext.conversion.hf_io import INDEX_NAME, SINGLE_NAME, HFCheckpoint
     from megatron_ext.evaluation import harness
     from megatron_ext.platform.dist import shutdown
 
+    hf_weights = (args.checkpoint / INDEX_NAME, args.checkpoint / SINGLE_NAME)
+    if (args.hf or harness.is_hf_dir(args.checkpoint)) and any(p.is_file() for p in hf_weights):
+        # a damaged file is one line now, not a traceback from lm-eval's loader; any dtype:
+        # this may be any HF model, whose buffers need not be floating point
+        HFCheckpoint(args.checkpoint, float_only=False)
     manager = harness.task_manager(tasks)
     harness.check_tasks(manager, tasks)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
