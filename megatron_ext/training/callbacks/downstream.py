@@ -1,6 +1,6 @@
 """In-loop downstream evaluation (``eval.tasks`` every ``eval.task_interval`` steps), as
 OLMo-core does: lm-evaluation-harness tasks on the current weights, through the same LM class as
-``tools/eval/lm_eval.py`` (``megatron_ext.evaluation``), logged as ``tasks/<task>/<metric>``
+``moe-lm-eval`` (``megatron_ext.evaluation``), logged as ``tasks/<task>/<metric>``
 beside the losses (console, JSONL, W&B under ``valid/``).
 
 Rank 0 evaluates its replica alone (config validation requires an unsplit model); the other ranks
