@@ -30,7 +30,7 @@ demo: $(STAMP)
 # routing by domain and the report: 17 min on 2 cores (docs/benchmarks.md). Resumable: rerunning
 # skips finished stages.
 compare-tiny: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) tools/experiments/compare_inits.py \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m megatron_ext.cli.compare_inits \
 		--config configs/tiny-cpu.yaml --methods scratch,naive,drop:0.5,drop:1.0 \
 		--train-dense 614400 --tokens 819200 --output runs/compare-tiny
 

@@ -12,7 +12,7 @@ The subclasses also derive from the builtin type they replaced (``ValueError`` o
 
 from __future__ import annotations
 
-# Process exit codes shared by every entry point (pretrain_moe.py and tools/*).
+# Process exit codes shared by every entry point (megatron_ext.cli: training and the tools).
 EXIT_OK = 0
 EXIT_FAILED = 1  # unexpected error (traceback) or a failed check of our own output
 EXIT_USER = 2  # bad config, path, data, checkpoint or usage: one line on stderr

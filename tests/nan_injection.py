@@ -1,8 +1,8 @@
 """pretrain_moe.py with a test hook: the training loss is NaN at the steps listed in the
 environment variable NAN_STEPS (e.g. ``3,4``), which exercises the non-finite guard.
 
-The hook is not in the library or its config: it is a callback registered by this launcher
-(``megatron_ext.training.callbacks.register``). Run it as ``pretrain_moe.py`` is run:
+The hook is not in the library or its config: it is a callback this launcher hands to the run
+(``cli.main(argv, extra_callbacks=...)``). Run it as ``pretrain_moe.py`` is run:
 ``python tests/nan_injection.py --config ... --set ...``.
 """
 
@@ -43,12 +43,10 @@ class NanInjection(Callback):
 
 
 def _main() -> int:
-    from megatron_ext.training import callbacks
     from megatron_ext.training.cli import main
 
     steps = {int(s) for s in os.environ["NAN_STEPS"].split(",")}
-    callbacks.register(lambda run: NanInjection(steps))
-    return main(sys.argv[1:])
+    return main(sys.argv[1:], extra_callbacks=[lambda run: NanInjection(steps)])
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def check_async_snapshot(model, optimizer, root: Path) -> None:
     once the save is waited for."""
     import torch
 
-    from megatron_ext.checkpoint import dist as ckpt
+    from megatron_ext.checkpoint import store as ckpt
     from megatron_ext.checkpoint.saver import Saver
 
     inner = ckpt.unwrap(model)

@@ -5,7 +5,7 @@ Three parts:
     of each domain's tokens went to each expert), unit-tested on hand-computed examples;
   * ``RouterChoiceCounter``: forward hooks on megatron's ``TopKRouter`` that fill those counts
     (plus the per-token router entropy) while a model runs over one domain's tokens at a time;
-  * report helpers (JSON-able summary, Markdown, heatmap PNG) used by tools/analysis/routing.py.
+  * report helpers (JSON-able summary, Markdown, heatmap PNG) used by ``moe-routing``.
 
 The paper's specialization number is the mean, over domains, of the total-variation distance
 between a domain's expert-usage distribution and the average of those distributions over
@@ -25,6 +25,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_ext.data.errors import DataError
 from megatron_ext.model import inference
+from megatron_ext.platform.progress import Progress
 
 # Paper, section 5 (8 experts, top-2, ~205k tokens per domain); see docs/REFERENCE.md section 2.
 PAPER_REFERENCE: dict[str, dict[str, float]] = {
@@ -215,13 +216,17 @@ class RoutingCounts:
 def collect_routing(model: torch.nn.Module, streams: dict[str, Sequence[int]], seq_length: int,
                     top_k: int, layers: Sequence[int] | None = None,
                     batch_size: int = 8) -> RoutingCounts:
-    """Run ``model`` over each domain's token stream in fixed-length chunks and count choices."""
+    """Run ``model`` over each domain's token stream in fixed-length chunks and count choices
+    (progress on stderr: the forwards are most of a routing analysis' minutes)."""
     labels = list(streams)
-    with RouterChoiceCounter(model, len(labels), layers) as counter:
+    total = sum(len(stream) for stream in streams.values())
+    with RouterChoiceCounter(model, len(labels), layers) as counter, \
+            Progress(total, "routing", unit="tokens") as bar:
         for index, label in enumerate(labels):
             counter.domain = index
             for batch in token_batches(streams[label], seq_length, batch_size):
                 inference.logits(model, batch)
+                bar.update(batch.numel(), domain=label)
         counter.domain = None
     return RoutingCounts(labels, counter.layers, counter.counts, counter.entropy_sums,
                          counter.tokens, top_k)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from megatron_ext.checkpoint.dist import (
+from megatron_ext.checkpoint.store import (
     CheckpointError,
     find_resumable,
     load_weights,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from megatron_ext.checkpoint.dist import CheckpointError, find_resumable, saved_config, verify
+from megatron_ext.checkpoint.store import CheckpointError, find_resumable, saved_config, verify
 from megatron_ext.config.loader import to_dict
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import total_steps

@@ -21,12 +21,12 @@ it is FP8 state, which Transformer Engine and megatron decode with plain ``pickl
 this project never trains in FP8.
 
 Two entry points, so no caller has to remember anything:
-- ``check_checkpoint(path)``, called by ``dist.verify`` (every resume candidate,
+- ``check_checkpoint(path)``, called by ``store.verify`` (every resume candidate,
   ``checkpoint.load``, the converters and the routing tool go through it): reads all of the
   above, restricted, before megatron opens anything; a refusal is a ``CheckpointError`` naming
   the file and the object, so resume falls back to an older checkpoint and the tools exit 2
   with one line.
-- ``install()``, run when this module is imported (``dist`` imports it): megatron's own reads
+- ``install()``, run when this module is imported (``store`` imports it): megatron's own reads
   go through the same restricted readers. Upstream functions replaced, megatron-core 0.16.1
   (checked: another version fails loudly at import) with torch 2.13's checkpoint reader:
   ``strategies.torch._get_filesystem_reader`` and its ``FileSystemReader`` /

@@ -1,6 +1,6 @@
 """The training loop's checkpoint writer: synchronous, or asynchronous (``checkpoint.async_save``)
 through megatron-core's ``AsyncCallsQueue``. The checkpoint format, commit and verification are
-``megatron_ext.checkpoint.dist``'s."""
+``megatron_ext.checkpoint.store``'s."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext.checkpoint import manifest
-from megatron_ext.checkpoint.dist import (
+from megatron_ext.checkpoint.store import (
     ITER_RE,
     CheckpointError,
     TrainState,

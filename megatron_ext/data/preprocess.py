@@ -25,7 +25,6 @@ import json
 import multiprocessing
 import os
 import signal
-import sys
 import time
 import zlib
 from collections import deque
@@ -38,6 +37,7 @@ import numpy as np
 from megatron_ext.data.errors import DataError
 from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_ext.platform.fs import check_disjoint, signals_deferred
+from megatron_ext.platform.progress import Progress
 from megatron_ext.platform.quiet import quiet_megatron
 
 TXT_MODES = ("blocks", "lines")
@@ -289,36 +289,6 @@ def _ordered_results(chunks: Iterator[tuple[Chunk, int, int]], workers: int, ini
 
 
 
-class _Progress:
-    """A one-line progress bar on a terminal; a line every 10 s when stderr is a log file."""
-
-    def __init__(self, total_bytes: int, enabled: bool, stream: IO[str] = sys.stderr) -> None:
-        self.total = max(total_bytes, 1)
-        self.enabled = enabled
-        self.stream = stream
-        self.tty = enabled and stream.isatty()
-        self.start = self.last = time.time()
-
-    def update(self, done_bytes: int, documents: int, tokens: int, force: bool = False) -> None:
-        now = time.time()
-        if not self.enabled or (not force and now - self.last < (0.2 if self.tty else 10.0)):
-            return
-        self.last = now
-        fraction = min(done_bytes / self.total, 1.0)
-        rate = tokens / max(now - self.start, 1e-9)
-        bar = "#" * int(30 * fraction)
-        text = f"[{bar:<30}] {100 * fraction:5.1f}% {documents} docs {tokens} tokens"
-        text += f" {rate:,.0f} tok/s"
-        self.stream.write(f"\r{text}" if self.tty else f"{text}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-
 def _temp_paths(output_prefix: str) -> tuple[str, str]:
     directory, base = os.path.split(os.path.abspath(output_prefix))
     stem = os.path.join(directory, f".{base}.tmp-{os.getpid()}")
@@ -379,7 +349,9 @@ def preprocess(
     # --workers is the only parallelism: keep the tokenizers Rust pool out of the way.
     saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    bar = _Progress(sum(os.path.getsize(p) for p in inputs), progress)
+    start = time.time()
+    bar = Progress(sum(os.path.getsize(p) for p in inputs), "preprocess", unit="B",
+                   unit_scale=True, enabled=progress)
     committed = False
     builder = results = None
     try:
@@ -400,8 +372,7 @@ def preprocess(
             report.documents += len(lengths)
             report.tokens += int(flat.size)
             report.input_bytes = done
-            bar.update(done, report.documents, report.tokens)
-        bar.update(report.input_bytes, report.documents, report.tokens, force=True)
+            bar.update_to(done, docs=report.documents, tokens=report.tokens)
         if report.documents == 0:
             raise DataError(
                 f"no documents to write: all {sum(report.skipped.values())} records were skipped "
@@ -432,7 +403,7 @@ def preprocess(
             for path in (tmp_bin, tmp_idx):
                 if os.path.exists(path):
                     os.remove(path)
-    report.seconds = time.time() - bar.start
+    report.seconds = time.time() - start
     return report
 
 

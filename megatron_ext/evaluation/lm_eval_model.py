@@ -50,6 +50,7 @@ from megatron_ext.data.tokenizer import Tokenizer
 from megatron_ext.evaluation.generate import generate
 from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
 from megatron_ext.model.inference import logits as model_logits
+from megatron_ext.platform.progress import Progress
 
 # One request as TemplateLM hands it over: ((context, continuation) | None, context ids, cont ids).
 TokenRequest = tuple[Any, list[int], list[int]]
@@ -147,6 +148,7 @@ class MegatronLM(TemplateLM):
         order = sorted(range(len(requests)),
                        key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        bar = Progress(len(requests), "lm-eval scoring", unit="requests", enabled=not disable_tqdm)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             rows, conts = [], []
@@ -162,6 +164,8 @@ class MegatronLM(TemplateLM):
                 results[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            bar.update(len(chunk))
+        bar.close()
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -175,7 +179,8 @@ class MegatronLM(TemplateLM):
                 windows.append((None, context, continuation))
                 owners.append(r)
         totals = [0.0] * len(requests)
-        for r, (logp, _) in zip(owners, self._loglikelihood_tokens(windows), strict=True):
+        scored = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        for r, (logp, _) in zip(owners, scored, strict=True):
             totals[r] += logp
         for req, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
@@ -188,12 +193,16 @@ class MegatronLM(TemplateLM):
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
         out = [""] * len(requests)
+        bar = Progress(len(requests), "lm-eval generation", unit="requests",
+                       enabled=not disable_tqdm)
         for indices in groups.values():
             contexts = [requests[i].args[0] for i in indices]
             texts = self._generate_group(contexts, dict(requests[indices[0]].args[1]))
             for i, text in zip(indices, texts, strict=True):
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            bar.update(len(indices))
+        bar.close()
         return out
 
     def _generate_group(self, contexts: list[str], gen_kwargs: dict) -> list[str]:

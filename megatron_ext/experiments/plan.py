@@ -1,6 +1,6 @@
 """The comparison as a list of stages: dense base -> initialization -> training -> evaluation ->
-routing, one per method; each stage an exact command of one of our CLIs and the outputs that
-show it finished (``runner`` runs and checks them).
+routing, one per method; each stage an exact command of one of our CLIs (``python -m`` a module
+of ``megatron_ext.cli``) and the outputs that show it finished (``runner`` runs and checks them).
 
 Every training run gets the same config, ``--set`` overrides, seed and step count, so data order,
 schedule and token budget are identical across methods; only ``checkpoint.load`` differs.
@@ -23,8 +23,12 @@ from megatron_ext.errors import UserError, one_line
 # method name -> needs a ratio (drop, noise). btx (Branch-Train-MiX) has its experts from the dense
 # base and from one branch of it per demo domain, each trained further on that domain alone.
 KINDS = {"scratch": False, "naive": False, "noise": True, "drop": True, "btx": False}
-PRETRAIN, UPCYCLE = "pretrain_moe.py", "tools/convert/upcycle.py"
-ROUTING, LM_EVAL = "tools/analysis/routing.py", "tools/eval/lm_eval.py"
+# The stages' entry points, run as ``python -m MODULE``: the package's, never a repository path.
+PRETRAIN, UPCYCLE = "megatron_ext.cli.pretrain", "megatron_ext.cli.upcycle"
+ROUTING, LM_EVAL = "megatron_ext.cli.routing", "megatron_ext.cli.lm_eval"
+# The scripts that older versions ran by path: a stage recorded with one is the same command.
+LEGACY_SCRIPTS = {"pretrain_moe.py": PRETRAIN, "tools/convert/upcycle.py": UPCYCLE,
+                  "tools/analysis/routing.py": ROUTING, "tools/eval/lm_eval.py": LM_EVAL}
 FINGERPRINT_FILE = "experiment.json"
 
 
@@ -89,8 +93,9 @@ def _ratio(item: str, text: str) -> float:
 
 @dataclass
 class Stage:
-    """One step of the comparison: ``argv`` (run as ``python *argv`` from the repository root)
-    is finished when ``done`` (see runner.DONE) holds for ``output``."""
+    """One step of the comparison: ``argv`` (the module, then its arguments: run as
+    ``python -m *argv`` from the repository root) is finished when ``done`` (see runner.DONE)
+    holds for ``output``."""
 
     name: str
     argv: list[str]
@@ -106,9 +111,21 @@ class Stage:
     def command(self) -> list[str]:
         """The exact command line of the local backend (``python`` = this interpreter)."""
         if self.procs == 1:
-            return ["python", *self.argv]
+            return ["python", "-m", *self.argv]
         return ["python", "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={self.procs}", *self.argv]
+                f"--nproc-per-node={self.procs}", "-m", *self.argv]
+
+
+def same_command(recorded: list[str] | None, command: list[str]) -> bool:
+    """Whether a stage's recorded command (None: none recorded) is ``command``, also when an
+    older version recorded it with the script path of its entry point (``LEGACY_SCRIPTS``):
+    upgrading must not redo a finished training."""
+    if recorded is None or recorded == command:
+        return True
+    for i, arg in enumerate(recorded):
+        if arg in LEGACY_SCRIPTS:
+            return [*recorded[:i], "-m", LEGACY_SCRIPTS[arg], *recorded[i + 1:]] == command
+    return False
 
 
 @dataclass
@@ -151,7 +168,7 @@ class Experiment:
                 and not (self.dense / "meta.json").is_file():
             raise ExperimentError(f"--methods btx: its branches continue training --dense "
                                   f"{self.dense}, which must be one of our checkpoints (convert "
-                                  "an HF dir with tools/convert/hf_to_mcore.py)")
+                                  "an HF dir with moe-hf-to-mcore)")
 
     def cli_args(self) -> list[str]:
         """The arguments of compare_inits.py that make this experiment (a SLURM job re-runs

@@ -1,7 +1,7 @@
 """Run a comparison's stages in order, skipping those whose outputs verify.
 
 A stage is finished only when its output verifies: a checkpoint stage when
-``checkpoint.dist.find_resumable`` finds a checkpoint (sizes and checksums checked) at the
+``checkpoint.store.find_resumable`` finds a checkpoint (sizes and checksums checked) at the
 planned step; a JSON stage when its results file parses. An unfinished stage is simply run
 again with the same command: ``pretrain_moe.py`` resumes from its own ``checkpoint.save``, the
 converter and the routing tool replace their output whole. ``DIR/stages.json`` records each
@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_ext.checkpoint.dist import ITER_RE, CheckpointError, find_resumable
-from megatron_ext.checkpoint.mcore_io import arch_from_config
+from megatron_ext.checkpoint.store import ITER_RE, CheckpointError, find_resumable
+from megatron_ext.conversion.mcore_io import arch_from_config
 from megatron_ext.data.demo import CORPUS_DIR
 from megatron_ext.errors import UserError, one_line
 from megatron_ext.experiments.plan import (
@@ -30,6 +30,7 @@ from megatron_ext.experiments.plan import (
     Stage,
     heldout_paths,
     heldout_text,
+    same_command,
 )
 from megatron_ext.platform.fs import atomic_write
 from megatron_ext.upcycling.convert import open_dense
@@ -120,7 +121,8 @@ def is_done(stage: Stage) -> bool:
 
 
 def _run_logged(argv: list[str], log: Path) -> tuple[int, str]:
-    """Run ``python *argv`` from the repository root, its output to the console and ``log``;
+    """Run ``python *argv`` (``-m`` and a module, ...) from the repository root, its output to the
+    console and ``log``;
     returns the exit code and the last ``error:`` line (or the last line)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     last, error = "", ""
@@ -172,8 +174,7 @@ def run_stages(stages: list[Stage], output: Path) -> list[dict]:
         if stale and stage.workdir is not None and stage.workdir.exists():
             shutil.rmtree(stage.workdir)
         # A verified output of another command (an older version of this tool) is redone.
-        if not stale and is_done(stage) and old.get("command", record["command"]) == \
-                record["command"]:
+        if not stale and is_done(stage) and same_command(old.get("command"), record["command"]):
             record.update(state="skipped (verified)", wall_s=old.get("wall_s"),
                           runs=old.get("runs", 0))
             print(f"compare: {stage.name}: done, skipped", flush=True)

@@ -39,13 +39,14 @@ from megatron_ext.experiments.plan import (
     ExperimentError,
     Stage,
     build_stages,
+    same_command,
 )
 from megatron_ext.experiments.runner import LEDGER, REPO, is_done, stage_env
 from megatron_ext.platform.fs import atomic_write
 
 REPORT = "report"
 LAUNCHER = REPO / "scripts" / "slurm" / "launcher.sh"
-TOOL = "tools/experiments/compare_inits.py"
+TOOL = "megatron_ext.cli.compare_inits"
 # What the model scripts (scripts/slurm/8x152M.sh) give the launcher: one torchrun per node, a
 # log continued across requeues, USR1 ahead of the time limit, requeue after it.
 TRAIN_OPTIONS = ("--ntasks-per-node=1", "--open-mode=append", "--signal=B:USR1@180", "--requeue")
@@ -204,7 +205,8 @@ def _sbatch_argv(exp: Experiment, job: Job, deps: list[str], user: list[str]) ->
         wrap = (f'export PATH={bindir}:"$PATH" MOE_CONFIG={shlex.quote(config)}\n'
                 f"exec bash {shlex.quote(str(LAUNCHER))} {shlex.join(rest)}")
         return [*argv, *TRAIN_OPTIONS, *user, f"--wrap={wrap}"]
-    wrap = f'export PATH={bindir}:"$PATH"\nexec srun {shlex.join([sys.executable, *python_argv])}'
+    srun = shlex.join([sys.executable, "-m", *python_argv])
+    wrap = f'export PATH={bindir}:"$PATH"\nexec srun {srun}'
     return [*argv, *user, *ONE_TASK, f"--wrap={wrap}"]
 
 
@@ -222,7 +224,7 @@ def submit(exp: Experiment, queue: Queue, live: dict[str, str], user_args: list[
 
     def finished(stage: Stage) -> bool:
         recorded = old.get(stage.name, {}).get("command")
-        return is_done(stage) and recorded in (None, ["python", *stage.argv])
+        return is_done(stage) and same_command(recorded, ["python", "-m", *stage.argv])
 
     stages = build_stages(exp)
     jobs = plan_jobs(stages, finished, live, (exp.output / "report.md").is_file())
@@ -253,7 +255,7 @@ def submit(exp: Experiment, queue: Queue, live: dict[str, str], user_args: list[
 
 
 def _record(stage: Stage, old: dict) -> dict:
-    return {"name": stage.name, "command": ["python", *stage.argv], "tokens": stage.tokens,
+    return {"name": stage.name, "command": ["python", "-m", *stage.argv], "tokens": stage.tokens,
             "output": str(stage.output), "wall_s": old.get("wall_s"), "runs": old.get("runs", 0)}
 
 
@@ -272,7 +274,7 @@ def _submit_one(exp: Experiment, queue: Queue, job: Job, deps: list[str],
             shutil.rmtree(job.stage.workdir)  # made from an input that is being redone
         job_id = queue.submit(argv)
         print(f"compare: {job.name}: job {job_id} (dependency {dependency})", flush=True)
-    base = {"name": job.name, "command": ["python", *report_argv(exp)]} if job.stage is None \
+    base = {"name": job.name, "command": ["python", "-m", *report_argv(exp)]} if job.stage is None \
         else _record(job.stage, old)
     job_id = job.live or job_id
     log = exp.output.resolve() / "logs" / f"{slug(job.name)}-{job_id}.out"

@@ -1,5 +1,5 @@
 """Logit comparison of two models on fixed probe tokens: the one check behind checkpoint
-conversion (``checkpoint.convert_mcore``) and upcycling validation (``upcycling.validate``).
+conversion (``conversion.convert``) and upcycling validation (``upcycling.validate``).
 
 Which models are compared (transformers or ours, HF or megatron checkpoints) is the caller's
 business; this module only fixes the probe tokens and judges two logit tensors.

@@ -7,7 +7,8 @@ misses them. None of them notices its parent's death: they would keep running, h
 files and ports (a worker would even go on training). Neither megatron nor torch offers a hook,
 but a forked multiprocessing child runs ``multiprocessing.util``'s after-fork callbacks in its
 bootstrap (it inherits the one registered here), and a spawned one (which skips them) imports
-the main script first: ``pretrain_moe.py`` calls ``bind_helpers`` at import.
+the main script first: ``megatron_ext.cli.pretrain`` (which ``pretrain_moe.py`` and the
+``moe-pretrain`` script import) calls ``bind_helpers`` at import.
 
 Linux's ``PR_SET_PDEATHSIG`` makes the kernel send a signal when the parent dies. It is tied to
 the parent *thread*: the helpers here are all started from their parent's main thread.

@@ -1,7 +1,7 @@
 """The one way a command-line tool runs: its argument parser and its exit codes.
 
-Every tool under ``tools/`` is ``main(argv) -> int`` returning ``run_cli(work, argv)``, and its
-parser is ``ArgumentParser``. What the user sees, whatever the tool:
+Every tool of ``megatron_ext.cli`` is ``main(argv) -> int`` returning ``run_cli(work, argv)``, and
+its parser is ``ArgumentParser``. What the user sees, whatever the tool:
 
 * bad usage (a missing or malformed argument): one line ``error: MESSAGE (see --help)``, exit 2;
 * a ``megatron_ext.errors.UserError`` (bad config, path, data, checkpoint; ``CheckFailed``):

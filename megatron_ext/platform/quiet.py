@@ -7,7 +7,7 @@ and a training log shows what matters.
 
 * ``quiet_megatron()``: a context manager around an import or call of megatron-core, for library
   modules (the filters end with the block; nothing process-wide changes);
-* ``quiet_process()``: process-wide filters for entry points (pretrain_moe.py, tools/*), set
+* ``quiet_process()``: process-wide filters for entry points (``megatron_ext.cli``), set
   before megatron-core is imported.
 """
 

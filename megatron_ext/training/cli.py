@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_ext.config.loader import ConfigError, load_config, to_yaml
 from megatron_ext.config.schema import Config
@@ -23,6 +24,9 @@ from megatron_ext.training.exit_codes import CONFIG as EXIT_CONFIG
 from megatron_ext.training.exit_codes import FAILED as EXIT_FAILED
 from megatron_ext.training.exit_codes import OK as EXIT_OK
 from megatron_ext.training.signals import Preemption
+
+if TYPE_CHECKING:  # annotations only: the callbacks import megatron-core (seconds)
+    from megatron_ext.training.callbacks import Factory
 
 # Before megatron-core is imported: its notices about absent TE/apex (the "backends:" log line
 # says what runs) and internal deprecations a user cannot act on.
@@ -63,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train_main(cfg: Config, preempt: Preemption) -> int:
+def train_main(cfg: Config, preempt: Preemption, extra_callbacks: Sequence[Factory] = ()) -> int:
     # Rank 0 alone holds the run's locks, from before anything is built until the very end;
     # taken before megatron is even imported, so a directory in use is refused in seconds.
     locks = RunLocks(_lock_targets(cfg) if is_rank0() else [])
@@ -73,7 +77,7 @@ def train_main(cfg: Config, preempt: Preemption) -> int:
             return _stop(stop)  # before any process group: nobody else waits for this one
         # Here, after the locks: torch and megatron-core take seconds to import, and a run
         # directory in use must be refused before that (and --dry-run never needs them).
-        from megatron_ext.checkpoint import dist as ckpt
+        from megatron_ext.checkpoint import store as ckpt
         from megatron_ext.platform.dist import init_distributed, shutdown
         from megatron_ext.training import session
         from megatron_ext.training.cuda_graph import step_stream
@@ -87,7 +91,7 @@ def train_main(cfg: Config, preempt: Preemption) -> int:
             # (capture cannot use the default stream, and megatron's DDP keeps AccumulateGrad
             # nodes that belong to the stream they were made on).
             with step_stream(cfg.train.cuda_graph):
-                return session.train(cfg, layout, preempt)
+                return session.train(cfg, layout, preempt, extra_callbacks)
         except ckpt.CheckpointError as e:
             preempt.check()  # e.g. a peer rank that left on a start-up signal
             if layout.rank == 0:
@@ -114,7 +118,7 @@ def _preflight(cfg: Config, locks: RunLocks) -> tuple[int, str | None] | None:
     except (ConfigError, OSError) as e:
         return EXIT_CONFIG, f"error: {e}"
     from megatron_ext.checkpoint import resume_check  # megatron: only once the locks are held
-    from megatron_ext.checkpoint.dist import CheckpointError
+    from megatron_ext.checkpoint.store import CheckpointError
 
     try:
         done, warnings = resume_check.preflight(cfg)
@@ -146,18 +150,20 @@ def _stop(stop: tuple[int, str | None]) -> int:
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_callbacks: Sequence[Factory] = ()) -> int:
     """pretrain_moe.py's entry point. The signal handlers come first, before the heavy imports
     (``megatron_ext.training.signals`` says what each signal does in each phase). After a
-    start-up signal or a Ctrl-C the process ends here (exit 0 or 130), without returning."""
+    start-up signal or a Ctrl-C the process ends here (exit 0 or 130), without returning.
+    ``extra_callbacks``: factories ``Run -> Callback`` added to the run's callbacks (a launcher
+    of one's own, e.g. a test's)."""
     preempt = signals.install()
     children.bind_helpers()  # megatron's checkpoint writers end with this process
     if children.launched_by_torchrun():  # torchrun starts workers in sessions of their own
         children.die_with_parent()       # so a kill -9 of its process group misses them
-    return signals.run(lambda: _main(argv, preempt))
+    return signals.run(lambda: _main(argv, preempt, extra_callbacks))
 
 
-def _main(argv: list[str] | None, preempt: Preemption) -> int:
+def _main(argv: list[str] | None, preempt: Preemption, extra_callbacks: Sequence[Factory]) -> int:
     try:
         args = parse_args(argv)
     except UsageError as e:
@@ -190,7 +196,7 @@ def _main(argv: list[str] | None, preempt: Preemption) -> int:
 
     try:
         with content_checks(cfg.checkpoint.verify_checksums):  # every verify of this run
-            return train_main(cfg, preempt)
+            return train_main(cfg, preempt, extra_callbacks)
     except UserError as e:  # found while building (backend, tokenizer, data) or capturing
         return _fail(f"error: {e}")
     except Exception:  # noqa: BLE001 - report, then a distinct exit code for the launcher

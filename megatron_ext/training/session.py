@@ -3,9 +3,10 @@ initial weights), train it with the trainer and its callbacks, print the summary
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_ext.checkpoint import dist as ckpt
+from megatron_ext.checkpoint import store as ckpt
 from megatron_ext.config.loader import to_dict, to_yaml
 from megatron_ext.config.schema import Config
 from megatron_ext.platform import patches
@@ -19,8 +20,10 @@ from megatron_ext.training.signals import Preemption
 from megatron_ext.training.trainer import Summary, Trainer
 
 
-def train(cfg: Config, layout: Layout, preempt: Preemption) -> int:
-    """Build, resume or initialise, train; returns the exit code."""
+def train(cfg: Config, layout: Layout, preempt: Preemption,
+          extra_callbacks: Sequence[callbacks.Factory] = ()) -> int:
+    """Build, resume or initialise, train; returns the exit code. ``extra_callbacks``: factories
+    of callbacks beyond the standard list (``callbacks.build``)."""
     patches.check()  # our patches of megatron-core internals hold for the installed version
     rank0 = layout.rank == 0
     if rank0:  # before building: a log line that says start-up reached the data and model
@@ -37,7 +40,8 @@ def train(cfg: Config, layout: Layout, preempt: Preemption) -> int:
                            enabled=rank0)
     try:
         runner = step_runner(cfg.train.cuda_graph, warn if rank0 else lambda line: None)
-        trainer = Trainer(run, state, callbacks.build(run, writer, preempt), runner)
+        trainer = Trainer(run, state, callbacks.build(run, writer, preempt, extra_callbacks),
+                          runner)
         preempt.start_training(layout.device)  # signals from here on: finish the step and save
         code, summary = trainer.fit()
     finally:

@@ -13,19 +13,22 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_ext.checkpoint.dist import TrainState
+from megatron_ext.checkpoint.store import TrainState
 from megatron_ext.training import exit_codes
 from megatron_ext.training.batches import MicroBatches
-from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.console import warn
 from megatron_ext.training.cuda_graph import StepRunner
 from megatron_ext.training.forward import forward_backward, reduce_loss
 from megatron_ext.training.optim import clip_and_step, prepare_and_norm
 from megatron_ext.training.setup import Run, dp_rank_and_size
+
+if TYPE_CHECKING:  # annotations only: the callbacks are a layer above the trainer
+    from megatron_ext.training.callbacks.base import Callback
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """MoE upcycling of dense Llama checkpoints: scratch, naive, noise (RNU), drop, btx.
 
 ``upcycle`` (HF names) and ``upcycle_mcore`` (megatron-core names) stream tensors;
-``upcycle_checkpoint`` is the directory-to-directory function behind ``tools/convert/upcycle.py``.
+``upcycle_checkpoint`` is the directory-to-directory function behind ``moe-upcycle``.
 """
 
 from megatron_ext.upcycling.spec import METHODS, UpcycleError, UpcycleSpec

@@ -1,7 +1,7 @@
-"""Directory to directory upcycling: the library function behind ``tools/convert/upcycle.py``.
+"""Directory to directory upcycling: the library function behind ``moe-upcycle`` (``cli.upcycle``).
 
 Checkpoint formats are dispatched in one place (``_READERS`` / ``_WRITERS``): HF directories,
-and our megatron-core checkpoints (``megatron_ext.checkpoint.mcore_io``: read whole at EP = 1,
+and our megatron-core checkpoints (``megatron_ext.conversion.mcore_io``: read whole at EP = 1,
 written in one process at EP = 1; any EP can train from the result).
 The output is staged in a temp dir beside the target and renamed only after writing and
 validation succeed, so any failure leaves nothing at the output path.
@@ -10,8 +10,7 @@ validation succeed, so any failure leaves nothing at the output path.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from megatron_ext.checkpoint.convert_mcore import compare_logits, preflight, resolve_dtype
-from megatron_ext.checkpoint.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
-from megatron_ext.checkpoint.keymaps import (
+from megatron_ext.conversion.convert import (
+    compare_logits,
+    layer_progress,
+    preflight,
+    resolve_dtype,
+)
+from megatron_ext.conversion.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
+from megatron_ext.conversion.keymaps import (
     HF_EMBED,
     Arch,
     ConversionError,
@@ -32,7 +36,7 @@ from megatron_ext.checkpoint.keymaps import (
     hf_shapes,
     hf_to_mcore,
 )
-from megatron_ext.checkpoint.mcore_io import (
+from megatron_ext.conversion.mcore_io import (
     config_from_hf,
     hf_config_from_mcore,
     hf_record,
@@ -107,7 +111,7 @@ def _write_hf(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseMode
 
 def _open_mcore(path: Path) -> DenseModel:
     """A dense mcore checkpoint served under HF names (its whole fp32 state dict in memory),
-    in the precision its weights have (``convert_mcore.resolve_dtype``)."""
+    in the precision its weights have (``conversion.convert.resolve_dtype``)."""
     get, keys, arch, cfg = read_mcore_checkpoint(path)
     if arch.num_experts:
         raise ConversionError(f"{path}: an MoE checkpoint ({arch.num_experts} experts), expected "
@@ -178,17 +182,6 @@ def _check_same_shapes(base: DenseModel, other: DenseModel) -> None:
                 f"{base.dtype_of(name)}")
 
 
-def _with_progress(stream: Iterator[tuple[str, Tensor]], num_layers: int,
-                   log: Callable[[str], None]) -> Iterator[tuple[str, Tensor]]:
-    start, last = time.monotonic(), -1
-    for name, tensor in stream:
-        parts = name.split(".")
-        if len(parts) > 2 and parts[1] == "layers" and int(parts[2]) != last:
-            last = int(parts[2])
-            log(f"upcycle: layer {last + 1}/{num_layers} ({time.monotonic() - start:.0f}s)")
-        yield name, tensor
-
-
 def upcycle_checkpoint(
     input_dir: Path,
     output_dir: Path,
@@ -223,7 +216,7 @@ def upcycle_checkpoint(
     stream = upcycle(dense.get, dense.keys, dense.arch, spec)  # validates spec against the arch
     report = None
     with staged_dir(output_dir, overwrite) as tmp:
-        progress = _with_progress(stream, dense.arch.num_layers, log)
+        progress = layer_progress(stream, dense.arch.num_layers, "upcycle")
         writer(tmp, progress, dense, spec, max_shard_bytes)
         info = {**spec.describe(), "input": str(Path(input_dir).absolute()),
                 "btx_sources": [str(Path(d).absolute()) for d in btx_dirs]}

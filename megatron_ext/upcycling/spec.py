@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
-from megatron_ext.checkpoint.keymaps import Arch
+from megatron_ext.conversion.keymaps import Arch
 from megatron_ext.errors import UserError
 
 METHODS = ("scratch", "naive", "noise", "drop", "btx")

@@ -40,7 +40,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from megatron_ext.checkpoint.keymaps import (
+from megatron_ext.conversion.keymaps import (
     HF_DENSE_MLP,
     HF_EMBED,
     HF_EXPERT,

@@ -1,7 +1,7 @@
 """Check an upcycled checkpoint with transformers (CPU, fp32): it loads strictly, its logits are
 finite, and, for function-preserving recipes (r = 0), they equal the dense model's.
 
-The models come from ``checkpoint.hf_models`` (transformers, imported only there and only when
+The models come from ``conversion.hf_models`` (transformers, imported only there and only when
 loading); the comparison is ``model.compare``, shared with checkpoint conversion.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.checkpoint.hf_models import load_dense, load_moe
+from megatron_ext.conversion.hf_models import load_dense, load_moe
 from megatron_ext.model.compare import ValidationReport, compare, probe_tokens
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from megatron_ext.checkpoint import dist as ckpt
+from megatron_ext.checkpoint import store as ckpt
 from tests.conftest import run_cli, torchrun
 from tests.resilience import kill_job, popen, small_args, wait_for_line
 

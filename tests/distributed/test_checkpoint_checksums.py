@@ -16,9 +16,9 @@ import sys
 
 import pytest
 
-from megatron_ext.checkpoint import dist as ckpt
 from megatron_ext.checkpoint import manifest
-from megatron_ext.checkpoint.dist import CheckpointError, find_resumable, verify
+from megatron_ext.checkpoint import store as ckpt
+from megatron_ext.checkpoint.store import CheckpointError, find_resumable, verify
 from tests.conftest import REPO, run_cli, torchrun
 from tests.resilience import env, small_args
 
@@ -241,8 +241,8 @@ def test_converter_verifies_its_input_unless_told_not_to(root, tmp_path):
     --no-verify-checksums only sizes are checked (one warning) and the conversion goes on."""
     d = root / "iter_0000006"
     _meta_edit(_lie_about_checksum)(d)
-    args = ["tools/convert/mcore_to_hf.py", "--input", str(d), "--output", str(tmp_path / "hf"),
-            "--skip-validation"]
+    args = ["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(d),
+            "--output", str(tmp_path / "hf"), "--skip-validation"]
     proc = run_cli(args)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from megatron_ext.checkpoint.dist import CheckpointError, find_resumable
+from megatron_ext.checkpoint.store import CheckpointError, find_resumable
 from tests.conftest import run_cli
 from tests.resilience import losses_by_step, small_args
 

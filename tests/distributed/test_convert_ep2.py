@@ -29,7 +29,7 @@ def test_ep2_trained_checkpoint_converts_back_bit_exact(tmp_path: Path) -> None:
         intermediate_size=128, vocab_size=250, num_local_experts=4, num_experts_per_tok=2,
     )).save_pretrained(hf)
     root, save, back = tmp_path / "mcore", tmp_path / "save", tmp_path / "back"
-    r = run_cli(["tools/convert/hf_to_mcore.py", "--input", str(hf), "--output", str(root),
+    r = run_cli(["-m", "megatron_ext.cli.hf_to_mcore", "--input", str(hf), "--output", str(root),
                  "--skip-validation"])
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -44,7 +44,7 @@ def test_ep2_trained_checkpoint_converts_back_bit_exact(tmp_path: Path) -> None:
     meta = json.loads((save / "iter_0000001" / "meta.json").read_text())
     assert meta["layout"]["expert"] == 2 and meta["layout"]["world_size"] == 2
 
-    r = run_cli(["tools/convert/mcore_to_hf.py", "--input", str(save), "--output", str(back)])
+    r = run_cli(["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(save), "--output", str(back)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "PASS" in r.stdout and "MixtralForCausalLM" in r.stdout
     a, b = load_file(hf / "model.safetensors"), load_file(back / "model.safetensors")

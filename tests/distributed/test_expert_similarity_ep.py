@@ -1,5 +1,5 @@
 """Expert-similarity metrics do not depend on the parallel layout: on one Drop-Upcycled
-checkpoint (tools/convert/upcycle.py, mcore output), two gloo processes compute them at
+checkpoint (moe-upcycle, mcore output), two gloo processes compute them at
 EP = 2 (experts sharded: maps all-gathered), EP = 1 (expert-DP = 2) and TP = 2 (expert-TP = 2:
 each rank holds half of every expert's neurons, maps all-reduced) and get the same values
 within 1e-6 (fp32 maps, fp64 Gram; only the summation order differs)."""
@@ -46,7 +46,7 @@ def test_same_values_at_ep1_ep2_tp2(tmp_path: Path) -> None:
     LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, intermediate_size=128,
                                  vocab_size=256)).save_pretrained(dense)
-    r = run_cli(["tools/convert/upcycle.py", "--input", str(dense), "--output", str(moe),
+    r = run_cli(["-m", "megatron_ext.cli.upcycle", "--input", str(dense), "--output", str(moe),
                  "--output-format", "mcore", "--method", "drop", "--ratio", "0.5",
                  "--num-experts", "4", "--top-k", "2", "--skip-validation"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Pipeline parallelism does not change the math, and checkpoints move across pipeline layouts.
 
-From one Drop-Upcycled checkpoint (tools/convert/upcycle.py, mcore output) loaded with
+From one Drop-Upcycled checkpoint (moe-upcycle, mcore output) loaded with
 ``checkpoint.load`` as the initial weights, every pipeline layout trains with the losses of one
 process at PP=1: 1F1B with an uneven split (PP=2, 1 + 3 layers), interleaved (PP=2 x 2 chunks),
 PP=2 x EP=2 with the distributed optimizer, PP=2 x TP=2 with sequence parallelism. The step
@@ -48,7 +48,7 @@ def upcycled(tmp_path_factory) -> Path:
     LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=2, intermediate_size=128,
                                  vocab_size=512)).save_pretrained(tmp / "dense")
-    r = run_cli(["tools/convert/upcycle.py", "--input", str(tmp / "dense"),
+    r = run_cli(["-m", "megatron_ext.cli.upcycle", "--input", str(tmp / "dense"),
                  "--output", str(tmp / "moe"), "--output-format", "mcore", "--method", "drop",
                  "--ratio", "0.5", "--num-experts", "8", "--top-k", "2", "--skip-validation"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -132,7 +132,7 @@ def test_pipeline_keeps_mixed_layers_capacity_async_saves_and_conversion(tmp_pat
     assert all(0 < records[s]["loss"] < 20 for s in (1, 2, 3))
     loads = sorted(k for k in records[3] if k.endswith("/load_e0"))
     assert loads == ["moe/layer2/load_e0", "moe/layer4/load_e0"]  # one MoE layer per stage
-    r = run_cli(["tools/convert/mcore_to_hf.py", "--input", str(tmp_path / "mixed" / "ckpt"),
+    r = run_cli(["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp_path / "mixed" / "ckpt"),
                  "--output", str(tmp_path / "hf")])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext.checkpoint import dist as ckpt
 from megatron_ext.checkpoint import manifest, safe_pickle
+from megatron_ext.checkpoint import store as ckpt
 from tests.conftest import run_cli
 from tests.resilience import small_args
 
@@ -282,9 +282,9 @@ def test_tools_and_checkpoint_load_exit_2(root: Path, tmp_path: Path) -> None:
     plant(bad, ".metadata", _dotted_global(marker), True)
     runs = {
         "checkpoint.load": small_args(tmp_path / "fresh", 4, "--set", f"checkpoint.load={bad}"),
-        "mcore_to_hf": ["tools/convert/mcore_to_hf.py", "--input", str(bad),
+        "mcore_to_hf": ["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(bad),
                         "--output", str(tmp_path / "hf")],
-        "routing": ["tools/analysis/routing.py", "--checkpoint", str(bad), "--text",
+        "routing": ["-m", "megatron_ext.cli.routing", "--checkpoint", str(bad), "--text",
                     f"en={bad / 'config.yaml'}", "--output", str(tmp_path / "routing")],
     }
     for what, args in runs.items():

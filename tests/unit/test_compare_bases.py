@@ -51,7 +51,7 @@ def test_hf_dense_base_with_trainings_under_torchrun(hf_dense: Path, tmp_path: P
         == str(hf_dense)
     assert stages["train/naive"]["command"][:5] == [
         "python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    assert stages["routing/naive"]["command"][:2] == ["python", "tools/analysis/routing.py"]
+    assert stages["routing/naive"]["command"][:3] == ["python", "-m", "megatron_ext.cli.routing"]
     assert "world=2" in (out / "logs" / "train_naive.log").read_text()
     report = json.loads((out / "report.json").read_text())
     assert report["methods"]["naive"]["final"]["cos_first"] > 0.98  # copies of the HF MLP

@@ -1,4 +1,4 @@
-"""tools/experiments/compare_inits.py runs the paper's comparison end to end, each stage a real
+"""moe-compare-inits runs the paper's comparison end to end, each stage a real
 subprocess of our CLIs, and is resumable:
 
 * a shortened run (dense base, naive and drop:0.5, a few steps of a tiny model) goes through every
@@ -28,7 +28,7 @@ from megatron_ext.experiments.plan import Experiment, build_stages, parse_method
 from tests.conftest import run_cli
 from tests.resilience import kill_job, popen, wait_for_line
 
-TOOL = "tools/experiments/compare_inits.py"
+TOOL = ["-m", "megatron_ext.cli.compare_inits"]
 TINY = ["--config", "configs/tiny-cpu.yaml", *[a for kv in (
     "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
     "data.seq_length=32", "train.global_batch_size=8", "train.micro_batch_size=8",
@@ -40,7 +40,7 @@ RUN_EXTRA = ("--tasks", "demo_en_mc", "--eval-limit", "8")  # the shortened run'
 
 def compare(out: Path, *extra: str, methods: str = "naive,drop:0.5", steps: int = 4,
             dense: list[str] | None = None) -> list[str]:
-    return [TOOL, *TINY, "--methods", methods, "--tokens", str(steps * TOKENS_PER_STEP),
+    return [*TOOL, *TINY, "--methods", methods, "--tokens", str(steps * TOKENS_PER_STEP),
             *(dense or ["--train-dense", str(2 * TOKENS_PER_STEP)]), "--routing-tokens", "1000",
             "--output", str(out), *extra]
 
@@ -99,7 +99,7 @@ def test_every_stage_runs_and_the_report_holds_every_number(run) -> None:
     assert abs(report["methods"]["drop:0.5"]["final"]["cos_first"] - 0.0625) < 0.05
     md = (out / "report.md").read_text()
     for needle in ("| naive |", "| drop:0.5 |", "english/loss", "mean_tv", "curves.png",
-                   "python tools/convert/upcycle.py", "python tools/analysis/routing.py",
+                   "python -m megatron_ext.cli.upcycle", "python -m megatron_ext.cli.routing",
                    "Drop-Upcycling r=0.5",  # the paper's row beside ours
                    "](routing/drop_r0.5/heatmap_layer1.png)", "## Downstream tasks",
                    "demo_en_mc/acc", "--limit 8"):
@@ -218,7 +218,7 @@ def test_bad_config_is_one_line(tmp_path: Path, extra: list[str], needle: str) -
 
 def test_cli_args_make_the_same_experiment() -> None:
     """A SLURM job re-runs the tool with ``Experiment.cli_args()``: every field survives."""
-    from tools.experiments.compare_inits import parse_args
+    from megatron_ext.cli.compare_inits import parse_args
 
     sets = [a for a in TINY[2:] if a != "--set"] + ["train.micro_batch_size=4"]
     exp = Experiment(Path("configs/tiny-cpu.yaml"), sets, parse_methods("naive,drop:0.5,btx"),

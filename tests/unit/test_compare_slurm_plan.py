@@ -21,6 +21,7 @@ from megatron_ext.experiments.plan import (
     ExperimentError,
     build_stages,
     parse_methods,
+    same_command,
 )
 from megatron_ext.experiments.runner import prepare_output
 from megatron_ext.experiments.slurm import (
@@ -124,9 +125,24 @@ def test_training_runs_through_the_launcher_and_tools_through_srun(exp) -> None:
     assert not any(a.startswith("--dependency") for a in init)
     assert init[-3:-1] == list(ONE_TASK)  # one task on one node, whatever --sbatch-args said
     wrap = shlex.split(init[-1].removeprefix("--wrap="))
-    assert wrap[wrap.index("srun") + 1:] == [sys.executable, *stages["init/naive"].argv]
+    assert wrap[wrap.index("srun") + 1:] == [sys.executable, "-m", *stages["init/naive"].argv]
     report = shlex.split(_sbatch_argv(exp, Job(REPORT, None), ["1", "2"], [])[-1][7:])
     assert report[-1] == "--report-only" and "--overwrite" not in report
+
+
+def test_a_stage_recorded_with_an_old_script_path_is_the_same_command() -> None:
+    """Older versions ran the stages' tools by repository path (pretrain_moe.py, tools/...):
+    such a record is the stage's command, so upgrading does not redo a finished training."""
+    new = ["python", "-m", "megatron_ext.cli.pretrain", "--config", "c.yaml"]
+    assert same_command(None, new) and same_command(new, new)
+    assert same_command(["python", "pretrain_moe.py", "--config", "c.yaml"], new)
+    torchrun = ["python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert same_command([*torchrun, "pretrain_moe.py", "--config", "c.yaml"],
+                        [*torchrun, *new[1:]])
+    assert not same_command(["python", "pretrain_moe.py", "--config", "d.yaml"], new)
+    assert not same_command(["python", "tools/convert/upcycle.py", "--config", "c.yaml"], new)
+    assert not same_command(["python", "-m", "megatron_ext.cli.upcycle", "--config", "c.yaml"],
+                            new)
 
 
 @pytest.mark.parametrize("text, seconds", [("00:01:05", 65), ("2-01:00:00", 176400),

@@ -1,4 +1,4 @@
-"""tools/convert/hf_to_mcore.py and mcore_to_hf.py end to end on tiny fp32 models.
+"""moe-hf-to-mcore and moe-mcore-to-hf (megatron_ext.cli) end to end on tiny fp32 models.
 
 Every conversion runs in a subprocess (it owns a gloo world of one); the module fixture converts
 Llama, Mixtral and a mixed dense/MoE model both ways once, with validation on, and the tests
@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_cli
 
-HF_TO_MCORE = "tools/convert/hf_to_mcore.py"
-MCORE_TO_HF = "tools/convert/mcore_to_hf.py"
-UPCYCLE = "tools/convert/upcycle.py"
+HF_TO_MCORE = ["-m", "megatron_ext.cli.hf_to_mcore"]
+MCORE_TO_HF = ["-m", "megatron_ext.cli.mcore_to_hf"]
+UPCYCLE = ["-m", "megatron_ext.cli.upcycle"]
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, vocab_size=250)
 KINDS = ("llama", "mixtral", "mixed")
@@ -64,8 +64,8 @@ def conv(tmp_path_factory) -> dict[str, dict]:
         mc, back = root / f"{kind}_mcore", root / f"{kind}_back"
         # One validation of the mixed model (load_moe) is enough: save a few seconds.
         skip = ["--skip-validation"] if kind == "mixed" else []
-        fwd = _ok([HF_TO_MCORE, "--input", str(hf), "--output", str(mc), *skip])
-        rev = _ok([MCORE_TO_HF, "--input", str(mc), "--output", str(back)])
+        fwd = _ok([*HF_TO_MCORE, "--input", str(hf), "--output", str(mc), *skip])
+        rev = _ok([*MCORE_TO_HF, "--input", str(mc), "--output", str(back)])
         out[kind] = {"hf": hf, "mcore": mc, "back": back, "fwd": fwd, "rev": rev}
     return out
 
@@ -139,7 +139,7 @@ def test_pretrain_starts_from_converted_mixtral(conv, tmp_path: Path) -> None:
 
 
 def test_upcycle_to_mcore_naive_keeps_the_dense_function(conv, tmp_path: Path) -> None:
-    out = _ok([UPCYCLE, "--input", str(conv["llama"]["hf"]), "--output", str(tmp_path / "moe"),
+    out = _ok([*UPCYCLE, "--input", str(conv["llama"]["hf"]), "--output", str(tmp_path / "moe"),
                "--method", "naive", "--num-experts", "4", "--top-k", "2",
                "--output-format", "mcore"])
     assert _max_diff(out) <= 1e-5
@@ -149,8 +149,8 @@ def test_upcycle_to_mcore_naive_keeps_the_dense_function(conv, tmp_path: Path) -
 def test_config_from_hf(conv) -> None:
     import json
 
-    from megatron_ext.checkpoint.keymaps import ConversionError
-    from megatron_ext.checkpoint.mcore_io import config_from_hf
+    from megatron_ext.conversion.keymaps import ConversionError
+    from megatron_ext.conversion.mcore_io import config_from_hf
 
     mixed = json.loads((conv["mixed"]["hf"] / "config.json").read_text())
     cfg = config_from_hf(mixed, {"train.seed": 5})
@@ -168,9 +168,9 @@ def test_config_from_hf(conv) -> None:
 STRICT = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from megatron_ext.checkpoint.hf_io import HFCheckpoint
-    from megatron_ext.checkpoint.keymaps import ConversionError, arch_from_hf_config, hf_to_mcore
-    from megatron_ext.checkpoint.mcore_io import (
+    from megatron_ext.conversion.hf_io import HFCheckpoint
+    from megatron_ext.conversion.keymaps import ConversionError, arch_from_hf_config, hf_to_mcore
+    from megatron_ext.conversion.mcore_io import (
         config_from_hf, read_mcore_checkpoint, write_mcore_checkpoint)
 
     if __name__ == "__main__":
@@ -193,10 +193,10 @@ STRICT = textwrap.dedent("""
         print("read back ok")
 
         # A failed validation: exit 1 and nothing at the output (the check itself is faked).
-        import megatron_ext.checkpoint.convert_mcore as convert_mcore
+        import megatron_ext.conversion.convert as convert
         from megatron_ext.model.compare import ValidationReport
-        from tools.convert.hf_to_mcore import main
-        convert_mcore.compare_logits = lambda *a, **k: ValidationReport(1.0, 1.0, True, True, 1e-4)
+        from megatron_ext.cli.hf_to_mcore import main
+        convert.compare_logits = lambda *a, **k: ValidationReport(1.0, 1.0, True, True, 1e-4)
         rc = main(["--input", sys.argv[1], "--output", str(out / "vfail")])
         print("vfail", rc, (out / "vfail").exists(), len(list(out.glob(".vfail*"))))
 """)
@@ -221,12 +221,12 @@ def test_upcycle_from_mcore_equals_upcycle_from_hf(conv, tmp_path: Path) -> None
     recipe = dict(method="drop", ratio=0.5, num_experts=4, seed=7)
     upcycle_checkpoint(conv["llama"]["hf"], tmp_path / "from_hf", UpcycleSpec(**recipe),
                        validate=False, log=lambda _: None)
-    _ok([UPCYCLE, "--input", str(conv["llama"]["mcore"]), "--output", str(tmp_path / "from_mc"),
+    _ok([*UPCYCLE, "--input", str(conv["llama"]["mcore"]), "--output", str(tmp_path / "from_mc"),
          "--method", "drop", "--ratio", "0.5", "--num-experts", "4", "--seed", "7",
          "--output-format", "hf", "--skip-validation"])
     assert_bit_exact(tmp_path / "from_hf", tmp_path / "from_mc")
     # Without --output-format the output keeps the input's format (a megatron checkpoint here).
-    _ok([UPCYCLE, "--input", str(conv["llama"]["mcore"]), "--output", str(tmp_path / "same"),
+    _ok([*UPCYCLE, "--input", str(conv["llama"]["mcore"]), "--output", str(tmp_path / "same"),
          "--method", "naive", "--num-experts", "2", "--skip-validation"])
     assert (tmp_path / "same" / "latest").is_file()
     assert (tmp_path / "from_mc" / "tokenizer.json").is_file()  # from the mcore root's hf/
@@ -266,7 +266,7 @@ def test_bad_inputs_exit_2_with_one_line(conv, tmp_path: Path) -> None:
         out = tmp_path / "out"
         if "--output" not in args:
             args = [*args, "--output", str(out)]
-        r = run_cli([cli, *args])
+        r = run_cli([*cli, *args])
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and match in lines[0], (case, r.stderr)
         assert not out.exists() and not list(tmp_path.glob(".out*")), case

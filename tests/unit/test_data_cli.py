@@ -1,4 +1,4 @@
-"""tools/data/preprocess.py as a subprocess: exit codes, one-line errors, report, interruption."""
+"""moe-preprocess as a subprocess: exit codes, one-line errors, report, interruption."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from megatron_ext.data.tokenizer_training import train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = str(REPO / "tools" / "data" / "preprocess.py")
+SCRIPT = ["-m", "megatron_ext.cli.preprocess"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 EN = (REPO / "data" / "corpus" / "en_shakespeare.txt").read_text(encoding="utf-8")
 
@@ -40,7 +40,7 @@ def big_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], env=ENV, capture_output=True,
+    return subprocess.run([sys.executable, *SCRIPT, *args], env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -107,7 +107,7 @@ def test_strict_exits_2_with_one_line(tok_dir: str, tmp_path: Path) -> None:
 
 def _start(big_jsonl: Path, out_dir: Path, tok_dir: str, workers: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, SCRIPT, "--input", str(big_jsonl), "--output-prefix",
+        [sys.executable, *SCRIPT, "--input", str(big_jsonl), "--output-prefix",
          str(out_dir / "out"), "--tokenizer", tok_dir, "--workers", str(workers), "--no-progress"],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its own process group: SIGKILL reaches the pool workers too

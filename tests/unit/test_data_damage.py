@@ -4,7 +4,7 @@ Guarantee: a truncated, corrupt or mismatched ``.bin``/``.idx`` pair, an empty d
 outside the vocabulary are refused when the dataset is opened, with one ``DataError`` line naming
 the file (``pretrain_moe.py``: exit 2, one stderr line, before the model is built); a damaged
 megatron index cache is removed with one warning and rebuilt, never loaded; a damaged ``.gz``
-input makes ``tools/data/preprocess.py`` and ``tools/data/train_tokenizer.py`` exit 2 with one line
+input makes ``moe-preprocess`` and ``moe-train-tokenizer`` exit 2 with one line
 naming the file, writing nothing. All damage is done to real files made by the real tools.
 """
 
@@ -248,7 +248,7 @@ GZ_DAMAGE = {
     "corrupt middle": (_corrupt_middle, "after line"),
     "not gzip": (lambda p: p.write_bytes(b'{"text": "plain json"}\n'), "BadGzipFile"),
 }
-SCRIPTS = REPO / "tools" / "data"
+CLI = "megatron_ext.cli"
 
 
 @pytest.mark.parametrize("damage", list(GZ_DAMAGE))
@@ -260,7 +260,7 @@ def test_damaged_gzip_input(damage: str, sound: dict, tmp_path: Path) -> None:
     make(path)
     out = tmp_path / "out"
     out.mkdir()
-    result = run_cli([str(SCRIPTS / "preprocess.py"), "--input", str(path), "--output-prefix",
+    result = run_cli(["-m", f"{CLI}.preprocess", "--input", str(path), "--output-prefix",
                       str(out / "o"), "--tokenizer", sound["tok"], "--no-progress"], timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
@@ -276,7 +276,7 @@ def test_damaged_gzip_input(damage: str, sound: dict, tmp_path: Path) -> None:
 def test_damaged_gzip_for_tokenizer_training(tmp_path: Path) -> None:
     path = tmp_path / "docs.jsonl.gz"
     path.write_bytes(_jsonl_gz(path)[:-4000])
-    result = run_cli([str(SCRIPTS / "train_tokenizer.py"), "--input", str(path), "--vocab-size",
+    result = run_cli(["-m", f"{CLI}.train_tokenizer", "--input", str(path), "--vocab-size",
                       "300", "--output", str(tmp_path / "tok")], timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()

@@ -155,9 +155,9 @@ def test_training_reads_jsonl(small_corpus: list[str], tmp_path: Path) -> None:
 
 
 def test_train_tokenizer_cli(small_corpus: list[str], tmp_path: Path) -> None:
-    script = str(REPO / "tools" / "data" / "train_tokenizer.py")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = [sys.executable, script, "--input", *small_corpus, "--vocab-size", "350"]
+    run = [sys.executable, "-m", "megatron_ext.cli.train_tokenizer", "--input", *small_corpus,
+           "--vocab-size", "350"]
     ok = subprocess.run([*run, "--output", str(tmp_path / "cli")], env=env,
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr

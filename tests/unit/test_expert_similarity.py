@@ -31,9 +31,9 @@ pytestmark = cpu_megatron_module()
 
 from megatron.core import tensor_parallel  # noqa: E402
 
-from megatron_ext.checkpoint.keymaps import mcore_shapes  # noqa: E402
-from megatron_ext.checkpoint.mcore_io import arch_from_config  # noqa: E402
 from megatron_ext.config.loader import load_config  # noqa: E402
+from megatron_ext.conversion.keymaps import mcore_shapes  # noqa: E402
+from megatron_ext.conversion.mcore_io import arch_from_config  # noqa: E402
 from megatron_ext.model.builder import build_model, resolve_backends  # noqa: E402
 from megatron_ext.training.callbacks.expert_similarity import (  # noqa: E402
     ExpertSimilarity,

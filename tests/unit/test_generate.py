@@ -1,4 +1,4 @@
-"""Text generation (megatron_ext.evaluation.generate, tools/generate.py): what it guarantees.
+"""Text generation (megatron_ext.evaluation.generate, moe-generate): what it guarantees.
 
 * Greedy generation of our megatron model equals transformers' ``generate`` (do_sample=False) on
   the HF export of the same checkpoint, token for token, for 32 new tokens on prompts of
@@ -12,7 +12,7 @@
   ends in one stderr line and exit 2.
 
 The module fixture trains a tiny MoE with the real pretrain_moe.py on the demo corpus, exports
-it with tools/convert/mcore_to_hf.py and runs one probe process over both models.
+it with moe-mcore-to-hf and runs one probe process over both models.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.cli.generate import main as generate_main
+from megatron_ext.cli.generate import show
 from megatron_ext.data.errors import DataError
 from megatron_ext.evaluation.generate import check_prompts, check_sampling, next_tokens
 from tests.conftest import REPO, run_cli, set_args
-from tools.generate import main as generate_main
-from tools.generate import show
 
 NEW = 32
 TRAIN = ["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml", *set_args(
@@ -97,7 +97,7 @@ def _ok(args: list[str]) -> str:
 def ckpt(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("generate")
     _ok([*TRAIN, "--set", f"checkpoint.save={tmp}/ckpt", "--set", f"logging.output_dir={tmp}/run"])
-    _ok(["tools/convert/mcore_to_hf.py", "--input", str(tmp / "ckpt"), "--output",
+    _ok(["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp / "ckpt"), "--output",
          str(tmp / "hf"), "--dtype", "float32", "--skip-validation"])
     return tmp
 
@@ -185,8 +185,8 @@ def test_prompts_are_checked() -> None:
 def test_cli_prints_each_completion(ckpt: Path, probe: dict, capsys) -> None:
     prompts = ckpt / "prompts.txt"  # blank lines are not prompts
     prompts.write_text("\n".join([PROMPTS[0], "", *PROMPTS[1:3], "  "]) + "\n", encoding="utf-8")
-    out = _ok(["tools/generate.py", "--checkpoint", str(ckpt / "ckpt"), "--prompts", str(prompts),
-               "--max-new-tokens", str(NEW), "--json"])
+    out = _ok(["-m", "megatron_ext.cli.generate", "--checkpoint", str(ckpt / "ckpt"),
+               "--prompts", str(prompts), "--max-new-tokens", str(NEW), "--json"])
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in records] == PROMPTS[:3]
     assert [r["prompt_ids"] for r in records] == probe["prompts"][:3]
@@ -244,6 +244,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(ckpt: Path, tmp_path: Path, capsys)
     ]
     for argv, needle in cases:
         _one_line_exit_2(argv, capsys, needle)
-    proc = run_cli(["tools/generate.py", "--checkpoint", good, "--prompts", str(empty)])
+    proc = run_cli(["-m", "megatron_ext.cli.generate", "--checkpoint", good,
+                    "--prompts", str(empty)])
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout
     assert proc.stderr == f"error: {empty}: no prompts (the file has no non-empty line)\n"

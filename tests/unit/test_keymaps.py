@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ext.checkpoint.keymaps import (
+from megatron_ext.conversion.keymaps import (
     Arch,
     ConversionError,
     StreamGetter,

@@ -1,4 +1,4 @@
-"""Downstream evaluation through lm-evaluation-harness (tools/eval/lm_eval.py).
+"""Downstream evaluation through lm-evaluation-harness (megatron_ext.cli.lm_eval).
 
 Guarantees shown:
 * parity: on one checkpoint (trained by the real pretrain_moe.py at expert-parallel 2 in two
@@ -28,7 +28,7 @@ import pytest
 from tests.conftest import REPO, run_cli, torchrun
 from tests.resilience import SMALL
 
-TOOL = "tools/eval/lm_eval.py"
+TOOL = ["-m", "megatron_ext.cli.lm_eval"]
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 TASKS = ["demo_en_mc", "demo_ja_mc", "demo_en_gen", "demo_en_ppl", "demo_ja_ppl"]
 # The demo corpus and tokenizer instead of SMALL's mock data; a 64-token context so that some
@@ -53,7 +53,7 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
                      "--set", "parallel.expert=2", "--set", "logging.wandb.mode=offline",
                      "--set", f"checkpoint.save={tmp}/ckpt",
                      "--set", f"logging.output_dir={tmp}/run"]))
-    _ok(run_cli(["tools/convert/mcore_to_hf.py", "--input", str(tmp / "ckpt"),
+    _ok(run_cli(["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp / "ckpt"),
                  "--output", str(tmp / "hf"), "--dtype", "float32"]))
     tokenizer = Path(ensure_demo_data(cache_dir=str(REPO / ".cache" / "demo"))[0])
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -62,7 +62,7 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _evaluate(checkpoint: Path, out: Path, *extra: str):
-    proc = run_cli([TOOL, "--checkpoint", str(checkpoint), "--tasks", ",".join(TASKS),
+    proc = run_cli([*TOOL, "--checkpoint", str(checkpoint), "--tasks", ",".join(TASKS),
                     "--limit", "12", "--batch-size", "8", "--log-samples",
                     "--output", str(out), *extra], env=OFFLINE)
     _ok(proc)
@@ -117,7 +117,7 @@ def _appended_to_training_wandb_run(run_dir: Path) -> None:
 
 
 def _fails(args: list[str], *needles: str) -> None:
-    proc = run_cli([TOOL, *args], env=OFFLINE, timeout=300)
+    proc = run_cli([*TOOL, *args], env=OFFLINE, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -1,4 +1,4 @@
-"""tools/analysis/loss_curves.py: resumed runs keep the last record per step; bad input exits 2."""
+"""megatron_ext.cli.loss_curves: resumed runs keep the last record per step; bad input exits 2."""
 
 import json
 
@@ -27,7 +27,7 @@ def test_resumed_run_keeps_last_record_and_validation_tokens(tmp_path):
 def test_cli_writes_plot_and_table(tmp_path):
     _write(tmp_path / "du", [_train(s, 6.0 - s) for s in range(1, 5)])
     _write(tmp_path / "nu", [_train(s, 6.5 - s) for s in range(1, 5)])
-    proc = run_cli(["tools/analysis/loss_curves.py", "--run", f"du={tmp_path / 'du'}",
+    proc = run_cli(["-m", "megatron_ext.cli.loss_curves", "--run", f"du={tmp_path / 'du'}",
                     "--run", f"nu={tmp_path / 'nu'}", "--output", str(tmp_path / "out")])
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out/loss_curves.png").stat().st_size > 1000
@@ -41,7 +41,8 @@ def test_cli_bad_input(tmp_path):
     for args, msg in ((["--run", f"x={tmp_path / 'missing'}"], "metrics.jsonl not found"),
                       (["--run", "nolabel"], "expected LABEL=RUN_DIR"),
                       (["--run", f"b={tmp_path / 'broken'}"], "metrics.jsonl:1 is not JSON")):
-        proc = run_cli(["tools/analysis/loss_curves.py", *args, "--output", str(tmp_path / "o")])
+        proc = run_cli(["-m", "megatron_ext.cli.loss_curves", *args,
+                        "--output", str(tmp_path / "o")])
         assert proc.returncode == 2
         assert len(proc.stderr.strip().splitlines()) == 1 and msg in proc.stderr
         assert not (tmp_path / "o").exists()

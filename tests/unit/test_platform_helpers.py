@@ -125,7 +125,7 @@ def test_a_real_tool_uses_the_runner(tmp_path, argv, code, needle):
     (tmp_path / "run" / "metrics.jsonl").write_text(
         '{"kind": "train", "step": 1, "tokens": 100, "loss": 5.0}\n')
     (tmp_path / "blocker").write_text("a file where the output's parent should be")
-    r = subprocess.run([sys.executable, str(REPO / "tools/analysis/loss_curves.py"), *argv],
+    r = subprocess.run([sys.executable, "-m", "megatron_ext.cli.loss_curves", *argv],
                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     lines = r.stderr.splitlines()
     assert r.returncode == code and len(lines) == 1, r.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -10,19 +9,11 @@ import pytest
 import torch
 
 from megatron_ext.analysis import routing as R
+from megatron_ext.cli import routing as routing_cli
 from megatron_ext.data.errors import DataError
 from tests.conftest import REPO, run_cli
 
 CORPUS = REPO / "data" / "corpus"
-
-
-def _tool():
-    # tools/ is not a package: load the CLI module from its path to test its helpers.
-    spec = importlib.util.spec_from_file_location("routing_tool",
-                                                  REPO / "tools" / "analysis" / "routing.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -120,7 +111,7 @@ def test_summary_markdown_and_heatmap(tmp_path):
 
 
 def test_output_dir_rules(tmp_path):
-    tool = _tool()
+    tool = routing_cli
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -157,7 +148,7 @@ def test_routing_cli_end_to_end(tmp_path, capsys):
                     "--set", f"logging.output_dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     texts = ["--text", f"en={CORPUS / 'en_shakespeare.txt'}", f"ja={CORPUS / 'ja_neko.txt'}"]
-    proc = run_cli(["tools/analysis/routing.py", "--checkpoint", str(ckpt), *texts,
+    proc = run_cli(["-m", "megatron_ext.cli.routing", "--checkpoint", str(ckpt), *texts,
                     "--output", str(out), "--max-tokens", "3000"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mean TV" in proc.stdout
@@ -182,12 +173,12 @@ def test_routing_cli_end_to_end(tmp_path, capsys):
 
     # bad input: one line on stderr, exit 2, nothing written, the previous report untouched.
     # One real process (import-time warnings would add lines), the rest in-process (fast).
-    bad = run_cli(["tools/analysis/routing.py", "--checkpoint", str(ckpt), *texts,
+    bad = run_cli(["-m", "megatron_ext.cli.routing", "--checkpoint", str(ckpt), *texts,
                    "--output", str(out), "--layers", "0,7"])
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.splitlines() == [
         "error: --layers: unknown layer(s) [7]; the checkpoint's MoE layers are 0,1,2,3"]
-    tool = _tool()
+    tool = routing_cli
     for argv in (["--checkpoint", str(tmp_path / "nope"), *texts],
                  ["--checkpoint", str(ckpt), "--text", f"x={tmp_path / 'missing.txt'}"]):
         assert tool.run_cli(tool.main, [*argv, "--output", str(tmp_path / "other")]) == 2

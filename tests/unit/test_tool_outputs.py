@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
 import os
 import signal
@@ -27,18 +27,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext.checkpoint.hf_io import staged_dir
-from megatron_ext.checkpoint.keymaps import ConversionError
+from megatron_ext.conversion.hf_io import staged_dir
+from megatron_ext.conversion.keymaps import ConversionError
 from megatron_ext.errors import UsageError
 from megatron_ext.platform.fs import _exchange, check_disjoint, replace_dir
 from tests.conftest import REPO
 
-TOOLS = {
-    "upcycle": "tools/convert/upcycle.py", "hf_to_mcore": "tools/convert/hf_to_mcore.py",
-    "mcore_to_hf": "tools/convert/mcore_to_hf.py", "preprocess": "tools/data/preprocess.py",
-    "train_tokenizer": "tools/data/train_tokenizer.py", "routing": "tools/analysis/routing.py",
-    "loss_curves": "tools/analysis/loss_curves.py",
-}
+TOOLS = ("upcycle", "hf_to_mcore", "mcore_to_hf", "preprocess", "train_tokenizer", "routing",
+         "loss_curves")  # modules of megatron_ext.cli
 DATA_CLI = {"preprocess", "train_tokenizer", "routing"}  # run through data.errors.run_cli
 TEXT = "It was the best of times, it was the worst of times.\n\n吾輩は猫である。名前はまだ無い。\n"
 
@@ -105,11 +101,8 @@ def tree_hash(root: Path) -> str:
 
 
 def _tool(name: str):
-    # tools/ is not a package: load each CLI from its path, as routing's own tests do.
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / TOOLS[name])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    assert name in TOOLS
+    return importlib.import_module(f"megatron_ext.cli.{name}")
 
 
 UP = ["--num-experts", "2", "--method", "naive", "--skip-validation", "--overwrite"]
@@ -214,7 +207,7 @@ def test_neighbours_are_not_inputs(world, output, monkeypatch) -> None:
 def _start_upcycle(world: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, str(REPO / TOOLS["upcycle"]), "--input", str(world / "dense"),
+        [sys.executable, "-m", "megatron_ext.cli.upcycle", "--input", str(world / "dense"),
          "--output", str(out), "--num-experts", "2", "--method", "naive", "--overwrite"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 

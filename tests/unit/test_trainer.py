@@ -13,7 +13,7 @@ from tests.conftest import cpu_megatron_module, single_process_megatron
 
 pytestmark = cpu_megatron_module()
 
-from megatron_ext.checkpoint.dist import TrainState  # noqa: E402
+from megatron_ext.checkpoint.store import TrainState  # noqa: E402
 from megatron_ext.config.loader import load_config  # noqa: E402
 from megatron_ext.platform.dist import Layout  # noqa: E402
 from megatron_ext.training.callbacks import Callback, MetricsLogger, Throughput  # noqa: E402

@@ -1,4 +1,4 @@
-"""tools/convert/upcycle.py --config: the experts, top-k, MoE layers and the ``upcycling`` section
+"""moe-upcycle --config: the experts, top-k, MoE layers and the ``upcycling`` section
 come from the training config that will load the result (``--set`` overrides it, explicit flags
 override both), so an upcycled checkpoint cannot disagree with that run; a config whose model
 shape disagrees with the dense input, or that cannot be an MoE run, is one line and exit 2 with
@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from megatron_ext.checkpoint.mcore_io import arch_from_config
 from megatron_ext.config.loader import load_config
+from megatron_ext.conversion.mcore_io import arch_from_config
 from tests.conftest import run_cli
 
-CLI = "tools/convert/upcycle.py"
+CLI = ["-m", "megatron_ext.cli.upcycle"]
 # The tiny dense model's shape, as a training config names it.
 MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2,
          "ffn_hidden_size": 128, "vocab_size": 256}
@@ -49,7 +49,7 @@ def _config(tmp_path: Path, moe: dict, upcycling: dict, **model) -> Path:
 
 
 def _upcycle(dense: Path, out: Path, *args: str | Path):
-    return run_cli([CLI, "--input", str(dense), "--output", str(out), "--skip-validation",
+    return run_cli([*CLI, "--input", str(dense), "--output", str(out), "--skip-validation",
                     *map(str, args)], timeout=300)
 
 

@@ -1,4 +1,4 @@
-"""tools/convert/upcycle.py end to end: bad inputs exit 2 with one line and leave nothing behind."""
+"""megatron_ext.cli.upcycle end to end: bad inputs exit 2 with one line and leave nothing behind."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI = ROOT / "tools" / "convert" / "upcycle.py"
+CLI = ["-m", "megatron_ext.cli.upcycle"]
 
 
 def _llama(path: Path, intermediate: int = 128) -> Path:
@@ -47,7 +47,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(CLI), *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, *CLI, *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=300)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_ext.checkpoint.hf_io import (
+from megatron_ext.conversion.hf_io import (
     INDEX_NAME,
     HFCheckpoint,
     ShardedWriter,
@@ -18,7 +18,7 @@ from megatron_ext.checkpoint.hf_io import (
     read_safetensors_header,
     staged_dir,
 )
-from megatron_ext.checkpoint.keymaps import ConversionError
+from megatron_ext.conversion.keymaps import ConversionError
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatron_ext.checkpoint.keymaps import (
+from megatron_ext.conversion.keymaps import (
     HF_DENSE_MLP,
     HF_EXPERT,
     HF_ROUTER,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext.checkpoint.hf_models import load_moe
+from megatron_ext.conversion.hf_models import load_moe
 from megatron_ext.model.compare import probe_tokens
 from megatron_ext.upcycling import UpcycleSpec
 from megatron_ext.upcycling.convert import upcycle_checkpoint

@@ -28,8 +28,8 @@ from benchlib import runs
 from benchlib.report import device_name
 
 from megatron_ext.checkpoint import manifest
-from megatron_ext.checkpoint.hf_io import parse_size
-from megatron_ext.checkpoint.keymaps import ConversionError
+from megatron_ext.conversion.hf_io import parse_size
+from megatron_ext.conversion.keymaps import ConversionError
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]

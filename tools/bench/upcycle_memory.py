@@ -22,8 +22,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from megatron_ext.checkpoint.hf_io import write_hf_checkpoint
-from megatron_ext.checkpoint.keymaps import Arch, hf_config_for, hf_shapes
+from megatron_ext.conversion.hf_io import write_hf_checkpoint
+from megatron_ext.conversion.keymaps import Arch, hf_config_for, hf_shapes
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"generating dense {dense_params / 1e9:.2f}B params in {tmp} ...", flush=True)
         t0 = time.monotonic()
-        from megatron_ext.checkpoint.hf_io import parse_size
+        from megatron_ext.conversion.hf_io import parse_size
 
         dense_bytes = make_dense(tmp / "dense", arch, parse_size(args.max_shard_size))
         print(f"  {dense_bytes / 1e9:.2f} GB in {time.monotonic() - t0:.0f}s", flush=True)

@@ -1,51 +1,9 @@
-#!/usr/bin/env python3
-"""Train a byte-level BPE tokenizer (special tokens <|endoftext|> = EOD, <pad>) into a Hugging
-Face tokenizer directory that transformers.AutoTokenizer and megatron_ext load."""
+"""The old path of ``moe-train-tokenizer`` (``python -m megatron_ext.cli.train_tokenizer``),
+kept for existing commands."""
 
-from __future__ import annotations
-
-import argparse
 import sys
-from collections.abc import Sequence
 
-from megatron_ext.platform.cli import ArgumentParser, run_cli
+from megatron_ext.cli.train_tokenizer import main
 
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                        help="training text (.txt, .jsonl, .jsonl.gz)")
-    parser.add_argument("--vocab-size", type=int, required=True, metavar="N",
-                        help="vocabulary size including the 256 bytes and special tokens")
-    parser.add_argument("--output", required=True, metavar="DIR", help="tokenizer directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
-    parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
-    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count to merge")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_train, argv)
-
-
-def _train(argv: Sequence[str] | None) -> int:
-    args = parse_args(argv)
-    # why inside: tokenizers takes a moment to import; --help does not wait
-    from megatron_ext.data.tokenizer import load_tokenizer
-    from megatron_ext.data.tokenizer_training import train_bpe_tokenizer
-
-    out = train_bpe_tokenizer(
-        args.input,
-        args.vocab_size,
-        args.output,
-        overwrite=args.overwrite,
-        min_frequency=args.min_frequency,
-        json_key=args.json_key,
-    )
-    tok = load_tokenizer(out)
-    print(f"wrote {out}: vocab_size={tok.vocab_size} eod={tok.eod} pad={tok.pad_id}")
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the guard matters: helper processes may import this file
     sys.exit(main())

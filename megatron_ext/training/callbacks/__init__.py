@@ -13,13 +13,14 @@ in list order at every point, on every rank. Adding a concern is one new file an
     # in build() below, before MetricsLogger so its metrics are written:
         GradStats(run),
 
-A launcher of one's own (e.g. a test) can add callbacks without editing the list: ``register``
-takes a factory ``Run -> Callback``, placed before checkpointing.
+A launcher of one's own (e.g. a test) can add callbacks without editing the list: it passes
+factories ``Run -> Callback`` as ``extra`` (``cli.main(argv, extra_callbacks=...)`` hands them
+down through ``session.train``); they run before checkpointing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.callbacks.checkpointing import Checkpointing
@@ -32,15 +33,11 @@ from megatron_ext.training.loggers import MetricsWriter
 from megatron_ext.training.setup import Run
 from megatron_ext.training.signals import Preemption
 
-_REGISTERED: list[Callable[[Run], Callback]] = []
+Factory = Callable[[Run], Callback]
 
 
-def register(factory: Callable[[Run], Callback]) -> None:
-    """Add a callback (built by ``factory(run)``) to every run this process starts."""
-    _REGISTERED.append(factory)
-
-
-def build(run: Run, writer: MetricsWriter, preempt: Preemption) -> list[Callback]:
+def build(run: Run, writer: MetricsWriter, preempt: Preemption,
+          extra: Sequence[Factory] = ()) -> list[Callback]:
     moe = [RouterMetrics(run), ExpertSimilarity(run)] if run.cfg.moe.num_experts else []
     return [
         Throughput(run),       # first: it accumulates the step's times before anyone reads them
@@ -48,7 +45,7 @@ def build(run: Run, writer: MetricsWriter, preempt: Preemption) -> list[Callback
         MetricsLogger(writer),  # at log steps: gathers every callback's metrics and writes them
         Validation(run),
         *_downstream(run),
-        *(factory(run) for factory in _REGISTERED),
+        *(factory(run) for factory in extra),
         Checkpointing(run, preempt),  # last: a preemption stops the run after its save
     ]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: the trainer imports this module
+if TYPE_CHECKING:  # annotations only: the callbacks are a layer above the trainer
     from megatron_ext.training.trainer import Trainer
 
 

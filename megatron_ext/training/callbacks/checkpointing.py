@@ -5,6 +5,8 @@ waits for them, and one that fails aborts them (an unfinished write never become
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from megatron_ext.checkpoint.saver import Saver
 from megatron_ext.config.loader import to_dict
 from megatron_ext.training import exit_codes
@@ -12,7 +14,9 @@ from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.console import log
 from megatron_ext.training.setup import Run, layout_dict
 from megatron_ext.training.signals import Preemption
-from megatron_ext.training.trainer import Trainer
+
+if TYPE_CHECKING:  # annotations only (the trainer is a layer below the callbacks)
+    from megatron_ext.training.trainer import Trainer
 
 
 class Checkpointing(Callback):

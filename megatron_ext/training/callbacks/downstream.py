@@ -1,6 +1,6 @@
 """In-loop downstream evaluation (``eval.tasks`` every ``eval.task_interval`` steps), as
 OLMo-core does: lm-evaluation-harness tasks on the current weights, through the same LM class as
-``tools/eval/lm_eval.py`` (``megatron_ext.evaluation``), logged as ``tasks/<task>/<metric>``
+``moe-lm-eval`` (``megatron_ext.evaluation``), logged as ``tasks/<task>/<metric>``
 beside the losses (console, JSONL, W&B under ``valid/``).
 
 Rank 0 evaluates its replica alone (config validation requires an unsplit model); the other ranks
@@ -10,16 +10,20 @@ names are checked when the run starts, so a typo fails in seconds, not at the fi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.distributed as dist
 
-from megatron_ext.checkpoint.dist import unwrap
+from megatron_ext.checkpoint.store import unwrap
 from megatron_ext.evaluation import harness
 from megatron_ext.evaluation.lm_eval_model import MegatronLM
 from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
 from megatron_ext.evaluation.wandb_results import flat_metrics
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.setup import Run
-from megatron_ext.training.trainer import Trainer
+
+if TYPE_CHECKING:  # annotations only (the trainer is a layer below the callbacks)
+    from megatron_ext.training.trainer import Trainer
 
 
 class DownstreamTasks(Callback):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,9 @@ from torch import Tensor
 
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.setup import Run
-from megatron_ext.training.trainer import Trainer
+
+if TYPE_CHECKING:  # annotations only (the trainer is a layer below the callbacks)
+    from megatron_ext.training.trainer import Trainer
 
 
 def _local_weights(experts: torch.nn.Module) -> Iterator[tuple[Tensor, Tensor]]:

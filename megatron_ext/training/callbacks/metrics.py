@@ -4,12 +4,15 @@ receive each log step's metrics, each validation and each background checkpoint 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from megatron_ext.checkpoint.dist import ITER_RE
+from megatron_ext.checkpoint.store import ITER_RE
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.console import log
 from megatron_ext.training.loggers import MetricsWriter, format_line
-from megatron_ext.training.trainer import Trainer
+
+if TYPE_CHECKING:  # annotations only (the trainer is a layer below the callbacks)
+    from megatron_ext.training.trainer import Trainer
 
 
 class MetricsLogger(Callback):

@@ -5,10 +5,14 @@ pipeline stage."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.router_stats import RouterStats, router_losses
 from megatron_ext.training.setup import Run
-from megatron_ext.training.trainer import Trainer
+
+if TYPE_CHECKING:  # annotations only (the trainer is a layer below the callbacks)
+    from megatron_ext.training.trainer import Trainer
 
 
 class RouterMetrics(Callback):

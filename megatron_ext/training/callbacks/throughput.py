@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import resource
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_ext.model.params import flops_per_token
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.setup import Run
-from megatron_ext.training.trainer import Trainer
+
+if TYPE_CHECKING:  # annotations only (the trainer is a layer below the callbacks)
+    from megatron_ext.training.trainer import Trainer
 
 PHASES = ("forward_backward", "optimizer", "data")
 

@@ -6,6 +6,7 @@ forward only; the results go to ``on_eval`` (the sinks)."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
@@ -15,7 +16,9 @@ from megatron_ext.training.batches import MicroBatches
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.forward import forward_backward, reduce_loss
 from megatron_ext.training.setup import Run, dp_rank_and_size
-from megatron_ext.training.trainer import Trainer
+
+if TYPE_CHECKING:  # annotations only (the trainer is a layer below the callbacks)
+    from megatron_ext.training.trainer import Trainer
 
 
 class Validation(Callback):

@@ -36,7 +36,7 @@ from megatron_ext.checkpoint import (
     manifest,
     safe_pickle,  # importing it restricts megatron's reads
 )
-from megatron_ext.checkpoint.manifest import CheckpointError  # noqa: F401 (re-exported: dist.CheckpointError)
+from megatron_ext.checkpoint.manifest import CheckpointError  # noqa: F401 (re-exported: store.CheckpointError)
 from megatron_ext.config.loader import ConfigError, parse_yaml
 from megatron_ext.errors import one_line
 from megatron_ext.model.chunks import model_chunks

@@ -1,5 +1,5 @@
 """HF checkpoints as transformers models (CPU, fp32), loaded strictly: the reference side of
-conversion validation (``convert_mcore``) and upcycling validation (``upcycling.validate``).
+conversion validation (``conversion.convert``) and upcycling validation (``upcycling.validate``).
 
 transformers is imported inside the loaders: conversion itself never needs it.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from megatron_ext.checkpoint.hf_io import HFCheckpoint
-from megatron_ext.checkpoint.keymaps import HF_DENSE_MLP, arch_from_hf_config
+from megatron_ext.conversion.hf_io import HFCheckpoint
+from megatron_ext.conversion.keymaps import HF_DENSE_MLP, arch_from_hf_config
 from megatron_ext.model.compare import ValidationError
 
 

@@ -1,10 +1,15 @@
 """Read and write HF checkpoint directories tensor by tensor.
 
-Reading: every safetensors file's header is parsed and checked against the file size before
-anything is loaded, so a truncated or corrupt file is one ``ConversionError`` line, not a crash
-inside the Rust reader. Tensors are then read with ``safetensors.safe_open`` opened per tensor:
-a long-lived handle keeps the whole file mapped and every page it has touched counts towards the
-process RSS (1.4 GB after reading a 1.2 GB file), while a short-lived one releases them.
+Reading: the ``safetensors`` library reads every file's header before anything is loaded and
+checks it as strictly as it checks any file (dimensions and offsets non-negative integers,
+offsets contiguous and covering the file exactly, ``__metadata__`` a map of strings, known
+dtypes); a file it refuses is one ``ConversionError`` line, not a library traceback later.
+Tensors that are not floating point are refused too: every tensor of an HF model we convert is a
+weight, and an integer one would be cast into garbage. Tensors are then read with ``safe_open``
+opened per tensor: a long-lived handle keeps the whole file mapped and every page it has touched
+counts towards the process RSS (1.4 GB after reading a 1.2 GB file), while a short-lived one
+releases them. That, the names, shapes and dtypes known up front (``TensorInfo``), and one line
+per damaged file are all that streaming needs from us on top of the library.
 
 Writing: the full list of (name, shape, dtype) is known before the first tensor arrives (it
 follows from the architecture), so shards and headers are planned up front and each tensor is
@@ -24,10 +29,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from megatron_ext.checkpoint.keymaps import ConversionError
+from megatron_ext.conversion.keymaps import ConversionError
+from megatron_ext.errors import one_line
 from megatron_ext.platform.fs import recover_interrupted, staging
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,7 +43,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
 )
-_MAX_HEADER = 100 * 1024 * 1024  # same bound the safetensors reader enforces
+_MAX_MESSAGE = 200  # characters of the library's message quoted (it can quote the header)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -70,60 +76,64 @@ def parse_size(text: str) -> int:
     return value
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check one file's header: offsets contiguous, sizes right, file complete."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ConversionError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise ConversionError(f"{path}: truncated safetensors file (header of {n} bytes, "
-                                  f"file of {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ConversionError(f"{path}: corrupt safetensors header") from None
-    if not isinstance(header, dict):
-        raise ConversionError(f"{path}: corrupt safetensors header")
-    header.pop("__metadata__", None)
+def read_safetensors_header(path: Path, float_only: bool = True) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file, from its header as the safetensors library reads and
+    checks it (see the module docstring); ``float_only``: refuse tensors that are not floating
+    point. Any fault is one ConversionError naming the file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape())
+                      for name in f.keys()}
+    except SafetensorError as e:
+        raise ConversionError(f"{path}: {_damage(path, one_line(e))}") from None
     out: dict[str, TensorInfo] = {}
-    spans = []
-    for name, meta in header.items():
-        try:
-            dtype = DTYPES[meta["dtype"]]
-            shape = tuple(int(x) for x in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path}: bad header entry for {name}") from None
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if end - begin != numel * dtype.itemsize:
-            raise ConversionError(f"{path}: {name} spans {end - begin} bytes, shape needs "
-                                  f"{numel * dtype.itemsize}")
-        spans.append((begin, end, name))
-        out[name] = TensorInfo(path, dtype, shape)
-    spans.sort()
-    pos = 0
-    for begin, end, name in spans:
-        if begin != pos:
-            raise ConversionError(f"{path}: {name} does not start where the previous tensor ends")
-        pos = end
-    data = size - 8 - n
-    if pos > data:
-        raise ConversionError(f"{path}: truncated safetensors file (needs {8 + n + pos} bytes, "
-                              f"has {size})")
-    if pos < data:
-        raise ConversionError(f"{path}: {data - pos} unexpected trailing bytes")
+    for name, (dtype_name, shape) in header.items():
+        dtype = DTYPES.get(dtype_name)
+        if dtype is None:
+            raise ConversionError(f"{path}: {name} has dtype {dtype_name}, which we do not read")
+        if float_only and not dtype.is_floating_point:
+            raise ConversionError(f"{path}: {name} is {dtype_name}, not a floating-point weight")
+        out[name] = TensorInfo(path, dtype, tuple(shape))
     return out
 
 
-class HFCheckpoint:
-    """A validated HF checkpoint directory: ``config``, ``keys()``, ``info()``, ``get()``."""
+def _damage(path: Path, message: str) -> str:
+    """What is wrong with a file the safetensors reader refused: its own words, except for a file
+    that ends too soon or too late (an interrupted download or copy), which it reports as a
+    header too small or large, or as data not covering the file: that one gets its sizes."""
+    message = message.removeprefix("Error while deserializing header: ")
+    if len(message) > _MAX_MESSAGE:
+        message = message[:_MAX_MESSAGE] + "..."
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little")
+        if len(head) < 8 or 8 + n > size:
+            return f"truncated safetensors file ({size} bytes" + (
+                f", header of {n} bytes)" if len(head) == 8 else ")")
+        end = _data_end(f.read(n)) if "not fully covered" in message else None
+    if end is not None and 8 + n + end > size:
+        return f"truncated safetensors file (needs {8 + n + end} bytes, has {size})"
+    if end is not None and 8 + n + end < size:
+        return f"{size - 8 - n - end} unexpected trailing bytes"
+    return f"corrupt safetensors header ({message})"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+def _data_end(raw: bytes) -> int | None:
+    """Where a header the library found valid, but for the file's length, says the data ends."""
+    try:
+        header = json.loads(raw)
+        return max((meta["data_offsets"][1] for name, meta in header.items()
+                    if name != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
+class HFCheckpoint:
+    """A validated HF checkpoint directory: ``config``, ``keys()``, ``info()``, ``get()``.
+    ``float_only``: every tensor must be floating point (a weight), as for our conversions."""
+
+    def __init__(self, path: str | os.PathLike[str], float_only: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise ConversionError(f"{self.path}: not a directory")
@@ -136,7 +146,7 @@ class HFCheckpoint:
             raise ConversionError(f"{config_path}: invalid JSON ({e.msg})") from None
         self._tensors: dict[str, TensorInfo] = {}
         for file in self._weight_files():
-            for name, info in read_safetensors_header(file).items():
+            for name, info in read_safetensors_header(file, float_only).items():
                 if name in self._tensors:
                     raise ConversionError(f"{self.path}: {name} stored in two files")
                 self._tensors[name] = info
@@ -152,8 +162,13 @@ class HFCheckpoint:
         if index.is_file():
             try:
                 weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
+            except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError):
                 raise ConversionError(f"{index}: invalid index file") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..")
+                    for v in weight_map.values()):
+                raise ConversionError(f"{index}: invalid index file (weight_map must map "
+                                      "tensor names to shard file names in this directory)")
             files = sorted(set(weight_map.values()))
             for name in files:
                 if not (self.path / name).is_file():

@@ -1,11 +1,11 @@
-"""Read and write our megatron-core checkpoints (``megatron_ext.checkpoint.dist``) tensor by tensor.
+"""Read and write our megatron-core checkpoints (``checkpoint.store``) tensor by tensor.
 
 Both directions speak the mcore names of ``keymaps`` (local spec, SequentialMLP experts
 ``local_experts.{e}``), so ``keymaps.hf_to_mcore`` / ``mcore_to_hf`` streams plug straight in.
 
 Writing (``write_mcore_checkpoint``) runs in ONE process: gloo world of 1, TP = PP = EP = 1, our
 model built from the config, every parameter filled exactly once from the stream, then saved with
-``dist.save`` (step 0, no optimizer). dist_checkpointing reshards on load, so a training run can
+``store.save`` (step 0, no optimizer). dist_checkpointing reshards on load, so a training run can
 start from it at any expert-parallel size. Peak memory: one model copy in the stream's dtype
 (bf16 sources build a bf16 model; norms stay fp32), plus one streamed tensor, plus whatever
 dist_checkpointing stages while writing.
@@ -33,8 +33,12 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor
 
-from megatron_ext.checkpoint.hf_io import TOKENIZER_FILES, staged_dir
-from megatron_ext.checkpoint.keymaps import (
+from megatron_ext.checkpoint.manifest import CheckpointError
+from megatron_ext.config.loader import ConfigError, apply_overrides, to_dict
+from megatron_ext.config.schema import Config
+from megatron_ext.config.validate import moe_layer_pattern, validate
+from megatron_ext.conversion.hf_io import TOKENIZER_FILES, staged_dir
+from megatron_ext.conversion.keymaps import (
     MLP_ONLY_LAYERS_FIELD,
     Arch,
     ConversionError,
@@ -46,10 +50,6 @@ from megatron_ext.checkpoint.keymaps import (
     mcore_shapes,
     split_qkv,
 )
-from megatron_ext.checkpoint.manifest import CheckpointError
-from megatron_ext.config.loader import ConfigError, apply_overrides, to_dict
-from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import moe_layer_pattern, validate
 from megatron_ext.platform.quiet import quiet_process
 
 TRAIN_CONFIG = "config.yaml"
@@ -223,7 +223,7 @@ def save_mcore_into(out_dir: Path, stream: Iterable[tuple[str, Tensor]], cfg: Co
     ``iter_0000000/``, ``latest``, ``config.yaml`` and, given ``hf_config``, ``hf/``."""
     quiet_process(all_from_internals=True)  # a bad input is one stderr line
     # why inside: both import megatron-core (seconds); HF-only callers never need it
-    from megatron_ext.checkpoint import dist as ckpt
+    from megatron_ext.checkpoint import store as ckpt
     from megatron_ext.model.builder import build_model, resolve_backends
 
     build_cfg = copy.deepcopy(cfg)
@@ -337,4 +337,4 @@ def is_mixed(arch: Arch) -> bool:
 
 MIXED_NOTE = (f"mixed dense/MoE model: config.json lists the dense layers in "
               f"'{MLP_ONLY_LAYERS_FIELD}'; stock MixtralForCausalLM (transformers, vLLM) cannot "
-              "load it (use megatron_ext.checkpoint.hf_models.load_moe)")
+              "load it (use megatron_ext.conversion.hf_models.load_moe)")

@@ -1,5 +1,5 @@
 """HF (Llama / Mixtral / our mixed format) <-> our megatron-core checkpoints, directory to
-directory: the library behind ``tools/convert/hf_to_mcore.py`` and ``mcore_to_hf.py``.
+directory: the library behind ``moe-hf-to-mcore`` and ``moe-mcore-to-hf`` (``megatron_ext.cli``).
 
 Both directions stream through ``keymaps`` and stage their output beside the target; it is
 renamed only after writing and validation succeed. Validation (on by default) runs the source
@@ -13,14 +13,14 @@ Everything here runs in a single process (gloo world of 1); megatron is imported
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from megatron_ext.checkpoint.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
-from megatron_ext.checkpoint.hf_models import hf_logits
-from megatron_ext.checkpoint.keymaps import (
+from megatron_ext.conversion.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
+from megatron_ext.conversion.hf_models import hf_logits
+from megatron_ext.conversion.keymaps import (
     HF_EMBED,
     ConversionError,
     arch_from_hf_config,
@@ -28,7 +28,7 @@ from megatron_ext.checkpoint.keymaps import (
     hf_to_mcore,
     mcore_to_hf,
 )
-from megatron_ext.checkpoint.mcore_io import (  # no megatron import at module level
+from megatron_ext.conversion.mcore_io import (  # no megatron import at module level
     HF_RECORD,
     MIXED_NOTE,
     config_from_hf,
@@ -41,6 +41,7 @@ from megatron_ext.checkpoint.mcore_io import (  # no megatron import at module l
 )
 from megatron_ext.model.compare import ValidationError, ValidationReport, compare, probe_tokens
 from megatron_ext.platform.fs import check_disjoint
+from megatron_ext.platform.progress import Progress
 
 DTYPE_CHOICES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}
@@ -120,6 +121,19 @@ def preflight(inputs: list[tuple[str, Path]], output: Path, overwrite: bool) -> 
     return output
 
 
+def layer_progress(stream: Iterable[tuple[str, torch.Tensor]], num_layers: int, desc: str
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``stream``'s (name, tensor) pairs, reporting progress by transformer layer on stderr
+    (``platform.progress``): HF and megatron names both hold ``<root>.layers.<N>.``."""
+    with Progress(num_layers, desc, unit="layers") as bar:
+        for name, tensor in stream:
+            parts = name.split(".")
+            if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
+                bar.update_to(int(parts[2]))  # the layers before this one are done
+            yield name, tensor
+        bar.update_to(num_layers)
+
+
 # --- the two directions -----------------------------------------------------------------------
 def hf_to_mcore_checkpoint(input_dir: Path, output_root: Path, *, overwrite: bool = False,
                            validate: bool = True, log: Callable[[str], None] = print
@@ -138,8 +152,8 @@ def hf_to_mcore_checkpoint(input_dir: Path, output_root: Path, *, overwrite: boo
         f"vocab {arch.vocab_size}, {dtype}")
     report = None
     with staged_dir(output_root, overwrite) as tmp:
-        save_mcore_into(tmp, stream, cfg, dtype=dtype, hf_config=ckpt.config,
-                        tokenizer_dir=input_dir)
+        save_mcore_into(tmp, layer_progress(stream, arch.num_layers, "hf_to_mcore"), cfg,
+                        dtype=dtype, hf_config=ckpt.config, tokenizer_dir=input_dir)
         if validate:
             report = _check(compare_logits((input_dir, "hf"), (tmp, "mcore"), arch.vocab_size),
                             log)
@@ -210,7 +224,8 @@ def mcore_to_hf_checkpoint(input_path: Path, output_dir: Path, *, overwrite: boo
     stream = ((name, t.to(out_dtype)) for name, t in mcore_to_hf(get, arch, keys=keys))
     report = None
     with staged_dir(output_dir, overwrite) as tmp:
-        write_hf_checkpoint(tmp, stream, layout, config, max_shard_bytes, copy_from=record)
+        write_hf_checkpoint(tmp, layer_progress(stream, arch.num_layers, "mcore_to_hf"), layout,
+                            config, max_shard_bytes, copy_from=record)
         del get  # the fp32 state dict: free it before validation loads two models
         if validate:
             report = _check(compare_logits((input_path, "mcore"), (tmp, "hf"), arch.vocab_size,
