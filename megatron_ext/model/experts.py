@@ -29,7 +29,7 @@ import copy
 import dataclasses
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import cached_property, partial
 from typing import Any
 
@@ -386,16 +386,18 @@ def use_grouped_experts(spec: Any, backend: str = "auto") -> Any:
     ``TransformerBlockSubmodules`` (``get_gpt_decoder_block_spec``; dense layers stay as they
     are) or anything nesting them (lists, dataclasses). The input is not modified."""
     spec = copy.deepcopy(spec)
-    _swap_experts(spec, grouped_experts_spec(backend))
+    for moe in moe_submodules(spec):
+        moe.experts = grouped_experts_spec(backend)
     return spec
 
 
-def _swap_experts(node: Any, experts: ModuleSpec) -> None:
+def moe_submodules(node: Any) -> Iterator[MoESubmodules]:
+    """Every MoE layer's ``MoESubmodules`` in a spec (any nesting of lists and dataclasses)."""
     if isinstance(node, MoESubmodules):
-        node.experts = copy.deepcopy(experts)
+        yield node
     elif isinstance(node, (list, tuple)):
         for child in node:
-            _swap_experts(child, experts)
+            yield from moe_submodules(child)
     elif dataclasses.is_dataclass(node) and not isinstance(node, type):
         for f in dataclasses.fields(node):
-            _swap_experts(getattr(node, f.name), experts)
+            yield from moe_submodules(getattr(node, f.name))

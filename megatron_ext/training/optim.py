@@ -1,4 +1,12 @@
-"""AdamW (megatron-core's optimizer, distributed on GPU) and the warmup + cosine LR schedule."""
+"""AdamW (megatron-core's optimizer, distributed on GPU) and the warmup + cosine LR schedule.
+
+Two choices reproduce the paper's stack (torch AdamW under DeepSpeed, docs/fidelity.md):
+``optimizer.weight_decay_scope`` (every parameter decayed, or megatron's exemption of 1-D ones)
+and ``optimizer.grad_divisor``. AdamW is invariant to the scale of its gradient but for eps,
+and clipping compares the norm to a threshold, so stepping on ``g / d`` is exactly stepping on
+``g`` with eps x d and the clip threshold x d (m and v scale by 1/d and 1/d^2, so
+m / (sqrt(v) + eps) = m' / (sqrt(v') + d eps)); the logged grad norm stays the mean gradient's.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +24,20 @@ def build_optimizer(cfg: Config, chunks: list, bf16: bool, distributed: bool):
     o = cfg.optimizer
     mcfg = McoreOptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-        clip_grad=o.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps * o.grad_divisor,
+        clip_grad=clip_threshold(cfg), bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=distributed,
     )
-    return get_megatron_optimizer(mcfg, list(chunks))
+    # megatron's default overrides (None) set wd_mult 0 for 1-D parameters and biases; no
+    # overrides ({}) leave one group that decays everything, as torch AdamW over parameters().
+    overrides = {} if o.weight_decay_scope == "all" else None
+    return get_megatron_optimizer(mcfg, list(chunks), config_overrides=overrides)
+
+
+def clip_threshold(cfg: Config) -> float:
+    """The norm of the (undivided) mean gradient above which it is clipped (0: never)."""
+    return cfg.optimizer.clip_grad * cfg.optimizer.grad_divisor
 
 
 def build_scheduler(cfg: Config, optimizer, total_steps: int) -> OptimizerParamScheduler:
