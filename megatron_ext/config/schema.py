@@ -114,7 +114,7 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables clipping."""
     grad_divisor: float = 1.0
-    """Clipping and AdamW act on the step's mean gradient divided by this (implemented exactly as clip_grad x grad_divisor and adam_eps x grad_divisor on the undivided gradient, whose norm grad_norm logs). The paper's stack divided its loss by the accumulation steps twice (moe-recipes, then DeepSpeed): its optimizer saw the mean gradient / accumulation steps (8 at 8x152M, 2 at 8x1.5B and 8x3.7B). 1 = the mean gradient."""
+    """Clipping and AdamW act on the step's mean gradient divided by this (implemented exactly: the clipping coefficient from grad_norm / grad_divisor, adam_eps x grad_divisor on the undivided gradient, whose norm grad_norm logs; clipped about when grad_norm > clip_grad x grad_divisor). The paper's stack divided its loss by the accumulation steps twice (moe-recipes, then DeepSpeed): its optimizer saw the mean gradient / accumulation steps (8 at 8x152M, 2 at 8x1.5B and 8x3.7B). 1 = the mean gradient."""
 
 
 @dataclass

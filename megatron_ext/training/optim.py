@@ -2,10 +2,11 @@
 
 Two choices reproduce the paper's stack (torch AdamW under DeepSpeed, docs/fidelity.md):
 ``optimizer.weight_decay_scope`` (every parameter decayed, or megatron's exemption of 1-D ones)
-and ``optimizer.grad_divisor``. AdamW is invariant to the scale of its gradient but for eps,
-and clipping compares the norm to a threshold, so stepping on ``g / d`` is exactly stepping on
-``g`` with eps x d and the clip threshold x d (m and v scale by 1/d and 1/d^2, so
-m / (sqrt(v) + eps) = m' / (sqrt(v') + d eps)); the logged grad norm stays the mean gradient's.
+and ``optimizer.grad_divisor``. AdamW is invariant to the scale of its gradient but for eps, and
+clipping compares the norm to a threshold, so stepping on ``g / d`` is exactly stepping on ``g``
+with eps x d (m and v scale by 1/d and 1/d^2, so m / (sqrt(v) + eps) = m' / (sqrt(v') + d eps))
+and the clipping coefficient computed from ``norm(g) / d`` (``clip_and_step``); the logged grad
+norm stays the mean gradient's.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def build_optimizer(cfg: Config, chunks: list, bf16: bool, distributed: bool):
 
 
 def clip_threshold(cfg: Config) -> float:
-    """The norm of the (undivided) mean gradient above which it is clipped (0: never)."""
+    """About the norm of the (undivided) mean gradient above which it is clipped (0: never);
+    the exact rule: ``clip_and_step``."""
     return cfg.optimizer.clip_grad * cfg.optimizer.grad_divisor
 
 
@@ -71,11 +73,16 @@ def prepare_and_norm(optimizer) -> tuple[bool, float]:
 
 
 @torch.no_grad()
-def clip_and_step(optimizer, grad_norm: float, clip: float) -> None:
-    """The second half of megatron's ChainedOptimizer.step, after we inspected the norm."""
+def clip_and_step(optimizer, grad_norm: float, clip: float, divisor: float = 1.0) -> None:
+    """The second half of megatron's ChainedOptimizer.step, after we inspected the norm.
+
+    Clipping acts on the gradient divided by ``divisor`` (optimizer.grad_divisor): scale by
+    ``clip / (grad_norm / divisor + 1e-6)`` when below 1, the formula of megatron, torch and
+    DeepSpeed on the divided gradient (passing ``clip x divisor`` and the undivided norm
+    instead would move the 1e-6 guard, a 1e-5 relative change per clipped step)."""
     if clip > 0:
         for opt in _chained(optimizer):
             params = opt.get_parameters()
             if params:
-                clip_grad_by_total_norm_fp32(params, clip, grad_norm)
+                clip_grad_by_total_norm_fp32(params, clip, grad_norm / divisor)
     optimizer.step_with_ready_grads()

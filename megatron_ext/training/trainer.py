@@ -24,7 +24,7 @@ from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.console import warn
 from megatron_ext.training.cuda_graph import StepRunner
 from megatron_ext.training.forward import forward_backward, reduce_loss
-from megatron_ext.training.optim import clip_and_step, clip_threshold, prepare_and_norm
+from megatron_ext.training.optim import clip_and_step, prepare_and_norm
 from megatron_ext.training.setup import Run, dp_rank_and_size
 
 
@@ -134,7 +134,8 @@ class Trainer:
         found_inf, grad_norm = prepare_and_norm(run.optimizer)
         skipped = found_inf or not (math.isfinite(loss) and math.isfinite(grad_norm))
         if not skipped:
-            clip_and_step(run.optimizer, grad_norm, clip_threshold(run.cfg))
+            o = run.cfg.optimizer
+            clip_and_step(run.optimizer, grad_norm, o.clip_grad, o.grad_divisor)
             run.scheduler.step(increment=1)
         times = {"data": t1 - t0, "forward_backward": t2 - t1, "optimizer": time.time() - t2}
         return StepResult(loss, grad_norm, skipped, times)
