@@ -33,7 +33,7 @@ from megatron_ext.config.validate import moe_layer_pattern
 from megatron_ext.model import load_balancing, rope
 from megatron_ext.model.attention import HAVE_FLASH_ATTN, FlashAttention, SDPAttention
 from megatron_ext.model.dispatcher import use_local_dispatcher
-from megatron_ext.model.experts import moe_submodules, use_grouped_experts
+from megatron_ext.model.experts import use_grouped_experts, use_router
 from megatron_ext.model.lm_loss import FusedLossGPTModel
 from megatron_ext.model.load_balancing import AllLayersRouter
 from megatron_ext.model.norm import RMSNorm
@@ -184,8 +184,8 @@ def layer_specs(config: TransformerConfig, backends: Backends, vp_stage: int | N
             config, use_transformer_engine=backends.spec == "te", normalization="RMSNorm",
             vp_stage=vp_stage,
         )
-    for moe in moe_submodules(block) if all_layers else ():
-        moe.router = AllLayersRouter
+    if all_layers:
+        block = use_router(block, AllLayersRouter)
     if backends.spec == "te":
         return block
     core = {"sdpa": SDPAttention, "flash": FlashAttention, "unfused": DotProductAttention}[

@@ -254,6 +254,9 @@ def run_parity(run: ParityRun) -> dict:
     """Every stage (finished ones are reused), then the comparison; returns its result."""
     from megatron_ext.experiments.parity import report  # why inside: matplotlib import time
 
+    if run.dtype != "fp32" and not run.floor:
+        raise ParityError("--dtype bf16 needs the 1-ulp run (drop --no-floor): in bf16 the runs "
+                          "differ from the first step and the tolerance is relative to it")
     cfg, sets = run_config(run)
     run.output.mkdir(parents=True, exist_ok=True)
     make_checkpoints(run, cfg)

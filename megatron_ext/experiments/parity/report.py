@@ -92,12 +92,16 @@ def compare(ours: list[dict], theirs: list[dict], floor: list[dict] | None,
                                for name, recs in (("ours", ours), ("theirs", theirs))}
     load_ours = expert_load(ours[-1])
     result["expert_load"] = {"ours": load_ours, "theirs": load_theirs,
-                             "max_abs_diff": max((abs(x - y) for lo, lt in
-                                                  zip(load_ours, load_theirs, strict=True)
-                                                  for x, y in zip(lo, lt, strict=True)),
-                                                 default=0.0)}
+                             "max_abs_diff": _max_abs(load_ours, load_theirs)}
+    if floor is not None:
+        result["expert_load"]["floor_max_abs_diff"] = _max_abs(load_ours, expert_load(floor[-1]))
     result["pass"] = all(e["pass"] for e in result["metrics"].values())
     return result
+
+
+def _max_abs(a: list[list[float]], b: list[list[float]]) -> float:
+    return max((abs(x - y) for ra, rb in zip(a, b, strict=True)
+                for x, y in zip(ra, rb, strict=True)), default=0.0)
 
 
 def plot(ours: list[dict], theirs: list[dict], floor: list[dict] | None, result: dict,
@@ -173,8 +177,10 @@ def markdown(ours: list[dict], theirs: list[dict], result: dict, every: int = 20
     lines += ["", f"Steps whose gradient was clipped: ours {clipped['ours']}, theirs "
               f"{clipped['theirs']} of {result['steps']}."]
     load = result["expert_load"]
+    floor = (f"; ours vs ours + 1 ulp: {load['floor_max_abs_diff']:.2e}"
+             if "floor_max_abs_diff" in load else "")
     lines += ["", f"Expert load at the last step (share of top-k assignments; largest "
-              f"difference {load['max_abs_diff']:.2e}):", "",
+              f"difference {load['max_abs_diff']:.2e}{floor}):", "",
               "| layer | ours | theirs |", "|---|---|---|"]
     for i, (lo, lt) in enumerate(zip(load["ours"], load["theirs"], strict=True)):
         lines.append(f"| {i} | {' '.join(f'{x:.4f}' for x in lo)} | "
