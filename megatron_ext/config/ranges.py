@@ -128,6 +128,7 @@ RANGES: dict[str, Rule] = {
     "optimizer.adam_beta2": Range(0, 1, hi_open=True),
     "optimizer.adam_eps": Range(0, 1, lo_open=True),
     "optimizer.clip_grad": Range(0, 1e6),
+    "optimizer.grad_divisor": Range(0, 1e6, lo_open=True),
     "schedule.warmup_steps": Range(0, STEPS_MAX),
     "schedule.warmup_init_lr": Range(0, LR_MAX),
     "schedule.decay_steps": Range(1, STEPS_MAX),

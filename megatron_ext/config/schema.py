@@ -50,7 +50,9 @@ class MoEConfig:
     top_k: int = 2
     """Experts each token is routed to (weights renormalized over the top-k, as in Mixtral; top-1 uses Switch's softmax over all experts)."""
     aux_loss_coeff: float = 0.02
-    """Load-balancing (Switch) loss coefficient."""
+    """Load-balancing (Switch) loss coefficient (0 = no load-balancing loss)."""
+    aux_loss_scope: Literal["per_layer", "all_layers"] = "per_layer"
+    """Which load-balancing loss. per_layer = megatron's: one Switch loss per MoE layer, normalized by top_k (1 at balance), aux_loss_coeff x their sum in the objective; aux_loss logs their mean. all_layers = the paper's stack (transformers' load_balancing_loss_func, moe-recipes v1.0.0): ONE Switch loss over the router logits of every MoE layer together, per micro-batch (top_k at balance), aux_loss_coeff applied once; aux_loss logs it. all_layers needs parallel.pipeline = 1 and no recomputation of whole MoE layers. See docs/fidelity.md."""
     z_loss_coeff: float | None = None
     """Router z-loss coefficient; None disables it."""
     token_dispatcher: Literal["auto", "alltoall", "allgather", "local"] = "auto"
@@ -100,7 +102,9 @@ class OptimizerConfig:
     min_lr: float = 2e-5
     """Learning rate at the end of the cosine decay."""
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay (not applied to norms)."""
+    """AdamW decoupled weight decay (the parameters it applies to: weight_decay_scope)."""
+    weight_decay_scope: Literal["exclude_1d", "all"] = "exclude_1d"
+    """Parameters weight decay applies to. exclude_1d = megatron's default: not to 1-D parameters (RMSNorm weights, biases); all = every parameter, norms and routers included, as the paper's stack (torch.optim.AdamW(model.parameters()))."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.95
@@ -109,6 +113,8 @@ class OptimizerConfig:
     """AdamW epsilon."""
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables clipping."""
+    grad_divisor: float = 1.0
+    """Clipping and AdamW act on the step's mean gradient divided by this (implemented exactly: the clipping coefficient from grad_norm / grad_divisor, adam_eps x grad_divisor on the undivided gradient, whose norm grad_norm logs; clipped about when grad_norm > clip_grad x grad_divisor). The paper's stack divided its loss by the accumulation steps twice (moe-recipes, then DeepSpeed): its optimizer saw the mean gradient / accumulation steps (8 at 8x152M, 2 at 8x1.5B and 8x3.7B). 1 = the mean gradient."""
 
 
 @dataclass

@@ -57,6 +57,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     dp = _check_layout(cfg, world)
     steps = _check_batch_and_schedule(cfg, dp)
     _check_recompute(cfg)
+    _check_aux_loss_scope(cfg)
     _check_cuda_graph(cfg)
     _check_data(cfg)
     check_sizes(cfg, steps)
@@ -274,6 +275,24 @@ def _check_recompute(cfg: Config) -> None:
     if "moe_act" in mods:
         _check(moe.grouped_gemm, "train.recompute_modules",
                "moe_act needs grouped experts (moe.grouped_gemm: true)")
+
+
+def _check_aux_loss_scope(cfg: Config) -> None:
+    """moe.aux_loss_scope: all_layers is one loss over every MoE layer's routing of a
+    micro-batch, built when the last layer's forward ends (model/load_balancing.py). A pipeline
+    stage never sees the other stages' routing, and a recomputed MoE layer runs its forward
+    again inside the backward, after that loss was built."""
+    moe, tr = cfg.moe, cfg.train
+    if moe.num_experts == 0 or moe.aux_loss_scope != "all_layers" or moe.aux_loss_coeff == 0:
+        return
+    _check(cfg.parallel.pipeline == 1, "moe.aux_loss_scope",
+           "all_layers (one loss over every layer's routing) needs parallel.pipeline = 1; "
+           "with pipeline parallelism use per_layer")
+    _check(tr.recompute != "full" and not (tr.recompute == "selective"
+                                           and "moe" in tr.recompute_modules),
+           "moe.aux_loss_scope", "all_layers cannot be combined with recomputing whole MoE "
+           "layers (train.recompute: full, or selective with moe); use per_layer, or "
+           "recompute_modules without moe")
 
 
 def _check_cuda_graph(cfg: Config) -> None:

@@ -5,7 +5,8 @@ Backends (chosen here, logged by the caller via ``Backends.describe()``):
 - otherwise megatron's local spec with our core attention (flash-attn or torch SDPA) swapped in,
   and our grouped-GEMM experts in place of the SequentialMLP loop when ``moe.grouped_gemm``.
 Also chosen here: the loss head (``FusedLossGPTModel`` or megatron's), the token dispatcher
-(our ``local`` one without EP/TP), and torch.compile'd fusions (SwiGLU, RMSNorm, RoPE, loss).
+(our ``local`` one without EP/TP), torch.compile'd fusions (SwiGLU, RMSNorm, RoPE, loss), and
+the load-balancing loss (megatron's per layer, or ``model.load_balancing``'s over all layers).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern
-from megatron_ext.model import rope
+from megatron_ext.model import load_balancing, rope
 from megatron_ext.model.attention import HAVE_FLASH_ATTN, FlashAttention, SDPAttention
 from megatron_ext.model.dispatcher import use_local_dispatcher
-from megatron_ext.model.experts import use_grouped_experts
+from megatron_ext.model.experts import use_grouped_experts, use_router
 from megatron_ext.model.lm_loss import FusedLossGPTModel
+from megatron_ext.model.load_balancing import AllLayersRouter
 from megatron_ext.model.norm import RMSNorm
 from megatron_ext.model.params import padded_vocab
 from megatron_ext.platform.quiet import quiet_megatron
@@ -145,8 +147,10 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
             # Softmax over the top-k is Mixtral's gate; for k=1 it would be constant 1 with no
             # gradient to the router, so top-1 uses Switch's softmax over all experts.
             moe_router_pre_softmax=moe.top_k == 1,
-            moe_aux_loss_coeff=moe.aux_loss_coeff, moe_z_loss_coeff=moe.z_loss_coeff,
-            moe_router_load_balancing_type="aux_loss", moe_router_dtype="fp32",
+            # all_layers: megatron's per-layer loss off; ours (model.load_balancing) instead.
+            moe_aux_loss_coeff=0.0 if all_layers_aux(cfg) else moe.aux_loss_coeff,
+            moe_router_load_balancing_type="none" if all_layers_aux(cfg) else "aux_loss",
+            moe_z_loss_coeff=moe.z_loss_coeff, moe_router_dtype="fp32",
             # "local" replaces the allgather dispatcher after the build (build_model).
             moe_token_dispatcher_type=(
                 "allgather" if backends.dispatcher == "local" else backends.dispatcher),
@@ -163,8 +167,16 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
-def layer_specs(config: TransformerConfig, backends: Backends, vp_stage: int | None = None):
-    """The layer specs of this rank's pipeline stage (chunk ``vp_stage`` when interleaved)."""
+def all_layers_aux(cfg: Config) -> bool:
+    """Whether the model carries the paper stack's load-balancing loss over all MoE layers."""
+    moe = cfg.moe
+    return moe.num_experts > 0 and moe.aux_loss_scope == "all_layers" and moe.aux_loss_coeff > 0
+
+
+def layer_specs(config: TransformerConfig, backends: Backends, vp_stage: int | None = None,
+                all_layers: bool = False):
+    """The layer specs of this rank's pipeline stage (chunk ``vp_stage`` when interleaved);
+    ``all_layers``: MoE routers that report to the all-layers load-balancing loss."""
     # With moe_grouped_gemm (set for moe_act recompute) and no TE, megatron picks and warns
     # about its legacy GroupedMLP; our grouped experts replace it below.
     with quiet_megatron():
@@ -172,6 +184,8 @@ def layer_specs(config: TransformerConfig, backends: Backends, vp_stage: int | N
             config, use_transformer_engine=backends.spec == "te", normalization="RMSNorm",
             vp_stage=vp_stage,
         )
+    if all_layers:
+        block = use_router(block, AllLayersRouter)
     if backends.spec == "te":
         return block
     core = {"sdpa": SDPAttention, "flash": FlashAttention, "unfused": DotProductAttention}[
@@ -222,7 +236,7 @@ def build_model_chunks(cfg: Config, backends: Backends) -> list[GPTModel]:
     for vp_stage in range(vpp) if vpp else [None]:
         model = model_class(
             config=config,
-            transformer_layer_spec=layer_specs(config, backends, vp_stage),
+            transformer_layer_spec=layer_specs(config, backends, vp_stage, all_layers_aux(cfg)),
             vocab_size=padded_vocab(cfg),
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
@@ -235,6 +249,7 @@ def build_model_chunks(cfg: Config, backends: Backends) -> list[GPTModel]:
             vp_stage=vp_stage,
         )
         model.fuse_kernels = backends.fusion
+        load_balancing.install(model, cfg.moe.aux_loss_coeff)
         if backends.dispatcher == "local":
             use_local_dispatcher(model)
         chunks.append(model)

@@ -386,16 +386,27 @@ def use_grouped_experts(spec: Any, backend: str = "auto") -> Any:
     ``TransformerBlockSubmodules`` (``get_gpt_decoder_block_spec``; dense layers stay as they
     are) or anything nesting them (lists, dataclasses). The input is not modified."""
     spec = copy.deepcopy(spec)
-    _swap_experts(spec, grouped_experts_spec(backend))
+    _swap_moe(spec, experts=grouped_experts_spec(backend))
     return spec
 
 
-def _swap_experts(node: Any, experts: ModuleSpec) -> None:
+def use_router(spec: Any, router: type) -> Any:
+    """Copy of a spec (as ``use_grouped_experts`` takes) whose MoE layers build ``router``
+    (e.g. ``load_balancing.AllLayersRouter``) instead of megatron's TopKRouter."""
+    spec = copy.deepcopy(spec)
+    _swap_moe(spec, router=router)
+    return spec
+
+
+def _swap_moe(node: Any, experts: ModuleSpec | None = None, router: type | None = None) -> None:
     if isinstance(node, MoESubmodules):
-        node.experts = copy.deepcopy(experts)
+        if experts is not None:
+            node.experts = copy.deepcopy(experts)
+        if router is not None:
+            node.router = router
     elif isinstance(node, (list, tuple)):
         for child in node:
-            _swap_experts(child, experts)
+            _swap_moe(child, experts, router)
     elif dataclasses.is_dataclass(node) and not isinstance(node, type):
         for f in dataclasses.fields(node):
-            _swap_experts(getattr(node, f.name), experts)
+            _swap_moe(getattr(node, f.name), experts, router)

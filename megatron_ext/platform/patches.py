@@ -88,6 +88,18 @@ PATCHES: tuple[Patch, ...] = (
                     "checkpoint-compatible with SequentialMLP",
     ),
     Patch(
+        "all-layers-router", "megatron_ext.model.experts",
+        # the router's class (model.load_balancing.AllLayersRouter overrides TopKRouter.routing
+        # and attaches its loss with MoEAuxLossAutoScaler)
+        targets=("megatron.core.transformer.moe.moe_layer.MoESubmodules.router",
+                 "megatron.core.transformer.moe.router.TopKRouter.routing",
+                 "megatron.core.transformer.moe.moe_utils.MoEAuxLossAutoScaler"),
+        upstream="moe_router_load_balancing_type aux_loss (per layer; moe.aux_loss_scope: "
+                 "per_layer); global_aux_loss pools one layer over data-parallel ranks",
+        remove_when="megatron-core offers one load-balancing loss over the routing of all "
+                    "layers (transformers' load_balancing_loss_func)",
+    ),
+    Patch(
         "fused-lm-loss", "megatron_ext.model.lm_loss",
         targets=("megatron.core.models.gpt.GPTModel._postprocess",),
         upstream="GPTModel's output_layer + tensor_parallel.vocab_parallel_cross_entropy "

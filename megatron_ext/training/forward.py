@@ -23,7 +23,11 @@ def _forward_step(data_iterator: Iterator, model: torch.nn.Module):
         mask = batch["loss_mask"]
         loss_sum = (output.float() * mask).sum()
         ntok = mask.sum()
-        # megatron divides the returned loss by ntok and the number of micro-batches.
+        # megatron divides the returned loss by ntok and the number of micro-batches M, and
+        # gives the load-balancing loss carried by the model's activations (either scope) the
+        # gradient scale 1/M: the step minimizes the mean over micro-batches (and, through DDP,
+        # data-parallel ranks) of this micro-batch's token-mean LM loss + coeff x its aux loss,
+        # the paper stack's objective (docs/fidelity.md). A loss mask changes only the LM mean.
         return loss_sum, ntok.int(), {"lm": torch.stack([loss_sum.detach(), ntok.detach()])}
 
     return losses, loss_func

@@ -1,5 +1,6 @@
-"""Router statistics: the aux losses megatron tracks (``router_losses``) and per-layer expert
-load, imbalance, routing entropy and dropped tokens (``RouterStats``), at low overhead.
+"""Router statistics: the aux losses megatron tracks (``router_losses``), the all-layers
+load-balancing loss (``all_layers_aux_loss``, moe.aux_loss_scope: all_layers) and per-layer
+expert load, imbalance, routing entropy and dropped tokens (``RouterStats``), at low overhead.
 
 A forward hook on every megatron ``TopKRouter`` adds the routing map's per-expert token counts into
 a device tensor (no host sync). ``collect()`` is called once per log interval: it all-reduces the
@@ -20,6 +21,8 @@ from megatron.core.transformer.moe.moe_utils import (
     get_moe_layer_wise_logging_tracker,
 )
 from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_ext.model.load_balancing import AllLayersLoss
 
 
 def router_losses(forwards: int, num_layers: int) -> dict[str, float]:
@@ -52,6 +55,20 @@ def router_losses(forwards: int, num_layers: int) -> dict[str, float]:
         out[key] = nz.mean().item() / max(forwards, 1) if nz.numel() else 0.0
     clear_aux_losses_tracker()
     return out
+
+
+def all_layers_aux_loss(loss: AllLayersLoss, forwards: int) -> dict[str, float]:
+    """The unscaled all-layers load-balancing loss per micro-batch since the last call,
+    averaged over the data-parallel ranks (the value moe-recipes logs as
+    training/load_balancing_loss, there rank 0's only). With tensor parallelism each rank holds
+    its sequence shard's part: the parts are summed. A collective: every rank calls it at once."""
+    value = loss.take().reshape(1)
+    if dist.is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(value, group=parallel_state.get_tensor_model_parallel_group())
+        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= parallel_state.get_data_parallel_world_size()
+    return {"aux_loss": value.item() / max(forwards, 1)}
 
 
 def _reduce_tracked(vals: torch.Tensor, entry: dict, pipeline: bool) -> None:

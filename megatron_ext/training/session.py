@@ -69,6 +69,10 @@ def _initial_state(run: Run, rank0: bool) -> ckpt.TrainState:
             log(f"resumed from {resume} at step {state.step}")
     elif cfg.checkpoint.load:
         path = ckpt.load_weights(cfg.checkpoint.load, run.model)
+        # The optimizer copied the parameters when it was built (fp32 main params in bf16, its
+        # shards with the distributed optimizer) and writes them back after every step: without
+        # this the first step would replace the loaded weights by the random init.
+        run.optimizer.reload_model_params()
         if rank0:
             log(f"initial weights from {path}")
     return state

@@ -137,7 +137,8 @@ class Trainer:
         found_inf, grad_norm = prepare_and_norm(run.optimizer)
         skipped = found_inf or not (math.isfinite(loss) and math.isfinite(grad_norm))
         if not skipped:
-            clip_and_step(run.optimizer, grad_norm, run.cfg.optimizer.clip_grad)
+            o = run.cfg.optimizer
+            clip_and_step(run.optimizer, grad_norm, o.clip_grad, o.grad_divisor)
             run.scheduler.step(increment=1)
         times = {"data": t1 - t0, "forward_backward": t2 - t1, "optimizer": time.time() - t2}
         return StepResult(loss, grad_norm, skipped, times)
