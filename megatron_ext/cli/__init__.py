@@ -18,6 +18,7 @@ moe-loss-curves        loss_curves                      loss curves of several r
 moe-lm-eval            lm_eval                          lm-evaluation-harness tasks
 moe-generate           generate                         text generation
 moe-compare-inits      compare_inits                    the paper's comparison of initializations
+moe-parity             parity                           whole-run parity against the paper's stack
 =====================  ===============================  =========================================
 
 The top layer of the import contract: nothing in megatron_ext imports it.

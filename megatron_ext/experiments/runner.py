@@ -120,7 +120,7 @@ def is_done(stage: Stage) -> bool:
     return found is not None and int(ITER_RE.match(found.name).group(1)) >= stage.steps
 
 
-def _run_logged(argv: list[str], log: Path) -> tuple[int, str]:
+def run_logged(argv: list[str], log: Path) -> tuple[int, str]:
     """Run ``python *argv`` (``-m`` and a module, ...) from the repository root, its output to the
     console and ``log``;
     returns the exit code and the last ``error:`` line (or the last line)."""
@@ -190,7 +190,7 @@ def _execute(stage: Stage, output: Path, old: dict) -> dict:
     print(f"compare: {stage.name}: {' '.join(stage.command)}", flush=True)
     log = output / "logs" / (stage.name.replace("/", "_").replace(":", "_r") + ".log")
     start = time.monotonic()
-    code, line = _run_logged(stage.command[1:], log)
+    code, line = run_logged(stage.command[1:], log)
     wall = round(time.monotonic() - start, 2)  # this run's (a resumed training: its last leg)
     if code != 0 or not is_done(stage):
         why = f"exit {code}" if code != 0 else "its output does not verify"

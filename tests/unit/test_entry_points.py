@@ -19,7 +19,7 @@ OLD_PATHS = {  # the scripts that existing commands and docs name
     "tools/data/train_tokenizer.py": "train_tokenizer", "tools/analysis/routing.py": "routing",
     "tools/analysis/loss_curves.py": "loss_curves", "tools/eval/lm_eval.py": "lm_eval",
     "tools/generate.py": "generate", "tools/experiments/compare_inits.py": "compare_inits",
-    "pretrain_moe.py": "pretrain",
+    "tools/parity/mixtral_parity.py": "parity", "pretrain_moe.py": "pretrain",
 }
 BAD_FLAG = "--no-such-flag"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ext.checkpoint.mcore_io import read_mcore_checkpoint
+from megatron_ext.conversion.mcore_io import read_mcore_checkpoint
 from tests.conftest import run_cli, set_args
 
 COMMON = ["--config", "configs/tiny-cpu.yaml", *set_args(

@@ -1,4 +1,4 @@
-"""A shortened whole-run parity against the paper's stack (tools/parity/mixtral_parity.py):
+"""A shortened whole-run parity against the paper's stack (moe-parity, megatron_ext/cli/parity.py):
 a Drop-Upcycled tiny Mixtral trained by pretrain_moe.py with configs/8x152M.yaml's objective
 and optimizer settings, and by transformers' MixtralForCausalLM + torch AdamW + moe-recipes'
 schedule on the micro-batches our run read (8 per step, the paper's 8x152M accumulation), for

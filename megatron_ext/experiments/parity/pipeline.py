@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.checkpoint.hf_io import HFCheckpoint
-from megatron_ext.checkpoint.keymaps import hf_config_for
-from megatron_ext.checkpoint.mcore_io import arch_from_config
+from megatron_ext.conversion.hf_io import HFCheckpoint
+from megatron_ext.conversion.keymaps import hf_config_for
+from megatron_ext.conversion.mcore_io import arch_from_config
 from megatron_ext.config.loader import ConfigError, load_config
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern, validate
 from megatron_ext.errors import UserError
 from megatron_ext.experiments.parity.reference import ReferenceRecipe, ReferenceTrainer
-from megatron_ext.experiments.runner import _run_logged
+from megatron_ext.experiments.runner import run_logged
 from megatron_ext.training.optim import clip_threshold
 
 # The CPU run: a Mixtral-shaped MoE small enough for 200 steps of both stacks on 2 cores, on the
@@ -115,7 +115,7 @@ def recipe(cfg: Config) -> ReferenceRecipe:
 
 
 def _cli(argv: list[str], log: Path, what: str) -> None:
-    code, line = _run_logged(argv, log)
+    code, line = run_logged(argv, log)
     if code != 0:
         raise ParityError(f"{what} failed (exit {code}): {line} (log: {log})")
 
@@ -140,7 +140,7 @@ def make_checkpoints(run: ParityRun, cfg: Config) -> None:
     made only if missing; with ``floor`` also the one-ulp copies. Library calls in this process
     (the CLIs' code), validated by logits unless ``run.validate`` is off."""
     # why inside: both import megatron-core and transformers (seconds)
-    from megatron_ext.checkpoint.convert_mcore import hf_to_mcore_checkpoint
+    from megatron_ext.conversion.convert import hf_to_mcore_checkpoint
     from megatron_ext.upcycling.convert import upcycle_checkpoint
     from megatron_ext.upcycling.spec import UpcycleSpec
 
@@ -177,7 +177,7 @@ def nudge_one_ulp(src: Path, dst: Path) -> None:
 
 def train_ours(run: ParityRun, config_sets: list[str], ckpt: Path, out_dir: Path) -> list[dict]:
     """Our run (reused when a finished one with the same command is there)."""
-    argv = ["pretrain_moe.py", "--config", str(run.config),
+    argv = ["-m", "megatron_ext.cli.pretrain", "--config", str(run.config),
             *[x for s in config_sets for x in ("--set", s)],
             "--set", f"checkpoint.load={ckpt}", "--set", f"logging.output_dir={out_dir}"]
     done = out_dir / "command.json"
