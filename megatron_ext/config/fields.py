@@ -71,9 +71,9 @@ def short_repr(value: Any) -> str:
 
 def clip(text: str, limit: int = 60) -> str:
     """``text`` (a key, a name, a flag's argument) on one line and at most about ``limit``
-    characters."""
-    text = " ".join(text[: 4 * limit].split()) if len(text) > limit else text
-    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)}+ characters)"
+    characters, its length said when cut."""
+    head = " ".join(text[:limit].split())
+    return head if len(text) <= limit else f"{head[:limit - 20]}...({len(text)} characters)"
 
 
 def _num(x: float) -> str:
