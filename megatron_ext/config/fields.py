@@ -6,7 +6,8 @@ A field of ``schema.py`` is declared once, with everything that is checked about
     \"\"\"Model width.\"\"\"
 
 ``bounds``: a ``Range`` for numbers, ``Items`` for what a list may hold (both for a field that
-takes either); every ``int``/``float``/``list`` field has them (a test walks the schema).
+takes either), ``Entries`` for a mapping of names; every ``int``/``float``/``list``/``dict``
+field has them (a test walks the schema).
 ``resume``: what a rerun on an existing checkpoint does when the field changed (``ARCH``,
 ``RUN``, ``FREE``; see ``checkpoint/resume_check.py``); a field without one takes its
 section's, declared where ``Config`` holds the section (``section(ModelConfig, resume=RUN)``).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import reprlib
 import types
 import typing
@@ -99,6 +101,10 @@ class Range:
     hi_open: bool = False
     whole: bool = False
 
+    @staticmethod
+    def applies(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
     def problem(self, x: int | float) -> str | None:
         """Why ``x`` is out of range, or None."""
         if isinstance(x, float) and not math.isfinite(x):
@@ -127,6 +133,10 @@ class Items:
     strings: bool = False
     max_len: int = 65536
 
+    @staticmethod
+    def applies(x: Any) -> bool:
+        return isinstance(x, list)
+
     def problem(self, items: list) -> str | None:
         if len(items) > self.max_len:
             return f"has {len(items)} items, at most {self.max_len} allowed"
@@ -153,7 +163,39 @@ class Items:
             "a number", "numbers").replace("a string", "strings")
 
 
-Rule = Range | Items
+@dataclass(frozen=True)
+class Entries:
+    """What a mapping field may hold: at most ``max_len`` entries named by ``names`` (a regex),
+    each value one string or a non-empty list that ``items`` allows, no empty string in it."""
+
+    items: Items
+    names: str = r"[A-Za-z0-9_.-]+"
+    max_len: int = 1024
+
+    @staticmethod
+    def applies(x: Any) -> bool:
+        return isinstance(x, dict)
+
+    def problem(self, entries: dict) -> str | tuple[str, str] | None:
+        """Why ``entries`` is refused (a tuple: the entry's name and why), or None."""
+        if len(entries) > self.max_len:
+            return f"has {len(entries):,} entries, at most {self.max_len} allowed"
+        for name, value in entries.items():
+            if re.fullmatch(self.names, name) is None:
+                return f"{short_repr(name)}: names use letters, digits, '_', '.', '-' only"
+            items = value if isinstance(value, list) else [value]
+            if not items or "" in items:
+                return name, "must be a dataset prefix or a [weight, prefix, ...] blend"
+            why = self.items.problem(items)
+            if why:
+                return name, why
+        return None
+
+    def text(self) -> str:
+        return "names -> one string or a " + self.items.text()
+
+
+Rule = Range | Items | Entries
 
 
 def setting(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
@@ -178,16 +220,16 @@ def bounds_of(f: dataclasses.Field) -> tuple[Rule, ...]:
     return f.metadata.get("bounds", ())
 
 
-def problem(f: dataclasses.Field, value: Any) -> str | None:
-    """Why ``value`` (already of the field's type) is outside ``f``'s declared bounds, or
-    None. None of an optional field and a bool are always within them."""
-    if value is None or isinstance(value, bool):
-        return None
+def problem(name: str, f: dataclasses.Field, value: Any) -> tuple[str, str] | None:
+    """(where, why) when ``value`` (already of the field's type) is outside ``f``'s declared
+    bounds: ``where`` is ``name``, or ``name.entry`` for one entry of a mapping; else None.
+    None of an optional field and a bool are always within them."""
     for rule in bounds_of(f):
-        if isinstance(value, list) == isinstance(rule, Items):
-            why = rule.problem(value)
-            if why:
-                return why
+        why = rule.problem(value) if rule.applies(value) else None
+        if isinstance(why, tuple):
+            return f"{name}.{clip(why[0])}", why[1]
+        if why:
+            return name, why
     return None
 
 

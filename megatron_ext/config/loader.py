@@ -52,11 +52,15 @@ class _FieldError(ConfigError):
 
     def __init__(self, field: str, why: str) -> None:
         super().__init__(f"{clip(field) or 'config'}: {why}")
-        self.field = field
+        self.field, self.why = field, why
+
+    def __reduce__(self) -> tuple:  # pickled across processes with both arguments
+        return type(self), (self.field, self.why)
 
 
-class _NotFinite(_FieldError):
-    """A number of the right type but NaN/inf: said as such, also for optional fields."""
+class _TooBig(_FieldError):
+    """A value of the right type past what the type allows (NaN/inf, a string or mapping too
+    long): said as such, also for optional fields."""
 
 
 class _Refused(yaml.YAMLError):
@@ -197,7 +201,7 @@ def _finite_float(value: Any, where: str) -> float:
     if number is None:
         raise _FieldError(where, f"expected a number, got {short_repr(value)}")
     if not math.isfinite(number):
-        raise _NotFinite(where, f"must be a finite number, got {short_repr(value)}")
+        raise _TooBig(where, f"must be a finite number, got {short_repr(value)}")
     return number
 
 
@@ -213,7 +217,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
             try:
                 return _coerce(value, arm, where)
-            except _NotFinite:
+            except _TooBig:
                 raise
             except ConfigError as e:
                 errors.append(str(e))
@@ -237,8 +241,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise _FieldError(where, f"expected a string, got {short_repr(value)}")
         if len(value) > MAX_STRING:
-            raise _FieldError(where, f"a string of {len(value):,} characters, at most "
-                                     f"{MAX_STRING:,} allowed")
+            raise _TooBig(where, f"a string of {len(value):,} characters, at most "
+                                 f"{MAX_STRING:,} allowed")
         return value
     if tp is list or origin is list:
         if not isinstance(value, list):
@@ -248,7 +252,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise _FieldError(where, f"expected a mapping of names, got {short_repr(value)}")
         if len(value) > MAX_MAPPING:
-            raise _FieldError(where, f"has {len(value):,} entries, at most {MAX_MAPPING} allowed")
+            raise _TooBig(where, f"has {len(value):,} entries, at most {MAX_MAPPING} allowed")
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
@@ -275,9 +279,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
     for name, value in data.items():
         dotted = f"{where}.{name}" if where else name
         kwargs[name] = _coerce(value, hints[name], dotted)
-        why = problem(fields[name], kwargs[name])
-        if why:
-            raise _FieldError(dotted, why)
+        found = problem(dotted, fields[name], kwargs[name])
+        if found:
+            raise _FieldError(*found)
     return cls(**kwargs)
 
 

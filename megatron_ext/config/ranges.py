@@ -43,9 +43,10 @@ def describe(dotted: str) -> str:
 
 
 def numeric_fields() -> Iterator[tuple[str, Any]]:
-    """(section.key, annotation) of every field that holds numbers or a list, at any depth."""
+    """(section.key, annotation) of every field that holds numbers, a list or a mapping, at
+    any depth: those that need declared bounds."""
     for leaf in _leaves().values():
-        if any(a in (int, float, list) or typing.get_origin(a) is list
+        if any(a in (int, float, list, dict) or typing.get_origin(a) in (list, dict)
                for a in arms(leaf.annotation)):
             yield leaf.name, leaf.annotation
 
@@ -61,9 +62,9 @@ def check_ranges(cfg: Config) -> None:
     """Raise ConfigError ``section.key: reason`` for the first value outside its declared bounds
     (None of an optional field is always allowed)."""
     for name, leaf in _leaves().items():
-        why = problem(leaf.field, _value(cfg, name))
-        if why:
-            raise ConfigError(f"{name}: {why}")
+        found = problem(name, leaf.field, _value(cfg, name))
+        if found:
+            raise ConfigError(": ".join(found))
 
 
 def dataset_samples(cfg: Config, steps: int) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from megatron_ext.config.fields import (
     RUN,
     SEED_MAX,
     STEPS_MAX,
+    Entries,
     Items,
     Range,
     section,
@@ -212,7 +213,9 @@ class DataConfig:
     """Where dataset index caches go; None = next to the data."""
     demo_corpus: bool = False
     """Build the shipped demo corpus (English, Japanese, Python code; tokenizer + .bin/.idx, cached) and train on it: on all three languages, or on those `blend` names (e.g. [demo:en] or [1, demo:en, 1, demo:code])."""
-    valid_sets: dict = setting(factory=dict, resume=FREE)  # what is evaluated, not trained
+    valid_sets: dict = setting(  # a blend each, with its bounds; FREE: evaluated, not trained
+        factory=dict, bounds=Entries(Items(Range(0, 1e12, lo_open=True), strings=True)),
+        resume=FREE)
     """Named validation sets, name -> prefix or [weight, prefix, ...] blend (demo:en, demo:ja, demo:code name the demo corpus and apply only with demo_corpus: true). Each uses its held-out documents (data.split's validation part), the same samples at every eval_interval, logged as valid/<name>/loss and /ppl; the training blend's held-out split stays val_loss."""
 
 

@@ -6,13 +6,12 @@ Each failure raises ConfigError with ``field: reason`` so the CLI can print one 
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 from pathlib import Path
 
 from megatron_ext.config.fields import clip, short_repr
 from megatron_ext.config.loader import ConfigError
-from megatron_ext.config.ranges import check_ranges, check_sizes, rules
+from megatron_ext.config.ranges import check_ranges, check_sizes
 from megatron_ext.config.schema import Config
 
 
@@ -239,20 +238,8 @@ def active_valid_sets(cfg: Config) -> dict:
 
 
 def _check_valid_sets(cfg: Config) -> None:
-    d, sets = cfg.data, cfg.data.valid_sets
-    _check(isinstance(sets, dict), "data.valid_sets", "must map names to a prefix or a blend")
-    blend_items = rules("data.blend")[0]  # a valid set is a blend: the same bounds
-    for name, source in sets.items():
-        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None,
-               f"data.valid_sets: {short_repr(name)}",
-               "names use letters, digits, '_', '.', '-' only")
-        items = source if isinstance(source, list) else [source]
-        _check(len(items) > 0 and all(isinstance(x, (str, int, float)) and x != ""
-                                      for x in items),
-               f"data.valid_sets.{clip(name)}",
-               "must be a dataset prefix or a [weight, prefix, ...] blend")
-        why = blend_items.problem(items)
-        _check(why is None, f"data.valid_sets.{clip(name)}", str(why))
+    # Names and sources are the field's declared bounds (schema.py), checked with its type.
+    d = cfg.data
     active = active_valid_sets(cfg)
     if not active:
         return

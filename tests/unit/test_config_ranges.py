@@ -15,7 +15,7 @@ from typing import Union
 import psutil
 import pytest
 
-from megatron_ext.config.fields import POLICIES, Items, Range
+from megatron_ext.config.fields import POLICIES, Entries, Items, Range
 from megatron_ext.config.loader import ConfigError, load_config
 from megatron_ext.config.ranges import check_ranges, index_bytes, numeric_fields, rules
 from megatron_ext.config.schema import Config
@@ -64,10 +64,13 @@ def test_every_numeric_and_list_field_declares_its_range():
             assert Range in kinds, f"{name}: numeric field without a Range (setting(bounds=))"
         if any(a is list or typing.get_origin(a) is list for a in arms):
             assert Items in kinds, f"{name}: list field without Items (setting(bounds=))"
+        if any(a is dict or typing.get_origin(a) is dict for a in arms):
+            assert Entries in kinds, f"{name}: mapping field without Entries (setting(bounds=))"
         if kinds:
             assert name in checked, f"{name}: declared but not visited by check_ranges"
         takes = {Range: any(a in (int, float) for a in arms),
-                 Items: any(a is list or typing.get_origin(a) is list for a in arms)}
+                 Items: any(a is list or typing.get_origin(a) is list for a in arms),
+                 Entries: any(a is dict or typing.get_origin(a) is dict for a in arms)}
         useless = [k.__name__ for k in kinds if not takes[k]]
         assert not useless, f"{name}: {useless} declared on a field that cannot hold it"
 
