@@ -348,13 +348,15 @@ def _set_all(tree: dict, overrides: Overrides) -> list[str]:
     return keys
 
 
-def apply_overrides(cfg: Config, overrides: Overrides) -> Config:
+def apply_overrides(cfg: Config, overrides: Overrides, source: str | None = None) -> Config:
     """A new Config: ``cfg`` with dotted overrides applied (``["train.seed=1"]`` as given to
     ``--set``, or ``{"train.seed": 1}``) and every field checked again (type, bounds), so a
-    wrong value or an unknown key is one ConfigError naming it. ``cfg`` itself is not changed."""
+    wrong value or an unknown key is one ConfigError naming it. ``source``: where ``cfg``'s
+    values came from (e.g. an HF config.json), named when one of them is refused. ``cfg``
+    itself is not changed."""
     tree = to_dict(cfg)
-    _set_all(tree, overrides)
-    return _checked(tree, None)
+    keys = _set_all(tree, overrides)
+    return _checked(tree, source, keys)
 
 
 def _read_tree(path: str | Path) -> dict:
