@@ -31,7 +31,6 @@ MAX_CONFIG_BYTES = 1 << 20
 # without aliases counts about its length): past it, anything that walks the values (a
 # message, a copy, a comparison) would take exponential time.
 MAX_EXPANDED = 2 * MAX_CONFIG_BYTES
-MAX_MAPPING = 1024  # entries of a mapping field (data.valid_sets)
 MAX_MESSAGE = 500  # characters of a ConfigError: a message is read, not scrolled
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -59,8 +58,8 @@ class _FieldError(ConfigError):
 
 
 class _TooBig(_FieldError):
-    """A value of the right type past what the type allows (NaN/inf, a string or mapping too
-    long): said as such, also for optional fields."""
+    """A value of the right type past what the type allows (NaN/inf, a string too long):
+    said as such, also for optional fields."""
 
 
 class _Refused(yaml.YAMLError):
@@ -251,8 +250,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is dict or origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise _FieldError(where, f"expected a mapping of names, got {short_repr(value)}")
-        if len(value) > MAX_MAPPING:
-            raise _TooBig(where, f"has {len(value):,} entries, at most {MAX_MAPPING} allowed")
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
