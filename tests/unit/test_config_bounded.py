@@ -8,6 +8,7 @@ within seconds (a subprocess timeout turns a hang into a failure)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -19,7 +20,7 @@ import yaml
 from megatron_ext.checkpoint import manifest
 from megatron_ext.checkpoint.dist import CheckpointError, find_resumable
 from megatron_ext.config.loader import MAX_EXPANDED, ConfigError, check_expansion, load_config
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.resilience import small_args
 
 MAX_LINE = 300  # characters a message may add to the paths it names
@@ -285,11 +286,30 @@ REQUIRED = {  # the rest of each tool's required arguments (never read: the flag
 }
 
 
+def tool_main(tool: str):
+    """The tool's ``main(argv) -> exit code``, loaded from its file (what ``python TOOL`` runs)."""
+    spec = importlib.util.spec_from_file_location(f"_tool_{Path(tool).stem}", REPO / tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 @pytest.mark.parametrize("tool, args, needle", FLAGS,
                          ids=[f"{Path(t).stem}{a[0]}-{i}" for i, (t, a, _) in enumerate(FLAGS)])
-def test_tool_flags(tool, args, needle):
+def test_tool_flags(tool, args, needle, capsys):
+    """In this process (the parse fails before any tool imports torch); two below as processes."""
+    code = quickly(tool_main(tool), [*REQUIRED[tool], *args])
+    captured = capsys.readouterr()
+    lines = [x for x in captured.err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and captured.out == "", captured.err
+    assert needle in bounded(lines[0]) and lines[0].startswith("error: "), lines[0]
+
+
+@pytest.mark.parametrize("index", [0, 9], ids=["upcycle", "generate"])
+def test_tool_flags_in_a_process(index):
+    tool, args, needle = FLAGS[index]
     line = one_line_exit_2(run_cli([tool, *REQUIRED[tool], *args], timeout=TOOL_S))
-    assert needle in line and line.startswith("error: "), line
+    assert needle in line, line
 
 
 def test_flags_within_bounds_still_parse():
