@@ -1,7 +1,7 @@
 """What a rerun on an existing ``checkpoint.save`` does: resume, refuse, or say it is finished.
 
 The config a run is started with is compared with the ``config.yaml`` saved in the checkpoint it
-would resume, field by field, under ONE policy table (``POLICY``):
+would resume, field by field, under the policy each field declares in ``config/schema.py``:
 
 - ``arch``: the checkpoint's tensors cannot be loaded into the configured model; always refused;
 - ``run``: the checkpoint loads, but continuing would silently become a different run (another
@@ -19,43 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ext.checkpoint.store import CheckpointError, find_resumable, saved_config, verify
+from megatron_ext.config.fields import ARCH, FREE, RUN, leaves
 from megatron_ext.config.loader import to_dict
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import total_steps
 
-ARCH, RUN, FREE = "arch", "run", "free"
-
-# Longest matching dotted prefix wins; a field no entry covers counts as ``run`` (a new field is
-# refused until someone decides it is harmless).
-POLICY: dict[str, str] = {
-    # Tensor shapes: a checkpoint of another shape cannot be loaded.
-    "model.num_layers": ARCH, "model.hidden_size": ARCH, "model.num_attention_heads": ARCH,
-    "model.num_kv_heads": ARCH, "model.ffn_hidden_size": ARCH, "model.vocab_size": ARCH,
-    "model.vocab_multiple": ARCH, "moe.num_experts": ARCH, "moe.layer_freq": ARCH,
-    # Everything else about the model and routing changes what is computed (RoPE base, norm eps,
-    # top-k, capacity, loss coefficients) ...
-    "model": RUN, "moe": RUN,
-    # ... except implementation choices that compute the same function (flash/SDPA/TE attention,
-    # the fused loss head, torch.compile'd kernels, dispatcher and grouped-GEMM experts are
-    # interchangeable and checkpoint-compatible).
-    "model.attention_backend": FREE, "model.lm_loss": FREE, "model.kernel_fusion": FREE,
-    "moe.token_dispatcher": FREE, "moe.grouped_gemm": FREE,
-    # The layout: a resume reshards the model and the optimizer state.
-    "parallel": FREE,
-    "optimizer": RUN, "schedule": RUN, "data": RUN, "upcycling": RUN,
-    "data.valid_sets": FREE,  # what is evaluated, not what is trained
-    "data.cache_dir": FREE,  # where index caches go; the indices are the same
-    # train: batch, length, seed and precision change the run; the rest is observation,
-    # recomputation, capture or failure policy. micro_batch_size only splits the same global
-    # batch into another number of accumulation steps (like the data-parallel size does).
-    "train": RUN,
-    "train.micro_batch_size": FREE, "train.log_interval": FREE, "train.eval_interval": FREE,
-    "train.eval_iters": FREE, "train.max_skipped_steps": FREE, "train.peak_tflops": FREE,
-    "train.recompute": FREE, "train.recompute_modules": FREE, "train.cuda_graph": FREE,
-    "train.deterministic": FREE,
-    "checkpoint": FREE, "logging": FREE, "eval": FREE,
-    "cluster": FREE,  # the machines --plan assumes; training never reads it
-}
+# Declared with each field in config/schema.py (``setting(..., resume=...)``, else the policy
+# of its section). Longest matching dotted prefix wins (a mapping field's entries take its
+# policy); a name no entry covers counts as ``run``.
+POLICY: dict[str, str] = {leaf.name: leaf.resume or RUN for leaf in leaves(Config)}
 
 
 def policy(field: str) -> str:

@@ -37,7 +37,7 @@ from megatron_ext.checkpoint import (
     safe_pickle,  # importing it restricts megatron's reads
 )
 from megatron_ext.checkpoint.manifest import CheckpointError  # noqa: F401 (re-exported: store.CheckpointError)
-from megatron_ext.config.loader import ConfigError, parse_yaml
+from megatron_ext.config.loader import ConfigError, checked_config_tree
 from megatron_ext.errors import one_line
 from megatron_ext.model.chunks import model_chunks
 from megatron_ext.platform.fs import atomic_write
@@ -255,15 +255,13 @@ def verify(path: Path, checksums: bool | None = None) -> dict:
 
 
 def saved_config(path: Path) -> dict:
-    """The resolved config a checkpoint was saved with (a mapping), or CheckpointError."""
+    """The resolved config a checkpoint was saved with (a mapping that passed every check of
+    the config loader: size, YAML aliases, types, bounds), or CheckpointError."""
     f = Path(path) / "config.yaml"
     try:
-        tree = parse_yaml(f.read_bytes().decode("utf-8"), str(f))
-    except (OSError, UnicodeDecodeError, ConfigError) as e:
-        raise CheckpointError(f"{f}: unreadable saved config ({one_line(e)})") from None
-    if not isinstance(tree, dict):
-        raise CheckpointError(f"{f}: the saved config is not a mapping of sections")
-    return tree
+        return checked_config_tree(f)
+    except ConfigError as e:  # names the file
+        raise CheckpointError(f"unreadable saved config: {one_line(e)}") from None
 
 
 def _read_latest(root: Path, candidates: list[Path]) -> tuple[Path | None, str | None]:

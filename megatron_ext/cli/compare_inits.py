@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_ext.config.args import field_arg, float_arg, int_arg
 from megatron_ext.experiments.plan import (
     KINDS,
     Experiment,
@@ -59,19 +60,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, type=Path, help="config of the MoE runs")
     p.add_argument("--methods", required=True, help="comma-separated, e.g. scratch,naive,drop:0.5")
-    p.add_argument("--tokens", required=True, type=int, help="training tokens per method")
+    p.add_argument("--tokens", required=True, type=field_arg("train.train_tokens"),
+                   help="training tokens per method")
     p.add_argument("--output", required=True, type=Path, help="experiment directory")
     base = p.add_mutually_exclusive_group(required=True)
     base.add_argument("--dense", type=Path, help="dense base: our checkpoint or an HF dir")
-    base.add_argument("--train-dense", type=int, metavar="TOKENS",
+    base.add_argument("--train-dense", type=field_arg("train.train_tokens"), metavar="TOKENS",
                       help="train the dense base first, for TOKENS tokens")
     p.add_argument("--tasks", help="downstream tasks for moe-lm-eval (e.g. demo_local)")
-    p.add_argument("--eval-limit", type=float, metavar="N",
+    p.add_argument("--eval-limit", type=float_arg(0, 2**31, lo_open=True), metavar="N",
                    help="with --tasks: at most N examples per task (a fraction if < 1)")
-    p.add_argument("--routing-tokens", type=int, default=20_000, help="tokens per domain")
-    p.add_argument("--btx-tokens", type=int, metavar="TOKENS",
+    p.add_argument("--routing-tokens", type=int_arg(1, 2**31 - 1), default=20_000,
+                   help="tokens per domain")
+    p.add_argument("--btx-tokens", type=field_arg("train.train_tokens"), metavar="TOKENS",
                    help="btx: training tokens of each domain branch (default: --tokens / 4)")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+    p.add_argument("--nproc-per-node", type=field_arg("cluster.gpus_per_node"), default=1,
+                   metavar="N",
                    help="local backend: run each training under torchrun with N processes "
                         "(this node's GPUs; on CPU, N gloo processes); default 1")
     p.add_argument("--overwrite", action="store_true", help="replace a different experiment")

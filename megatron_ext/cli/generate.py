@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_ext.config.args import field_arg, float_arg, int_arg
 from megatron_ext.data.errors import DataError
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 from megatron_ext.platform.launch import free_port
@@ -45,11 +46,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     src.add_argument("--prompts", type=Path, metavar="FILE", help="one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
+    p.add_argument("--max-new-tokens", type=int_arg(1, 2**22), default=64)
+    p.add_argument("--temperature", type=float_arg(0, 1e6), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float_arg(0, 1, lo_open=True), default=1.0,
+                   help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=field_arg("train.seed"), help="sampling seed (default: random)")
+    p.add_argument("--batch-size", type=field_arg("eval.batch_size"), default=8,
+                   help="prompts per forward")
     p.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
     return p.parse_args(argv)

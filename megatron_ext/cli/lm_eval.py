@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_ext.config.args import field_arg, float_arg, int_arg
 from megatron_ext.errors import UserError
 from megatron_ext.evaluation.wandb_results import append_results
 from megatron_ext.evaluation.wandb_results import run_id as wandb_run_id
@@ -40,18 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", required=True, help="comma-separated task, group or tag names")
     p.add_argument("--output", type=Path, default=Path("runs/lm_eval"),
                    help="results directory (default: runs/lm_eval)")
-    p.add_argument("--limit", type=float, default=None,
+    p.add_argument("--limit", type=float_arg(0, 2**31, lo_open=True), default=None,
                    help="at most N examples per task (a fraction if < 1)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=field_arg("eval.batch_size"), default=8)
+    p.add_argument("--num-fewshot", type=int_arg(0, 1024), default=None)
     p.add_argument("--hf", action="store_true",
                    help="evaluate with lm-eval's HF model (CHECKPOINT is an HF directory)")
     p.add_argument("--tokenizer", default=None, help="override the tokenizer (path)")
     p.add_argument("--log-samples", action="store_true",
                    help="also write every request and response to DIR/samples/")
-    p.add_argument("--bootstrap-iters", type=int, default=1000,
+    p.add_argument("--bootstrap-iters", type=int_arg(0, 10**6), default=1000,
                    help="bootstrap resamples for standard errors (0: none)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=field_arg("train.seed"), default=1234)
     p.add_argument("--wandb-run-dir", type=Path, default=None,
                    help="also log the results into this training run directory's W&B run "
                         "(offline unless WANDB_MODE=online)")

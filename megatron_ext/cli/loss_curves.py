@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from megatron_ext.analysis.curves import plot, read_run, summary_table
+from megatron_ext.config.args import float_arg
 from megatron_ext.errors import UsageError
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 from megatron_ext.platform.fs import check_disjoint
@@ -29,7 +30,8 @@ def _compare(argv: list[str] | None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True, metavar="LABEL=RUN_DIR")
     p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1)")
+    p.add_argument("--smooth", type=float_arg(0, 1, hi_open=True), default=0.0,
+                   help="EMA weight in [0, 1)")
     p.add_argument("--log-x", action="store_true", help="logarithmic token axis")
     args = p.parse_args(argv)
     if not 0.0 <= args.smooth < 1.0:

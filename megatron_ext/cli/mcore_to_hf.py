@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_ext.config.args import size_arg
 from megatron_ext.platform.cli import conversion_parser, run_cli
 from megatron_ext.platform.quiet import quiet_process
 
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = conversion_parser(
         PROG, __doc__, "checkpoint root or iter_* dir", "HF directory to create",
         "skip the logit comparison (loads a megatron and a transformers model)")
-    p.add_argument("--max-shard-size", default="2GB", help="e.g. 2GB, 500MB")
+    p.add_argument("--max-shard-size", type=size_arg, default="2GB", help="e.g. 2GB, 500MB")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    default="auto", help="weights dtype of the output")
     return p

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from megatron_ext.config.args import int_arg
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 
 EPILOG = """\
@@ -40,7 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
     parser.add_argument("--append-eod", action="store_true",
                         help="append the end-of-document token to every document")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    parser.add_argument("--workers", type=int_arg(1, 1024), default=1, help="tokenizer processes")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad record")
     parser.add_argument("--txt-mode", choices=("blocks", "lines"), default="blocks",
                         help="how .txt files split into documents (see below)")

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_ext.config.args import field_arg, int_arg
 from megatron_ext.data.errors import DataError
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 from megatron_ext.platform.fs import check_disjoint, recover_interrupted, replace_dir
@@ -50,9 +51,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, type=Path, help="report directory")
     p.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     p.add_argument("--layers", default="all", help="comma-separated MoE layers, or all")
-    p.add_argument("--max-tokens", type=int, default=200_000, help="tokens per domain")
-    p.add_argument("--seq-length", type=int, help="chunk length (default: the training one)")
-    p.add_argument("--batch-size", type=int, default=8, help="chunks per forward")
+    p.add_argument("--max-tokens", type=int_arg(1, 2**31 - 1), default=200_000,
+                   help="tokens per domain")
+    p.add_argument("--seq-length", type=field_arg("data.seq_length"),
+                   help="chunk length (default: the training one)")
+    p.add_argument("--batch-size", type=field_arg("eval.batch_size"), default=8,
+                   help="chunks per forward")
     return p.parse_args(argv)
 
 

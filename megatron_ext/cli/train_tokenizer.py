@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from megatron_ext.config.args import field_arg, int_arg
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 
 
@@ -14,12 +15,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
                         help="training text (.txt, .jsonl, .jsonl.gz)")
-    parser.add_argument("--vocab-size", type=int, required=True, metavar="N",
+    parser.add_argument("--vocab-size", type=field_arg("model.vocab_size"), required=True,
+                        metavar="N",
                         help="vocabulary size including the 256 bytes and special tokens")
     parser.add_argument("--output", required=True, metavar="DIR", help="tokenizer directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
-    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count to merge")
+    parser.add_argument("--min-frequency", type=int_arg(1, 2**31 - 1), default=2,
+                        help="minimum pair count to merge")
     return parser.parse_args(argv)
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from megatron_ext.checkpoint.manifest import content_checks
+from megatron_ext.config.args import field_arg, size_arg
 from megatron_ext.config.loader import ConfigError, load_config
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern, planned_world_size, validate
@@ -57,18 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     # then to UpcycleSpec's default (shown).
     d = UpcycleSpec()
     p.add_argument("--method", choices=METHODS, help=f"(config) default {d.method}")
-    p.add_argument("--ratio", type=float, help="(config) share r of d_ff neurons re-initialized "
+    p.add_argument("--ratio", type=field_arg("upcycling.ratio"),
+                   help="(config) share r of d_ff neurons re-initialized "
                    f"(drop) or perturbed (noise); default {d.ratio}")
-    p.add_argument("--num-experts", type=int, help=f"(config) default {d.num_experts}")
-    p.add_argument("--top-k", type=int, help=f"(config) default {d.top_k}")
-    p.add_argument("--seed", type=int,
+    p.add_argument("--num-experts", type=field_arg("moe.num_experts"),
+                   help=f"(config) default {d.num_experts}")
+    p.add_argument("--top-k", type=field_arg("moe.top_k"), help=f"(config) default {d.top_k}")
+    p.add_argument("--seed", type=field_arg("upcycling.seed"),
                    help=f"(config) the only source of randomness; default {d.seed}")
     p.add_argument("--index-sharing", choices=INDEX_SHARING,
                    help=f"(config) default {d.index_sharing}")
     p.add_argument("--router-init", choices=ROUTER_INITS, help=f"(config) default {d.router_init}")
-    p.add_argument("--noise-std", type=float,
+    p.add_argument("--noise-std", type=field_arg("upcycling.noise_std"),
                    help=f"(config) noise method: std of the noise; default {d.noise_std}")
-    p.add_argument("--init-std", type=float, default=0.02, help="scratch method: weight std")
+    p.add_argument("--init-std", type=field_arg("model.init_method_std"), default=0.02,
+                   help="scratch method: weight std")
     p.add_argument("--btx-sources", type=Path, nargs="+", default=[], metavar="DIR",
                    help="btx: the other dense models (the input is source 0)")
     p.add_argument("--moe-layers", type=_layers, default=None,
@@ -77,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-format", choices=("auto", "hf", "mcore"), default="auto")
     p.add_argument("--output-format", choices=("hf", "mcore"), default=None,
                    help="default: the input's format")
-    p.add_argument("--max-shard-size", default="2GB", help="e.g. 2GB, 500MB")
+    p.add_argument("--max-shard-size", type=size_arg, default="2GB", help="e.g. 2GB, 500MB")
     return p
 
 

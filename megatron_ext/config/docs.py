@@ -10,6 +10,7 @@ import inspect
 import typing
 
 from megatron_ext.config import schema
+from megatron_ext.config.fields import leaves
 from megatron_ext.config.ranges import describe
 
 
@@ -43,11 +44,15 @@ def render() -> str:
     lines = ["# Configuration reference", "",
              "Generated from `megatron_ext/config/schema.py` by "
              "`python -m megatron_ext.config.docs`. Override any field with "
-             "`--set section.key=value` (YAML syntax).", ""]
+             "`--set section.key=value` (YAML syntax). *resume*: what a rerun on an existing "
+             "`checkpoint.save` does when the field changed -- `arch`: refused (the tensors "
+             "do not fit), `run`: refused unless `checkpoint.allow_config_change`, `free`: "
+             "allowed.", ""]
+    resume = {leaf.name: leaf.resume for leaf in leaves(schema.Config)}
     for name, cls in sections():
         docs = field_docs(cls)
-        lines += [f"## `{name}`", "", "| field | default | range | meaning |",
-                  "|---|---|---|---|"]
+        lines += [f"## `{name}`", "", "| field | default | range | resume | meaning |",
+                  "|---|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             if f.default_factory is not dataclasses.MISSING:
                 default = f.default_factory()
@@ -57,7 +62,7 @@ def render() -> str:
                 default = f.default
             bounds = describe(f"{name}.{f.name}") or _choices(typing.get_type_hints(cls)[f.name])
             lines.append(f"| `{f.name}` | `{default!r}` | {f'`{bounds}`' if bounds else ''} | "
-                         f"{docs.get(f.name, '')} |")
+                         f"{resume[f'{name}.{f.name}']} | {docs.get(f.name, '')} |")
         lines.append("")
     return "\n".join(lines)
 

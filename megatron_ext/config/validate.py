@@ -5,10 +5,11 @@ Each failure raises ConfigError with ``field: reason`` so the CLI can print one 
 
 from __future__ import annotations
 
-import re
+import math
 import tempfile
 from pathlib import Path
 
+from megatron_ext.config.fields import clip, short_repr
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.ranges import check_ranges, check_sizes
 from megatron_ext.config.schema import Config
@@ -203,8 +204,10 @@ def _check_data(cfg: Config) -> None:
                "demo:code); empty = all of them")
     parts = d.split.split(",")
     _check(len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
-           "data.split", f"{d.split!r} is not like '998,1,1'")
-    _check(float(parts[0]) > 0, "data.split", f"{d.split!r} leaves no training data")
+           "data.split", f"{short_repr(d.split)} is not like '998,1,1'")
+    _check(all(math.isfinite(float(p)) for p in parts), "data.split",
+           f"{short_repr(d.split)}: a weight beyond float range")
+    _check(float(parts[0]) > 0, "data.split", f"{short_repr(d.split)} leaves no training data")
     _check_valid_sets(cfg)
     _check_eval(cfg)
 
@@ -236,22 +239,15 @@ def active_valid_sets(cfg: Config) -> dict:
 
 
 def _check_valid_sets(cfg: Config) -> None:
-    d, sets = cfg.data, cfg.data.valid_sets
-    _check(isinstance(sets, dict), "data.valid_sets", "must map names to a prefix or a blend")
-    for name, source in sets.items():
-        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None,
-               f"data.valid_sets: {name!r}", "names use letters, digits, '_', '.', '-' only")
-        items = source if isinstance(source, list) else [source]
-        _check(len(items) > 0 and all(isinstance(x, (str, int, float)) and x != ""
-                                      for x in items),
-               f"data.valid_sets.{name}",
-               "must be a dataset prefix or a [weight, prefix, ...] blend")
+    # Names and sources are the field's declared bounds (schema.py), checked with its type.
+    d = cfg.data
     active = active_valid_sets(cfg)
     if not active:
         return
-    _check(not d.mock, "data.valid_sets", f"{', '.join(active)}: need real data (data.mock)")
+    _check(not d.mock, "data.valid_sets",
+           f"{clip(', '.join(active))}: need real data (data.mock)")
     _check(float(d.split.split(",")[1]) > 0 or not cfg.train.eval_interval, "data.valid_sets",
-           f"data.split {d.split!r} holds out no validation documents")
+           f"data.split {short_repr(d.split)} holds out no validation documents")
 
 
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "moe_act", "mlp", "moe")
@@ -264,7 +260,7 @@ def _check_recompute(cfg: Config) -> None:
            "train.recompute_modules", "must be a list of names")
     unknown = [x for x in mods if x not in RECOMPUTE_MODULES]
     _check(not unknown, "train.recompute_modules",
-           f"unknown {unknown}; choose from {', '.join(RECOMPUTE_MODULES)}")
+           f"unknown {short_repr(unknown)}; choose from {', '.join(RECOMPUTE_MODULES)}")
     if tr.recompute != "selective":
         _check(mods == ["core_attn"], "train.recompute_modules",
                f"only used with train.recompute: selective (it is {tr.recompute!r})")

@@ -32,6 +32,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from megatron_ext.config.args import parse_size as bounded_size
+from megatron_ext.config.loader import ConfigError
 from megatron_ext.conversion.keymaps import ConversionError
 from megatron_ext.errors import one_line
 from megatron_ext.platform.fs import recover_interrupted, staging
@@ -61,19 +63,12 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def parse_size(text: str) -> int:
-    """'2GB' / '500MB' / '1.5GiB' / '123' -> bytes (decimal units like HF, binary with 'i')."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    s = text.strip().upper()
-    num = s.rstrip("KMGTIB")
+def parse_size(text: str | int) -> int:
+    """'2GB' / '500MB' / '1.5GiB' / '123' -> bytes, bounded (``config.args.parse_size``)."""
     try:
-        value = int(float(num) * units[s[len(num):]])
-    except (ValueError, KeyError):
-        raise ConversionError(f"bad size {text!r} (use e.g. 2GB, 500MB)") from None
-    if value <= 0:
-        raise ConversionError(f"size must be positive: {text!r}")
-    return value
+        return bounded_size(text)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
 
 
 def read_safetensors_header(path: Path, float_only: bool = True) -> dict[str, TensorInfo]:

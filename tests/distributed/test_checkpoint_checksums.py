@@ -163,9 +163,9 @@ def test_damage_after_a_verification_is_still_found(root):
 
 def test_checksums_off_checks_sizes_only_with_one_warning(root, capsys):
     d = root / "iter_0000006"
-    # Same size, still a YAML mapping (verify parses the saved config), different content.
+    # Same size, still a valid config (verify checks the saved config), different content.
     size = (d / "config.yaml").stat().st_size
-    (d / "config.yaml").write_bytes(b"x: " + b"y" * (size - 3))
+    (d / "config.yaml").write_bytes(b"train: {seed: 7}\n#" + b"y" * (size - 18))
     manifest._noticed.discard("off")
     with manifest.content_checks(False):
         verify(d)

@@ -207,7 +207,7 @@ def test_output_of_another_experiment_is_refused(run, tmp_path: Path, change: st
     (["--set", "train.bogus=1"], "train.bogus: unknown key"),
     (["--set", "train.micro_batch_size=3"], "not divisible"),
     (["--set", "moe.num_experts=0"], "moe.num_experts is 0"),
-    (["--tokens", "0"], "--tokens must be a positive number"),
+    (["--tokens", "0"], "argument --tokens: must be >= 1"),
     (["--nproc-per-node", "3"], "not divisible"),  # 8 sequences a step over 3 processes
 ])
 def test_bad_config_is_one_line(tmp_path: Path, extra: list[str], needle: str) -> None:

@@ -1,5 +1,6 @@
-"""Every config value is checked: each numeric and list field of the tree has a declared range
-(a new field without one fails here), every value outside it -- negative, zero, NaN, inf, huge --
+"""Every config value is checked: each numeric and list field of the tree declares its range
+with the field in schema.py (a new field without one fails here), each field has a resume
+policy (its own or its section's), every value outside it -- negative, zero, NaN, inf, huge --
 ends in one ConfigError ``section.key: reason`` (exit 2 and one stderr line from the CLI), a run
 whose dataset index cannot fit this machine's memory is refused with the figure, and the YAML
 reader refuses duplicate keys, syntax errors, directories and binary files with the line."""
@@ -14,16 +15,9 @@ from typing import Union
 import psutil
 import pytest
 
+from megatron_ext.config.fields import POLICIES, Entries, Items, Range
 from megatron_ext.config.loader import ConfigError, load_config
-from megatron_ext.config.ranges import (
-    RANGES,
-    Items,
-    Range,
-    check_ranges,
-    index_bytes,
-    numeric_fields,
-    rules,
-)
+from megatron_ext.config.ranges import check_ranges, index_bytes, numeric_fields, rules
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import validate
 from megatron_ext.training import dry_run
@@ -33,13 +27,24 @@ TINY = REPO / "configs/tiny-cpu.yaml"
 
 
 def _schema_fields(cls=Config, prefix=""):
-    """(section.key, annotation) of every leaf field, found independently of ranges.py."""
+    """(section.key, annotation) of every leaf field, found independently of fields.py."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             yield from _schema_fields(hints[f.name], f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", hints[f.name]
+
+
+def _metadata(cls=Config, prefix="", inherited=None):
+    """(section.key, the field's metadata, the resume policy it declares or inherits)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        policy = f.metadata.get("resume") or inherited
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _metadata(hints[f.name], f"{prefix}{f.name}.", policy)
+        else:
+            yield f"{prefix}{f.name}", f.metadata, policy
 
 
 def _arms(tp):
@@ -49,17 +54,37 @@ def _arms(tp):
 
 def test_every_numeric_and_list_field_declares_its_range():
     checked = {name for name, _ in numeric_fields()}
+    meta = {name: m for name, m, _ in _metadata()}
     for name, tp in _schema_fields():
         arms = _arms(tp)
-        kinds = {type(r) for r in rules(name)}
+        declared = meta[name].get("bounds", ())
+        kinds = {type(r) for r in declared}
+        assert tuple(rules(name)) == tuple(declared), f"{name}: rules() is not the schema's"
         if any(a in (int, float) for a in arms):
-            assert Range in kinds, f"{name}: numeric field without a Range in ranges.RANGES"
+            assert Range in kinds, f"{name}: numeric field without a Range (setting(bounds=))"
         if any(a is list or typing.get_origin(a) is list for a in arms):
-            assert Items in kinds, f"{name}: list field without Items in ranges.RANGES"
+            assert Items in kinds, f"{name}: list field without Items (setting(bounds=))"
+        if any(a is dict or typing.get_origin(a) is dict for a in arms):
+            assert Entries in kinds, f"{name}: mapping field without Entries (setting(bounds=))"
         if kinds:
             assert name in checked, f"{name}: declared but not visited by check_ranges"
-    known = {name for name, _ in _schema_fields()}
-    assert not set(RANGES) - known, f"ranges for fields that do not exist: {set(RANGES) - known}"
+        takes = {Range: any(a in (int, float) for a in arms),
+                 Items: any(a is list or typing.get_origin(a) is list for a in arms),
+                 Entries: any(a is dict or typing.get_origin(a) is dict for a in arms)}
+        useless = [k.__name__ for k in kinds if not takes[k]]
+        assert not useless, f"{name}: {useless} declared on a field that cannot hold it"
+
+
+def test_every_field_has_a_resume_policy():
+    """Declared with the field or inherited from its section (declared where Config holds it),
+    and the one resume check applies exactly that policy."""
+    from megatron_ext.checkpoint.resume_check import policy
+
+    for name, _, declared in _metadata():
+        assert declared in POLICIES, f"{name}: no resume policy (setting(resume=) or section's)"
+        assert policy(name) == declared, name
+    for f in dataclasses.fields(Config):
+        assert f.metadata.get("resume") in POLICIES, f"section {f.name} declares no policy"
 
 
 def _outside(r: Range, tp) -> list:

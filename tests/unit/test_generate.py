@@ -238,7 +238,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(ckpt: Path, tmp_path: Path, capsys)
         (["--checkpoint", good, "--prompt", ""], "is empty"),
         (["--checkpoint", good, "--prompt", "to be " * 300], "no room to generate"),
         (["--checkpoint", good, "--prompt", "a", "--temperature", "-1"], "temperature"),
-        (["--checkpoint", good, "--prompt", "a", "--top-p", "0"], "top_p"),
+        (["--checkpoint", good, "--prompt", "a", "--top-p", "0"], "--top-p"),
         (["--checkpoint", good, "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens"),
         (["--checkpoint", good, "--prompt", "a", "--prompts", str(empty)], "not allowed with"),
     ]

@@ -18,10 +18,10 @@ from tests.conftest import cpu_megatron_module, single_process_megatron
 
 pytestmark = cpu_megatron_module()
 
+from megatron_ext.config.loader import load_config  # noqa: E402
 from megatron_ext.conversion.hf_io import HFCheckpoint  # noqa: E402
 from megatron_ext.conversion.keymaps import hf_config_for, hf_to_mcore  # noqa: E402
 from megatron_ext.conversion.mcore_io import _fill, arch_from_config  # noqa: E402
-from megatron_ext.config.loader import load_config  # noqa: E402
 from megatron_ext.model.builder import build_model, resolve_backends  # noqa: E402
 from megatron_ext.model.params import padded_vocab  # noqa: E402
 from megatron_ext.platform.dist import Layout  # noqa: E402

@@ -70,14 +70,14 @@ BAD = {
     "missing input": (["--input", "{root}/nope"], "does not exist"),
     "not llama": (["--input", "{mixtral}"], "model_type 'mixtral'"),
     "truncated": (["--input", "{truncated}"], "truncated"),
-    "ratio": (["--input", "{dense}", "--ratio", "1.5"], "ratio 1.5 is outside [0, 1]"),
+    "ratio": (["--input", "{dense}", "--ratio", "1.5"], "--ratio: must be <= 1 (upcycling.ratio)"),
     "top-k": (["--input", "{dense}", "--num-experts", "4", "--top-k", "5"], "top_k 5"),
     "btx shapes": (["--input", "{dense}", "--method", "btx", "--num-experts", "4",
                     "--btx-sources", "{narrow}"], "btx source"),
     "btx divisible": (["--input", "{dense}", "--method", "btx", "--num-experts", "4",
                        "--btx-sources", "{other}", "{other}"], "divisible"),
     "not mcore": (["--input", "{dense}", "--input-format", "mcore"], "no checkpoint found"),
-    "bad flag": (["--input", "{dense}", "--ratio", "half"], "invalid float"),
+    "bad flag": (["--input", "{dense}", "--ratio", "half"], "--ratio: expected a number"),
 }
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.conversion.hf_io import HFCheckpoint
-from megatron_ext.conversion.keymaps import hf_config_for
-from megatron_ext.conversion.mcore_io import arch_from_config
 from megatron_ext.config.loader import ConfigError, load_config
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern, validate
+from megatron_ext.conversion.hf_io import HFCheckpoint
+from megatron_ext.conversion.keymaps import hf_config_for
+from megatron_ext.conversion.mcore_io import arch_from_config
 from megatron_ext.errors import UserError
 from megatron_ext.experiments.parity.reference import ReferenceRecipe, ReferenceTrainer
 from megatron_ext.experiments.runner import run_logged
