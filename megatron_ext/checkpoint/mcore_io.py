@@ -50,10 +50,10 @@ from megatron_ext.checkpoint.manifest import CheckpointError
 from megatron_ext.config.loader import ConfigError, apply_overrides, to_dict
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern, validate
+from megatron_ext.platform.fs import HF_RECORD  # subdirectory: source config.json + tokenizer files
 from megatron_ext.platform.quiet import quiet_process
 
 TRAIN_CONFIG = "config.yaml"
-HF_RECORD = "hf"  # subdirectory: source config.json + tokenizer files
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 Getter = Callable[[str], Tensor]
 
