@@ -13,8 +13,8 @@ parser is ``ArgumentParser``. What the user sees, whatever the tool:
   code does not swallow it);
 * anything else is a bug: its traceback, exit 1.
 
-Output never fails on a character the terminal's encoding lacks (``PYTHONIOENCODING=ascii``,
-a ``LANG=C`` shell): ``safe_console`` makes stdout and stderr write it as a backslash escape.
+Output never fails on a character the terminal's encoding lacks (``PYTHONIOENCODING=ascii``, a
+Latin-1 terminal): ``safe_console`` makes stdout and stderr write it as a backslash escape.
 Warnings go through ``warn`` (``WARNING: ...`` on stderr, rank 0 only), training's and every
 tool's alike.
 
