@@ -69,9 +69,18 @@ def write_temp(path: PathLike, data: str | bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
     except BaseException:  # a full disk (or a signal) leaves nothing half-written behind
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise
     return tmp
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary file if it is there; never raises (a cleanup must not replace the
+    error that made it necessary, e.g. a directory that turned read-only)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def atomic_write(path: PathLike, data: str | bytes) -> None:
@@ -84,7 +93,7 @@ def atomic_write(path: PathLike, data: str | bytes) -> None:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
 
 
 def open_append(path: PathLike) -> TextIO:

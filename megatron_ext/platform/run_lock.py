@@ -37,7 +37,7 @@ from pathlib import Path
 import psutil
 
 from megatron_ext.config.loader import ConfigError
-from megatron_ext.platform.fs import write_temp
+from megatron_ext.platform.fs import discard, write_temp
 
 LOCK_NAME = ".lock"
 # A takeover guard older than this was left by a process that died mid-takeover (it lives for
@@ -178,7 +178,7 @@ class RunLock:
             self.release()
             raise
         finally:
-            tmp.unlink(missing_ok=True)
+            discard(tmp)
 
     def _in_use(self, rec: dict, why: str) -> str:
         where = f"{self.what} {self.dir} is in use by another run"
@@ -210,7 +210,7 @@ class RunLock:
             os.replace(tmp, self.file)  # atomic: the lock is never absent meanwhile
             return True
         finally:
-            guard.unlink(missing_ok=True)
+            discard(guard)
 
     def release(self) -> None:
         """Remove the lock if this process holds it (not a forked child, not a taker-over).
