@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from megatron_ext.analysis.metrics_log import finite, read_metrics
 from megatron_ext.errors import UserError
-from megatron_ext.platform.fs import atomic_write, refuse_links
+from megatron_ext.platform.fs import atomic_write, check_run_files
 from megatron_ext.platform.run_files import METRICS_FILE
 
 OUTPUTS = ("loss_curves.png", "loss_curves.md")
@@ -91,7 +91,7 @@ def write_report(curves: list[Curve], out_dir: Path, smooth: float = 0.0,
                  log_x: bool = False) -> tuple[Path, Path]:
     """``out_dir/loss_curves.png`` and ``loss_curves.md``, each written whole (never through a
     symbolic link: one there is refused, CurvesError)."""
-    refuse_links(out_dir, OUTPUTS, "--output", error=CurvesError)
+    check_run_files(out_dir, OUTPUTS, "--output", error=CurvesError)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, md = (out_dir / name for name in OUTPUTS)
     buf = io.BytesIO()

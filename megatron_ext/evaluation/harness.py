@@ -26,7 +26,7 @@ from lm_eval.utils import handle_non_serializable, make_table
 
 from megatron_ext.data.errors import DataError
 from megatron_ext.evaluation.lm_eval_model import MegatronLM
-from megatron_ext.platform.fs import atomic_write, check_io, refuse_links
+from megatron_ext.platform.fs import atomic_write, check_io, check_run_files
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_TASKS = REPO / "tasks"
@@ -128,7 +128,7 @@ def check_output(out_dir: str | Path, checkpoint: str | Path, tokenizer: str | N
     if isinstance(lm, MegatronLM):
         inputs.append(("the checkpoint's tokenizer", lm.tok.path))
     check_io([("--output", out_dir)], inputs, error=DataError)
-    refuse_links(out_dir, RESULT_FILES, "--output", error=DataError)
+    check_run_files(out_dir, RESULT_FILES, "--output", error=DataError)
 
 
 def write_results(results: dict[str, Any], out_dir: str | Path) -> list[Path]:

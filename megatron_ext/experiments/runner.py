@@ -31,7 +31,7 @@ from megatron_ext.experiments.plan import (
     heldout_paths,
     heldout_text,
 )
-from megatron_ext.platform.fs import atomic_write, open_append, refuse_links
+from megatron_ext.platform.fs import atomic_write, check_run_files, open_append
 from megatron_ext.upcycling.convert import open_dense
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +55,7 @@ def prepare_output(output: Path, fingerprint: dict, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise ExperimentError(f"--output {output} is a file, not a directory")
     # the directories whose files this process appends or adds to: never through a link
-    refuse_links(output, ("logs", "heldout"), "--output", error=ExperimentError)
+    check_run_files(output, ("logs", "heldout"), "--output", error=ExperimentError)
     if output.is_dir() and any(output.iterdir()):
         same = False
         try:

@@ -10,7 +10,7 @@
   checkpoint also covers what reading it touches (``input_paths``: the iter dir its ``latest``
   names, the ``hf/`` record beside an iter dir).
 * Run files (a run's ``config.yaml``, ``metrics.jsonl``, lock, results) are never written
-  through a symbolic link: ``refuse_links`` names one found where a run file goes,
+  through a symbolic link: ``check_run_files`` names one found where a run file goes,
   ``open_append`` and ``write_temp`` open with ``O_NOFOLLOW`` / ``O_EXCL``, and
   ``atomic_write`` replaces a link by a file instead of writing into its target.
 * ``replace_dir`` / ``staging``: a finished directory takes the place of an existing output in
@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -98,20 +99,28 @@ def atomic_write(path: PathLike, data: str | bytes) -> None:
 
 def open_append(path: PathLike) -> TextIO:
     """``path`` opened to append text lines (line-buffered, created if absent), never through a
-    symbolic link: a link there raises ``OSError`` (ELOOP) instead of appending to its target."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o644)
+    symbolic link (``OSError`` ELOOP) and never a FIFO or device, which could block or swallow
+    the run's record (``OSError``)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                 | os.O_NONBLOCK, 0o644)  # (no effect on a regular file)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
     return open(fd, "a", buffering=1, encoding="utf-8")
 
 
-def refuse_links(directory: PathLike, names: Iterable[str], what: str, *,
-                 error: type[Exception] = UsageError) -> None:
-    """Raise ``error`` (one line) when one of ``names`` in ``directory`` is a symbolic link: a
-    run file (config, metrics, lock, results) goes there, and writing it must neither follow
-    the link into a file elsewhere nor silently replace it."""
+def check_run_files(directory: PathLike, names: Iterable[str], what: str, *,
+                    error: type[Exception] = UsageError) -> None:
+    """Raise ``error`` (one line) when one of ``names`` in ``directory`` (where a run file:
+    config, metrics, lock, results, goes) is a symbolic link, which writing must neither follow
+    into a file elsewhere nor silently replace, or a FIFO, device or socket."""
     for name in names:
         path = Path(directory) / name
-        if path.is_symlink():
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:  # absent (or its directory is): created later, or refused there
+            continue
+        if stat.S_ISLNK(mode):
             try:
                 target = os.readlink(path)
             except OSError:
@@ -119,6 +128,9 @@ def refuse_links(directory: PathLike, names: Iterable[str], what: str, *,
             raise error(f"{what} {os.fspath(directory)}: {name} is a symbolic link (to "
                         f"{target[:200]}); a run file is never written through a link: remove "
                         f"it or choose another directory")
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise error(f"{what} {os.fspath(directory)}: {name} is a FIFO, socket or device, "
+                        f"not a file a run can write: remove it or choose another directory")
 
 
 # --- outputs never touch inputs ---------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
-from megatron_ext.platform.fs import check_io, refuse_links
+from megatron_ext.platform.fs import check_io, check_run_files
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -55,7 +55,7 @@ def check_run_io(cfg: Config, config_file: str | None) -> None:
     # Index caches go beside the data by default: only the other inputs are off limits.
     check_io([("data.cache_dir", cfg.data.cache_dir)], inputs[:3], error=ConfigError)
     if cfg.logging.output_dir:
-        refuse_links(cfg.logging.output_dir, OUTPUT_DIR_FILES, "logging.output_dir",
+        check_run_files(cfg.logging.output_dir, OUTPUT_DIR_FILES, "logging.output_dir",
                      error=ConfigError)
     if cfg.checkpoint.save:
-        refuse_links(cfg.checkpoint.save, SAVE_DIR_FILES, "checkpoint.save", error=ConfigError)
+        check_run_files(cfg.checkpoint.save, SAVE_DIR_FILES, "checkpoint.save", error=ConfigError)

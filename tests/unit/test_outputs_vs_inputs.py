@@ -14,6 +14,7 @@ reads and writes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -152,6 +153,16 @@ def test_training_never_writes_through_a_link(world, where, name, tmp_path):
     assert sorted(p.name for p in (tmp_path / where).iterdir()) == [name]
 
 
+def test_training_refuses_a_fifo_where_its_metrics_go(world, tmp_path):
+    """A FIFO would block the run's first metrics write forever (or feed a reader elsewhere)."""
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / "metrics.jsonl")
+    _refused(world, train_args(world, f"logging.output_dir={tmp_path}/run",
+                               f"checkpoint.save={tmp_path}/save"),
+             f"logging.output_dir {tmp_path}/run: metrics.jsonl is a FIFO, socket or device",
+             prefix="config error: ")
+
+
 # --- compare_inits: --output (which --overwrite deletes) vs the config's every input -----------
 def compare_args(w: Path, output: str, *extra: str) -> list[str]:
     return ["tools/experiments/compare_inits.py", "--config", str(w / "cfg.yaml"), *set_args(
@@ -253,7 +264,6 @@ def test_run_file_writers_do_not_follow_links(tmp_path):
     results, ``latest``, the W&B id) replaces the link, and ``write_temp`` (the lock's record)
     never writes into a link planted at its temporary name."""
     import errno
-    import os
     import socket
 
     from megatron_ext.platform.fs import atomic_write, open_append, write_temp
@@ -264,6 +274,9 @@ def test_run_file_writers_do_not_follow_links(tmp_path):
     with pytest.raises(OSError) as e:
         open_append(tmp_path / "metrics.jsonl")
     assert e.value.errno == errno.ELOOP
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(OSError, match="No such device|not a regular file"):  # no wait
+        open_append(tmp_path / "fifo")
     (tmp_path / "config.yaml").symlink_to(victim)
     atomic_write(tmp_path / "config.yaml", "a: 1\n")
     assert not (tmp_path / "config.yaml").is_symlink()
