@@ -7,12 +7,18 @@ consumed tokens. Smoothing is an exponential moving average over the logged poin
 
 from __future__ import annotations
 
-import json
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+from megatron_ext.analysis.metrics_log import finite, read_metrics
 from megatron_ext.errors import UserError
+from megatron_ext.platform.fs import atomic_write, check_run_files
+from megatron_ext.platform.run_files import METRICS_FILE
+
+OUTPUTS = ("loss_curves.png", "loss_curves.md")
 
 
 class CurvesError(UserError, ValueError):
@@ -27,31 +33,25 @@ class Curve:
 
 
 def read_run(label: str, run_dir: Path) -> Curve:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise CurvesError(f"{label}: {path} not found")
+    """The training and validation loss of one run against tokens, from its metrics file
+    (``metrics_log.read_metrics``: malformed lines skipped with one warning)."""
+    log = read_metrics(Path(run_dir) / METRICS_FILE, label)
     train: dict[int, tuple[int, float]] = {}
-    valid: dict[int, float] = {}
-    tokens_at: dict[int, int] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise CurvesError(f"{label}: {path}:{n} is not JSON") from None
-        step = rec.get("step")
-        if rec.get("kind") == "train" and isinstance(rec.get("loss"), (int, float)):
-            train[step] = (rec["tokens"], float(rec["loss"]))
-            tokens_at[step] = rec["tokens"]
-        elif rec.get("kind") == "valid" and isinstance(rec.get("val_loss"), (int, float)):
-            valid[step] = float(rec["val_loss"])
+    for step, rec in log.by_step("train").items():
+        loss = finite(rec.get("loss"))
+        if loss is not None:  # a skipped (non-finite) step has no point
+            train[step] = (rec["tokens"], loss)
     if not train:
-        raise CurvesError(f"{label}: {path} has no training records")
-    per_step = min(t for t, _ in train.values()) / min(train)  # tokens per step
-    curve = Curve(label, sorted(train.values()))
-    curve.valid = sorted((tokens_at.get(s, int(s * per_step)), v) for s, v in valid.items())
-    return curve
+        raise CurvesError(f"{label}: {log.path} has no finite training loss")
+    per_step = log.tokens_per_step()
+    valid = []
+    for step, rec in log.by_step("valid").items():
+        loss = finite(rec.get("val_loss"))
+        tokens = train[step][0] if step in train else (
+            round(step * per_step) if per_step is not None else None)
+        if loss is not None and tokens is not None:
+            valid.append((tokens, loss))
+    return Curve(label, sorted(train.values()), sorted(valid))
 
 
 def ema(values: list[float], weight: float) -> list[float]:
@@ -87,7 +87,22 @@ def tokens_axis(ax, fontsize: float | None = None) -> None:
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
 
 
-def plot(curves: list[Curve], out_png: Path, smooth: float = 0.0, log_x: bool = False) -> None:
+def write_report(curves: list[Curve], out_dir: Path, smooth: float = 0.0,
+                 log_x: bool = False) -> tuple[Path, Path]:
+    """``out_dir/loss_curves.png`` and ``loss_curves.md``, each written whole (never through a
+    symbolic link: one there is refused, CurvesError)."""
+    check_run_files(out_dir, OUTPUTS, "--output", error=CurvesError)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, md = (out_dir / name for name in OUTPUTS)
+    buf = io.BytesIO()
+    plot(curves, buf, smooth, log_x)
+    atomic_write(png, buf.getvalue())
+    atomic_write(md, "# Loss curves\n\n" + summary_table(curves))
+    return png, md
+
+
+def plot(curves: list[Curve], out_png: Path | BinaryIO, smooth: float = 0.0,
+         log_x: bool = False) -> None:
     # why inside: matplotlib takes ~1 s to import and only the plot needs it
     from matplotlib.figure import Figure
 
@@ -108,4 +123,4 @@ def plot(curves: list[Curve], out_png: Path, smooth: float = 0.0, log_x: bool = 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png)
+    fig.savefig(out_png, format="png")

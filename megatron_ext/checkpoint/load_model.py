@@ -23,6 +23,7 @@ from megatron_ext.checkpoint.store import (
 from megatron_ext.config.loader import ConfigError, apply_overrides, config_from_dict
 from megatron_ext.config.schema import Config
 from megatron_ext.model.builder import build_model, resolve_backends
+from megatron_ext.platform.cli import warned
 from megatron_ext.platform.dist import init_distributed
 
 
@@ -32,7 +33,7 @@ def checkpoint_config(path: str | Path) -> tuple[Path, Config]:
     if not path.exists():
         raise CheckpointError(f"{path}: not found")
     if not (path / "meta.json").exists():
-        found, _ = find_resumable(path)
+        found = warned(find_resumable(path))  # a fallback past a damaged one says so
         if found is None:
             raise CheckpointError(f"{path}: no checkpoint found")
         path = found

@@ -40,6 +40,7 @@ from megatron_ext.checkpoint.manifest import CheckpointError  # noqa: F401 (re-e
 from megatron_ext.config.loader import ConfigError, checked_config_tree
 from megatron_ext.errors import one_line
 from megatron_ext.model.chunks import model_chunks
+from megatron_ext.platform.cli import warned
 from megatron_ext.platform.fs import atomic_write
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
@@ -383,7 +384,7 @@ def load_weights(path: str | Path, model, checksums: bool | None = None) -> Path
     """Initial weights only (``checkpoint.load``): a checkpoint dir or a root with ``latest``."""
     path = Path(path)
     if (path / "latest").is_file() or not (path / "meta.json").exists():
-        found, _ = find_resumable_shared(path, checksums)
+        found = warned(find_resumable_shared(path, checksums))  # fell back: say so
         if found is None:
             raise CheckpointError(f"{path}: no checkpoint found")
         path = found

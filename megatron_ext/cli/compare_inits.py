@@ -28,7 +28,7 @@ from megatron_ext.experiments.plan import (
     parse_methods,
 )
 from megatron_ext.platform.cli import ArgumentParser, run_cli
-from megatron_ext.platform.fs import check_disjoint
+from megatron_ext.platform.fs import check_io
 from megatron_ext.platform.quiet import quiet_process
 
 quiet_process()  # before megatron is imported: its import-time notices are noise here
@@ -113,6 +113,7 @@ def _compare(argv: Sequence[str] | None) -> int:
                      btx_tokens=args.btx_tokens, procs=args.nproc_per_node)
     stages = build_stages(exp)
     check_stage_configs(exp, stages)
+    check_io([("--output", exp.output)], exp.inputs())  # --overwrite deletes it: no input in it
     # why inside: these import megatron-core (seconds); --help and usage errors stay fast
     from megatron_ext.experiments import slurm
     from megatron_ext.experiments.report import write_report
@@ -123,8 +124,6 @@ def _compare(argv: Sequence[str] | None) -> int:
         write_heldout,
     )
 
-    check_disjoint(exp.output, [("--config", exp.config)] + (
-        [("--dense", exp.dense)] if exp.dense else []))
     if args.report_only:  # the last job of --slurm
         write_report(exp, slurm.finished_ledger(exp))
         print(f"compare: report {exp.output / 'report.md'}")

@@ -91,6 +91,7 @@ def _evaluate(argv: list[str] | None) -> int:
     try:
         lm = harness.build_lm(args.checkpoint, args.batch_size, hf=args.hf,
                               tokenizer=args.tokenizer)
+        harness.check_output(args.output, args.checkpoint, args.tokenizer, lm)
         results = harness.evaluate(lm, tasks, manager, limit=limit, num_fewshot=args.num_fewshot,
                                    log_samples=args.log_samples,
                                    bootstrap_iters=args.bootstrap_iters, seed=args.seed)

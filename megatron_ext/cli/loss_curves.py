@@ -14,11 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_ext.analysis.curves import plot, read_run, summary_table
+from megatron_ext.analysis.curves import read_run, summary_table, write_report
 from megatron_ext.config.args import float_arg
 from megatron_ext.errors import UsageError
 from megatron_ext.platform.cli import ArgumentParser, run_cli
-from megatron_ext.platform.fs import check_disjoint
+from megatron_ext.platform.fs import check_io
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,19 +36,16 @@ def _compare(argv: list[str] | None) -> int:
     args = p.parse_args(argv)
     if not 0.0 <= args.smooth < 1.0:
         raise UsageError(f"--smooth {args.smooth} is outside [0, 1)")
-    curves, runs = [], []
+    runs = []
     for item in args.run:
         label, sep, run_dir = item.partition("=")
         if not sep or not label or not run_dir:
             raise UsageError(f"--run {item!r}: expected LABEL=RUN_DIR")
-        curves.append(read_run(label, Path(run_dir)))
-        runs.append(("--run", run_dir))
-    check_disjoint(args.output, runs)  # the plot goes beside a run, never into or around it
-    args.output.mkdir(parents=True, exist_ok=True)
-    png, md = args.output / "loss_curves.png", args.output / "loss_curves.md"
-    plot(curves, png.with_suffix(".tmp.png"), args.smooth, args.log_x)
-    png.with_suffix(".tmp.png").replace(png)  # written whole or not at all
-    md.write_text("# Loss curves\n\n" + summary_table(curves))
+        runs.append((label, run_dir))
+    # the plot goes beside a run, never into or around it; checked before any reading
+    check_io([("--output", args.output)], [("--run", run_dir) for _, run_dir in runs])
+    curves = [read_run(label, Path(run_dir)) for label, run_dir in runs]
+    png, md = write_report(curves, args.output, args.smooth, args.log_x)  # each file whole
     print(summary_table(curves), end="")
     print(f"loss_curves: wrote {png} and {md}")
     return 0

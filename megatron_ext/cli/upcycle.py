@@ -27,6 +27,7 @@ from megatron_ext.config.validate import moe_layer_pattern, planned_world_size, 
 from megatron_ext.conversion.hf_io import parse_size
 from megatron_ext.conversion.mcore_io import arch_from_config
 from megatron_ext.platform.cli import conversion_parser, run_cli
+from megatron_ext.platform.fs import check_io
 from megatron_ext.upcycling.spec import (
     INDEX_SHARING,
     METHODS,
@@ -163,6 +164,7 @@ def _convert(argv: list[str] | None) -> int:
     from megatron_ext.upcycling.convert import upcycle_checkpoint
 
     args = build_parser().parse_args(argv)
+    check_io([("--output", args.output)], [("--config", args.config)], error=UpcycleError)
     spec = spec_from_args(args)
     with content_checks(not args.no_verify_checksums):  # mcore inputs (and outputs)
         upcycle_checkpoint(

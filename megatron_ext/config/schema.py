@@ -286,7 +286,7 @@ class LoggingConfig:
 @dataclass
 class UpcyclingConfig:
     method: Literal["scratch", "naive", "noise", "drop", "btx"] = "drop"
-    """Dense -> MoE initializer used by tools/convert/upcycle.py."""
+    """Dense -> MoE initializer used by moe-upcycle."""
     ratio: float = setting(0.5, bounds=Range(0, 1))
     """Drop-Upcycling re-initialization ratio r (also the noise subset ratio)."""
     seed: int = setting(1234, bounds=Range(0, SEED_MAX))

@@ -219,7 +219,7 @@ def _check_eval(cfg: Config) -> None:
     # The tasks run on rank 0 alone: its model must be whole (no expert/tensor/pipeline split).
     _check(par.tensor == 1 and par.expert == 1 and par.pipeline == 1, "eval.tasks",
            "in-loop evaluation needs parallel.tensor = parallel.expert = parallel.pipeline = 1 "
-           "(evaluate a checkpoint with tools/eval/lm_eval.py instead)")
+           "(evaluate a checkpoint with moe-lm-eval instead)")
 
 
 DEMO_PREFIX = "demo:"  # data.valid_sets: a language of the demo corpus (demo:en, demo:ja)

@@ -29,7 +29,6 @@ from megatron_ext.conversion.keymaps import (
     mcore_to_hf,
 )
 from megatron_ext.conversion.mcore_io import (  # no megatron import at module level
-    HF_RECORD,
     MIXED_NOTE,
     config_from_hf,
     hf_config_from_mcore,
@@ -40,7 +39,7 @@ from megatron_ext.conversion.mcore_io import (  # no megatron import at module l
     single_process,
 )
 from megatron_ext.model.compare import ValidationError, ValidationReport, compare, probe_tokens
-from megatron_ext.platform.fs import check_disjoint
+from megatron_ext.platform.fs import check_io, input_paths
 from megatron_ext.platform.progress import Progress
 
 DTYPE_CHOICES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -90,31 +89,18 @@ def _check(report: ValidationReport, log: Callable[[str], None]) -> ValidationRe
 
 
 def checkpoint_inputs(flag: str, path: Path) -> list[tuple[str, Path]]:
-    """What reading the checkpoint at ``path`` touches, as (flag, path) pairs for
-    ``check_disjoint``: the path, the iter dir a root's ``latest`` names (it may point
-    elsewhere) and the ``hf/`` record beside an iter dir (tokenizer files are copied from it)."""
-    path = Path(path)
-    found = [(flag, path)]
-    try:
-        latest = (path / "latest").read_text().strip() if (path / "latest").is_file() else ""
-    except (OSError, UnicodeDecodeError):  # unreadable: the reader reports it later
-        latest = ""
-    if latest:
-        found.append((f"{flag} (its latest)", path / latest))
-    elif (path.parent / HF_RECORD).is_dir():
-        found.append((f"{flag} (its hf/ record)", path.parent / HF_RECORD))
-    return found
+    """What reading the checkpoint at ``path`` touches (``platform.fs.input_paths``)."""
+    return input_paths(flag, path)
 
 
 def preflight(inputs: list[tuple[str, Path]], output: Path, overwrite: bool) -> Path:
     """Checks made before any slow work, for every converter: inputs present, the output
-    disjoint from every input (``platform.fs.check_disjoint``, ``--overwrite`` or not), the output
+    disjoint from every input (``platform.fs.check_io``, ``--overwrite`` or not), the output
     free unless ``overwrite``. ``inputs``: (flag, path) pairs, the primary input first."""
     for _, path in inputs:
         if not Path(path).exists():
             raise ConversionError(f"{path}: input does not exist")
-    expanded = [pair for flag, path in inputs for pair in checkpoint_inputs(flag, path)]
-    check_disjoint(output, expanded, error=ConversionError)
+    check_io([("--output", output)], inputs, error=ConversionError)
     output = Path(output)
     if output.exists() and not overwrite:
         raise ConversionError(f"{output} exists (pass --overwrite to replace it)")

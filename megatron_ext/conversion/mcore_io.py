@@ -50,10 +50,10 @@ from megatron_ext.conversion.keymaps import (
     mcore_shapes,
     split_qkv,
 )
+from megatron_ext.platform.fs import HF_RECORD  # subdirectory: source config.json + tokenizer files
 from megatron_ext.platform.quiet import quiet_process
 
 TRAIN_CONFIG = "config.yaml"
-HF_RECORD = "hf"  # subdirectory: source config.json + tokenizer files
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 Getter = Callable[[str], Tensor]
 

@@ -1,6 +1,6 @@
 """Text generation with our megatron model: greedy, or temperature + nucleus (top-p) sampling.
 
-The one library entry point (``tools/generate.py`` and lm-eval's ``generate_until`` call it)::
+The one library entry point (``moe-generate`` and lm-eval's ``generate_until`` call it)::
 
     generate(model, prompts, max_new_tokens, *, eos_id, vocab_size=None, temperature=0.0,
              top_p=1.0, seed=None, stop=None, batch_size=8, max_length=None) -> list[list[int]]

@@ -1,6 +1,6 @@
 """Run lm-evaluation-harness tasks on one of our checkpoints or an HF directory; write the results.
 
-The library side of ``tools/eval/lm_eval.py``:
+The library side of ``moe-lm-eval`` (``megatron_ext.cli.lm_eval``):
 
 * ``task_manager()``: lm-eval's tasks plus the repo's local ones (``tasks/``, shipped data, no
   network); ``check_tasks`` refuses an unknown name with the closest known ones;
@@ -26,11 +26,12 @@ from lm_eval.utils import handle_non_serializable, make_table
 
 from megatron_ext.data.errors import DataError
 from megatron_ext.evaluation.lm_eval_model import MegatronLM
-from megatron_ext.platform.fs import atomic_write
+from megatron_ext.platform.fs import atomic_write, check_io, check_run_files
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_TASKS = REPO / "tasks"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+RESULT_FILES = ("results.json", "results.md", "samples")
 
 
 def task_manager(names: list[str] | None = None, include_path: str | Path = LOCAL_TASKS
@@ -114,6 +115,20 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("groups"):
         text += "\n" + make_table(results, "groups")
     return text
+
+
+def check_output(out_dir: str | Path, checkpoint: str | Path, tokenizer: str | None,
+                 lm: LM) -> None:
+    """DataError (one line) unless ``out_dir`` is disjoint from everything the evaluation
+    reads (the checkpoint, what its ``latest`` names, the tokenizer it uses, the local tasks;
+    ``platform.fs.check_io``) and holds no symbolic link where a results file goes. Results
+    written into a checkpoint would make it fail verification for good."""
+    inputs = [("--checkpoint", checkpoint), ("--tokenizer", tokenizer),
+              ("the local tasks", LOCAL_TASKS)]
+    if isinstance(lm, MegatronLM):
+        inputs.append(("the checkpoint's tokenizer", lm.tok.path))
+    check_io([("--output", out_dir)], inputs, error=DataError)
+    check_run_files(out_dir, RESULT_FILES, "--output", error=DataError)
 
 
 def write_results(results: dict[str, Any], out_dir: str | Path) -> list[Path]:

@@ -19,6 +19,7 @@ from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import planned_world_size, validate
 from megatron_ext.data.demo import CORPUS_DIR, corpus_files
 from megatron_ext.errors import UserError, one_line
+from megatron_ext.platform.run_files import run_inputs
 
 # method name -> needs a ratio (drop, noise). btx (Branch-Train-MiX) has its experts from the dense
 # base and from one branch of it per demo domain, each trained further on that domain alone.
@@ -169,6 +170,16 @@ class Experiment:
             raise ExperimentError(f"--methods btx: its branches continue training --dense "
                                   f"{self.dense}, which must be one of our checkpoints (convert "
                                   "an HF dir with moe-hf-to-mcore)")
+
+    def inputs(self) -> list[tuple[str, str | Path | None]]:
+        """Everything the experiment reads, as (flag, path) pairs for ``platform.fs.check_io``:
+        what its trainings read (config file, tokenizer, data, checkpoint.load), the dense base
+        and the demo corpus its held-out texts come from. --output (which --overwrite deletes)
+        must be disjoint from each."""
+        found = [*run_inputs(self.cfg, str(self.config)), ("--dense", self.dense)]
+        if self.cfg.data.demo_corpus:
+            found.append(("the demo corpus", CORPUS_DIR))
+        return found
 
     def cli_args(self) -> list[str]:
         """The arguments of compare_inits.py that make this experiment (a SLURM job re-runs

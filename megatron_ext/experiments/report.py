@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 
 from megatron_ext.analysis.curves import tokens_axis
+from megatron_ext.analysis.metrics_log import finite
+from megatron_ext.analysis.metrics_log import read_metrics as read_metrics_log
 from megatron_ext.experiments.plan import Experiment
 from megatron_ext.platform.fs import atomic_write
 
@@ -23,25 +25,21 @@ ROUTING_KEYS = ("mean_tv", "usage_entropy", "token_router_entropy", "top_expert_
 
 def read_metrics(path: Path) -> dict:
     """Series of one run: ``train`` [(tokens, loss)], ``cos`` [(tokens, value)], and per
-    validation key (``val_loss``, ``english/loss``, ...) [(tokens, loss)]."""
-    train, valid = {}, {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
-        if rec.get("kind") == "train":
-            train[rec["step"]] = rec
-        elif rec.get("kind") == "valid":
-            valid[rec["step"]] = rec
-    per_step = min(r["tokens"] / s for s, r in train.items()) if train else 0
+    validation key (``val_loss``, ``english/loss``, ...) [(tokens, loss)]; finite values only,
+    from the one reader of metrics files (``analysis.metrics_log``: bad lines skipped, one
+    warning)."""
+    log = read_metrics_log(path)
+    per_step = log.tokens_per_step() or 0
     series: dict[str, list] = {"train": [], "cos": []}
-    for step in sorted(train):
-        rec = train[step]
-        series["train"].append((rec["tokens"], rec["loss"]))
-        if COS in rec:
-            series["cos"].append((rec["tokens"], rec[COS]))
-    for step in sorted(valid):
-        for key, value in valid[step].items():
-            if key == "val_loss" or key.endswith("/loss"):
-                series.setdefault(key, []).append((round(step * per_step), value))
+    for _, rec in sorted(log.by_step("train").items()):
+        for key, name in (("loss", "train"), (COS, "cos")):
+            value = finite(rec.get(key))
+            if value is not None:
+                series[name].append((rec["tokens"], value))
+    for step, rec in sorted(log.by_step("valid").items()):
+        for key, value in rec.items():
+            if (key == "val_loss" or key.endswith("/loss")) and finite(value) is not None:
+                series.setdefault(key, []).append((round(step * per_step), finite(value)))
     return series
 
 

@@ -32,7 +32,7 @@ from megatron_ext.experiments.plan import (
     heldout_text,
     same_command,
 )
-from megatron_ext.platform.fs import atomic_write
+from megatron_ext.platform.fs import atomic_write, check_run_files, open_append
 from megatron_ext.upcycling.convert import open_dense
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +55,8 @@ def prepare_output(output: Path, fingerprint: dict, overwrite: bool) -> None:
     stored = output / FINGERPRINT_FILE
     if output.exists() and not output.is_dir():
         raise ExperimentError(f"--output {output} is a file, not a directory")
+    # the directories whose files this process appends or adds to: never through a link
+    check_run_files(output, ("logs", "heldout"), "--output", error=ExperimentError)
     if output.is_dir() and any(output.iterdir()):
         same = False
         try:
@@ -127,7 +129,7 @@ def run_logged(argv: list[str], log: Path) -> tuple[int, str]:
     log.parent.mkdir(parents=True, exist_ok=True)
     last, error = "", ""
     # line-buffered: the log is current while a long stage runs
-    with open(log, "a", encoding="utf-8", buffering=1) as f, subprocess.Popen(
+    with open_append(log) as f, subprocess.Popen(
             [sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, env=stage_env()) as proc:
         try:

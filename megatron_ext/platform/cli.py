@@ -13,8 +13,13 @@ its parser is ``ArgumentParser``. What the user sees, whatever the tool:
   code does not swallow it);
 * anything else is a bug: its traceback, exit 1.
 
-Standard library and ``megatron_ext.errors`` only: a tool's ``--help`` and usage errors come back
-before torch is imported.
+Output never fails on a character the terminal's encoding lacks (``PYTHONIOENCODING=ascii``, a
+Latin-1 terminal): ``safe_console`` makes stdout and stderr write it as a backslash escape.
+Warnings go through ``warn`` (``WARNING: ...`` on stderr, rank 0 only), training's and every
+tool's alike.
+
+Standard library, ``megatron_ext.errors`` and ``platform.launch`` only: a tool's ``--help`` and
+usage errors come back before torch is imported.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import argparse
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from megatron_ext.errors import (
     EXIT_FAILED,
@@ -35,10 +41,13 @@ from megatron_ext.errors import (
     UserError,
     one_line,
 )
+from megatron_ext.platform.launch import is_rank0
 
 INTERRUPTED_LINE = "error: interrupted, temporary outputs removed"
 TERMINATED_LINE = "error: terminated (SIGTERM), temporary outputs removed"
 Main = Callable[[Sequence[str] | None], int | None]
+T = TypeVar("T")
+_WARNED: set[str] = set()
 
 
 class Terminated(BaseException):
@@ -64,9 +73,44 @@ def _fail(line: str, code: int) -> int:
     return code
 
 
+def safe_console() -> None:
+    """stdout and stderr write a character their encoding cannot hold as a backslash escape
+    instead of raising UnicodeEncodeError (a Japanese prompt on an ASCII terminal)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):  # not a text stream we can reconfigure
+            pass
+
+
+def warn(message: str, *, once: bool = False) -> None:
+    """One ``WARNING:`` line on stderr, from rank 0 only; ``once``: a message already printed
+    by this process is not printed again (a tool that reads a checkpoint twice)."""
+    line = one_line(message)
+    if once and line in _WARNED:
+        return
+    _WARNED.add(line)
+    try:
+        rank0 = is_rank0()
+    except UserError:  # a malformed launcher environment: reported where it matters
+        rank0 = True
+    if rank0:
+        print(f"WARNING: {line}", file=sys.stderr, flush=True)
+
+
+def warned(result: tuple[T, Iterable[str]]) -> T:
+    """The value of a ``(value, warnings)`` result, its warnings printed (``warn``, once each):
+    how a checkpoint root that fell back to an older checkpoint says so, in every tool."""
+    value, warnings = result
+    for message in warnings:
+        warn(message, once=True)
+    return value
+
+
 def run_cli(main: Main, argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)`` with the shared exit codes (see the module docstring); returns the
     code, ``main``'s own (None = 0) when it ends normally."""
+    safe_console()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -35,12 +37,15 @@ from pathlib import Path
 import psutil
 
 from megatron_ext.config.loader import ConfigError
-from megatron_ext.platform.fs import write_temp
+from megatron_ext.platform.fs import discard, write_temp
 
 LOCK_NAME = ".lock"
 # A takeover guard older than this was left by a process that died mid-takeover (it lives for
 # milliseconds otherwise).
 _GUARD_STALE_S = 30.0
+# A record is a few hundred bytes; a lock file larger than this is not one of ours.
+_MAX_LOCK_BYTES = 1 << 16
+_MAX_PID = 1 << 22  # Linux's largest pid_max
 
 
 def _start_time(pid: int) -> float | None:
@@ -50,7 +55,7 @@ def _start_time(pid: int) -> float | None:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
         return proc.create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+    except (psutil.Error, ProcessLookupError, ValueError, OverflowError):
         return None
 
 
@@ -62,29 +67,60 @@ def my_record() -> dict:
 
 
 def _describe(rec: dict) -> str:
-    job = f", SLURM job {rec['slurm_job_id']}" if rec.get("slurm_job_id") else ""
-    return f"pid {rec.get('pid')} on host {rec.get('host')}{job}, since {rec.get('since')}"
+    job = f", SLURM job {_shown(rec.get('slurm_job_id'))}" if rec.get("slurm_job_id") else ""
+    return (f"pid {_shown(rec.get('pid'))} on host {_shown(rec.get('host'))}{job}, since "
+            f"{_shown(rec.get('since'))}")
+
+
+def _shown(value: object) -> str:
+    """A record field for a message: a lock is anyone's file, so its fields are cut short."""
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _read(lock: Path) -> dict | None:
-    """The holder's record; None if the lock vanished meanwhile; {} if it is unreadable."""
+    """The holder's record; None if the lock vanished meanwhile; {} if it is unreadable or
+    malformed (not a regular file, not JSON, fields of the wrong type or range). Never follows
+    a link, never blocks (a FIFO) and reads at most ``_MAX_LOCK_BYTES``."""
     try:
-        rec = json.loads(lock.read_text())
-        return rec if isinstance(rec, dict) else {}
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except OSError:  # a symbolic link (ELOOP), no permission, ...
         return {}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        data = os.read(fd, _MAX_LOCK_BYTES + 1)
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
+    try:
+        rec = json.loads(data.decode("utf-8")) if len(data) <= _MAX_LOCK_BYTES else None
+    except (ValueError, RecursionError):  # not UTF-8 or not JSON (a huge number included)
+        return {}
+    return rec if _well_formed(rec) else {}
+
+
+def _well_formed(rec: object) -> bool:
+    """Whether ``rec`` is a record as ``my_record`` writes it: a pid a process can have, a
+    finite start time, text where text goes."""
+    if not isinstance(rec, dict):
+        return False
+    pid, started = rec.get("pid"), rec.get("start_time")
+    return (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid <= _MAX_PID
+            and isinstance(started, (int, float)) and not isinstance(started, bool)
+            and math.isfinite(started)
+            and all(isinstance(rec.get(k), str) for k in ("host", "token"))
+            and all(isinstance(rec.get(k, ""), str) for k in ("since", "command"))
+            and isinstance(rec.get("slurm_job_id"), (str, type(None))))
 
 
 def _alive_here(rec: dict) -> bool:
     """Whether the holder (on this host) still runs: same pid *and* same start time."""
-    try:
-        pid, started = int(rec["pid"]), float(rec["start_time"])
-    except (KeyError, TypeError, ValueError):
-        return True  # cannot tell: do not take it over
-    now = _start_time(pid)
-    return now is not None and abs(now - started) < 1.0
+    now = _start_time(rec["pid"])
+    return now is not None and abs(now - rec["start_time"]) < 1.0
 
 
 def _verdict(rec: dict, me: dict) -> str | None:
@@ -142,13 +178,13 @@ class RunLock:
             self.release()
             raise
         finally:
-            tmp.unlink(missing_ok=True)
+            discard(tmp)
 
     def _in_use(self, rec: dict, why: str) -> str:
         where = f"{self.what} {self.dir} is in use by another run"
         if why == "unreadable":
-            return (f"{where} (lock {self.file} is unreadable; remove it if no run uses "
-                    f"{self.dir})")
+            return (f"{where} (lock {self.file} is unreadable or malformed; remove it if no "
+                    f"run uses {self.dir})")
         hint = "" if why == "alive" else \
             "; that host cannot be checked from here: remove the lock if that run has ended"
         return f"{where} ({_describe(rec)}, lock {self.file}){hint}"
@@ -174,24 +210,31 @@ class RunLock:
             os.replace(tmp, self.file)  # atomic: the lock is never absent meanwhile
             return True
         finally:
-            guard.unlink(missing_ok=True)
+            discard(guard)
 
     def release(self) -> None:
-        """Remove the lock if this process holds it (not a forked child, not a taker-over)."""
+        """Remove the lock if this process holds it (not a forked child, not a taker-over).
+        Never raises: it runs on the way out of every failure (a save directory made read-only
+        has already been reported; its lock is then left for the next run to take over), and
+        it is tried once only (not again at exit)."""
         if self.record is None or self.record["pid"] != os.getpid():
             return
-        rec = _read(self.file)
-        if rec is not None and rec.get("token") == self.record["token"]:
-            self.file.unlink(missing_ok=True)
+        record, created = self.record, self.created
+        self.record, self.created = None, []
+        if self in _HELD:
+            _HELD.remove(self)
+        try:
+            rec = _read(self.file)
+            if rec is not None and rec.get("token") == record["token"]:
+                self.file.unlink(missing_ok=True)
+        except OSError:  # read-only, gone with its filesystem: nothing more to do here
+            return
         # A run that ends before writing anything leaves no empty directories behind either.
-        for d in self.created:
+        for d in created:
             try:
                 d.rmdir()
             except OSError:  # not empty (the run wrote there) or gone: keep the rest
                 break
-        self.record, self.created = None, []
-        if self in _HELD:
-            _HELD.remove(self)
 
 
 # Locks this process holds, for ``release_all``.

@@ -14,9 +14,10 @@ from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import check_paths, planned_world_size, validate
 from megatron_ext.errors import UsageError, UserError, one_line
 from megatron_ext.platform import children, launch
-from megatron_ext.platform.cli import ArgumentParser
+from megatron_ext.platform.cli import ArgumentParser, safe_console
 from megatron_ext.platform.launch import is_rank0
 from megatron_ext.platform.quiet import quiet_process
+from megatron_ext.platform.run_files import check_run_io
 from megatron_ext.platform.run_lock import RunLocks
 from megatron_ext.training import dry_run, signals
 from megatron_ext.training.console import warn
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None, extra_callbacks: Sequence[Factory] = ())
     start-up signal or a Ctrl-C the process ends here (exit 0 or 130), without returning.
     ``extra_callbacks``: factories ``Run -> Callback`` added to the run's callbacks (a launcher
     of one's own, e.g. a test's)."""
+    safe_console()  # a character the terminal cannot show is escaped, never a traceback
     preempt = signals.install()
     children.bind_helpers()  # megatron's checkpoint writers end with this process
     if children.launched_by_torchrun():  # torchrun starts workers in sessions of their own
@@ -181,6 +183,7 @@ def _main(argv: list[str] | None, preempt: Preemption, extra_callbacks: Sequence
             cfg.logging.output_dir = f"runs/{Path(args.config).stem if args.config else 'default'}"
         if not info_only:
             check_paths(cfg)
+            check_run_io(cfg, args.config)  # outputs vs inputs, no run file through a link
     except UserError as e:  # the config, or the launcher's environment
         return _fail(f"config error: {e}")
     if args.print_config:

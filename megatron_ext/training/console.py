@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from megatron_ext.platform.cli import warn as _warn
 
 
 def log(msg: str) -> None:
@@ -10,7 +10,8 @@ def log(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+    """``WARNING: msg`` on stderr: the same line a tool prints (``platform.cli.warn``)."""
+    _warn(msg)
 
 
 def reason(e: BaseException) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ext.config.schema import LoggingConfig
+from megatron_ext.platform.fs import open_append
 from megatron_ext.training.console import log, reason, warn
 from megatron_ext.training.wandb_sink import WandbSink
 
@@ -32,7 +33,7 @@ class MetricsWriter:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        self._jsonl = open_append(self.jsonl_path)  # never through a symbolic link
         if cfg.wandb.mode != "disabled":
             self._wandb = WandbSink.start(cfg, run_dir, resolved_config, run_name)
         if cfg.tensorboard:

@@ -11,6 +11,8 @@ from megatron_ext.config.loader import to_dict, to_yaml
 from megatron_ext.config.schema import Config
 from megatron_ext.platform import patches
 from megatron_ext.platform.dist import Layout
+from megatron_ext.platform.fs import atomic_write
+from megatron_ext.platform.run_files import CONFIG_FILE
 from megatron_ext.training import callbacks
 from megatron_ext.training.console import log, warn
 from megatron_ext.training.cuda_graph import step_runner
@@ -32,10 +34,10 @@ def train(cfg: Config, layout: Layout, preempt: Preemption,
     if rank0:
         log(f"backends: {run.backends.describe()}")
     out = run_dir(cfg)
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
     state = _initial_state(run, rank0)
+    if rank0:  # after the checkpoints were read: a refused start writes nothing
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / CONFIG_FILE, to_yaml(cfg))  # a link there is replaced, not followed
     writer = MetricsWriter(cfg.logging, out, to_dict(cfg), cfg.logging.wandb.name or "run",
                            enabled=rank0)
     try:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from megatron_ext.config.schema import LoggingConfig
+from megatron_ext.platform.fs import atomic_write
 from megatron_ext.training.console import reason as _reason
 from megatron_ext.training.console import warn
 
@@ -290,6 +291,6 @@ def _stable_run_id(run_dir: Path) -> str:
     if id_file.exists():
         return id_file.read_text().strip()
     rid = uuid.uuid4().hex[:12]
-    id_file.write_text(rid)
+    atomic_write(id_file, rid)  # a link there is replaced, never written through
     return rid
 

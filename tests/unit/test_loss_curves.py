@@ -40,7 +40,9 @@ def test_cli_bad_input(tmp_path):
     (tmp_path / "broken/metrics.jsonl").write_text("{not json\n")
     for args, msg in ((["--run", f"x={tmp_path / 'missing'}"], "metrics.jsonl not found"),
                       (["--run", "nolabel"], "expected LABEL=RUN_DIR"),
-                      (["--run", f"b={tmp_path / 'broken'}"], "metrics.jsonl:1 is not JSON")):
+                      (["--run", f"b={tmp_path / 'broken'}"],
+                       "metrics.jsonl has no training records (skipped 1 malformed line of 1; "
+                       "first line 1: not JSON)")):
         proc = run_cli(["-m", "megatron_ext.cli.loss_curves", *args,
                         "--output", str(tmp_path / "o")])
         assert proc.returncode == 2

@@ -146,10 +146,41 @@ def test_same_slurm_job_but_live_on_this_host_is_refused(holder, monkeypatch):
         RunLock(path, "checkpoint.save").acquire()
 
 
-def test_unreadable_lock_is_refused(tmp_path):
-    (tmp_path / ".lock").write_text("")
-    with pytest.raises(ConfigError, match="is unreadable; remove it if no run uses"):
+def _make_lock(path, kind: str) -> None:
+    """A lock file that no run of ours wrote: empty, garbage, or a record with a field that no
+    live process can have (pid 1e400 reads as inf, -5, a string, true, past pid_max)."""
+    lock = path / ".lock"
+    raw = {"empty": b"", "binary": b"\xff\xfe\x00garbage", "array": b"[1, 2]",
+           "huge": b"{" + b" " * (1 << 17) + b"}", "deep": b"[" * 100_000}
+    if kind in raw:
+        lock.write_bytes(raw[kind])
+    elif kind == "fifo":  # a reader that opened it plainly would wait forever
+        os.mkfifo(lock)
+    elif kind == "link to /dev/zero":  # ... or read forever
+        lock.symlink_to("/dev/zero")
+    elif kind == "directory":
+        lock.mkdir()
+    else:
+        field, value = kind.split("=", 1)  # the value as raw JSON text (1e400, NaN, ...)
+        rec = {**my_record(), "pid": 4321, "start_time": 1.0, field: "@VALUE@"}
+        lock.write_text(json.dumps(rec).replace('"@VALUE@"', value))
+
+
+@pytest.mark.parametrize("kind", [
+    "empty", "binary", "array", "huge", "deep", "fifo", "link to /dev/zero", "directory",
+    "pid=1e400", "pid=-5", "pid=0", 'pid="4321"', "pid=true", "pid=99999999999999999999",
+    "pid=4321.5", "start_time=NaN", "start_time=Infinity", 'start_time="yesterday"',
+    "start_time=null", "host=17", "token=[]", 'slurm_job_id={"a": 1}'])
+def test_unreadable_or_malformed_lock_is_refused(tmp_path, kind):
+    _make_lock(tmp_path, kind)
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as e:
         RunLock(tmp_path, "checkpoint.save").acquire()
+    assert time.monotonic() - start < 5  # no read of an endless file, no wait on a FIFO
+    message = str(e.value)
+    assert "is unreadable or malformed; remove it if no run uses" in message, message
+    assert "\n" not in message and len(message) < 500
+    assert os.path.lexists(tmp_path / ".lock")  # someone else's file: left as it was
 
 
 def test_forked_child_does_not_release_and_second_lock_is_rolled_back(tmp_path, holder):

@@ -5,7 +5,7 @@ Stages, each output under ``--output``:
 1. ``dense/``: a dense Llama with the run's shape, transformers' own random init (seeded);
 2. ``moe-hf/``: Drop-Upcycling of it with the config's ``upcycling`` section (HF Mixtral; theirs
    loads it), ``moe-mcore/``: that converted to our format (ours loads it); both by the code
-   behind ``tools/convert/upcycle.py`` and ``hf_to_mcore.py``, validated by logits;
+   behind ``moe-upcycle`` and ``moe-hf-to-mcore``, validated by logits;
 3. ``ours/``: ``pretrain_moe.py`` with ``checkpoint.load = moe-mcore``, one metrics record per
    step (loss, aux_loss, grad_norm, lr, per-layer expert load);
 4. theirs: ``reference.ReferenceTrainer`` on ``moe-hf``, fed the micro-batches our run read:

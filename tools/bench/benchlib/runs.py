@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
+from megatron_ext.analysis.metrics_log import read_metrics
 from megatron_ext.platform.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -21,5 +21,4 @@ def train(args: list[str], run_dir: Path, what: str) -> list[dict]:
     if proc.returncode != 0:
         raise SystemExit(f"error: the {what} failed (exit {proc.returncode}): "
                          f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return read_metrics(run_dir / "metrics.jsonl").records  # the one reader of the file
