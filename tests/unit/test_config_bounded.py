@@ -20,7 +20,7 @@ import yaml
 from megatron_ext.checkpoint import manifest
 from megatron_ext.checkpoint.store import CheckpointError, find_resumable
 from megatron_ext.config.loader import MAX_EXPANDED, ConfigError, check_expansion, load_config
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 from tests.resilience import small_args
 
 MAX_LINE = 300  # characters a message may add to the paths it names
@@ -222,9 +222,9 @@ def test_ten_megabyte_saved_config_is_not_read(trained, tmp_path):
 
 
 @pytest.mark.parametrize("tool, field, value, needle", [
-    ("tools/generate.py", "train.seed", BOMB, "aliases expand it past"),
-    ("tools/generate.py", "model.hidden_size", "1048576", "model.hidden_size: must be <= 65536"),
-    ("tools/convert/mcore_to_hf.py", "model.rotary_base", ".nan", "must be a finite number"),
+    ("generate", "train.seed", BOMB, "aliases expand it past"),
+    ("generate", "model.hidden_size", "1048576", "model.hidden_size: must be <= 65536"),
+    ("mcore_to_hf", "model.rotary_base", ".nan", "must be a finite number"),
 ], ids=["generate-bomb", "generate-huge", "mcore_to_hf-nan"])
 def test_real_tools_refuse_a_strangers_checkpoint(trained, tmp_path, tool, field, value, needle):
     d = stranger(trained, tmp_path, field, value)
@@ -237,65 +237,62 @@ def test_real_tools_refuse_a_strangers_checkpoint(trained, tmp_path, tool, field
 
 # --- the tools' number flags -----------------------------------------------------------------
 FLAGS = [  # (tool, its arguments, what the one line says)
-    ("tools/convert/upcycle.py", ["--num-experts", "1000000"],
+    ("upcycle", ["--num-experts", "1000000"],
      "argument --num-experts: must be <= 1024 (moe.num_experts), got 1000000"),
-    ("tools/convert/upcycle.py", ["--top-k", "2.5"], "argument --top-k: expected an integer"),
-    ("tools/convert/upcycle.py", ["--seed", str(2**70)],
+    ("upcycle", ["--top-k", "2.5"], "argument --top-k: expected an integer"),
+    ("upcycle", ["--seed", str(2**70)],
      "argument --seed: must be <= 4294967295 (upcycling.seed), got 1.180e+21"),
-    ("tools/convert/upcycle.py", ["--seed", "9" * 5000],
+    ("upcycle", ["--seed", "9" * 5000],
      "argument --seed: an integer of 5000 digits is out of range (upcycling.seed)"),
-    ("tools/convert/upcycle.py", ["--ratio", "nan"], "argument --ratio: must be a finite number"),
-    ("tools/convert/upcycle.py", ["--ratio", "1.5"], "must be <= 1 (upcycling.ratio), got 1.5"),
-    ("tools/convert/upcycle.py", ["--noise-std=-inf"], "argument --noise-std: must be a finite"),
-    ("tools/convert/upcycle.py", ["--max-shard-size", "inf"],
+    ("upcycle", ["--ratio", "nan"], "argument --ratio: must be a finite number"),
+    ("upcycle", ["--ratio", "1.5"], "must be <= 1 (upcycling.ratio), got 1.5"),
+    ("upcycle", ["--noise-std=-inf"], "argument --noise-std: must be a finite"),
+    ("upcycle", ["--max-shard-size", "inf"],
      "argument --max-shard-size: bad size"),
-    ("tools/convert/mcore_to_hf.py", ["--max-shard-size", "1e400GB"],
+    ("mcore_to_hf", ["--max-shard-size", "1e400GB"],
      "argument --max-shard-size: size '1e400GB' must be from 1 byte to 1 PiB"),
-    ("tools/generate.py", ["--seed", str(2**70)], "argument --seed: must be <= 4294967295"),
-    ("tools/generate.py", ["--max-new-tokens", "1" + "0" * 20], "argument --max-new-tokens: must"),
-    ("tools/generate.py", ["--temperature", "nan"], "argument --temperature: must be a finite"),
-    ("tools/generate.py", ["--batch-size", "x" * 100_000],
+    ("generate", ["--seed", str(2**70)], "argument --seed: must be <= 4294967295"),
+    ("generate", ["--max-new-tokens", "1" + "0" * 20], "argument --max-new-tokens: must"),
+    ("generate", ["--temperature", "nan"], "argument --temperature: must be a finite"),
+    ("generate", ["--batch-size", "x" * 100_000],
      "argument --batch-size: expected an integer, got 'xxxxxxxxxxxxxxxxxxxx'...(100000 "
      "characters)"),
-    ("tools/eval/lm_eval.py", ["--limit", "inf"], "argument --limit: must be a finite number"),
-    ("tools/eval/lm_eval.py", ["--num-fewshot", "-1"], "argument --num-fewshot: must be >= 0"),
-    ("tools/eval/lm_eval.py", ["--seed", "-5"], "argument --seed: must be >= 0 (train.seed)"),
-    ("tools/data/preprocess.py", ["--workers", "0"], "argument --workers: must be >= 1, got 0"),
-    ("tools/data/train_tokenizer.py", ["--vocab-size", str(2**40)],
+    ("lm_eval", ["--limit", "inf"], "argument --limit: must be a finite number"),
+    ("lm_eval", ["--num-fewshot", "-1"], "argument --num-fewshot: must be >= 0"),
+    ("lm_eval", ["--seed", "-5"], "argument --seed: must be >= 0 (train.seed)"),
+    ("preprocess", ["--workers", "0"], "argument --workers: must be >= 1, got 0"),
+    ("train_tokenizer", ["--vocab-size", str(2**40)],
      "argument --vocab-size: must be <= 2147483647 (model.vocab_size)"),
-    ("tools/experiments/compare_inits.py", ["--tokens", str(2**70)],
+    ("compare_inits", ["--tokens", str(2**70)],
      "argument --tokens: must be <= 4611686018427387904 (train.train_tokens), got 1.180e+21"),
-    ("tools/experiments/compare_inits.py", ["--nproc-per-node", "1.5"],
+    ("compare_inits", ["--nproc-per-node", "1.5"],
      "argument --nproc-per-node: expected an integer, got '1.5'"),
-    ("tools/analysis/routing.py", ["--seq-length", "1"], "must be >= 2 (data.seq_length), got 1"),
-    ("tools/analysis/loss_curves.py", ["--smooth", "1"], "argument --smooth: must be < 1, got 1"),
+    ("routing", ["--seq-length", "1"], "must be >= 2 (data.seq_length), got 1"),
+    ("loss_curves", ["--smooth", "1"], "argument --smooth: must be < 1, got 1"),
 ]
 REQUIRED = {  # the rest of each tool's required arguments (never read: the flag fails first)
-    "tools/convert/upcycle.py": ["--input", "/nonexistent", "--output", "/nonexistent/o"],
-    "tools/convert/mcore_to_hf.py": ["--input", "/nonexistent", "--output", "/nonexistent/o"],
-    "tools/generate.py": ["--checkpoint", "/nonexistent", "--prompt", "a"],
-    "tools/eval/lm_eval.py": ["--checkpoint", "/nonexistent", "--tasks", "x"],
-    "tools/data/preprocess.py": ["--input", "/nonexistent", "--output-prefix", "/nonexistent/o",
+    "upcycle": ["--input", "/nonexistent", "--output", "/nonexistent/o"],
+    "mcore_to_hf": ["--input", "/nonexistent", "--output", "/nonexistent/o"],
+    "generate": ["--checkpoint", "/nonexistent", "--prompt", "a"],
+    "lm_eval": ["--checkpoint", "/nonexistent", "--tasks", "x"],
+    "preprocess": ["--input", "/nonexistent", "--output-prefix", "/nonexistent/o",
                                  "--tokenizer", "/nonexistent"],
-    "tools/data/train_tokenizer.py": ["--input", "/nonexistent", "--output", "/nonexistent/o"],
-    "tools/experiments/compare_inits.py": ["--config", "/nonexistent", "--methods", "naive",
+    "train_tokenizer": ["--input", "/nonexistent", "--output", "/nonexistent/o"],
+    "compare_inits": ["--config", "/nonexistent", "--methods", "naive",
                                            "--output", "/nonexistent/o", "--dense", "/x"],
-    "tools/analysis/routing.py": ["--checkpoint", "/nonexistent", "--text", "a=/nonexistent",
+    "routing": ["--checkpoint", "/nonexistent", "--text", "a=/nonexistent",
                                   "--output", "/nonexistent/o"],
-    "tools/analysis/loss_curves.py": ["--run", "a=/nonexistent", "--output", "/nonexistent/o"],
+    "loss_curves": ["--run", "a=/nonexistent", "--output", "/nonexistent/o"],
 }
 
 
 def tool_main(tool: str):
-    """The tool's ``main(argv) -> exit code``, loaded from its file (what ``python TOOL`` runs)."""
-    spec = importlib.util.spec_from_file_location(f"_tool_{Path(tool).stem}", REPO / tool)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """The tool's ``main(argv) -> exit code`` (what its console script runs)."""
+    return importlib.import_module(f"megatron_ext.cli.{tool}").main
 
 
 @pytest.mark.parametrize("tool, args, needle", FLAGS,
-                         ids=[f"{Path(t).stem}{a[0]}-{i}" for i, (t, a, _) in enumerate(FLAGS)])
+                         ids=[f"{t}{a[0]}-{i}" for i, (t, a, _) in enumerate(FLAGS)])
 def test_tool_flags(tool, args, needle, capsys):
     """In this process (the parse fails before any tool imports torch); two below as processes."""
     code = quickly(tool_main(tool), [*REQUIRED[tool], *args])
@@ -308,7 +305,8 @@ def test_tool_flags(tool, args, needle, capsys):
 @pytest.mark.parametrize("index", [0, 9], ids=["upcycle", "generate"])
 def test_tool_flags_in_a_process(index):
     tool, args, needle = FLAGS[index]
-    line = one_line_exit_2(run_cli([tool, *REQUIRED[tool], *args], timeout=TOOL_S))
+    line = one_line_exit_2(run_cli(["-m", f"megatron_ext.cli.{tool}", *REQUIRED[tool], *args],
+                                    timeout=TOOL_S))
     assert needle in line, line
 
 
