@@ -1,0 +1,273 @@
+"""Preprocessing work in chunks: the main process plans, worker processes read and tokenize.
+
+A chunk is described, not shipped: for a plain file (``.txt``, ``.jsonl``) it is a byte range
+``[start, end)`` that the worker reads itself (``RecordReader`` gives it exactly the records
+that start in the range, so adjacent ranges cover every record once whatever the boundaries
+cut). A ``.jsonl.gz`` cannot be seeked into, so the main process decompresses it and cuts the
+stream after a newline into chunks of whole lines (decompressing costs ~1% of tokenizing;
+a worker per file would leave the others idle on one large file, and each worker
+decompressing the whole file to pick its lines would repeat the work N times). A line too long
+for the record limit is skipped there in bounded memory and passed on as a "long" chunk.
+
+A worker returns the chunk's tokens as one numpy array with the documents' lengths, its bad
+records as ``(reason, line)`` with line numbers counted from the chunk's first line, and the
+number of lines and blank lines it covered: the main process does no per-document work.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import multiprocessing
+import os
+import signal
+import zlib
+from collections import deque
+from collections.abc import Iterator, Sequence
+from itertools import chain
+
+import numpy as np
+
+from megatron_ext.data.errors import DataError
+from megatron_ext.data.records import PIECE_BYTES, RecordReader, read_line, split_pieces
+from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
+
+# (file index, kind "txt"/"jsonl", blocks?, payload); payload: ("range", path, start, end|None),
+# ("bytes", whole lines) or ("long", blank?) for one over-limit line of a .jsonl.gz.
+Unit = tuple[int, str, bool, tuple]
+# (file index, tokens, document lengths, [(reason, line in chunk)], lines covered, blank lines)
+Result = tuple[int, np.ndarray, np.ndarray, list[tuple[str, int]], int, int]
+
+
+def input_kind(path: str) -> str:
+    if path.endswith(".txt"):
+        return "txt"
+    if path.endswith(".jsonl") or path.endswith(".jsonl.gz"):
+        return "jsonl"
+    raise DataError(f"unsupported input type: {path} (expected .txt, .jsonl, .jsonl.gz)")
+
+
+def plan_units(inputs: Sequence[str], txt_mode: str, chunk_bytes: int,
+               limit: int) -> Iterator[tuple[Unit, int]]:
+    """Every chunk of every input in order, with the input bytes (on disk) done after it."""
+    done_before = 0
+    for index, path in enumerate(inputs):
+        kind = input_kind(path)
+        blocks = kind == "txt" and txt_mode == "blocks"
+        size = os.path.getsize(path)
+        if path.endswith(".gz"):
+            for payload, position in _gzip_chunks(path, chunk_bytes, limit):
+                yield (index, kind, blocks, payload), done_before + position
+        else:
+            for start in range(0, size, chunk_bytes):
+                end = start + chunk_bytes
+                payload = ("range", path, start, end if end < size else None)
+                yield (index, kind, blocks, payload), done_before + min(end, size)
+        done_before += size
+
+
+def _gzip_chunks(path: str, chunk_bytes: int, limit: int) -> Iterator[tuple[tuple, int]]:
+    """Whole-line chunks of a gzip file, and its compressed position after each. Damage (not
+    gzip, a cut or corrupt stream, a CRC mismatch) is a DataError naming the last line read."""
+    lines = 0
+    try:
+        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+            carry = b""
+            while True:
+                block = stream.read(chunk_bytes)
+                data = carry + block
+                cut = data.rfind(b"\n") + 1 if block else len(data)
+                if cut:
+                    lines += data.count(b"\n", 0, cut)
+                    yield ("bytes", data[:cut]), raw.tell()
+                carry = data[cut:]
+                if not block:
+                    return
+                if len(carry) > limit:  # one line over the limit: skip its rest, hold nothing
+                    rest, _ = read_line(stream, 0)
+                    lines += 1
+                    yield ("long", not carry.strip() and rest is not None), raw.tell()
+                    carry = b""
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        where = f" after line {lines}" if lines else ""
+        raise DataError(f"cannot read {path}{where}: {type(err).__name__}: {err}") from err
+
+
+def read_unit(payload: tuple, blocks: bool,
+              limit: int) -> tuple[list[tuple[int, bytes | None]], int, int]:
+    """(records, lines covered, blank lines) of one chunk."""
+    if payload[0] == "long":
+        blank = payload[1]
+        return ([] if blank else [(1, None)]), 1, int(blank)
+    if payload[0] == "bytes":
+        reader = RecordReader(io.BytesIO(payload[1]), blocks=blocks, limit=limit)
+        return list(reader), reader.lines, reader.blank_lines
+    _, path, start, end = payload
+    try:
+        with open(path, "rb") as handle:
+            reader = RecordReader(handle, blocks=blocks, limit=limit, start=start, end=end)
+            return list(reader), reader.lines, reader.blank_lines
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def parse(kind: str, records: list[tuple[int, bytes | None]], json_key: str):
+    """Return (texts, their line numbers, [(reason, line), ...])."""
+    texts: list[str] = []
+    lines: list[int] = []
+    skips: list[tuple[str, int]] = []
+    for line_no, raw in records:
+        if raw is None:
+            skips.append(("too_long", line_no))
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            # Point at the exact line inside a multi-line block.
+            for offset, part in enumerate(raw.split(b"\n")):
+                try:
+                    part.decode("utf-8")
+                except UnicodeDecodeError:
+                    skips.append(("invalid_utf8", line_no + offset))
+                    break
+            continue
+        if kind == "jsonl":
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                skips.append(("malformed_json", line_no))
+                continue
+            if not isinstance(obj, dict):
+                skips.append(("malformed_json", line_no))
+                continue
+            if json_key not in obj:
+                skips.append(("missing_key", line_no))
+                continue
+            text = obj[json_key]
+            if not isinstance(text, str):
+                skips.append(("not_a_string", line_no))
+                continue
+        if not text.strip():
+            skips.append(("empty_document", line_no))
+            continue
+        texts.append(text)
+        lines.append(line_no)
+    return texts, lines, skips
+
+
+def text_pieces(text: str, piece_bytes: int = PIECE_BYTES) -> list[str]:
+    """``text`` itself, or its pieces (``split_pieces``) when it is over ``piece_bytes``; a
+    text that is not valid Unicode (a lone surrogate from a JSON escape) stays whole."""
+    if len(text) <= piece_bytes // 4:  # at most 4 bytes a character: surely short enough
+        return [text]
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        return [text]  # the tokenizer refuses it: counted as invalid_utf8
+    if len(data) <= piece_bytes:
+        return [text]
+    return [piece.decode("utf-8") for piece in split_pieces(data, piece_bytes)]
+
+
+def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[list[int] | None]:
+    try:
+        return list(tokenizer.encode_batch(texts))
+    except (TypeError, ValueError, UnicodeError):
+        # Lone surrogates from JSON escapes ("\ud800") cannot be encoded; find them one by one.
+        out: list[list[int] | None] = []
+        for text in texts:
+            try:
+                out.append(tokenizer.encode(text))
+            except (TypeError, ValueError, UnicodeError):
+                out.append(None)
+        return out
+
+
+def encode_documents(tokenizer: Tokenizer, texts: list[str],
+                     piece_bytes: int = PIECE_BYTES) -> list[list[int] | None]:
+    """Token ids per text (None: cannot be encoded); long texts are encoded piece by piece
+    (``text_pieces``) and their pieces' ids concatenated."""
+    split = [text_pieces(text, piece_bytes) for text in texts]
+    if all(len(pieces) == 1 for pieces in split):
+        return _encode_batch(tokenizer, texts)
+    flat = _encode_batch(tokenizer, [piece for pieces in split for piece in pieces])
+    out: list[list[int] | None] = []
+    at = 0
+    for pieces in split:
+        ids = flat[at : at + len(pieces)]
+        at += len(pieces)
+        out.append(None if any(i is None for i in ids) else list(chain.from_iterable(ids)))
+    return out
+
+
+_STATE: dict = {}
+
+
+def init_worker(tokenizer: Tokenizer | str, json_key: str, append_eod: bool, dtype: str,
+                limit: int) -> None:
+    if isinstance(tokenizer, str):
+        # In a pool worker: Ctrl-C/SIGTERM are the parent's business (it terminates the pool).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        tokenizer = load_tokenizer(tokenizer)
+    _STATE.update(tokenizer=tokenizer, json_key=json_key, append_eod=append_eod, dtype=dtype,
+                  limit=limit)
+
+
+def process_unit(unit: Unit) -> Result:
+    """Worker: read, parse and tokenize one chunk; see the module docstring."""
+    file_index, kind, blocks, payload = unit
+    tokenizer: Tokenizer = _STATE["tokenizer"]
+    records, lines, blanks = read_unit(payload, blocks, _STATE["limit"])
+    texts, text_lines, skips = parse(kind, records, _STATE["json_key"])
+    eod = [tokenizer.eod] if _STATE["append_eod"] else []
+    parts: list[list[int]] = []
+    lengths: list[int] = []
+    for ids, line_no in zip(encode_documents(tokenizer, texts), text_lines, strict=True):
+        if ids is None:
+            skips.append(("invalid_utf8", line_no))
+        elif not ids:
+            skips.append(("empty_document", line_no))
+        else:
+            parts.append(ids)
+            parts.append(eod)
+            lengths.append(len(ids) + len(eod))
+    total = sum(lengths)
+    flat = np.fromiter(chain.from_iterable(parts), dtype=_STATE["dtype"], count=total)
+    skips.sort(key=lambda item: item[1])
+    return file_index, flat, np.array(lengths, dtype=np.int64), skips, lines, blanks
+
+
+def ordered_results(units: Iterator[tuple[Unit, int]], workers: int,
+                    init_args: tuple) -> Iterator[tuple[Result, int]]:
+    """Yield (result, progress bytes) in input order, tokenizing on ``workers`` processes.
+
+    Pool.imap would drain the whole input into its task queue ahead of the workers; a bounded
+    window of in-flight apply_async calls keeps order and memory bounded (a few chunks per worker).
+    """
+    if workers == 1:
+        init_worker(*init_args)
+        for unit, done in units:
+            yield process_unit(unit), done
+        return
+    worker_args = (init_args[0].path, *init_args[1:])
+    pool = multiprocessing.Pool(workers, initializer=init_worker, initargs=worker_args)
+    try:
+        window: deque = deque()
+        for unit, done in units:
+            window.append((pool.apply_async(process_unit, (unit,)), done))
+            if len(window) >= 4 * workers:
+                pending, done_ = window.popleft()
+                yield pending.get(), done_
+        while window:
+            pending, done_ = window.popleft()
+            yield pending.get(), done_
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def clear_state() -> None:
+    _STATE.clear()
