@@ -17,15 +17,16 @@ as one document (for byte-level BPE the same tokens as whole; see ``records``).
 
 Work (``megatron_ext.data.chunks``): workers read their own byte ranges of each file, tokenize
 whole chunks and return a token array with the documents' lengths; this process writes each
-chunk's tokens with one write and the documents' index entries with one list extension. The
-output is byte-identical for any number of workers and chunk size.
+chunk with one write (``indexed_writer``). The output is byte-identical for any number of
+workers and chunk size.
 
-Output is written with megatron-core's ``IndexedDatasetBuilder`` (uint16 tokens when the vocabulary
-is below 65500, else int32 -- megatron's ``DType.optimal_dtype``) into hidden temporary files next
-to the prefix, which are renamed into place only at the very end: the old ``.idx`` is removed
-first, then ``.bin`` and last ``.idx`` are renamed. A run killed at any point therefore never
-leaves a ``.bin``/``.idx`` pair that looks complete; temporary files are removed on errors,
-Ctrl-C and SIGTERM (under SIGKILL they stay behind, hidden, and never under the final names).
+Output is written in megatron-core's indexed format (``indexed_writer``: uint16 tokens when the
+vocabulary is below 65500, else int32 -- megatron's ``DType.optimal_dtype``) into hidden
+temporary files next to the prefix, which are renamed into place only at the very end: the old
+``.idx`` is removed first, then ``.bin`` and last ``.idx`` are renamed. A run killed at any
+point therefore never leaves a ``.bin``/``.idx`` pair that looks complete; temporary files are
+removed on errors, Ctrl-C and SIGTERM (under SIGKILL they stay behind, hidden, and never under
+the final names).
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
-
-import numpy as np
 
 from megatron_ext.data.chunks import (
     clear_state,
@@ -56,7 +55,6 @@ from megatron_ext.data.records import (
 )
 from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_ext.platform.fs import check_disjoint, signals_deferred
-from megatron_ext.platform.quiet import quiet_megatron
 
 TXT_MODES = ("blocks", "lines")
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
@@ -152,18 +150,6 @@ def _temp_paths(output_prefix: str) -> tuple[str, str]:
     return f"{stem}.bin", f"{stem}.idx"
 
 
-def _add_documents(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
-    """``builder.add_document(doc, [len(doc)])`` for every document of a chunk, at once: one
-    write and two list extensions instead of a call per document (8.8% of all the work on short
-    documents). It extends the lists that megatron-core 0.16.1's builder keeps and ``finalize``
-    writes (megatron-core is pinned, patches.TESTED_VERSIONS); the tests compare the result with
-    per-document ``add_document`` byte for byte."""
-    builder.data_file.write(tokens.data)
-    first = len(builder.sequence_lengths)
-    builder.sequence_lengths.extend(lengths.tolist())
-    builder.document_indices.extend(range(first + 1, first + len(lengths) + 1))
-
-
 def _validate(inputs: Sequence[str], output_prefix: str, txt_mode: str, workers: int,
               tokenizer_path: str | None) -> None:
     if not inputs:
@@ -210,8 +196,8 @@ def preprocess(
               tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "path", None))
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
-    with quiet_megatron():  # its package import warns about optional GPU libraries
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    # why here: megatron-core takes seconds to import; bad arguments are reported before
+    from megatron_ext.data.indexed_writer import ChunkWriter, DType
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     report = PreprocessReport(output_prefix, inputs, dtype=dtype.__name__, workers=workers)
@@ -224,7 +210,7 @@ def preprocess(
     committed = False
     builder = results = None
     try:
-        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+        builder = ChunkWriter(tmp_bin, dtype)
         init_args = (tokenizer, json_key, append_eod, dtype.__name__, max_record_bytes)
         units = plan_units(inputs, txt_mode, chunk_bytes, max_record_bytes)
         results = ordered_results(units, workers, init_args)
@@ -237,7 +223,7 @@ def preprocess(
                     raise DataError(f"{where}: {SKIP_REASONS[reason]} (--strict)")
                 report.add_skip(reason, where)
             lines_before[file_index] += lines
-            _add_documents(builder, flat, lengths)
+            builder.add_documents(flat, lengths)
             report.documents += len(lengths)
             report.tokens += int(flat.size)
             report.input_bytes = done
@@ -269,7 +255,7 @@ def preprocess(
             os.environ["TOKENIZERS_PARALLELISM"] = saved_env
         if not committed:
             if builder is not None:
-                builder.data_file.close()  # idempotent; the file may still be open on errors
+                builder.close()  # idempotent; the file may still be open on errors
             for path in (tmp_bin, tmp_idx):
                 if os.path.exists(path):
                     os.remove(path)
