@@ -30,7 +30,7 @@ from itertools import chain
 import numpy as np
 
 from megatron_ext.data.errors import DataError
-from megatron_ext.data.records import PIECE_BYTES, RecordReader, read_line, split_pieces
+from megatron_ext.data.records import PIECE_BYTES, READ_BUFFER, RecordReader, split_pieces
 from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
 
 # (file index, kind "txt"/"jsonl", blocks?, payload); payload: ("range", path, start, end|None),
@@ -73,22 +73,34 @@ def _gzip_chunks(path: str, chunk_bytes: int, limit: int) -> Iterator[tuple[tupl
     lines = 0
     try:
         with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as stream:
-            carry = b""
-            while True:
-                block = stream.read(chunk_bytes)
-                data = carry + block
-                cut = data.rfind(b"\n") + 1 if block else len(data)
-                if cut:
-                    lines += data.count(b"\n", 0, cut)
-                    yield ("bytes", data[:cut]), raw.tell()
-                carry = data[cut:]
-                if not block:
-                    return
-                if len(carry) > limit:  # one line over the limit: skip its rest, hold nothing
-                    rest, _ = read_line(stream, 0)
+            pending: list[bytes] = []  # the start of a line that no block so far has ended
+            held = 0
+            skipping, blank = False, True  # inside a line over the limit; all whitespace so far
+            while block := stream.read(chunk_bytes):
+                if skipping:
+                    end = block.find(b"\n")
+                    blank = blank and not block[: len(block) if end < 0 else end].strip()
+                    if end < 0:
+                        continue
                     lines += 1
-                    yield ("long", not carry.strip() and rest is not None), raw.tell()
-                    carry = b""
+                    yield ("long", blank), raw.tell()
+                    skipping, block = False, block[end + 1 :]
+                cut = block.rfind(b"\n") + 1
+                if cut:
+                    data = b"".join([*pending, block[:cut]])
+                    lines += data.count(b"\n")
+                    yield ("bytes", data), raw.tell()
+                    pending, held = [block[cut:]], len(block) - cut
+                else:
+                    pending.append(block)
+                    held += len(block)
+                if held > limit:  # a line over the limit: read on to its end, holding nothing
+                    skipping, blank = True, not any(part.strip() for part in pending)
+                    pending, held = [], 0
+            if skipping:
+                yield ("long", blank), raw.tell()
+            elif held:
+                yield ("bytes", b"".join(pending)), raw.tell()
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         where = f" after line {lines}" if lines else ""
         raise DataError(f"cannot read {path}{where}: {type(err).__name__}: {err}") from err
@@ -105,7 +117,7 @@ def read_unit(payload: tuple, blocks: bool,
         return list(reader), reader.lines, reader.blank_lines
     _, path, start, end = payload
     try:
-        with open(path, "rb") as handle:
+        with open(path, "rb", buffering=READ_BUFFER) as handle:
             reader = RecordReader(handle, blocks=blocks, limit=limit, start=start, end=end)
             return list(reader), reader.lines, reader.blank_lines
     except OSError as err:
@@ -156,18 +168,20 @@ def parse(kind: str, records: list[tuple[int, bytes | None]], json_key: str):
     return texts, lines, skips
 
 
-def text_pieces(text: str, piece_bytes: int = PIECE_BYTES) -> list[str]:
-    """``text`` itself, or its pieces (``split_pieces``) when it is over ``piece_bytes``; a
-    text that is not valid Unicode (a lone surrogate from a JSON escape) stays whole."""
+def text_pieces(text: str, piece_bytes: int = PIECE_BYTES) -> Iterator[str]:
+    """``text`` itself, or its pieces (``split_pieces``) one by one when it is over
+    ``piece_bytes``; a text that is not valid Unicode (a lone surrogate from a JSON escape)
+    stays whole."""
     if len(text) <= piece_bytes // 4:  # at most 4 bytes a character: surely short enough
-        return [text]
+        yield text
+        return
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError:
-        return [text]  # the tokenizer refuses it: counted as invalid_utf8
-    if len(data) <= piece_bytes:
-        return [text]
-    return [piece.decode("utf-8") for piece in split_pieces(data, piece_bytes)]
+        yield text  # the tokenizer refuses it: counted as invalid_utf8
+        return
+    for piece in split_pieces(data, piece_bytes):
+        yield piece.decode("utf-8")
 
 
 def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[list[int] | None]:
@@ -184,21 +198,36 @@ def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[list[int] | No
         return out
 
 
+def _encode_long(tokenizer: Tokenizer, text: str, piece_bytes: int) -> np.ndarray | None:
+    """A long text's ids, encoded piece by piece: one piece's encoding alive at a time (the
+    tokenizer's ~140 bytes per byte), the ids kept as int32 arrays, not Python lists."""
+    ids = []
+    for piece in text_pieces(text, piece_bytes):
+        encoded = _encode_batch(tokenizer, [piece])[0]
+        if encoded is None:
+            return None
+        ids.append(np.array(encoded, dtype=np.int32))
+    return np.concatenate(ids)
+
+
 def encode_documents(tokenizer: Tokenizer, texts: list[str],
-                     piece_bytes: int = PIECE_BYTES) -> list[list[int] | None]:
-    """Token ids per text (None: cannot be encoded); long texts are encoded piece by piece
-    (``text_pieces``) and their pieces' ids concatenated."""
-    split = [text_pieces(text, piece_bytes) for text in texts]
-    if all(len(pieces) == 1 for pieces in split):
+                     piece_bytes: int = PIECE_BYTES) -> list[list[int] | np.ndarray | None]:
+    """Token ids per text (None: cannot be encoded). Texts over ``piece_bytes`` are encoded
+    piece by piece (``text_pieces``) into one array; the others together, as lists."""
+    long = {i for i, text in enumerate(texts) if len(text) > piece_bytes // 4}
+    if not long:
         return _encode_batch(tokenizer, texts)
-    flat = _encode_batch(tokenizer, [piece for pieces in split for piece in pieces])
-    out: list[list[int] | None] = []
-    at = 0
-    for pieces in split:
-        ids = flat[at : at + len(pieces)]
-        at += len(pieces)
-        out.append(None if any(i is None for i in ids) else list(chain.from_iterable(ids)))
+    out: list = _encode_batch(tokenizer, ["" if i in long else t for i, t in enumerate(texts)])
+    for i in long:
+        out[i] = _encode_long(tokenizer, texts[i], piece_bytes)
     return out
+
+
+def _flatten(parts: list, dtype: str, total: int) -> np.ndarray:
+    """One array of ``parts`` (lists of ids, and arrays for long documents) back to back."""
+    if not any(isinstance(part, np.ndarray) for part in parts):
+        return np.fromiter(chain.from_iterable(parts), dtype=dtype, count=total)
+    return np.concatenate([np.asarray(part, dtype=dtype) for part in parts if len(part)])
 
 
 _STATE: dict = {}
@@ -222,19 +251,18 @@ def process_unit(unit: Unit) -> Result:
     records, lines, blanks = read_unit(payload, blocks, _STATE["limit"])
     texts, text_lines, skips = parse(kind, records, _STATE["json_key"])
     eod = [tokenizer.eod] if _STATE["append_eod"] else []
-    parts: list[list[int]] = []
+    parts: list = []  # lists of ids (arrays for long documents), each followed by eod
     lengths: list[int] = []
     for ids, line_no in zip(encode_documents(tokenizer, texts), text_lines, strict=True):
         if ids is None:
             skips.append(("invalid_utf8", line_no))
-        elif not ids:
+        elif len(ids) == 0:
             skips.append(("empty_document", line_no))
         else:
             parts.append(ids)
             parts.append(eod)
             lengths.append(len(ids) + len(eod))
-    total = sum(lengths)
-    flat = np.fromiter(chain.from_iterable(parts), dtype=_STATE["dtype"], count=total)
+    flat = _flatten(parts, _STATE["dtype"], sum(lengths))
     skips.sort(key=lambda item: item[1])
     return file_index, flat, np.array(lengths, dtype=np.int64), skips, lines, blanks
 

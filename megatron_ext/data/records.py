@@ -17,8 +17,8 @@ allocation, ``/dev/zero`` never ends. Here instead:
 * ``split_pieces(data, piece_bytes)`` cuts a long document into pieces of at most
   ``piece_bytes`` at a whitespace boundary (never inside a UTF-8 character) for tokenization
   piece by piece: see ``PIECE_BYTES``.
-* ``read_text(path, max_bytes, ...)`` reads a small whole file (prompts) with a bound on the
-  total read.
+* ``read_text(path, max_bytes, ...)`` reads a small whole file with a bound on the total read;
+  ``read_prompts_file`` gives the prompts of a generation prompts file through it.
 
 Limits (measured with the demo byte-level BPE tokenizer, docs/benchmarks.md "Bounded records"):
 Hugging Face ``tokenizers`` peaks at about 140 bytes of memory per byte of one document (a 24 MB
@@ -30,6 +30,7 @@ near 150 MB), and a record above ``DEFAULT_MAX_RECORD_BYTES`` is never read at a
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import zlib
@@ -51,7 +52,13 @@ MAX_RECORD_BYTES = 2**31 - 1  # token counts are int32 in megatron's .idx
 # trains) the tokens are the same as whole-document tokenization, since every piece starts
 # where the pre-tokenizer starts a new word anyway; a piece peaks at ~150 MB in the tokenizer.
 PIECE_BYTES = 2**20
+# A generation prompts file is read whole, then tokenized at once (~140 bytes of memory per byte):
+# 4 MiB of prompts (about a million tokens) stay near 0.6 GB.
+DEFAULT_MAX_PROMPTS_BYTES = 4 * 2**20
 SKIP_BLOCK = 2**20  # how much of an over-limit line is held at once while skipping it
+# Read-ahead of the file objects here: Python's default 8 KiB makes skipping a long line cost
+# a system call (or a call into the gzip reader) per 8 KiB.
+READ_BUFFER = 256 * 2**10
 _SPACE_NO_NEWLINE = b" \t\r\x0b\x0c"  # bytes.strip()'s whitespace, less the newline
 
 
@@ -84,7 +91,7 @@ def _to_line_start(handle: IO[bytes], pos: int, end: float) -> int | None:
     """From ``pos`` (inside a line), the position where the next line starts, or None when no
     line starts before ``end`` or the stream ends first."""
     while True:
-        chunk = handle.readline(SKIP_BLOCK)
+        chunk = handle.readline(int(min(SKIP_BLOCK, max(end - pos, 1))))  # not far past end
         if not chunk:
             return None
         pos += len(chunk)
@@ -227,10 +234,24 @@ def open_records(path: str, blocks: bool, limit: int) -> Iterator[RecordReader]:
     DataError naming the file and the last line read."""
     reader = None
     try:
-        with open(path, "rb") as raw:
-            handle = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
+        with open(path, "rb", buffering=READ_BUFFER) as raw:
+            handle = raw
+            if path.endswith(".gz"):
+                handle = io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), READ_BUFFER)
             reader = RecordReader(handle, blocks=blocks, limit=limit)
             yield reader
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         where = f" after line {reader.lines}" if reader is not None and reader.lines else ""
         raise DataError(f"cannot read {path}{where}: {type(err).__name__}: {err}") from err
+
+
+def read_prompts_file(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_PROMPTS_BYTES,
+                 flag: str = "--max-prompts-bytes") -> list[str]:
+    """The prompts of a prompts file: its non-blank lines (``str.splitlines``), nothing added
+    or stripped, the file read with ``read_text``'s bound; a file without one is a DataError."""
+    check_limit(max_bytes, flag)
+    prompts = [line for line in read_text(path, max_bytes, flag, "prompts file").splitlines()
+               if line.strip()]
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file has no non-empty line)")
+    return prompts

@@ -18,7 +18,12 @@ from collections.abc import Iterator, Sequence
 from megatron_ext.data.chunks import text_pieces
 from megatron_ext.data.errors import DataError
 from megatron_ext.data.preprocess import SKIP_REASONS, iter_valid_texts
-from megatron_ext.data.records import DEFAULT_MAX_RECORD_BYTES, check_limit, read_line
+from megatron_ext.data.records import (
+    DEFAULT_MAX_RECORD_BYTES,
+    READ_BUFFER,
+    check_limit,
+    read_line,
+)
 from megatron_ext.platform.fs import check_disjoint, recover_interrupted, staging
 
 EOD_TOKEN = "<|endoftext|>"
@@ -47,7 +52,7 @@ def _txt_lines(path: str, limit: int, on_skip: _Skips) -> Iterator[str]:
     reader feeds them to the trainer (same merges), but each at most ``limit`` bytes."""
     line_no = 0
     try:
-        with open(path, "rb") as handle:
+        with open(path, "rb", buffering=READ_BUFFER) as handle:
             while True:
                 line, taken = read_line(handle, limit)
                 if not taken:
