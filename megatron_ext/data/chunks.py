@@ -231,14 +231,18 @@ def _flatten(parts: list, dtype: str, total: int) -> np.ndarray:
 
 
 _STATE: dict = {}
+_PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def init_worker(tokenizer: Tokenizer | str, json_key: str, append_eod: bool, dtype: str,
                 limit: int) -> None:
     if isinstance(tokenizer, str):
         # In a pool worker: Ctrl-C/SIGTERM are the parent's business (it terminates the pool).
+        # Both arrive blocked (ordered_results): a SIGTERM from terminate() that came before
+        # this point kills the worker now, silently, instead of raising the parent's Terminated.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
         tokenizer = load_tokenizer(tokenizer)
     _STATE.update(tokenizer=tokenizer, json_key=json_key, append_eod=append_eod, dtype=dtype,
                   limit=limit)
@@ -280,8 +284,15 @@ def ordered_results(units: Iterator[tuple[Unit, int]], workers: int,
             yield process_unit(unit), done
         return
     worker_args = (init_args[0].path, *init_args[1:])
-    pool = multiprocessing.Pool(workers, initializer=init_worker, initargs=worker_args)
+    pool = None
     try:
+        # Forked workers inherit this process's SIGTERM handler (raise Terminated, for cleanup):
+        # until init_worker replaces it, a terminate() would print a worker traceback.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)
+        try:
+            pool = multiprocessing.Pool(workers, initializer=init_worker, initargs=worker_args)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending signal lands here
         window: deque = deque()
         for unit, done in units:
             window.append((pool.apply_async(process_unit, (unit,)), done))
@@ -293,8 +304,9 @@ def ordered_results(units: Iterator[tuple[Unit, int]], workers: int,
             yield pending.get(), done_
         pool.close()
     finally:
-        pool.terminate()
-        pool.join()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
 
 
 def clear_state() -> None:

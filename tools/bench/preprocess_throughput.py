@@ -18,6 +18,8 @@ how much work the code does, and stays put under load.
 own module, beside the current one) on the same inputs, alternating run by run, so the ratio is
 measured under the same load. ``--profile`` adds a cProfile of the main process (2 workers, the
 generated JSONL) for each version: the functions where the main process spends its time.
+``--document-mb 24`` measures the tokenizer's peak memory for one document that large, encoded
+whole (as before the bounded reader) and in pieces (as now), each in its own process.
 Prints a Markdown section ready for docs/benchmarks.md.
 """
 
@@ -134,6 +136,42 @@ def profile_main(run: Callable, inputs: Sequence[str], tokenizer: str, out: str,
     return "\n".join(keep)
 
 
+_MEMORY_PROBE = """
+import os, resource, sys, time
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+from megatron_ext.data.chunks import encode_documents
+from megatron_ext.data.tokenizer import load_tokenizer
+tok = load_tokenizer(sys.argv[1])
+text = open(sys.argv[2], encoding="utf-8").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+usage = resource.getrusage(resource.RUSAGE_SELF)
+cpu = usage.ru_utime + usage.ru_stime
+ids = tok.encode_batch([text])[0] if sys.argv[3] == "whole" else encode_documents(tok, [text])[0]
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(len(ids), (usage.ru_maxrss - before) * 1024, usage.ru_utime + usage.ru_stime - cpu)
+"""
+
+
+def document_memory(tokenizer: str, corpus: list[str], mb: float, tmp: str) -> list[dict]:
+    """Peak memory the tokenizer adds for one document of ``mb`` MB (corpus text repeated),
+    encoded whole (what preprocessing did) and in pieces (``encode_documents``): each in its own
+    process, ru_maxrss after minus before (the document itself is read before)."""
+    english = next(path for path in corpus if os.path.basename(path).startswith("en_"))
+    with open(english, encoding="utf-8") as handle:
+        block = "\n".join(line for line in handle.read().splitlines() if line.strip()) + "\n"
+    path = os.path.join(tmp, "document.txt")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write((block * int(mb * 1e6 // len(block) + 1))[: int(mb * 1e6)])
+    rows = []
+    for how in ("whole", "pieces"):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, tokenizer, path, how],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": REPO}).stdout.split()
+        rows.append({"how": how, "mb": mb, "tokens": int(out[0]), "peak": int(out[1]),
+                     "cpu": float(out[2])})
+    return rows
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +185,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also run megatron_ext/data/preprocess.py of this git revision")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the main process (2 workers, generated JSONL)")
+    parser.add_argument("--document-mb", type=float, default=0.0, metavar="MB",
+                        help="also measure the peak memory of tokenizing one document this "
+                             "large, whole and in pieces (0: skip)")
     return parser.parse_args(argv)
 
 
@@ -188,11 +229,12 @@ def run_all(args: argparse.Namespace, tokenizer: str, corpus: list[str], tmp: st
         for version, run in versions.items():
             profiles[version] = profile_main(run, cases[1][1], tokenizer,
                                              os.path.join(tmp, "bench_profile"))
-    return rows, profiles
+    memory = document_memory(tokenizer, corpus, args.document_mb, tmp) if args.document_mb else []
+    return rows, profiles, memory
 
 
 def print_report(args: argparse.Namespace, argv: Sequence[str] | None, rows: list,
-                 profiles: dict, load: tuple[float, float]) -> None:
+                 profiles: dict, memory: list, load: tuple[float, float]) -> None:
     command = shlex.join(["python", "tools/bench/preprocess_throughput.py",
                           *(argv if argv is not None else sys.argv[1:])])
     print("## Data preprocessing throughput\n")
@@ -228,6 +270,14 @@ def print_report(args: argparse.Namespace, argv: Sequence[str] | None, rows: lis
     for version, text in profiles.items():
         print(f"\ncProfile of the main process, {version}, generated .jsonl, 2 workers:\n")
         print("```\n" + text + "\n```")
+    if memory:
+        print(f"\nOne {args.document_mb:g} MB document (English corpus text repeated), "
+              "tokenizer's added peak RSS:\n")
+        print("| encoded | tokens | added peak RSS | bytes per document byte | CPU s |")
+        print("|---|---:|---:|---:|---:|")
+        for m in memory:
+            print(f"| {m['how']} | {m['tokens']:,} | {m['peak'] / 1e9:.2f} GB | "
+                  f"{m['peak'] / (m['mb'] * 1e6):.0f} | {m['cpu']:.1f} |")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,8 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     corpus = corpus_files()
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="preprocess_bench_") as tmp:
-        rows, profiles = run_all(args, tokenizer, corpus, tmp)
-    print_report(args, argv, rows, profiles, (load_start, os.getloadavg()[0]))
+        rows, profiles, memory = run_all(args, tokenizer, corpus, tmp)
+    print_report(args, argv, rows, profiles, memory, (load_start, os.getloadavg()[0]))
     return 0
 
 
