@@ -20,11 +20,12 @@ allocation, ``/dev/zero`` never ends. Here instead:
 * ``read_text(path, max_bytes, ...)`` reads a small whole file with a bound on the total read;
   ``read_prompts_file`` gives the prompts of a generation prompts file through it.
 
-Limits (measured with the demo byte-level BPE tokenizer, docs/benchmarks.md "Bounded records"):
-Hugging Face ``tokenizers`` peaks at about 140 bytes of memory per byte of one document (a 24 MB
-document: 3.4 GB; under an address-space limit its allocation failure aborts the process).
-Documents above ``PIECE_BYTES`` are therefore tokenized in pieces (the tokenizer's peak stays
-near 150 MB), and a record above ``DEFAULT_MAX_RECORD_BYTES`` is never read at all.
+Limits (measured with the demo byte-level BPE tokenizer, docs/benchmarks.md, "Preprocessing:
+chunked work and bounded records"): Hugging Face ``tokenizers`` peaks at 110-140 bytes of memory
+per byte of one document (a 24 MB document: 3.2 GB; under an address-space limit its failed
+allocation aborts the process). Documents above ``PIECE_BYTES`` are therefore tokenized in
+pieces (the same 24 MB document: 0.26 GB), and a record above ``DEFAULT_MAX_RECORD_BYTES`` is
+never read at all.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from megatron_ext.data.errors import DataError
 
 # A record (a line, a block of lines, a JSON line) longer than this is skipped and counted, or
 # fatal with --strict. Worst case per tokenizing process: the record, its decoded text and its
-# tokens (~5x) plus one piece's tokenization: ~0.3 GB. Real documents are far below (a whole
-# novel is ~1 MB); the flag raises it.
+# tokens plus one piece's tokenization: a 33 MB document adds 0.38 GB to the preprocessing
+# process (measured). Real documents are far below (a whole novel is ~1 MB); the flag raises it.
 DEFAULT_MAX_RECORD_BYTES = 32 * 2**20
 MIN_RECORD_BYTES = 1024
 MAX_RECORD_BYTES = 2**31 - 1  # token counts are int32 in megatron's .idx

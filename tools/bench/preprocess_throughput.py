@@ -136,26 +136,30 @@ def profile_main(run: Callable, inputs: Sequence[str], tokenizer: str, out: str,
     return "\n".join(keep)
 
 
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's RSS at fork (this process's).
 _MEMORY_PROBE = """
-import os, resource, sys, time
+import os, re, resource, sys
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 from megatron_ext.data.chunks import encode_documents
 from megatron_ext.data.tokenizer import load_tokenizer
+def hwm():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read()).group(1)) * 1024
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 tok = load_tokenizer(sys.argv[1])
 text = open(sys.argv[2], encoding="utf-8").read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-usage = resource.getrusage(resource.RUSAGE_SELF)
-cpu = usage.ru_utime + usage.ru_stime
+before, start = hwm(), cpu()
 ids = tok.encode_batch([text])[0] if sys.argv[3] == "whole" else encode_documents(tok, [text])[0]
-usage = resource.getrusage(resource.RUSAGE_SELF)
-print(len(ids), (usage.ru_maxrss - before) * 1024, usage.ru_utime + usage.ru_stime - cpu)
+print(len(ids), hwm() - before, cpu() - start)
 """
 
 
 def document_memory(tokenizer: str, corpus: list[str], mb: float, tmp: str) -> list[dict]:
     """Peak memory the tokenizer adds for one document of ``mb`` MB (corpus text repeated),
     encoded whole (what preprocessing did) and in pieces (``encode_documents``): each in its own
-    process, ru_maxrss after minus before (the document itself is read before)."""
+    process, VmHWM after minus before (the document itself is read before)."""
     english = next(path for path in corpus if os.path.basename(path).startswith("en_"))
     with open(english, encoding="utf-8") as handle:
         block = "\n".join(line for line in handle.read().splitlines() if line.strip()) + "\n"
