@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megatron_ext.config.args import field_arg, float_arg, int_arg
 from megatron_ext.data.errors import DataError
+from megatron_ext.data.records import DEFAULT_MAX_PROMPTS_BYTES, read_prompts_file
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 from megatron_ext.platform.launch import free_port
 from megatron_ext.platform.quiet import quiet_process
@@ -53,6 +54,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=field_arg("train.seed"), help="sampling seed (default: random)")
     p.add_argument("--batch-size", type=field_arg("eval.batch_size"), default=8,
                    help="prompts per forward")
+    p.add_argument("--max-prompts-bytes", type=int_arg(1, 2**34),
+                   default=DEFAULT_MAX_PROMPTS_BYTES, metavar="N",
+                   help="refuse a larger --prompts file (default 4 MiB)")
     p.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
     return p.parse_args(argv)
@@ -63,17 +67,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         prompts = list(args.prompt)
     else:
-        try:
-            text = args.prompts.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{args.prompts}: not UTF-8 text ({err.reason} at byte "
-                            f"{err.start})") from None
-        except OSError as err:
-            raise DataError(f"cannot read prompts file {args.prompts}: "
-                            f"{err.strerror or err}") from None
-        prompts = [line for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise DataError(f"{args.prompts}: no prompts (the file has no non-empty line)")
+        prompts = read_prompts_file(args.prompts, args.max_prompts_bytes)
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise DataError(f"--prompt {i + 1} is empty")

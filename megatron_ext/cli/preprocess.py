@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from megatron_ext.config.args import int_arg
+from megatron_ext.data.records import DEFAULT_MAX_RECORD_BYTES
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 
 EPILOG = """\
@@ -18,7 +19,10 @@ documents:
 
 bad records (skipped, counted and reported with their first line numbers; --strict: exit 2):
   malformed JSON line, JSON object without --json-key, non-string value, invalid UTF-8,
-  empty document
+  empty document, a record (line, block, JSON line) longer than --max-record-bytes (it is
+  skipped without being read into memory)
+documents over 1 MiB are tokenized in pieces cut at whitespace and kept as one document (the
+same tokens as whole for byte-level BPE tokenizers such as moe-train-tokenizer's)
 
 output is written to hidden temporary files and renamed to PREFIX.bin, then PREFIX.idx at the
 very end, so an interrupted run never leaves a complete-looking pair.
@@ -46,6 +50,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--txt-mode", choices=("blocks", "lines"), default="blocks",
                         help="how .txt files split into documents (see below)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--max-record-bytes", type=int_arg(1, 2**40),
+                        default=DEFAULT_MAX_RECORD_BYTES, metavar="N",
+                        help="skip (--strict: refuse) longer records (default "
+                             f"{DEFAULT_MAX_RECORD_BYTES} = 32 MiB)")
     return parser.parse_args(argv)
 
 
@@ -68,6 +76,7 @@ def _preprocess(argv: Sequence[str] | None) -> int:
         strict=args.strict,
         txt_mode=args.txt_mode,
         progress=not args.no_progress,
+        max_record_bytes=args.max_record_bytes,
     )
     print(report.format())
     return 0

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from megatron_ext.config.args import field_arg, int_arg
+from megatron_ext.data.records import DEFAULT_MAX_RECORD_BYTES
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 
 
@@ -23,6 +24,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
     parser.add_argument("--min-frequency", type=int_arg(1, 2**31 - 1), default=2,
                         help="minimum pair count to merge")
+    parser.add_argument("--max-record-bytes", type=int_arg(1, 2**40),
+                        default=DEFAULT_MAX_RECORD_BYTES, metavar="N",
+                        help="leave out longer lines/records, counted (default "
+                             f"{DEFAULT_MAX_RECORD_BYTES} = 32 MiB)")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on the first record left out (too long, bad JSON, ...)")
     return parser.parse_args(argv)
 
 
@@ -43,9 +50,14 @@ def _train(argv: Sequence[str] | None) -> int:
         overwrite=args.overwrite,
         min_frequency=args.min_frequency,
         json_key=args.json_key,
+        max_record_bytes=args.max_record_bytes,
+        strict=args.strict,
+        skipped=(skipped := {}),
     )
     tok = load_tokenizer(out)
     print(f"wrote {out}: vocab_size={tok.vocab_size} eod={tok.eod} pad={tok.pad_id}")
+    for reason, left_out in skipped.items():
+        print(f"skipped {reason}: {left_out['count']} (first: {left_out['first']})")
     return 0
 
 

@@ -10,35 +10,50 @@ Inputs and what a document is:
 Bad records are skipped and counted by reason (``SKIP_REASONS``), with the first few
 ``file:line`` positions per reason; ``strict=True`` turns the first one into a DataError.
 
-Output is written with megatron-core's ``IndexedDatasetBuilder`` (uint16 tokens when the vocabulary
-is below 65500, else int32 -- megatron's ``DType.optimal_dtype``) into hidden temporary files next
-to the prefix, which are renamed into place only at the very end: the old ``.idx`` is removed
-first, then ``.bin`` and last ``.idx`` are renamed. A run killed at any point therefore never
-leaves a ``.bin``/``.idx`` pair that looks complete; temporary files are removed on errors,
-Ctrl-C and SIGTERM (under SIGKILL they stay behind, hidden, and never under the final names).
+Bounds (``megatron_ext.data.records``): a record (a line, a block, a JSON line) longer than
+``max_record_bytes`` is skipped unread and counted as ``too_long`` (fatal with ``strict``); a
+document longer than ``records.PIECE_BYTES`` is tokenized in pieces cut at whitespace and kept
+as one document (for byte-level BPE the same tokens as whole; see ``records``).
+
+Work (``megatron_ext.data.chunks``): workers read their own byte ranges of each file, tokenize
+whole chunks and return a token array with the documents' lengths; this process writes each
+chunk with one write (``indexed_writer``). The output is byte-identical for any number of
+workers and chunk size.
+
+Output is written in megatron-core's indexed format (``indexed_writer``: uint16 tokens when the
+vocabulary is below 65500, else int32 -- megatron's ``DType.optimal_dtype``) into hidden
+temporary files next to the prefix, which are renamed into place only at the very end: the old
+``.idx`` is removed first, then ``.bin`` and last ``.idx`` are renamed. A run killed at any
+point therefore never leaves a ``.bin``/``.idx`` pair that looks complete; temporary files are
+removed on errors, Ctrl-C and SIGTERM (under SIGKILL they stay behind, hidden, and never under
+the final names).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-import multiprocessing
 import os
-import signal
 import time
-import zlib
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO
 
-import numpy as np
-
+from megatron_ext.data.chunks import (
+    clear_state,
+    input_kind,
+    ordered_results,
+    parse,
+    plan_units,
+    text_pieces,
+)
 from megatron_ext.data.errors import DataError
+from megatron_ext.data.records import (
+    DEFAULT_MAX_RECORD_BYTES,
+    PIECE_BYTES,
+    check_limit,
+    open_records,
+)
 from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_ext.platform.fs import check_disjoint, signals_deferred
 from megatron_ext.platform.progress import Progress
-from megatron_ext.platform.quiet import quiet_megatron
 
 TXT_MODES = ("blocks", "lines")
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
@@ -48,12 +63,10 @@ SKIP_REASONS = {
     "not_a_string": "text value is not a string",
     "invalid_utf8": "invalid UTF-8",
     "empty_document": "empty document",
+    "too_long": "record longer than --max-record-bytes",
 }
 MAX_EXAMPLES = 5
 CHUNK_BYTES = 256 * 1024  # small enough that the 1 MB demo files still spread over 2 workers
-
-# A chunk is (file index, kind, [(line number, raw bytes), ...]); kind is "txt" or "jsonl".
-Chunk = tuple[int, str, list[tuple[int, bytes]]]
 
 
 @dataclass
@@ -100,194 +113,6 @@ class PreprocessReport:
 
 
 
-def _input_kind(path: str) -> str:
-    if path.endswith(".txt"):
-        return "txt"
-    if path.endswith(".jsonl") or path.endswith(".jsonl.gz"):
-        return "jsonl"
-    raise DataError(f"unsupported input type: {path} (expected {', '.join(SUFFIXES)})")
-
-
-def _iter_records(handle: IO[bytes], kind: str, txt_mode: str) -> Iterator[tuple[int, bytes] | int]:
-    """Yield (first line number, raw document bytes), or 1 for each blank line."""
-    block: list[bytes] = []
-    block_start = 0
-    for line_no, line in enumerate(handle, start=1):
-        if not line.strip():
-            if block:
-                yield block_start, b"".join(block).rstrip(b"\r\n")
-                block = []
-            yield 1
-        elif kind == "jsonl" or txt_mode == "lines":
-            yield line_no, line.rstrip(b"\r\n")
-        else:
-            if not block:
-                block_start = line_no
-            block.append(line)
-    if block:
-        yield block_start, b"".join(block).rstrip(b"\r\n")
-
-
-def _iter_file_records(path: str, txt_mode: str) -> Iterator[tuple[tuple[int, bytes] | int, int]]:
-    """Yield (record or blank marker, bytes of the file on disk consumed so far). Damage (not
-    gzip, a cut or corrupt deflate stream, a CRC mismatch) is a DataError naming the file and the
-    last line read."""
-    kind = _input_kind(path)
-    last_line = 0
-    try:
-        with open(path, "rb") as raw:
-            # Progress follows the on-disk (compressed) position, so .gz files report right.
-            handle = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
-            for item in _iter_records(handle, kind, txt_mode):
-                if not isinstance(item, int):
-                    last_line = item[0]
-                yield item, raw.tell()
-    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-        where = f" after line {last_line}" if last_line else ""
-        raise DataError(f"cannot read {path}{where}: {type(err).__name__}: {err}") from err
-
-
-def _iter_chunks(
-    inputs: Sequence[str], txt_mode: str, chunk_bytes: int
-) -> Iterator[tuple[Chunk, int, int]]:
-    """Yield (chunk, blank lines in it, input bytes consumed so far across all files)."""
-    done_before = 0
-    for file_index, path in enumerate(inputs):
-        kind = _input_kind(path)
-        records: list[tuple[int, bytes]] = []
-        pending = blanks = position = 0
-        for item, position in _iter_file_records(path, txt_mode):
-            if isinstance(item, int):
-                blanks += item
-                continue
-            records.append(item)
-            pending += len(item[1])
-            if pending >= chunk_bytes:
-                yield (file_index, kind, records), blanks, done_before + position
-                records, pending, blanks = [], 0, 0
-        done_before += os.path.getsize(path)
-        if records or blanks:
-            yield (file_index, kind, records), blanks, done_before
-
-
-
-def _parse(kind: str, records: list[tuple[int, bytes]], json_key: str):
-    """Return (texts, their line numbers, [(reason, line), ...])."""
-    texts: list[str] = []
-    lines: list[int] = []
-    skips: list[tuple[str, int]] = []
-    for line_no, raw in records:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            # Point at the exact line inside a multi-line block.
-            for offset, part in enumerate(raw.split(b"\n")):
-                try:
-                    part.decode("utf-8")
-                except UnicodeDecodeError:
-                    skips.append(("invalid_utf8", line_no + offset))
-                    break
-            continue
-        if kind == "jsonl":
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                skips.append(("malformed_json", line_no))
-                continue
-            if not isinstance(obj, dict):
-                skips.append(("malformed_json", line_no))
-                continue
-            if json_key not in obj:
-                skips.append(("missing_key", line_no))
-                continue
-            text = obj[json_key]
-            if not isinstance(text, str):
-                skips.append(("not_a_string", line_no))
-                continue
-        if not text.strip():
-            skips.append(("empty_document", line_no))
-            continue
-        texts.append(text)
-        lines.append(line_no)
-    return texts, lines, skips
-
-
-_STATE: dict = {}
-
-
-def _init_worker(tokenizer: Tokenizer | str, json_key: str, append_eod: bool, dtype: str) -> None:
-    if isinstance(tokenizer, str):
-        # In a pool worker: Ctrl-C/SIGTERM are the parent's business (it terminates the pool).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        tokenizer = load_tokenizer(tokenizer)
-    _STATE.update(tokenizer=tokenizer, json_key=json_key, append_eod=append_eod, dtype=dtype)
-
-
-def _encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[list[int] | None]:
-    try:
-        return list(tokenizer.encode_batch(texts))
-    except (TypeError, ValueError, UnicodeError):
-        # Lone surrogates from JSON escapes ("\ud800") cannot be encoded; find them one by one.
-        out: list[list[int] | None] = []
-        for text in texts:
-            try:
-                out.append(tokenizer.encode(text))
-            except (TypeError, ValueError, UnicodeError):
-                out.append(None)
-        return out
-
-
-def _process_chunk(chunk: Chunk):
-    """Worker: chunk -> (file index, flat tokens, per-document lengths, skips)."""
-    file_index, kind, records = chunk
-    tokenizer: Tokenizer = _STATE["tokenizer"]
-    texts, lines, skips = _parse(kind, records, _STATE["json_key"])
-    eod = [tokenizer.eod] if _STATE["append_eod"] else []
-    pieces: list[list[int]] = []
-    for ids, line_no in zip(_encode_all(tokenizer, texts), lines, strict=False):
-        if ids is None:
-            skips.append(("invalid_utf8", line_no))
-        elif not ids:
-            skips.append(("empty_document", line_no))
-        else:
-            pieces.append(ids + eod)
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    total = int(lengths.sum())
-    flat = np.fromiter((t for piece in pieces for t in piece), dtype=_STATE["dtype"], count=total)
-    skips.sort(key=lambda item: item[1])
-    return file_index, flat, lengths, skips
-
-
-def _ordered_results(chunks: Iterator[tuple[Chunk, int, int]], workers: int, init_args: tuple):
-    """Yield (result, blanks, progress bytes) in input order, tokenizing on ``workers`` processes.
-
-    Pool.imap would drain the whole input into its task queue ahead of the workers; a bounded
-    window of in-flight apply_async calls keeps order and memory bounded (a few chunks per worker).
-    """
-    if workers == 1:
-        _init_worker(*init_args)
-        for chunk, blanks, done in chunks:
-            yield _process_chunk(chunk), blanks, done
-        return
-    worker_args = (init_args[0].path, *init_args[1:])
-    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=worker_args)
-    try:
-        window: deque = deque()
-        for chunk, blanks, done in chunks:
-            window.append((pool.apply_async(_process_chunk, (chunk,)), blanks, done))
-            if len(window) >= 4 * workers:
-                pending, blanks_, done_ = window.popleft()
-                yield pending.get(), blanks_, done_
-        while window:
-            pending, blanks_, done_ = window.popleft()
-            yield pending.get(), blanks_, done_
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
-
-
 
 def _temp_paths(output_prefix: str) -> tuple[str, str]:
     directory, base = os.path.split(os.path.abspath(output_prefix))
@@ -302,7 +127,7 @@ def _validate(inputs: Sequence[str], output_prefix: str, txt_mode: str, workers:
     for path in inputs:
         if not os.path.isfile(path):
             raise DataError(f"input file not found: {path}")
-        _input_kind(path)
+        input_kind(path)
     if txt_mode not in TXT_MODES:
         raise DataError(f"unknown txt mode {txt_mode!r} (expected one of {', '.join(TXT_MODES)})")
     if workers < 1:
@@ -332,15 +157,17 @@ def preprocess(
     txt_mode: str = "blocks",
     progress: bool = False,
     chunk_bytes: int = CHUNK_BYTES,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> PreprocessReport:
     """Tokenize ``inputs`` into ``output_prefix``.bin/.idx; see the module docstring."""
     inputs = list(inputs)
+    check_limit(max_record_bytes, "--max-record-bytes")
     _validate(inputs, output_prefix, txt_mode, workers,
               tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "path", None))
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
-    with quiet_megatron():  # its package import warns about optional GPU libraries
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    # why here: megatron-core takes seconds to import; bad arguments are reported before
+    from megatron_ext.data.indexed_writer import ChunkWriter, DType
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     report = PreprocessReport(output_prefix, inputs, dtype=dtype.__name__, workers=workers)
@@ -355,20 +182,20 @@ def preprocess(
     committed = False
     builder = results = None
     try:
-        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-        init_args = (tokenizer, json_key, append_eod, dtype.__name__)
-        results = _ordered_results(_iter_chunks(inputs, txt_mode, chunk_bytes), workers, init_args)
-        for (file_index, flat, lengths, skips), blanks, done in results:
+        builder = ChunkWriter(tmp_bin, dtype)
+        init_args = (tokenizer, json_key, append_eod, dtype.__name__, max_record_bytes)
+        units = plan_units(inputs, txt_mode, chunk_bytes, max_record_bytes)
+        results = ordered_results(units, workers, init_args)
+        lines_before = [0] * len(inputs)  # workers count lines from their chunk's first line
+        for (file_index, flat, lengths, skips, lines, blanks), done in results:
             report.blank_lines += blanks
             for reason, line_no in skips:
-                where = f"{inputs[file_index]}:{line_no}"
+                where = f"{inputs[file_index]}:{lines_before[file_index] + line_no}"
                 if strict:
                     raise DataError(f"{where}: {SKIP_REASONS[reason]} (--strict)")
                 report.add_skip(reason, where)
-            offset = 0
-            for length in lengths.tolist():
-                builder.add_document(flat[offset : offset + length], [length])
-                offset += length
+            lines_before[file_index] += lines
+            builder.add_documents(flat, lengths)
             report.documents += len(lengths)
             report.tokens += int(flat.size)
             report.input_bytes = done
@@ -391,7 +218,7 @@ def preprocess(
     finally:
         if results is not None:
             results.close()  # terminates the worker pool now, not at garbage collection
-        _STATE.clear()
+        clear_state()
         bar.close()
         if saved_env is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -399,7 +226,7 @@ def preprocess(
             os.environ["TOKENIZERS_PARALLELISM"] = saved_env
         if not committed:
             if builder is not None:
-                builder.data_file.close()  # idempotent; the file may still be open on errors
+                builder.close()  # idempotent; the file may still be open on errors
             for path in (tmp_bin, tmp_idx):
                 if os.path.exists(path):
                     os.remove(path)
@@ -408,13 +235,24 @@ def preprocess(
 
 
 def iter_valid_texts(
-    inputs: Sequence[str], json_key: str = "text", txt_mode: str = "blocks"
+    inputs: Sequence[str], json_key: str = "text", txt_mode: str = "blocks",
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    on_skip: Callable[[str, str], None] | None = None,
 ) -> Iterator[str]:
-    """Yield the text of every document preprocessing would keep (for tokenizer training)."""
+    """Yield the text of every document preprocessing would keep (for tokenizer training), in
+    pieces of at most ``records.PIECE_BYTES``; ``on_skip(reason, "file:line")`` hears of every
+    record left out (``SKIP_REASONS``)."""
+    check_limit(max_record_bytes, "--max-record-bytes")
     for path in inputs:
         if not os.path.isfile(path):
             raise DataError(f"input file not found: {path}")
-        kind = _input_kind(path)
-        for item, _ in _iter_file_records(path, txt_mode):
-            if not isinstance(item, int):
-                yield from _parse(kind, [item], json_key)[0]
+        kind = input_kind(path)
+        with open_records(path, kind == "txt" and txt_mode == "blocks",
+                          max_record_bytes) as reader:
+            for record in reader:
+                texts, _, skips = parse(kind, [record], json_key)
+                for reason, line_no in skips:
+                    if on_skip is not None:
+                        on_skip(reason, f"{path}:{line_no}")
+                for text in texts:
+                    yield from text_pieces(text, PIECE_BYTES)

@@ -15,7 +15,15 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 
+from megatron_ext.data.chunks import text_pieces
 from megatron_ext.data.errors import DataError
+from megatron_ext.data.preprocess import SKIP_REASONS, iter_valid_texts
+from megatron_ext.data.records import (
+    DEFAULT_MAX_RECORD_BYTES,
+    READ_BUFFER,
+    check_limit,
+    read_line,
+)
 from megatron_ext.platform.fs import check_disjoint, recover_interrupted, staging
 
 EOD_TOKEN = "<|endoftext|>"
@@ -24,12 +32,55 @@ DEFAULT_SPECIAL_TOKENS = (EOD_TOKEN, PAD_TOKEN)
 BYTE_ALPHABET_SIZE = 256
 
 
-def _iter_texts(inputs: Sequence[str], json_key: str) -> Iterator[str]:
-    # Reuse the preprocessing readers so the tokenizer sees exactly the documents that get
-    # tokenized later (and .jsonl/.jsonl.gz work); lines that would be skipped are skipped here.
-    from megatron_ext.data.preprocess import iter_valid_texts
+class _Skips:
+    """Records left out of training, by reason; with ``strict`` the first one is fatal."""
 
-    yield from iter_valid_texts(inputs, json_key=json_key)
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+
+    def __call__(self, reason: str, where: str) -> None:
+        if self.strict:
+            raise DataError(f"{where}: {SKIP_REASONS[reason]} (--strict)")
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.first.setdefault(reason, where)
+
+
+def _txt_lines(path: str, limit: int, on_skip: _Skips) -> Iterator[str]:
+    """Every line of a .txt file with its line ending, as the tokenizers library's own file
+    reader feeds them to the trainer (same merges), but each at most ``limit`` bytes."""
+    line_no = 0
+    try:
+        with open(path, "rb", buffering=READ_BUFFER) as handle:
+            while True:
+                line, taken = read_line(handle, limit)
+                if not taken:
+                    return
+                line_no += 1
+                if line is None:
+                    on_skip("too_long", f"{path}:{line_no}")
+                    continue
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    on_skip("invalid_utf8", f"{path}:{line_no}")
+                    continue
+                yield from text_pieces(text)
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _iter_texts(inputs: Sequence[str], json_key: str, limit: int,
+                on_skip: _Skips) -> Iterator[str]:
+    if all(path.endswith(".txt") for path in inputs):
+        for path in inputs:
+            yield from _txt_lines(path, limit, on_skip)
+        return
+    # The preprocessing reader, so the tokenizer sees exactly the documents that get tokenized
+    # later (and .jsonl/.jsonl.gz work); records that would be skipped are skipped here.
+    yield from iter_valid_texts(inputs, json_key=json_key, max_record_bytes=limit,
+                                on_skip=on_skip)
 
 
 def train_bpe_tokenizer(
@@ -40,18 +91,26 @@ def train_bpe_tokenizer(
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     min_frequency: int = 2,
     json_key: str = "text",
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    strict: bool = False,
+    skipped: dict[str, dict] | None = None,
 ) -> str:
     """Train byte-level BPE on text files and write a Hugging Face tokenizer directory.
 
     ``inputs`` may be .txt, .jsonl or .jsonl.gz (``json_key`` selects the text field). The first
     special token is the end-of-document token. The directory is built next to ``output_dir`` under
     a temporary name and renamed into place, so a failed run leaves nothing at ``output_dir``.
-    Returns ``output_dir``.
+    Inputs are read through ``megatron_ext.data.records``: a line (.txt) or record (.jsonl) over
+    ``max_record_bytes`` is left out and counted into ``skipped`` (reason -> {"count", "first"
+    file:line}, reasons as preprocessing's ``SKIP_REASONS``; ``strict``: the first is a
+    DataError), and long texts are
+    fed in pieces at whitespace (the trainer counts the same words). Returns ``output_dir``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if not inputs:
         raise DataError("no input files given")
+    check_limit(max_record_bytes, "--max-record-bytes")
     for path in inputs:
         if not os.path.isfile(path):
             raise DataError(f"input file not found: {path}")
@@ -84,10 +143,14 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    if all(path.endswith(".txt") for path in inputs):
-        tokenizer.train(list(inputs), trainer)  # Rust reads the files itself (faster)
-    else:
-        tokenizer.train_from_iterator(_iter_texts(inputs, json_key), trainer)
+    # Not tokenizer.train(files): its reader holds a whole line, however long, in memory.
+    on_skip = _Skips(strict)
+    tokenizer.train_from_iterator(_iter_texts(inputs, json_key, max_record_bytes, on_skip),
+                                  trainer)
+    left_out = {reason: {"count": count, "first": on_skip.first[reason]}
+                for reason, count in sorted(on_skip.counts.items())}
+    if skipped is not None:
+        skipped.update(left_out)
 
     with staging(output_dir) as tmp_dir:  # replaces a previous tokenizer whole, or not at all
         tokenizer.save(os.path.join(tmp_dir, "tokenizer.json"))
@@ -100,6 +163,8 @@ def train_bpe_tokenizer(
                 "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
                 "special_tokens": list(special_tokens),
                 "min_frequency": min_frequency,
+                "max_record_bytes": max_record_bytes,
+                "skipped": left_out,
                 "seconds": round(time.time() - start, 3),
             },
         )

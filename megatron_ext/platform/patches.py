@@ -126,6 +126,14 @@ PATCHES: tuple[Patch, ...] = (
                     "inputs, eager optimizer step, skipped non-finite steps)",
     ),
     Patch(
+        "chunked-index-writes", "megatron_ext.data.indexed_writer",
+        targets=("megatron.core.datasets.indexed_dataset._IndexWriter._sequence_pointers",),
+        upstream="megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder (add_document "
+                 "per document; finalize loops over numpy scalars)",
+        remove_when="IndexedDatasetBuilder adds many documents in one call and computes the "
+                    "sequence pointers vectorized",
+    ),
+    Patch(
         "restricted-checkpoint-reads", "megatron_ext.checkpoint.safe_pickle",
         targets=(f"{_DCP_TORCH}._get_filesystem_reader", f"{_DCP_TORCH}.FileSystemReader",
                  f"{_DCP_TORCH}.CachedMetadataFileSystemReader",

@@ -154,3 +154,29 @@ def test_sigterm_cleans_up(big_jsonl: Path, tok_dir: str, tmp_path: Path) -> Non
     assert proc.returncode == 143
     assert stderr.splitlines() == ["error: terminated (SIGTERM), temporary outputs removed"]
     assert os.listdir(tmp_path) == []
+
+
+RACE = """
+import multiprocessing, multiprocessing.pool, sys, time
+start = multiprocessing.pool.worker
+def late(*args, **kwargs):  # worker 2 is still starting when the first result is refused
+    if multiprocessing.current_process().name.endswith("-2"):
+        time.sleep(3)
+    return start(*args, **kwargs)
+multiprocessing.pool.worker = late
+from megatron_ext.data.preprocess import preprocess
+from megatron_ext.platform.cli import run_cli
+sys.exit(run_cli(lambda argv: preprocess([sys.argv[1]], sys.argv[2], sys.argv[3], strict=True,
+                                         workers=2), []))
+"""
+
+
+def test_strict_while_a_worker_starts_is_still_one_line(tok_dir: str, tmp_path: Path) -> None:
+    # The pool is terminated while worker 2 has not yet replaced the SIGTERM handler it inherited
+    # (raise Terminated): it must die silently, not print a traceback under the error line.
+    path = tmp_path / "bad.jsonl"
+    path.write_text(BAD, encoding="utf-8")
+    result = subprocess.run([sys.executable, "-c", RACE, str(path), str(tmp_path / "o"), tok_dir],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {path}:2: malformed JSON line (--strict)"]

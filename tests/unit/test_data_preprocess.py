@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 from pathlib import Path
@@ -218,3 +219,85 @@ def test_sentencepiece_tokenizer_preprocesses(tmp_path: Path, texts: dict[str, s
     dataset = _indexed(str(tmp_path / "o"))
     assert len(dataset) == report.documents > 100
     assert all(dataset[i][-1] == 2 for i in range(len(dataset)))  # SentencePiece </s> id
+
+
+# ---- chunked work: any chunking and any number of workers write the same bytes ----
+
+NASTY_DOCS = ["first document, one line", "a block\r\nof three lines ü\nwith CRLF",
+              "日本語の文書です。改行も\nあります", "x", "tabs\tand  spaces  ", "é" * 300]
+
+
+def _nasty_input(kind: str, path: Path) -> None:
+    if kind.startswith("txt"):
+        seps = ["\n\n", "\r\n\r\n", "\n \t\n", "\n\n\n", "\n\x0c\n"]
+        body = "".join(d + seps[i % len(seps)] for i, d in enumerate(NASTY_DOCS * 4))
+        path.write_bytes(body.rstrip("\n").encode())  # no newline at the very end
+        return
+    lines = "".join(json.dumps({"text": d}, ensure_ascii=i % 2 == 0) + ("\r\n" if i % 3 else "\n")
+                    for i, d in enumerate(NASTY_DOCS * 4))
+    data = lines.encode()
+    path.write_bytes(gzip.compress(data, mtime=0) if kind == "jsonl.gz" else data)
+
+
+def _expected_documents(kind: str, path: Path) -> list[str]:
+    """The documents by Python's own line iteration (how the reader worked before chunks);
+    ``kind`` "txt": blank-line separated blocks, "txt-lines": lines, "jsonl(.gz)": JSON lines."""
+    data = gzip.decompress(path.read_bytes()) if kind == "jsonl.gz" else path.read_bytes()
+    docs: list[bytes] = []
+    block: list[bytes] = []
+    for line in io.BytesIO(data):
+        if not line.strip():
+            if block:
+                docs.append(b"".join(block).rstrip(b"\r\n"))
+                block = []
+        elif kind == "txt":
+            block.append(line)
+        else:
+            docs.append(line.rstrip(b"\r\n"))
+    if block:
+        docs.append(b"".join(block).rstrip(b"\r\n"))
+    texts = [d.decode("utf-8") for d in docs]
+    return [json.loads(t)["text"] for t in texts] if kind.startswith("jsonl") else texts
+
+
+def _per_document_writes(docs: list[str], tok_dir: str, prefix: str) -> None:
+    """The reference: megatron-core's builder, one add_document per document (the old path)."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    tok = load_tokenizer(tok_dir)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(tok.vocab_size))
+    for doc in docs:
+        ids = tok.encode(doc) + [tok.eod]
+        builder.add_document(np.array(ids), [len(ids)])
+    builder.finalize(prefix + ".idx")
+
+
+@pytest.mark.parametrize("kind", ["txt", "txt-lines", "jsonl", "jsonl.gz"])
+def test_chunks_cut_anywhere_write_the_bytes_of_per_document_writes(
+    kind: str, tok_dir: str, tmp_path: Path
+) -> None:
+    path = tmp_path / f"in.{kind.removesuffix('-lines')}"
+    _nasty_input(kind, path)
+    mode = "lines" if kind == "txt-lines" else "blocks"
+    docs = _expected_documents(kind, path)
+    _per_document_writes(docs, tok_dir, str(tmp_path / "ref"))
+    expected = [(tmp_path / f"ref{s}").read_bytes() for s in (".bin", ".idx")]
+    # chunk_bytes 1: a chunk boundary at every byte -- inside documents, lines, UTF-8
+    # characters and CRLFs; 7 and 100: boundaries at odd places, several per worker
+    for workers, chunk_bytes in [(1, 256 * 1024), (3, 1), (3, 7), (2, 100)]:
+        report = preprocess([str(path)], str(tmp_path / "out"), tok_dir, append_eod=True,
+                            workers=workers, txt_mode=mode, chunk_bytes=chunk_bytes)
+        assert report.documents == len(docs) and not report.skipped
+        got = [(tmp_path / f"out{s}").read_bytes() for s in (".bin", ".idx")]
+        assert got == expected, (workers, chunk_bytes)
+
+
+def test_bad_record_lines_do_not_depend_on_chunks(tok_dir: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(BAD_JSONL * 3) + b"\n")
+    reports = [preprocess([str(path)], str(tmp_path / "o"), tok_dir, workers=w, chunk_bytes=c)
+               for w, c in [(1, 256 * 1024), (3, 5), (2, 64)]]
+    assert all((r.skipped, r.examples, r.blank_lines) ==
+               (reports[0].skipped, reports[0].examples, reports[0].blank_lines)
+               for r in reports)
+    assert reports[0].examples["malformed_json"] == [f"{path}:{n}" for n in (2, 8, 12, 18, 22)]
