@@ -11,9 +11,16 @@ give the same numbers (tests/unit/test_lm_eval.py checks it):
 * requests are tokenized by lm-eval's ``TemplateLM`` (context/continuation split, an empty
   context replaced by EOD) with the checkpoint's tokenizer (``evaluation.tokenizer``); our data
   never has BOS, so none is added;
-* ``loglikelihood``: right-padded batches of ``(context + continuation)[-(L+1):][:-1]`` with
-  L = ``model.max_position_embeddings``; each row's continuation log-probs are read at its own
-  positions (attention is causal, so right padding never changes a row's real logits); the
+* ``loglikelihood``: HFLM's model input ``(context + continuation)[-(L+1):][:-1]`` with
+  L = ``model.max_position_embeddings``, split where the continuation's first token is
+  predicted into a prefix and the continuation's remaining tokens. Each distinct prefix runs
+  once into a KV cache (``model.inference``; left-padded, masked), and every continuation
+  sharing it runs after it in one cache row (right-padded, masked): the context of a
+  multiple-choice item is computed once, not once per choice (HFLM shares it only for
+  one-token continuations), and the LM head runs only where a continuation token is
+  predicted. Batches hold at least ``batch_size`` continuations, longest first, a prefix's
+  continuations never split. Models whose attention takes no padding mask (Transformer
+  Engine's, megatron's unfused) run HFLM's way: right-padded batches of whole rows. The
   softmax runs over the tokenizer's vocabulary (megatron's vocabulary padding cut off);
 * ``loglikelihood_rolling``: disjoint windows of L tokens (lm-eval's ``get_rolling_token_windows``,
   as HFLM), all scored in batches, summed per document;
@@ -49,10 +56,13 @@ from megatron_ext.data.errors import DataError
 from megatron_ext.data.tokenizer import Tokenizer
 from megatron_ext.evaluation.generate import generate
 from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
+from megatron_ext.model.inference import KVCache, extend, padding_masks_supported
 from megatron_ext.model.inference import logits as model_logits
 
 # One request as TemplateLM hands it over: ((context, continuation) | None, context ids, cont ids).
 TokenRequest = tuple[Any, list[int], list[int]]
+# What is scored: the model input up to the continuation's first prediction, and the continuation.
+Piece = tuple[tuple[int, ...], list[int]]
 DEFAULT_MAX_GEN_TOKS = 256  # as HFLM
 
 
@@ -120,48 +130,111 @@ class MegatronLM(TemplateLM):
         return self.tok.decode([i for i in ids if i not in special])
 
     # --- scoring -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def _score_batch(self, rows: list[list[int]], conts: list[list[int]]
-                     ) -> list[tuple[float, bool]]:
-        """Sum of log-probs of ``conts`` and is-greedy, each continuation being predicted by the
-        last positions of its row (the model inputs, right-padded into one batch)."""
-        width = max(len(r) for r in rows)
-        tokens_BS = torch.full((len(rows), width), self.tok.eod, dtype=torch.long)
-        for b, row in enumerate(rows):
-            tokens_BS[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-        logits_BSV = model_logits(self.model, tokens_BS)[..., :self.vocab_size]
-        out = []
-        for b, (row, cont) in enumerate(zip(rows, conts, strict=True)):
-            # Position p predicts token p + 1: the continuation's tokens are predicted by the
-            # last len(cont) positions of the row (its padding, further right, is never read).
-            logp_CV = F.log_softmax(logits_BSV[b, len(row) - len(cont):len(row)].float(), dim=-1)
-            targets_C = torch.tensor(cont, dtype=torch.long, device=logp_CV.device)
-            picked_C = logp_CV.gather(-1, targets_C[:, None]).squeeze(-1)
-            out.append((float(picked_C.sum()), bool((logp_CV.argmax(-1) == targets_C).all())))
-        return out
-
     def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), greedy?) per request, in request order."""
         limit = self.max_length
-        order = sorted(range(len(requests)),
-                       key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        pieces: list[Piece] = []
+        for _, context, continuation in requests:
+            if not context or not continuation or len(continuation) > limit:
+                raise DataError(f"cannot score a request of {len(context)} context and "
+                                f"{len(continuation)} continuation tokens "
+                                f"(context length {limit})")
+            # HFLM's model input, cut where the continuation's first prediction is made.
+            row = (context + continuation)[-(limit + 1):][:-1]
+            pieces.append((tuple(row[:len(row) - len(continuation) + 1]), continuation))
+        if padding_masks_supported(self.model):
+            results = self._score_shared(pieces)
+        else:
+            results = self._score_rows(pieces)
+        for (key, _, _), answer in zip(requests, results, strict=True):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return results
+
+    def _answer(self, logits_CV: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+        """Sum of log-probs of ``cont`` and whether each token is the argmax, from the logits
+        that predict it (softmax over the tokenizer's vocabulary: megatron's padding cut)."""
+        logp_CV = F.log_softmax(logits_CV[:, :self.vocab_size].float(), dim=-1)
+        targets_C = torch.tensor(cont, dtype=torch.long, device=logp_CV.device)
+        picked_C = logp_CV.gather(-1, targets_C[:, None]).squeeze(-1)
+        return float(picked_C.sum()), bool((logp_CV.argmax(-1) == targets_C).all())
+
+    def _batches(self, groups: dict[tuple[int, ...], list[int]], pieces: list[Piece]):
+        """Prefixes, longest (with its longest continuation) first, in runs of at least
+        ``batch_size`` continuations (a prefix's continuations are never split)."""
+        def size(prefix: tuple[int, ...]) -> int:
+            return len(prefix) + max(len(pieces[i][1]) for i in groups[prefix])
+
+        batch, rows = [], 0
+        for prefix in sorted(groups, key=lambda p: (-size(p), p)):
+            batch.append(prefix)
+            rows += len(groups[prefix])
+            if rows >= self.batch_size:
+                yield batch
+                batch, rows = [], 0
+        if batch:
+            yield batch
+
+    def _score_shared(self, pieces: list[Piece]) -> list[tuple[float, bool]]:
+        """Each distinct prefix runs once, into a KV cache; its continuations then run after it,
+        one cache row each (left-padded prefixes, right-padded continuations, masked)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (prefix, _) in enumerate(pieces):
+            groups.setdefault(prefix, []).append(i)
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(pieces)
+        for prefixes in self._batches(groups, pieces):
+            members = [i for p in prefixes for i in groups[p]]
+            owner = [b for b, p in enumerate(prefixes) for _ in groups[p]]
+            width = max(len(p) for p in prefixes)
+            tails = [pieces[i][1][:-1] for i in members]  # the continuation tokens fed
+            longest = max(len(t) for t in tails)
+            cache = KVCache(len(prefixes), width + longest, padded=True)
+            tokens_PS, pad_PS = self._padded(prefixes, width, left=True)
+            first_PV = extend(self.model, tokens_PS, cache, pad_PS)
+            cache.keep_rows(owner)  # one row per continuation
+            first_RV = first_PV[owner]
+            tail_RTV = None
+            if longest:
+                tokens_RT, pad_RT = self._padded(tails, longest, left=False)
+                tail_RTV = extend(self.model, tokens_RT, cache, pad_RT, every_column=True)
+            for r, i in enumerate(members):
+                cont = pieces[i][1]
+                logits_CV = first_RV[r:r + 1]
+                if len(cont) > 1:
+                    logits_CV = torch.cat([logits_CV, tail_RTV[r, :len(cont) - 1]])
+                results[i] = self._answer(logits_CV, cont)
+        return results
+
+    def _padded(self, rows, width: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [b, width] padded with EOD (masked, never attended to), and where the
+        padding is."""
+        tokens_BS = torch.full((len(rows), width), self.tok.eod, dtype=torch.long)
+        pad_BS = torch.ones(len(rows), width, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            cols = slice(width - len(row), width) if left else slice(0, len(row))
+            tokens_BS[b, cols] = torch.tensor(row, dtype=torch.long)
+            pad_BS[b, cols] = False
+        return tokens_BS, pad_BS
+
+    def _score_rows(self, pieces: list[Piece]) -> list[tuple[float, bool]]:
+        """Models whose attention takes no padding mask (Transformer Engine's, megatron's
+        unfused one): HFLM's way, each request's whole input row in a right-padded batch
+        (causal attention: the padding right of a row never changes its real logits)."""
+        order = sorted(range(len(pieces)),
+                       key=lambda i: -len(pieces[i][0]) - len(pieces[i][1]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(pieces)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            rows, conts = [], []
-            for i in chunk:
-                _, context, continuation = requests[i]
-                if not context or not continuation or len(continuation) > limit:
-                    raise DataError(f"cannot score a request of {len(context)} context and "
-                                    f"{len(continuation)} continuation tokens "
-                                    f"(context length {limit})")
-                rows.append((context + continuation)[-(limit + 1):][:-1])
-                conts.append(continuation)
-            for i, answer in zip(chunk, self._score_batch(rows, conts), strict=True):
-                results[i] = answer
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            rows = [list(pieces[i][0]) + pieces[i][1][:-1] for i in chunk]
+            tokens_BS, _ = self._padded(rows, max(len(r) for r in rows), left=False)
+            logits_BSV = model_logits(self.model, tokens_BS)
+            for b, i in enumerate(chunk):
+                prefix, cont = pieces[i]
+                # Position p predicts token p + 1: the continuation is predicted from the
+                # prefix's last position on (padding further right is never read).
+                results[i] = self._answer(
+                    logits_BSV[b, len(prefix) - 1:len(prefix) - 1 + len(cont)], cont)
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
