@@ -13,15 +13,17 @@ give the same numbers (tests/unit/test_lm_eval.py checks it):
   never has BOS, so none is added;
 * ``loglikelihood``: HFLM's model input ``(context + continuation)[-(L+1):][:-1]`` with
   L = ``model.max_position_embeddings``, split where the continuation's first token is
-  predicted into a prefix and the continuation's remaining tokens. Each distinct prefix runs
-  once into a KV cache (``model.inference``; left-padded, masked), and every continuation
-  sharing it runs after it in one cache row (right-padded, masked): the context of a
-  multiple-choice item is computed once, not once per choice (HFLM shares it only for
-  one-token continuations), and the LM head runs only where a continuation token is
-  predicted. Batches hold at least ``batch_size`` continuations, longest first, a prefix's
-  continuations never split. Models whose attention takes no padding mask (Transformer
-  Engine's, megatron's unfused) run HFLM's way: right-padded batches of whole rows. The
-  softmax runs over the tokenizer's vocabulary (megatron's vocabulary padding cut off);
+  predicted into a prefix and the continuation's other tokens. Requests are grouped by prefix
+  and batched longest first, at least ``batch_size`` continuations a batch, a prefix's
+  continuations never split. In a batch where prefixes are shared (multiple choice), each
+  prefix runs once into a KV cache (``model.inference``; left-padded, masked) and every
+  continuation after it in a cache row of its own (right-padded, masked): the context is
+  computed once, not once per choice (HFLM shares it only for one-token continuations), and
+  the LM head runs only where a continuation token is predicted. Other batches (rolling
+  windows, single continuations), and every batch of a model whose attention takes no padding
+  mask (Transformer Engine's, megatron's unfused), run HFLM's way: whole rows, right-padded
+  (causal attention: the padding never changes a row's real logits). The softmax runs over
+  the tokenizer's vocabulary (megatron's vocabulary padding cut off);
 * ``loglikelihood_rolling``: disjoint windows of L tokens (lm-eval's ``get_rolling_token_windows``,
   as HFLM), all scored in batches, summed per document;
 * ``generate_until``: ``evaluation.generate`` (greedy unless the request samples), stopping at
@@ -143,10 +145,20 @@ class MegatronLM(TemplateLM):
             # HFLM's model input, cut where the continuation's first prediction is made.
             row = (context + continuation)[-(limit + 1):][:-1]
             pieces.append((tuple(row[:len(row) - len(continuation) + 1]), continuation))
-        if padding_masks_supported(self.model):
-            results = self._score_shared(pieces)
-        else:
-            results = self._score_rows(pieces)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (prefix, _) in enumerate(pieces):
+            groups.setdefault(prefix, []).append(i)
+        shared = padding_masks_supported(self.model)
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(pieces)
+        for prefixes in self._batches(groups, pieces):
+            members = [i for p in prefixes for i in groups[p]]
+            # A KV cache pays (a second forward, masked attention) only for shared prefixes.
+            if shared and len(members) > len(prefixes):
+                answers = self._score_shared([(p, groups[p]) for p in prefixes], pieces)
+            else:
+                answers = self._score_rows([pieces[i] for i in members])
+            for i, answer in zip(members, answers, strict=True):
+                results[i] = answer
         for (key, _, _), answer in zip(requests, results, strict=True):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -176,35 +188,31 @@ class MegatronLM(TemplateLM):
         if batch:
             yield batch
 
-    def _score_shared(self, pieces: list[Piece]) -> list[tuple[float, bool]]:
-        """Each distinct prefix runs once, into a KV cache; its continuations then run after it,
-        one cache row each (left-padded prefixes, right-padded continuations, masked)."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (prefix, _) in enumerate(pieces):
-            groups.setdefault(prefix, []).append(i)
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(pieces)
-        for prefixes in self._batches(groups, pieces):
-            members = [i for p in prefixes for i in groups[p]]
-            owner = [b for b, p in enumerate(prefixes) for _ in groups[p]]
-            width = max(len(p) for p in prefixes)
-            tails = [pieces[i][1][:-1] for i in members]  # the continuation tokens fed
-            longest = max(len(t) for t in tails)
-            cache = KVCache(len(prefixes), width + longest, padded=True)
-            tokens_PS, pad_PS = self._padded(prefixes, width, left=True)
-            first_PV = extend(self.model, tokens_PS, cache, pad_PS)
+    def _score_shared(self, groups: list[tuple[tuple[int, ...], list[int]]],
+                      pieces: list[Piece]) -> list[tuple[float, bool]]:
+        """One batch of (prefix, its pieces): each prefix runs once into a KV cache (left-padded),
+        then every continuation after it in a cache row of its own (right-padded, masked).
+        Answers in the order of the groups' pieces."""
+        prefixes = [prefix for prefix, _ in groups]
+        owner = [b for b, (_, members) in enumerate(groups) for _ in members]
+        conts = [pieces[i][1] for _, members in groups for i in members]
+        width = max(len(p) for p in prefixes)
+        longest = max(len(c) for c in conts) - 1  # the continuation tokens fed
+        cache = KVCache(len(prefixes), width + longest, padded=True)
+        tokens_PS, pad_PS = self._padded(prefixes, width, left=True)
+        first_RV = extend(self.model, tokens_PS, cache, pad_PS)[owner]
+        tail_RTV = None
+        if longest:
             cache.keep_rows(owner)  # one row per continuation
-            first_RV = first_PV[owner]
-            tail_RTV = None
-            if longest:
-                tokens_RT, pad_RT = self._padded(tails, longest, left=False)
-                tail_RTV = extend(self.model, tokens_RT, cache, pad_RT, every_column=True)
-            for r, i in enumerate(members):
-                cont = pieces[i][1]
-                logits_CV = first_RV[r:r + 1]
-                if len(cont) > 1:
-                    logits_CV = torch.cat([logits_CV, tail_RTV[r, :len(cont) - 1]])
-                results[i] = self._answer(logits_CV, cont)
-        return results
+            tokens_RT, pad_RT = self._padded([c[:-1] for c in conts], longest, left=False)
+            tail_RTV = extend(self.model, tokens_RT, cache, pad_RT, every_column=True)
+        answers = []
+        for r, cont in enumerate(conts):
+            logits_CV = first_RV[r:r + 1]
+            if len(cont) > 1:
+                logits_CV = torch.cat([logits_CV, tail_RTV[r, :len(cont) - 1]])
+            answers.append(self._answer(logits_CV, cont))
+        return answers
 
     def _padded(self, rows, width: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [b, width] padded with EOD (masked, never attended to), and where the
@@ -218,24 +226,15 @@ class MegatronLM(TemplateLM):
         return tokens_BS, pad_BS
 
     def _score_rows(self, pieces: list[Piece]) -> list[tuple[float, bool]]:
-        """Models whose attention takes no padding mask (Transformer Engine's, megatron's
-        unfused one): HFLM's way, each request's whole input row in a right-padded batch
-        (causal attention: the padding right of a row never changes its real logits)."""
-        order = sorted(range(len(pieces)),
-                       key=lambda i: -len(pieces[i][0]) - len(pieces[i][1]))
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(pieces)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            rows = [list(pieces[i][0]) + pieces[i][1][:-1] for i in chunk]
-            tokens_BS, _ = self._padded(rows, max(len(r) for r in rows), left=False)
-            logits_BSV = model_logits(self.model, tokens_BS)
-            for b, i in enumerate(chunk):
-                prefix, cont = pieces[i]
-                # Position p predicts token p + 1: the continuation is predicted from the
-                # prefix's last position on (padding further right is never read).
-                results[i] = self._answer(
-                    logits_BSV[b, len(prefix) - 1:len(prefix) - 1 + len(cont)], cont)
-        return results
+        """One batch as HFLM runs it: each piece's whole input row, right-padded (causal
+        attention: padding right of a row never changes its real logits)."""
+        rows = [list(prefix) + cont[:-1] for prefix, cont in pieces]
+        tokens_BS, _ = self._padded(rows, max(len(r) for r in rows), left=False)
+        logits_BSV = model_logits(self.model, tokens_BS)
+        # Position p predicts token p + 1: the continuation is predicted from the prefix's
+        # last position on (the padding further right is never read).
+        return [self._answer(logits_BSV[b, len(prefix) - 1:len(prefix) - 1 + len(cont)], cont)
+                for b, (prefix, cont) in enumerate(pieces)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole documents in disjoint windows of ``max_length`` tokens."""
