@@ -114,7 +114,8 @@ def _generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id
     live = [i for i, p in enumerate(prompts) if max_new_tokens > 0 and len(p) < max_length]
     if not live:
         return out
-    padded = padding_masks_supported(model)
+    # Equal lengths need no padding, hence no mask to build and apply at every step.
+    padded = (len({len(prompts[i]) for i in live}) > 1 and padding_masks_supported(model))
     width = max(len(prompts[i]) for i in live)
     pad = {i: width - len(prompts[i]) if padded else 0 for i in live}
     rows = {i: [0] * pad[i] + list(prompts[i]) for i in live}  # padding id: any, it is masked

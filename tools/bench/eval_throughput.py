@@ -37,15 +37,20 @@ REQUEST_KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 OURS, HF = "ours (MegatronLM)", "lm-eval HFLM (export)"
 
 
-def counted(lm) -> dict[str, int]:
-    """Count the requests lm-eval hands to ``lm`` (wraps its three request methods)."""
-    count = {"requests": 0}
+def counted(lm) -> dict[str, float]:
+    """Count the requests lm-eval hands to ``lm`` and time each kind (wraps its three request
+    methods)."""
+    count: dict[str, float] = {"requests": 0}
     for kind in REQUEST_KINDS:
         method = getattr(lm, kind)
 
-        def wrapper(requests, *args, _method=method, **kwargs):
+        def wrapper(requests, *args, _method=method, _kind=kind, **kwargs):
             count["requests"] += len(requests)
-            return _method(requests, *args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return _method(requests, *args, **kwargs)
+            finally:
+                count[_kind] = count.get(_kind, 0.0) + time.perf_counter() - start
 
         setattr(lm, kind, wrapper)
     return count
@@ -58,16 +63,19 @@ def run_once(path: Path, hf: bool, tasks: list[str], limit: int, batch: int,
     from megatron_ext.platform.cpu import native_torch
 
     manager = harness.task_manager(tasks)
+    # Built outside native_torch: transformers' loading relies on torch's device context
+    # (a function mode), which native_torch switches off with the rest.
+    lm = harness.build_lm(path, batch, hf=hf, tokenizer=tokenizer)
+    count = counted(lm)
     with native_torch() if hf else contextlib.nullcontext():
-        lm = harness.build_lm(path, batch, hf=hf, tokenizer=tokenizer)
-        count = counted(lm)
         start = time.perf_counter()
         results = harness.evaluate(lm, tasks, manager, limit=limit)
         seconds = time.perf_counter() - start
     metrics = {task: {k.split(",")[0]: v for k, v in entries.items()
                       if isinstance(v, float) and "stderr" not in k}
                for task, entries in results["results"].items()}
-    return {"requests": count["requests"], "seconds": seconds, "metrics": metrics}
+    return {"requests": count["requests"], "seconds": seconds, "metrics": metrics,
+            "kinds": {k: count[k] for k in REQUEST_KINDS if k in count}}
 
 
 def measure(ckpt: Path, hf: Path, tasks: list[str], a, tokenizer: str) -> dict[str, list]:
@@ -87,11 +95,19 @@ def render(by_backend: dict[str, list], cmd: str) -> str:
         lines.append(f"| {name} | {rows[0]['requests']} | {statistics.median(times):.2f} "
                      f"({min(times):.2f}-{max(times):.2f}) | "
                      f"{rows[0]['requests'] / statistics.median(times):.1f} |")
+    kinds = [k for k in REQUEST_KINDS if k in by_backend[OURS][0]["kinds"]]
+    lines += ["", "Seconds per request kind (median of repeats): " + "; ".join(
+        f"{k}: " + ", ".join(f"{name.split(' ')[0]} "
+                             f"{statistics.median(r['kinds'][k] for r in rows):.2f}"
+                             for name, rows in by_backend.items()) for k in kinds) + "."]
     ratios = [h["seconds"] / o["seconds"] for o, h in zip(by_backend[OURS], by_backend[HF],
                                                           strict=True)]
     ours, theirs = by_backend[OURS][-1]["metrics"], by_backend[HF][-1]["metrics"]
     worst = max((abs(ours[t][m] - theirs[t][m]) / max(abs(theirs[t][m]), 1e-12)
                  for t in theirs for m in theirs[t]), default=0.0)
+    for t in sorted(theirs):
+        for m in sorted(theirs[t]):
+            lines.append(f"- {t} {m}: ours {ours[t][m]:.6g}, HF {theirs[t][m]:.6g}")
     lines += ["", f"ours / HF requests/s: median {statistics.median(ratios):.2f}x over "
                   f"{len(ratios)} repeats (range {min(ratios):.2f}-{max(ratios):.2f}); largest "
                   f"relative difference of a task metric: {worst:.1e}."]
