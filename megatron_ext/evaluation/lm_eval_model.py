@@ -13,17 +13,16 @@ give the same numbers (tests/unit/test_lm_eval.py checks it):
   never has BOS, so none is added;
 * ``loglikelihood``: HFLM's model input ``(context + continuation)[-(L+1):][:-1]`` with
   L = ``model.max_position_embeddings``, split where the continuation's first token is
-  predicted into a prefix and the continuation's other tokens. Requests are grouped by prefix
-  and batched longest first, at least ``batch_size`` continuations a batch, a prefix's
-  continuations never split. In a batch where prefixes are shared (multiple choice), each
-  prefix runs once into a KV cache (``model.inference``; left-padded, masked) and every
-  continuation after it in a cache row of its own (right-padded, masked): the context is
-  computed once, not once per choice (HFLM shares it only for one-token continuations), and
-  the LM head runs only where a continuation token is predicted. Other batches (rolling
-  windows, single continuations), and every batch of a model whose attention takes no padding
-  mask (Transformer Engine's, megatron's unfused), run HFLM's way: whole rows, right-padded
-  (causal attention: the padding never changes a row's real logits). The softmax runs over
-  the tokenizer's vocabulary (megatron's vocabulary padding cut off);
+  predicted into a prefix and the continuation's other tokens. Where a prefix is shared and
+  computing it once saves a quarter of the tokens or more (``plan_batches``: the context of a
+  multiple-choice item), it runs once into a KV cache (``model.inference``; left-padded,
+  masked) and every continuation after it in a cache row of its own (right-padded, masked),
+  the LM head only where a continuation token is predicted; HFLM shares a context only for
+  one-token continuations. Everything else (rolling windows, single continuations), and
+  everything on a model whose attention takes no padding mask (Transformer Engine's,
+  megatron's unfused), runs HFLM's way: whole rows, right-padded (causal attention: the
+  padding never changes a row's real logits), ``batch_size`` rows a batch, longest first.
+  The softmax runs over the tokenizer's vocabulary (megatron's vocabulary padding cut off);
 * ``loglikelihood_rolling``: disjoint windows of L tokens (lm-eval's ``get_rolling_token_windows``,
   as HFLM), all scored in batches, summed per document;
 * ``generate_until``: ``evaluation.generate`` (greedy unless the request samples), stopping at
@@ -66,6 +65,48 @@ TokenRequest = tuple[Any, list[int], list[int]]
 # What is scored: the model input up to the continuation's first prediction, and the continuation.
 Piece = tuple[tuple[int, ...], list[int]]
 DEFAULT_MAX_GEN_TOKS = 256  # as HFLM
+# A prefix is computed once for its continuations when that saves this share of the tokens;
+# a batch of shared prefixes then holds up to SHARED_ROWS continuations per prefix row.
+SHARE_MIN, SHARED_ROWS = 0.25, 4
+
+
+def plan_batches(pieces: list[Piece], batch_size: int, share: bool
+                 ) -> list[tuple[bool, list[tuple[tuple[int, ...], list[int]]]]]:
+    """Batches of (prefix, piece indices), each flagged shared (KV cache) or not (whole rows).
+
+    A prefix is shared when it is worth it: at least two continuations, and the prefix tokens
+    computed once instead of once per continuation are at least ``SHARE_MIN`` of the tokens the
+    whole rows would take (a multiple-choice context, not the one EOD token that every rolling
+    window of a document set starts with). A shared batch holds up to ``batch_size`` prefixes
+    (its prefill is a batch like HFLM's) and up to ``SHARED_ROWS * batch_size`` continuations,
+    each a short row after the cache; larger groups are split. The other pieces go
+    ``batch_size`` to a batch. Longest first within each kind."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (prefix, _) in enumerate(pieces):
+        groups.setdefault(prefix, []).append(i)
+
+    def worth(prefix: tuple[int, ...], members: list[int]) -> bool:
+        rows = sum(len(prefix) + len(pieces[i][1]) - 1 for i in members)
+        return len(members) > 1 and (len(members) - 1) * len(prefix) >= SHARE_MIN * rows
+
+    most = SHARED_ROWS * batch_size
+    shared, single = [], []
+    for prefix, members in groups.items():
+        if share and worth(prefix, members):
+            shared += [(prefix, members[k:k + most]) for k in range(0, len(members), most)]
+        else:
+            single += [(prefix, [i]) for i in members]
+    length = lambda group: -len(group[0]) - max(len(pieces[i][1]) for i in group[1])  # noqa: E731
+    batches: list[tuple[bool, list]] = []
+    for group in sorted(shared, key=length):
+        last = batches[-1][1] if batches else None
+        if (last is None or len(last) >= batch_size
+                or sum(len(m) for _, m in last) + len(group[1]) > most):
+            batches.append((True, []))
+        batches[-1][1].append(group)
+    single.sort(key=length)
+    batches += [(False, single[k:k + batch_size]) for k in range(0, len(single), batch_size)]
+    return batches
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -145,16 +186,12 @@ class MegatronLM(TemplateLM):
             # HFLM's model input, cut where the continuation's first prediction is made.
             row = (context + continuation)[-(limit + 1):][:-1]
             pieces.append((tuple(row[:len(row) - len(continuation) + 1]), continuation))
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (prefix, _) in enumerate(pieces):
-            groups.setdefault(prefix, []).append(i)
-        shared = padding_masks_supported(self.model)
+        share = padding_masks_supported(self.model)
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pieces)
-        for prefixes in self._batches(groups, pieces):
-            members = [i for p in prefixes for i in groups[p]]
-            # A KV cache pays (a second forward, masked attention) only for shared prefixes.
-            if shared and len(members) > len(prefixes):
-                answers = self._score_shared([(p, groups[p]) for p in prefixes], pieces)
+        for shared, groups in plan_batches(pieces, self.batch_size, share):
+            members = [i for _, group in groups for i in group]
+            if shared:
+                answers = self._score_shared(groups, pieces)
             else:
                 answers = self._score_rows([pieces[i] for i in members])
             for i, answer in zip(members, answers, strict=True):
@@ -171,22 +208,6 @@ class MegatronLM(TemplateLM):
         targets_C = torch.tensor(cont, dtype=torch.long, device=logp_CV.device)
         picked_C = logp_CV.gather(-1, targets_C[:, None]).squeeze(-1)
         return float(picked_C.sum()), bool((logp_CV.argmax(-1) == targets_C).all())
-
-    def _batches(self, groups: dict[tuple[int, ...], list[int]], pieces: list[Piece]):
-        """Prefixes, longest (with its longest continuation) first, in runs of at least
-        ``batch_size`` continuations (a prefix's continuations are never split)."""
-        def size(prefix: tuple[int, ...]) -> int:
-            return len(prefix) + max(len(pieces[i][1]) for i in groups[prefix])
-
-        batch, rows = [], 0
-        for prefix in sorted(groups, key=lambda p: (-size(p), p)):
-            batch.append(prefix)
-            rows += len(groups[prefix])
-            if rows >= self.batch_size:
-                yield batch
-                batch, rows = [], 0
-        if batch:
-            yield batch
 
     def _score_shared(self, groups: list[tuple[tuple[int, ...], list[int]]],
                       pieces: list[Piece]) -> list[tuple[float, bool]]:
