@@ -189,3 +189,13 @@ def test_shared_prefix_scoring_equals_whole_rows(models) -> None:
         assert abs(shared - whole) <= 1e-4 * max(1.0, abs(whole))
         assert greedy == greedy_whole
     assert scores["sdpa"][2] == scores["sdpa"][-1]
+
+
+def test_native_torch_lifts_the_device_redirection_for_a_block_only() -> None:
+    from megatron_ext.platform import cpu
+
+    assert cpu.is_enabled()  # this module runs with the CPU path on
+    assert torch.zeros(1, device="cuda").device.type == "cpu"  # redirected
+    with cpu.native_torch(), pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1, device="cuda")  # the real call: no CUDA here
+    assert torch.zeros(1, device="cuda").device.type == "cpu"  # redirected again
