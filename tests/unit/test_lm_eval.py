@@ -194,3 +194,15 @@ def test_batches_share_prefixes_only_where_it_saves_work():
     assert sizes == [2] * 6 + [4, 4, 16]
     # A model whose attention takes no padding mask shares nothing.
     assert not any(flag for flag, _ in plan_batches(pieces, 4, share=False))
+
+
+@pytest.mark.slow
+def test_throughput_bench_runs_both_backends(models):
+    ckpt, hf = models
+    proc = run_cli(["tools/bench/eval_throughput.py", "--checkpoint", str(ckpt), "--hf", str(hf),
+                    "--tasks", "demo_en_mc,demo_en_gen", "--limit", "2", "--repeats", "1"],
+                   env=OFFLINE)
+    _ok(proc)
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[2].strip() for line in table[1:]] == ["10", "10"]  # 2x4 + 2
+    assert "Largest relative difference of a task metric" in proc.stdout
