@@ -87,7 +87,7 @@ class Transformers:
         # loaded): lm-eval and users run transformers in processes that never had it.
         with torch.no_grad(), self.native():
             out = self.model.generate(ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                      max_new_tokens=new, min_new_tokens=new,
+                                      max_new_tokens=new,
                                       pad_token_id=self.pad_id, use_cache=True)
         return out[:, width:].tolist()
 
