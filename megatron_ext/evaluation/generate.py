@@ -6,7 +6,7 @@ The one library entry point (``moe-generate`` and lm-eval's ``generate_until`` c
              top_p=1.0, seed=None, stop=None, batch_size=8, max_length=None) -> list[list[int]]
 
 * ``model``: a megatron GPTModel from ``megatron_ext.checkpoint.load_model.load_model`` (eval
-  mode); it is run through ``megatron_ext.model.inference.logits``.
+  mode); it is run through ``megatron_ext.model.inference``'s KV cache.
 * ``prompts``: token ids, one list per prompt (non-empty; no BOS is added here).
 * returns, per prompt and in the prompts' order, ONLY the generated ids: the prompt is not
   repeated and a final EOS is not included (a row that produced EOS simply ends).
@@ -21,12 +21,16 @@ The one library entry point (``moe-generate`` and lm-eval's ``generate_until`` c
   ``top_p`` (always at least the most likely one), sampled from a CPU ``torch.Generator`` seeded
   with ``seed`` (None: a random seed). The same seed, prompts and batch size give the same ids.
 
-Batching: ``batch_size`` prompts at a time, sorted by length so a batch pads little. Each step
-runs ONE forward over every unfinished row, right-padded to the longest; each row's next token
-is read from the logits at its own last position. Attention is causal, so padding to the right
-of a row never changes the logits of its real tokens: batched and unbatched greedy give the
-same ids. There is no KV cache: each step recomputes the whole sequence, O(length^2) per row,
-which is fine at the model sizes evaluated here (and is exactly what the parity tests run).
+Batching: ``batch_size`` prompts at a time, sorted by length so a batch pads little. A batch
+runs with a KV cache (``megatron_ext.model.inference``, megatron-core's static inference
+context): one prefill over the prompts, then one step per new token that runs only the newest
+token of each unfinished row against the cached keys and values; finished rows leave the
+cache. Prompts of different lengths are left-padded and masked when every core attention takes
+a padding mask (our SDPA attention); otherwise (Transformer Engine's or megatron's unfused
+attention) the prefill covers the shortest prompt and longer prompts feed their remaining
+tokens one step at a time, so no padding is ever attended to either way. Batched and
+unbatched greedy give the same ids (RoPE depends on relative positions only), and both equal
+transformers' ``generate`` on the HF export (tests/unit/test_generate.py).
 
 Bad arguments (temperature < 0, top_p outside (0, 1], an empty prompt, a prompt that leaves no
 room in the context) raise ``DataError`` (one line; exit 2 through ``run_cli``).
@@ -40,7 +44,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megatron_ext.data.errors import DataError
-from megatron_ext.model.inference import logits as model_logits
+from megatron_ext.model.inference import KVCache, extend, padding_masks_supported
 
 StopFn = Callable[[list[int]], bool]
 
@@ -99,34 +103,54 @@ def _generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id
                     vocab_size: int | None, sampling: tuple[float, float],
                     generator: torch.Generator, stop: StopFn | None,
                     max_length: int) -> list[list[int]]:
-    """Generate for one batch of prompts; see the module docstring for the stopping rules."""
+    """Generate for one batch of prompts; see the module docstring for the stopping rules.
+
+    Column c of the cache holds token c of every row's padded prompt + generated ids, padded
+    on the left (``pad[i]`` columns) when the model masks padding, else not at all: then the
+    prefill covers the shortest prompt and longer rows take their next prompt token while the
+    others generate."""
     temperature, top_p = sampling
-    rows = [list(p) for p in prompts]
     out: list[list[int]] = [[] for _ in prompts]
-    live = [i for i, row in enumerate(rows)
-            if max_new_tokens > 0 and len(row) < max_length]
-    while live:
-        width = max(len(rows[i]) for i in live)
-        tokens_BS = torch.zeros(len(live), width, dtype=torch.long)
+    live = [i for i, p in enumerate(prompts) if max_new_tokens > 0 and len(p) < max_length]
+    if not live:
+        return out
+    # Equal lengths need no padding, hence no mask to build and apply at every step.
+    padded = (len({len(prompts[i]) for i in live}) > 1 and padding_masks_supported(model))
+    width = max(len(prompts[i]) for i in live)
+    pad = {i: width - len(prompts[i]) if padded else 0 for i in live}
+    rows = {i: [0] * pad[i] + list(prompts[i]) for i in live}  # padding id: any, it is masked
+    cache = KVCache(len(live), max(pad[i] + min(len(prompts[i]) + max_new_tokens, max_length)
+                                   for i in live), padded)
+    first = width if padded else min(len(prompts[i]) for i in live)
+    pad_BS = (torch.tensor([[c < pad[i] for c in range(first)] for i in live])
+              if padded else None)
+    logits_BV = extend(model, torch.tensor([rows[i][:first] for i in live]), cache, pad_BS)
+    while True:
+        col = cache.length  # the column whose token is chosen now
+        choosing = [b for b, i in enumerate(live) if len(rows[i]) <= col]
+        chosen = iter(next_tokens(logits_BV[choosing, :vocab_size].cpu(), temperature, top_p,
+                                  generator).tolist() if choosing else [])
+        feed, still = [], []
         for b, i in enumerate(live):
-            tokens_BS[b, : len(rows[i])] = torch.tensor(rows[i])
-        logits_BSV = model_logits(model, tokens_BS)
-        last_B = torch.tensor([len(rows[i]) - 1 for i in live], device=logits_BSV.device)
-        logits_BV = logits_BSV[torch.arange(len(live), device=last_B.device), last_B]
-        logits_BV = logits_BV[:, :vocab_size].float().cpu()
-        chosen_B = next_tokens(logits_BV, temperature, top_p, generator).tolist()
-        still = []
-        for i, token in zip(live, chosen_B, strict=True):
+            if len(rows[i]) > col:  # still inside its prompt (unpadded cache)
+                feed.append(rows[i][col])
+                still.append(b)
+                continue
+            token = next(chosen)
             if eos_id is not None and token == eos_id:
                 continue
-            rows[i].append(token)
             out[i].append(token)
-            done = (len(out[i]) >= max_new_tokens or len(rows[i]) >= max_length
-                    or (stop is not None and stop(list(out[i]))))
-            if not done:
-                still.append(i)
-        live = still
-    return out
+            rows[i].append(token)
+            if not (len(out[i]) >= max_new_tokens or len(rows[i]) - pad[i] >= max_length
+                    or (stop is not None and stop(list(out[i])))):
+                feed.append(token)
+                still.append(b)
+        if not still:
+            return out
+        if len(still) < len(live):
+            cache.keep_rows(still)
+            live = [live[b] for b in still]
+        logits_BV = extend(model, torch.tensor(feed)[:, None], cache)
 
 
 @torch.no_grad()

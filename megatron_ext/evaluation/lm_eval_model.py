@@ -11,10 +11,18 @@ give the same numbers (tests/unit/test_lm_eval.py checks it):
 * requests are tokenized by lm-eval's ``TemplateLM`` (context/continuation split, an empty
   context replaced by EOD) with the checkpoint's tokenizer (``evaluation.tokenizer``); our data
   never has BOS, so none is added;
-* ``loglikelihood``: right-padded batches of ``(context + continuation)[-(L+1):][:-1]`` with
-  L = ``model.max_position_embeddings``; each row's continuation log-probs are read at its own
-  positions (attention is causal, so right padding never changes a row's real logits); the
-  softmax runs over the tokenizer's vocabulary (megatron's vocabulary padding cut off);
+* ``loglikelihood``: HFLM's model input ``(context + continuation)[-(L+1):][:-1]`` with
+  L = ``model.max_position_embeddings``, split where the continuation's first token is
+  predicted into a prefix and the continuation's other tokens. Where a prefix is shared and
+  computing it once saves a quarter of the tokens or more (``plan_batches``: the context of a
+  multiple-choice item), it runs once into a KV cache (``model.inference``; left-padded,
+  masked) and every continuation after it in a cache row of its own (right-padded, masked),
+  the LM head only where a continuation token is predicted; HFLM shares a context only for
+  one-token continuations. Everything else (rolling windows, single continuations), and
+  everything on a model whose attention takes no padding mask (Transformer Engine's,
+  megatron's unfused), runs HFLM's way: whole rows, right-padded (causal attention: the
+  padding never changes a row's real logits), ``batch_size`` rows a batch, longest first.
+  The softmax runs over the tokenizer's vocabulary (megatron's vocabulary padding cut off);
 * ``loglikelihood_rolling``: disjoint windows of L tokens (lm-eval's ``get_rolling_token_windows``,
   as HFLM), all scored in batches, summed per document;
 * ``generate_until``: ``evaluation.generate`` (greedy unless the request samples), stopping at
@@ -49,12 +57,57 @@ from megatron_ext.data.errors import DataError
 from megatron_ext.data.tokenizer import Tokenizer
 from megatron_ext.evaluation.generate import generate
 from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
+from megatron_ext.model.inference import KVCache, extend, padding_masks_supported
 from megatron_ext.model.inference import logits as model_logits
 from megatron_ext.platform.progress import Progress
 
 # One request as TemplateLM hands it over: ((context, continuation) | None, context ids, cont ids).
 TokenRequest = tuple[Any, list[int], list[int]]
+# What is scored: the model input up to the continuation's first prediction, and the continuation.
+Piece = tuple[tuple[int, ...], list[int]]
 DEFAULT_MAX_GEN_TOKS = 256  # as HFLM
+# A prefix is computed once for its continuations when that saves this share of the tokens;
+# a batch of shared prefixes then holds up to SHARED_ROWS continuations per prefix row.
+SHARE_MIN, SHARED_ROWS = 0.25, 4
+
+
+def plan_batches(pieces: list[Piece], batch_size: int, share: bool
+                 ) -> list[tuple[bool, list[tuple[tuple[int, ...], list[int]]]]]:
+    """Batches of (prefix, piece indices), each flagged shared (KV cache) or not (whole rows).
+
+    A prefix is shared when it is worth it: at least two continuations, and the prefix tokens
+    computed once instead of once per continuation are at least ``SHARE_MIN`` of the tokens the
+    whole rows would take (a multiple-choice context, not the one EOD token that every rolling
+    window of a document set starts with). A shared batch holds up to ``batch_size`` prefixes
+    (its prefill is a batch like HFLM's) and up to ``SHARED_ROWS * batch_size`` continuations,
+    each a short row after the cache; larger groups are split. The other pieces go
+    ``batch_size`` to a batch. Longest first within each kind."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (prefix, _) in enumerate(pieces):
+        groups.setdefault(prefix, []).append(i)
+
+    def worth(prefix: tuple[int, ...], members: list[int]) -> bool:
+        rows = sum(len(prefix) + len(pieces[i][1]) - 1 for i in members)
+        return len(members) > 1 and (len(members) - 1) * len(prefix) >= SHARE_MIN * rows
+
+    most = SHARED_ROWS * batch_size
+    shared, single = [], []
+    for prefix, members in groups.items():
+        if share and worth(prefix, members):
+            shared += [(prefix, members[k:k + most]) for k in range(0, len(members), most)]
+        else:
+            single += [(prefix, [i]) for i in members]
+    length = lambda group: -len(group[0]) - max(len(pieces[i][1]) for i in group[1])  # noqa: E731
+    batches: list[tuple[bool, list]] = []
+    for group in sorted(shared, key=length):
+        last = batches[-1][1] if batches else None
+        if (last is None or len(last) >= batch_size
+                or sum(len(m) for _, m in last) + len(group[1]) > most):
+            batches.append((True, []))
+        batches[-1][1].append(group)
+    single.sort(key=length)
+    batches += [(False, single[k:k + batch_size]) for k in range(0, len(single), batch_size)]
+    return batches
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -121,52 +174,92 @@ class MegatronLM(TemplateLM):
         return self.tok.decode([i for i in ids if i not in special])
 
     # --- scoring -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def _score_batch(self, rows: list[list[int]], conts: list[list[int]]
-                     ) -> list[tuple[float, bool]]:
-        """Sum of log-probs of ``conts`` and is-greedy, each continuation being predicted by the
-        last positions of its row (the model inputs, right-padded into one batch)."""
-        width = max(len(r) for r in rows)
-        tokens_BS = torch.full((len(rows), width), self.tok.eod, dtype=torch.long)
-        for b, row in enumerate(rows):
-            tokens_BS[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-        logits_BSV = model_logits(self.model, tokens_BS)[..., :self.vocab_size]
-        out = []
-        for b, (row, cont) in enumerate(zip(rows, conts, strict=True)):
-            # Position p predicts token p + 1: the continuation's tokens are predicted by the
-            # last len(cont) positions of the row (its padding, further right, is never read).
-            logp_CV = F.log_softmax(logits_BSV[b, len(row) - len(cont):len(row)].float(), dim=-1)
-            targets_C = torch.tensor(cont, dtype=torch.long, device=logp_CV.device)
-            picked_C = logp_CV.gather(-1, targets_C[:, None]).squeeze(-1)
-            out.append((float(picked_C.sum()), bool((logp_CV.argmax(-1) == targets_C).all())))
-        return out
-
     def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), greedy?) per request, in request order."""
         limit = self.max_length
-        order = sorted(range(len(requests)),
-                       key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        bar = Progress(len(requests), "lm-eval scoring", unit="requests", enabled=not disable_tqdm)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            rows, conts = [], []
-            for i in chunk:
-                _, context, continuation = requests[i]
-                if not context or not continuation or len(continuation) > limit:
-                    raise DataError(f"cannot score a request of {len(context)} context and "
-                                    f"{len(continuation)} continuation tokens "
-                                    f"(context length {limit})")
-                rows.append((context + continuation)[-(limit + 1):][:-1])
-                conts.append(continuation)
-            for i, answer in zip(chunk, self._score_batch(rows, conts), strict=True):
+        pieces: list[Piece] = []
+        for _, context, continuation in requests:
+            if not context or not continuation or len(continuation) > limit:
+                raise DataError(f"cannot score a request of {len(context)} context and "
+                                f"{len(continuation)} continuation tokens "
+                                f"(context length {limit})")
+            # HFLM's model input, cut where the continuation's first prediction is made.
+            row = (context + continuation)[-(limit + 1):][:-1]
+            pieces.append((tuple(row[:len(row) - len(continuation) + 1]), continuation))
+        share = padding_masks_supported(self.model)
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(pieces)
+        bar = Progress(len(pieces), "lm-eval scoring", unit="requests", enabled=not disable_tqdm)
+        for shared, groups in plan_batches(pieces, self.batch_size, share):
+            members = [i for _, group in groups for i in group]
+            if shared:
+                answers = self._score_shared(groups, pieces)
+            else:
+                answers = self._score_rows([pieces[i] for i in members])
+            for i, answer in zip(members, answers, strict=True):
                 results[i] = answer
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-            bar.update(len(chunk))
+            bar.update(len(members))
         bar.close()
+        for (key, _, _), answer in zip(requests, results, strict=True):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
         return results
+
+    def _answer(self, logits_CV: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+        """Sum of log-probs of ``cont`` and whether each token is the argmax, from the logits
+        that predict it (softmax over the tokenizer's vocabulary: megatron's padding cut)."""
+        logp_CV = F.log_softmax(logits_CV[:, :self.vocab_size].float(), dim=-1)
+        targets_C = torch.tensor(cont, dtype=torch.long, device=logp_CV.device)
+        picked_C = logp_CV.gather(-1, targets_C[:, None]).squeeze(-1)
+        return float(picked_C.sum()), bool((logp_CV.argmax(-1) == targets_C).all())
+
+    def _score_shared(self, groups: list[tuple[tuple[int, ...], list[int]]],
+                      pieces: list[Piece]) -> list[tuple[float, bool]]:
+        """One batch of (prefix, its pieces): each prefix runs once into a KV cache (left-padded),
+        then every continuation after it in a cache row of its own (right-padded, masked).
+        Answers in the order of the groups' pieces."""
+        prefixes = [prefix for prefix, _ in groups]
+        owner = [b for b, (_, members) in enumerate(groups) for _ in members]
+        conts = [pieces[i][1] for _, members in groups for i in members]
+        width = max(len(p) for p in prefixes)
+        longest = max(len(c) for c in conts) - 1  # the continuation tokens fed
+        cache = KVCache(len(prefixes), width + longest, padded=True)
+        tokens_PS, pad_PS = self._padded(prefixes, width, left=True)
+        first_RV = extend(self.model, tokens_PS, cache, pad_PS)[owner]
+        tail_RTV = None
+        if longest:
+            cache.keep_rows(owner)  # one row per continuation
+            tokens_RT, pad_RT = self._padded([c[:-1] for c in conts], longest, left=False)
+            tail_RTV = extend(self.model, tokens_RT, cache, pad_RT, every_column=True)
+        answers = []
+        for r, cont in enumerate(conts):
+            logits_CV = first_RV[r:r + 1]
+            if len(cont) > 1:
+                logits_CV = torch.cat([logits_CV, tail_RTV[r, :len(cont) - 1]])
+            answers.append(self._answer(logits_CV, cont))
+        return answers
+
+    def _padded(self, rows, width: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [b, width] padded with EOD (masked, never attended to), and where the
+        padding is."""
+        tokens_BS = torch.full((len(rows), width), self.tok.eod, dtype=torch.long)
+        pad_BS = torch.ones(len(rows), width, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            cols = slice(width - len(row), width) if left else slice(0, len(row))
+            tokens_BS[b, cols] = torch.tensor(row, dtype=torch.long)
+            pad_BS[b, cols] = False
+        return tokens_BS, pad_BS
+
+    def _score_rows(self, pieces: list[Piece]) -> list[tuple[float, bool]]:
+        """One batch as HFLM runs it: each piece's whole input row, right-padded (causal
+        attention: padding right of a row never changes its real logits)."""
+        rows = [list(prefix) + cont[:-1] for prefix, cont in pieces]
+        tokens_BS, _ = self._padded(rows, max(len(r) for r in rows), left=False)
+        logits_BSV = model_logits(self.model, tokens_BS)
+        # Position p predicts token p + 1: the continuation is predicted from the prefix's
+        # last position on (the padding further right is never read).
+        return [self._answer(logits_BSV[b, len(prefix) - 1:len(prefix) - 1 + len(cont)], cont)
+                for b, (prefix, cont) in enumerate(pieces)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole documents in disjoint windows of ``max_length`` tokens."""

@@ -5,6 +5,10 @@ megatron's own ``DotProductAttention`` materializes the [b, heads, s, s] score m
 fused kernel on CPU, with the causal mask implied (no mask tensor is built). When the
 ``flash_attn`` package imports, its kernel is used on CUDA instead.
 
+Generation (``model.inference``'s KV cache) calls it with megatron's per-call mask type
+(``no_mask`` for a one-token decode step) and, for left-padded batches, an explicit boolean mask
+that replaces the causal one; training passes neither.
+
 Shapes (megatron's convention): query [s, b, heads, d], key/value [s, b, kv_heads, d];
 output [s, b, heads * d].
 """
@@ -70,11 +74,21 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention: packed sequences and attention bias are unsupported")
         s, b, heads, d = query.shape
         dropout = self.dropout_p if self.training else 0.0
-        if self.use_flash_attn and query.is_cuda:
+        # megatron passes the type per call: no_mask for a KV-cache decode step (one query
+        # against every cached key), where a causal mask would hide all but the first key.
+        causal = self.causal if attn_mask_type is None else attn_mask_type == AttnMaskType.causal
+        if attention_mask is not None:
+            # An explicit mask (megatron's convention: True = masked out, broadcastable to
+            # [b, heads, sq, sk]) is the whole mask, causal part included: generation's left
+            # padding (model.inference). Training passes none.
+            causal, allowed = False, ~attention_mask
+        else:
+            allowed = None
+        if self.use_flash_attn and query.is_cuda and allowed is None:
             # flash-attn wants [b, s, heads, d] and handles GQA itself.
             out_BSHD = flash_attn_func(
                 query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-                dropout_p=dropout, softmax_scale=self.softmax_scale, causal=self.causal,
+                dropout_p=dropout, softmax_scale=self.softmax_scale, causal=causal,
             )
             return out_BSHD.transpose(0, 1).reshape(s, b, heads * d)
         # SDPA wants [b, heads, s, d]; enable_gqa avoids materializing repeated k/v heads.
@@ -82,7 +96,7 @@ class SDPAttention(MegatronModule):
         k_BHSD = key.permute(1, 2, 0, 3)
         v_BHSD = value.permute(1, 2, 0, 3)
         out_BHSD = F.scaled_dot_product_attention(
-            q_BHSD, k_BHSD, v_BHSD, dropout_p=dropout, is_causal=self.causal,
+            q_BHSD, k_BHSD, v_BHSD, attn_mask=allowed, dropout_p=dropout, is_causal=causal,
             scale=self.softmax_scale, enable_gqa=k_BHSD.shape[1] != heads,
         )
         return out_BHSD.permute(2, 0, 1, 3).reshape(s, b, heads * d)

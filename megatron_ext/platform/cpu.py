@@ -156,3 +156,18 @@ def enable_if_needed() -> bool:
         return False
     enable()
     return True
+
+
+@contextlib.contextmanager
+def native_torch():
+    """Run a block with torch function handling off, the CUDA -> CPU mode included (a no-op
+    when the CPU path is not enabled). Every torch call through the mode is a Python call: about
+    a third of a one-token decode step of a small model. Only for code known to name no CUDA
+    device outside ``torch.cuda.current_device()`` (which stays redirected) and to rely on no
+    other function mode or subclass ``__torch_function__`` (``with torch.device(...)`` is one:
+    transformers' model loading uses it)."""
+    if _ACTIVE is None:
+        yield
+        return
+    with torch._C.DisableTorchFunction():
+        yield

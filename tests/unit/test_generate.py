@@ -1,8 +1,9 @@
 """Text generation (megatron_ext.evaluation.generate, moe-generate): what it guarantees.
 
-* Greedy generation of our megatron model equals transformers' ``generate`` (do_sample=False) on
-  the HF export of the same checkpoint, token for token, for 32 new tokens on prompts of
-  different lengths (fp32 CPU), batched (right padding) and one prompt at a time alike.
+* Greedy generation of our megatron model (KV cache) equals transformers' ``generate``
+  (do_sample=False) on the HF export of the same checkpoint, token for token, for 32 new tokens
+  on 8 prompts of different lengths (fp32 CPU): ours one prompt at a time, 3 and 8 at a time
+  (left-padded), against transformers one at a time and 8 at a time.
 * A row stops at EOS (not included), when ``stop`` says so, or at the context length, and
   each stopped row is a prefix of the unstopped greedy row.
 * Sampling is reproducible with a seed, differs across seeds, keeps only the top-p nucleus;
@@ -44,6 +45,9 @@ PROMPTS = [
     "KING HENRY. Once more unto the breach, dear friends, once more; Or close the wall up "
     "with our English dead. In peace there's nothing so becomes a man",
     "ROMEO.\n",
+    "HAMLET. Alas, poor Yorick! I knew him, Horatio: a fellow of infinite jest,",
+    "def main(argv):\n    import sys\n    ",
+    "親譲りの無鉄砲で小供の時から損ばかりしている。",
 ]
 
 PROBE = textwrap.dedent("""
@@ -63,7 +67,7 @@ PROBE = textwrap.dedent("""
         gen = lambda **kw: generate(model, prompts, kw.pop("n", new), eos_id=kw.pop("eos", tok.eod),
                                     vocab_size=cfg.model.vocab_size, **kw)
         out = {"prompts": prompts, "eod": tok.eod, "batched": gen(batch_size=3),
-               "unbatched": gen(batch_size=1), "zero": gen(n=0)}
+               "unbatched": gen(batch_size=1), "batch8": gen(batch_size=8), "zero": gen(n=0)}
         out["eos_at"] = out["batched"][1][5]  # a token that row 1 emits: its 6th
         out["eos_cut"] = gen(eos=out["eos_at"], batch_size=4)
         out["stop3"] = gen(stop=lambda ids: len(ids) >= 3, batch_size=2)
@@ -77,12 +81,17 @@ PROBE = textwrap.dedent("""
         out["nucleus_of_one"] = gen(temperature=1.0, top_p=1e-6, seed=3)
         shutdown()
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        hf_gen = lambda x, mask: hf.generate(  # noqa: E731
+            x, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=new,
+            eos_token_id=tok.eod, pad_token_id=tok.eod)
         out["hf"] = []
         for ids in prompts:
             x = torch.tensor([ids])
-            y = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, num_beams=1,
-                            max_new_tokens=new, eos_token_id=tok.eod, pad_token_id=tok.eod)
-            out["hf"].append(y[0, len(ids):].tolist())
+            out["hf"].append(hf_gen(x, torch.ones_like(x))[0, len(ids):].tolist())
+        width = max(len(p) for p in prompts)  # all at once, left-padded as transformers wants
+        x = torch.tensor([[tok.eod] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out["hf_batch8"] = [row[width:] for row in hf_gen(x, mask).tolist()]
         print("PROBE " + json.dumps(out))
 """)
 
@@ -118,11 +127,14 @@ def _until_eos(ids: list[int], eod: int) -> list[int]:
 @pytest.mark.slow
 def test_greedy_equals_transformers_batched_and_unbatched(probe: dict) -> None:
     lengths = sorted(len(p) for p in probe["prompts"])
-    assert len(set(lengths)) == len(lengths) and lengths[0] == 1  # padding really happens
+    assert len(lengths) == 8 and len(set(lengths)) == 8 and lengths[0] == 1  # padding happens
     for i, hf in enumerate(probe["hf"]):
         want = _until_eos(hf, probe["eod"])  # transformers keeps the EOS it stopped at
         assert probe["batched"][i] == want, i
         assert probe["unbatched"][i] == want, i
+        assert probe["batch8"][i] == want, i
+        # transformers' own batch of 8 (left-padded; it pads finished rows with EOS)
+        assert _until_eos(probe["hf_batch8"][i], probe["eod"]) == want, i
         assert len(want) == NEW or len(hf) > len(want)  # full length, or ended at EOS
     assert probe["zero"] == [[] for _ in PROMPTS]
 
@@ -248,3 +260,13 @@ def test_cli_bad_inputs_exit_2_with_one_line(ckpt: Path, tmp_path: Path, capsys)
                     "--prompts", str(empty)])
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout
     assert proc.stderr == f"error: {empty}: no prompts (the file has no non-empty line)\n"
+
+
+@pytest.mark.slow
+def test_throughput_bench_runs_and_compares_ids(ckpt: Path) -> None:
+    out = _ok(["tools/bench/generate_throughput.py", "--checkpoint", str(ckpt / "ckpt"),
+               "--hf", str(ckpt / "hf"), "--new-tokens", "4", "--prompts", "3",
+               "--batch-sizes", "1,3", "--repeats", "1"])
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(f"| {ckpt}")]
+    assert [r[2].strip() for r in rows] == ["1", "3"]
+    assert all(r[-2].strip() == "yes" and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)

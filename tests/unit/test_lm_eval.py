@@ -168,3 +168,41 @@ def test_local_tasks_load_offline_and_model_is_registered(monkeypatch):
     sizes = {name: len(list(task.eval_docs)) for name, task in loaded.items()}
     assert sizes == {"demo_en_mc": 100, "demo_ja_mc": 100, "demo_en_gen": 50,
                      "demo_en_ppl": 20, "demo_ja_ppl": 20}
+
+
+def test_batches_share_prefixes_only_where_it_saves_work():
+    from megatron_ext.evaluation.lm_eval_model import plan_batches
+
+    ctx = tuple(range(20))
+    pieces = [(ctx, [1] * n) for n in (1, 3, 5, 2)]  # a multiple-choice item: shared
+    pieces += [((7,), [2] * 64) for _ in range(12)]  # rolling windows after one EOD: not
+    pieces += [((9, 9), [3]), ((9, 9), [4] * 30)]  # a short prefix, long rows: not
+    pieces += [(tuple(range(50, 80)), [5] * k) for k in range(1, 21)]  # 20 sharing 30 tokens
+    pieces += [((k,) * 12, [6] * 3) for k in range(100, 106) for _ in range(2)]  # 6 pairs
+    batches = plan_batches(pieces, batch_size=4, share=True)
+    seen = sorted(i for _, groups in batches for _, members in groups for i in members)
+    assert seen == list(range(len(pieces)))  # every piece exactly once
+    shared = {i for flag, groups in batches if flag for _, members in groups for i in members}
+    assert shared == {0, 1, 2, 3, *range(18, 38), *range(38, 50)}
+    for flag, groups in batches:
+        if flag:  # up to 4 prefixes and 16 continuations
+            assert len(groups) <= 4 and sum(len(members) for _, members in groups) <= 16
+        else:
+            assert all(len(members) == 1 for _, members in groups) and len(groups) <= 4
+    # The group of 20 is split (16 + 4); the 6 pairs fill 4 prefixes, then 2.
+    sizes = sorted(len(members) for flag, groups in batches if flag for _, members in groups)
+    assert sizes == [2] * 6 + [4, 4, 16]
+    # A model whose attention takes no padding mask shares nothing.
+    assert not any(flag for flag, _ in plan_batches(pieces, 4, share=False))
+
+
+@pytest.mark.slow
+def test_throughput_bench_runs_both_backends(models):
+    ckpt, hf = models
+    proc = run_cli(["tools/bench/eval_throughput.py", "--checkpoint", str(ckpt), "--hf", str(hf),
+                    "--tasks", "demo_en_mc,demo_en_gen", "--limit", "2", "--repeats", "1"],
+                   env=OFFLINE)
+    _ok(proc)
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[2].strip() for line in table[1:]] == ["10", "10"]  # 2x4 + 2
+    assert "Largest relative difference of a task metric" in proc.stdout
