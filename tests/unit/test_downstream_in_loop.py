@@ -53,4 +53,4 @@ def test_a_split_model_is_refused_by_the_config_check():
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "config error: eval.tasks: in-loop evaluation needs parallel.tensor = parallel.expert = "
-        "parallel.pipeline = 1 (evaluate a checkpoint with tools/eval/lm_eval.py instead)")
+        "parallel.pipeline = 1 (evaluate a checkpoint with moe-lm-eval instead)")
