@@ -25,16 +25,20 @@ def lint_imports(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def contracts() -> list[dict]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+
+
 def layers_contract() -> dict:
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
-    (contract,) = [c for c in config["contracts"] if c["type"] == "layers"]
+    """The package-wide contract (the others hold inside one package, through `containers`)."""
+    (contract,) = [c for c in contracts() if c["type"] == "layers" and "containers" not in c]
     return contract
 
 
 def test_the_tree_keeps_the_layer_contract():
     proc = lint_imports()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "1 kept, 0 broken" in proc.stdout
+    assert f"{len(contracts())} kept, 0 broken" in proc.stdout
     # the contract covers every package of the library, so no layer escapes it
     layers = {name.strip() for entry in layers_contract()["layers"] for name in entry.split("|")}
     packages = {f"megatron_ext.{p.name}" for p in (REPO / "megatron_ext").iterdir()
