@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +104,50 @@ def cpu_megatron_module() -> list:
         # megatron's RNG tracker warns on CPU, where "CUDA" and CPU RNG are one generator.
         pytest.mark.filterwarnings("ignore:CPU RNG state changed"),
     ]
+
+
+# --- shared by the bounded-input class tests (issue 24) ---------------------------------------
+HEADROOM = 768 * 2**20  # the fixed tools need < 0.5 GB above their imports (measured)
+
+
+@pytest.fixture(scope="module")
+def address_limit() -> int:
+    """Bytes of address space: the tools' imports on this machine (VmPeak), plus HEADROOM."""
+    probe = ("import megatron.core.datasets.indexed_dataset, tokenizers, torch\n"
+             "print(open('/proc/self/status').read())")
+    status = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    return int(re.search(r"VmPeak:\s+(\d+) kB", status).group(1)) * 1024 + HEADROOM
+
+
+def run_limited(args: list[str], limit: int, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python args`` in the repository under an address-space limit of ``limit`` bytes."""
+    def cap() -> None:  # in the child, before exec: the tool and its workers get the limit
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=cap)
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory) -> Path:
+    """A tiny Llama saved by transformers (bf16 safetensors, config.json): an HF input."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("safetensors") / "dense"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, vocab_size=256)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def keep_sigterm():
+    """For a test calling a tool's ``main`` in process: run_cli installs its own SIGTERM handler
+    while it runs; put pytest's back after."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)

@@ -21,7 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from megatron_ext.config.fields import MAX_STRING, clip, problem, short_repr
+from megatron_ext.config.fields import MAX_STRING, Leaf, clip, leaves, problem, short_repr
 from megatron_ext.config.schema import Config
 from megatron_ext.errors import UserError
 
@@ -387,6 +387,24 @@ def config_from_dict(tree: dict, source: str | None = None) -> Config:
     """A Config from a mapping (a saved config, one built from an HF config.json), checked as
     ``load_config`` checks a file; ``source`` names the mapping's origin in messages."""
     return _checked(tree, source)
+
+
+_LEAVES: dict[str, Leaf] = {}
+
+
+def check_field(dotted: str, value: Any) -> Any:
+    """``value`` for the config field ``dotted`` when it comes from outside a config (an HF
+    ``config.json``'s ``hidden_size`` is ``model.hidden_size``): checked as a config file's value
+    is (type, declared bounds) and returned as the field takes it; ConfigError otherwise (its
+    ``why`` says the problem without the field's name)."""
+    if not _LEAVES:
+        _LEAVES.update((leaf.name, leaf) for leaf in leaves(Config))
+    leaf = _LEAVES[dotted]
+    value = _coerce(value, leaf.annotation, dotted)
+    found = problem(dotted, leaf.field, value)
+    if found:
+        raise _FieldError(*found)
+    return value
 
 
 def to_dict(cfg: Any) -> dict:

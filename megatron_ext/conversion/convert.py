@@ -12,12 +12,12 @@ Everything here runs in a single process (gloo world of 1); megatron is imported
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from megatron_ext.conversion.hf_config import read_hf_config
 from megatron_ext.conversion.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
 from megatron_ext.conversion.hf_models import hf_logits
 from megatron_ext.conversion.keymaps import (
@@ -192,7 +192,7 @@ def mcore_to_hf_checkpoint(input_path: Path, output_dir: Path, *, overwrite: boo
     record = hf_record(input_path, arch)
     record_dtype = None
     if record is not None:
-        source = json.loads((record / "config.json").read_text())
+        source = read_hf_config(record)
         record_dtype = source.get("dtype") or source.get("torch_dtype")
     out_dtype, lossless = resolve_dtype(dtype, get, keys, record_dtype)
     rel_tolerance = 1e-4

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from megatron_ext.config.args import parse_size as bounded_size
 from megatron_ext.config.loader import ConfigError
+from megatron_ext.conversion.hf_config import read_hf_config, read_index
 from megatron_ext.conversion.keymaps import ConversionError
 from megatron_ext.errors import one_line
 from megatron_ext.platform.fs import recover_interrupted, staging
@@ -133,12 +134,9 @@ class HFCheckpoint:
         if not self.path.is_dir():
             raise ConversionError(f"{self.path}: not a directory")
         config_path = self.path / "config.json"
-        if not config_path.is_file():
+        if not (config_path.exists() or config_path.is_symlink()):
             raise ConversionError(f"{self.path}: no config.json (not an HF checkpoint)")
-        try:
-            self.config: dict[str, Any] = json.loads(config_path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{config_path}: invalid JSON ({e.msg})") from None
+        self.config: dict[str, Any] = read_hf_config(config_path)  # bounded and checked
         self._tensors: dict[str, TensorInfo] = {}
         for file in self._weight_files():
             for name, info in read_safetensors_header(file, float_only).items():
@@ -154,16 +152,8 @@ class HFCheckpoint:
 
     def _weight_files(self) -> list[Path]:
         index = self.path / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError):
-                raise ConversionError(f"{index}: invalid index file") from None
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..")
-                    for v in weight_map.values()):
-                raise ConversionError(f"{index}: invalid index file (weight_map must map "
-                                      "tensor names to shard file names in this directory)")
+        if index.exists() or index.is_symlink():
+            weight_map = read_index(index)
             files = sorted(set(weight_map.values()))
             for name in files:
                 if not (self.path / name).is_file():

@@ -37,6 +37,7 @@ from megatron_ext.checkpoint.manifest import CheckpointError
 from megatron_ext.config.loader import ConfigError, apply_overrides, to_dict
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern, validate
+from megatron_ext.conversion.hf_config import check_hf_config, read_hf_config
 from megatron_ext.conversion.hf_io import TOKENIZER_FILES, staged_dir
 from megatron_ext.conversion.keymaps import (
     MLP_ONLY_LAYERS_FIELD,
@@ -88,6 +89,7 @@ def config_from_hf(hf_config: dict[str, Any], overrides: Mapping[str, Any] | Non
                    ) -> Config:
     """Our Config for an HF Llama / Mixtral / mixed config.json; the rest are our defaults
     (mock data etc.). ``overrides``: dotted keys (``"train.seed": 1``), type-checked."""
+    hf_config = check_hf_config(hf_config)
     arch = arch_from_hf_config(hf_config)
     settings = hf_settings_from_config(hf_config)
     window = hf_config.get("sliding_window")
@@ -129,9 +131,9 @@ def hf_record(path: str | Path, arch: Arch) -> Path | None:
         config = root / HF_RECORD / "config.json"
         if config.is_file():
             try:
-                if arch_from_hf_config(json.loads(config.read_text())) == arch:
+                if arch_from_hf_config(read_hf_config(config)) == arch:
                     return root / HF_RECORD
-            except (ValueError, UnicodeDecodeError):  # JSON or ConversionError: not usable
+            except ConversionError:  # not usable: the checkpoint's own config describes it
                 pass
     return None
 
@@ -143,7 +145,7 @@ def hf_config_from_mcore(cfg: Config, arch: Arch, dtype: torch.dtype,
         "rms_norm_eps": cfg.model.norm_epsilon, "rope_theta": cfg.model.rotary_base,
         "max_position_embeddings": cfg.model.max_position_embeddings}
     if record is not None:
-        source = hf_settings_from_config(json.loads((record / "config.json").read_text()))
+        source = hf_settings_from_config(read_hf_config(record))
         settings.update({k: v for k, v in source.items() if k.endswith("_token_id")})
     config = hf_config_for(arch, top_k=cfg.moe.top_k, router_aux_loss_coef=cfg.moe.aux_loss_coeff,
                            dtype=str(dtype).removeprefix("torch."), **settings)

@@ -24,6 +24,7 @@ from megatron_ext.conversion.convert import (
     preflight,
     resolve_dtype,
 )
+from megatron_ext.conversion.hf_config import read_hf_config
 from megatron_ext.conversion.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
 from megatron_ext.conversion.keymaps import (
     HF_EMBED,
@@ -80,7 +81,7 @@ def detect_format(path: Path) -> str:
         raise ConversionError(f"{path}: input does not exist")
     if not path.is_dir():
         raise ConversionError(f"{path}: input is not a directory")
-    if (path / "config.json").is_file():
+    if (path / "config.json").exists():  # not only a regular file: the reader says what is wrong
         return "hf"
     if any((path / marker).exists() for marker in _MCORE_MARKERS):
         return "mcore"
@@ -117,7 +118,7 @@ def _open_mcore(path: Path) -> DenseModel:
         raise ConversionError(f"{path}: an MoE checkpoint ({arch.num_experts} experts), expected "
                               "a dense one")
     record = hf_record(path, arch)
-    record_dtype = json.loads((record / "config.json").read_text()).get("dtype") if record else None
+    record_dtype = read_hf_config(record).get("dtype") if record else None
     dtype, _ = resolve_dtype("auto", get, keys, record_dtype)
     shapes = hf_shapes(arch)
     hf_get = hf_view(lambda n: get(n).to(dtype), arch)

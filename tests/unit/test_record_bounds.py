@@ -6,8 +6,9 @@ held whole above it (``--max-record-bytes``, default 32 MiB: skipped and counted
 total. Its users: preprocessing (.txt, .jsonl, .jsonl.gz), tokenizer training, generation
 prompts. Shown with real files, the real CLIs as subprocesses and a real address-space limit
 (RLIMIT_AS): what the tools import (torch, tokenizers, megatron-core) measured on this machine
-plus ``HEADROOM``. Each case failed before the reader existed (MemoryError, or SIGABRT from the
-tokenizer's failed allocation): a record of ``HUGE`` bytes held whole cannot fit the headroom.
+plus ``HEADROOM`` (``tests/conftest.py``). Each case failed before the reader existed
+(MemoryError, or SIGABRT from the tokenizer's failed allocation): a record of ``HUGE`` bytes
+held whole cannot fit the headroom.
 This file imports only what existed before, so it runs against the old code too. The reader's
 own tests (ranges, pieces, every format in process) are in test_data_records.py.
 """
@@ -17,42 +18,18 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import re
-import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from megatron_ext.data.tokenizer import load_tokenizer
 from megatron_ext.data.tokenizer_training import train_bpe_tokenizer
-from tests.conftest import REPO
+from tests.conftest import REPO, run_limited
 
 CORPUS = REPO / "data" / "corpus"
 EN = (CORPUS / "en_shakespeare.txt").read_text(encoding="utf-8")
-HEADROOM = 768 * 2**20  # the fixed tools need < 0.5 GB above their imports (measured)
 HUGE = 2**30  # one line or record of 1 GiB
 TOO_LONG = "record longer than --max-record-bytes"
-
-
-@pytest.fixture(scope="module")
-def address_limit() -> int:
-    """Bytes of address space: the tools' imports on this machine (VmPeak), plus HEADROOM."""
-    probe = ("import megatron.core.datasets.indexed_dataset, tokenizers, torch\n"
-             "print(open('/proc/self/status').read())")
-    status = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
-    return int(re.search(r"VmPeak:\s+(\d+) kB", status).group(1)) * 1024 + HEADROOM
-
-
-def _run_limited(args: list[str], limit: int, timeout: int = 600) -> subprocess.CompletedProcess:
-    def cap() -> None:  # in the child, before exec: the tool and its workers get the limit
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=cap)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +67,7 @@ def test_jsonl_gz_with_a_huge_line(address_limit: int, tok_dir: str, tmp_path: P
             handle.write(member)
         handle.write(gzip.compress(b'"}\n{"text": "two"}\n', mtime=0))
     assert path.stat().st_size < 2**21
-    result = _run_limited(_preprocess_cli(path, tmp_path / "o", tok_dir, "--workers", "2"),
+    result = run_limited(_preprocess_cli(path, tmp_path / "o", tok_dir, "--workers", "2"),
                           address_limit)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "documents: 2\n" in result.stdout
@@ -100,12 +77,12 @@ def test_jsonl_gz_with_a_huge_line(address_limit: int, tok_dir: str, tmp_path: P
 def test_jsonl_with_a_huge_line(address_limit: int, tok_dir: str, tmp_path: Path) -> None:
     path = tmp_path / "huge.jsonl"
     _sparse_line(path, b'{"text": "one"}\n{"text": "', HUGE, b'"}\n{"text": "two"}\n')
-    result = _run_limited(_preprocess_cli(path, tmp_path / "o", tok_dir, "--workers", "2"),
+    result = run_limited(_preprocess_cli(path, tmp_path / "o", tok_dir, "--workers", "2"),
                           address_limit)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "documents: 2\n" in result.stdout
     assert f"skipped too_long ({TOO_LONG}): 1 (first: {path}:2)" in result.stdout
-    strict = _run_limited(_preprocess_cli(path, tmp_path / "s", tok_dir, "--strict"),
+    strict = run_limited(_preprocess_cli(path, tmp_path / "s", tok_dir, "--strict"),
                           address_limit)
     assert strict.returncode == 2
     assert strict.stderr.splitlines() == [f"error: {path}:2: {TOO_LONG} (--strict)"]
@@ -119,7 +96,7 @@ def test_txt_with_a_24mb_document(address_limit: int, tok_dir: str, tmp_path: Pa
     document = line * (24_500_000 // len(line) + 1)
     path.write_text(f"a short one\n\n{document}\nanother\n", encoding="utf-8")
     # The default limit (32 MiB) reads it; it is tokenized in pieces, in bounded memory.
-    result = _run_limited(_preprocess_cli(path, tmp_path / "o", tok_dir), address_limit)
+    result = run_limited(_preprocess_cli(path, tmp_path / "o", tok_dir), address_limit)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "documents: 3\n" in result.stdout and "skipped: 0" in result.stdout
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -129,14 +106,14 @@ def test_txt_with_a_24mb_document(address_limit: int, tok_dir: str, tmp_path: Pa
     middle = dataset[1].tolist()
     assert middle[-1] == tok.eod and middle[:200] == tok.encode(document[:2000])[:200]
     # Under a lower limit it is never read: --strict refuses it, naming its first line.
-    strict = _run_limited(_preprocess_cli(path, tmp_path / "s", tok_dir, "--strict",
+    strict = run_limited(_preprocess_cli(path, tmp_path / "s", tok_dir, "--strict",
                                           "--max-record-bytes", str(16 * 2**20)), address_limit)
     assert strict.returncode == 2
     assert strict.stderr.splitlines() == [f"error: {path}:3: {TOO_LONG} (--strict)"]
 
 
 def test_prompts_from_dev_zero(address_limit: int) -> None:
-    result = _run_limited(["tools/generate.py", "--checkpoint", "/nonexistent", "--prompts",
+    result = run_limited(["tools/generate.py", "--checkpoint", "/nonexistent", "--prompts",
                            "/dev/zero"], address_limit)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
@@ -147,7 +124,7 @@ def test_prompts_from_dev_zero(address_limit: int) -> None:
 def test_tokenizer_training_input_with_a_huge_line(address_limit: int, tmp_path: Path) -> None:
     path = tmp_path / "train.txt"
     _sparse_line(path, EN[:20_000].encode() + b"\n", HUGE, b"\n" + EN[20_000:40_000].encode())
-    result = _run_limited(["tools/data/train_tokenizer.py", "--input", str(path), "--output",
+    result = run_limited(["tools/data/train_tokenizer.py", "--input", str(path), "--output",
                            str(tmp_path / "tok"), "--vocab-size", "400"], address_limit)
     assert result.returncode == 0, result.stderr[-2000:]
     line = EN[:20_000].count("\n") + 2

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,18 +107,6 @@ CASES = [*WEIGHTS, *INDEXES]
 FLOAT_ONLY = {"integer weight", "unsigned weight"}  # lm-eval reads any HF model: dtypes free
 
 
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("safetensors") / "dense"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, vocab_size=256)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    return path
-
-
 def damaged(dense: Path, root: Path, case: str) -> Path:
     out = root / case.replace(" ", "_")
     shutil.copytree(dense, out)
@@ -135,22 +122,15 @@ def expected(case: str) -> str:
     return (WEIGHTS.get(case) or INDEXES[case])[1]
 
 
-@pytest.fixture
-def keep_sigterm():
-    handler = signal.getsignal(signal.SIGTERM)  # run_cli installs its own while it runs
-    yield
-    signal.signal(signal.SIGTERM, handler)
-
-
-def test_intact_directory_reads(dense: Path) -> None:
-    ckpt = HFCheckpoint(dense)
+def test_intact_directory_reads(hf_llama: Path) -> None:
+    ckpt = HFCheckpoint(hf_llama)
     assert ckpt.info(EMBED).shape == (256, 64) and ckpt.info(EMBED).dtype == torch.bfloat16
     assert torch.equal(ckpt.get(EMBED), ckpt.get(EMBED))
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_library_refuses_with_one_line(dense: Path, tmp_path: Path, case: str) -> None:
-    path = damaged(dense, tmp_path, case)
+def test_library_refuses_with_one_line(hf_llama: Path, tmp_path: Path, case: str) -> None:
+    path = damaged(hf_llama, tmp_path, case)
     with pytest.raises(ConversionError) as err:
         HFCheckpoint(path)
     message = str(err.value)
@@ -173,9 +153,9 @@ def _tools(path: Path, out: Path) -> dict[str, tuple[object, list[str]]]:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_every_tool_that_reads_hf_refuses_with_one_line(dense: Path, tmp_path: Path, case: str,
+def test_every_tool_that_reads_hf_refuses_with_one_line(hf_llama: Path, tmp_path: Path, case: str,
                                                         capsys, keep_sigterm) -> None:
-    path = damaged(dense, tmp_path, case)
+    path = damaged(hf_llama, tmp_path, case)
     before = sorted(p.name for p in tmp_path.iterdir())
     for tool, (module, argv) in _tools(path, tmp_path / "out").items():
         if tool == "lm_eval" and case in FLOAT_ONLY:
@@ -188,8 +168,8 @@ def test_every_tool_that_reads_hf_refuses_with_one_line(dense: Path, tmp_path: P
 
 
 @pytest.mark.parametrize("tool", ["upcycle", "hf_to_mcore"])
-def test_a_real_process_gets_one_line_and_exit_2(dense: Path, tmp_path: Path, tool: str) -> None:
-    path = damaged(dense, tmp_path, "negative dimension")
+def test_a_real_process_gets_one_line_and_exit_2(hf_llama: Path, tmp_path: Path, tool: str) -> None:
+    path = damaged(hf_llama, tmp_path, "negative dimension")
     module, argv = _tools(path, tmp_path / "out")[tool]
     proc = run_cli(["-m", module.__name__, *argv], timeout=300)
     lines = proc.stderr.strip().splitlines()
