@@ -21,6 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_ext.config.args import field_arg, int_arg
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 from megatron_ext.platform.quiet import quiet_process
 
@@ -35,10 +36,10 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--config", type=Path, default=Path("configs/8x152M.yaml"))
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     p.add_argument("--shape", choices=("tiny", "config"), default="tiny")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int_arg(1, 10**6), default=200)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=field_arg("train.seed"), default=1234)
     p.add_argument("--no-floor", action="store_true",
                    help="skip the 1-ulp run (then only the identity phase and the LR are checked)")
     args = p.parse_args(argv)

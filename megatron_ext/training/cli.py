@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_ext.config.args import int_arg
 from megatron_ext.config.loader import ConfigError, load_config, to_yaml
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import check_paths, planned_world_size, validate
@@ -35,6 +36,7 @@ quiet_process()
 
 
 PLAN_TOP = 10  # layouts --plan shows unless --plan-all
+MAX_NODES = 2**16  # --plan: far past any cluster, and the layouts of it are searched in seconds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true",
                    help="rank every parallel layout of --nodes nodes by predicted step time "
                    "(memory per GPU, tokens/s, MFU, days to the token budget); no training")
-    p.add_argument("--nodes", type=int, metavar="N",
+    p.add_argument("--nodes", type=int_arg(1, MAX_NODES), metavar="N",
                    help="nodes of cluster.gpus_per_node GPUs that --plan lays the run out on")
     p.add_argument("--plan-all", action="store_true",
                    help="with --plan: every valid layout, those that do not fit included "
