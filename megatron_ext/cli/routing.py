@@ -16,7 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_ext.config.args import field_arg, int_arg
+from megatron_ext.config.args import field_arg, int_arg, int_list_arg
+from megatron_ext.config.fields import clip, short_repr
 from megatron_ext.data.errors import DataError
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 from megatron_ext.platform.fs import check_disjoint, recover_interrupted, replace_dir
@@ -50,7 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="one plain-text file per domain")
     p.add_argument("--output", required=True, type=Path, help="report directory")
     p.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
-    p.add_argument("--layers", default="all", help="comma-separated MoE layers, or all")
+    p.add_argument("--layers", type=_layers_arg, default="all",
+                   help="comma-separated MoE layers, or all")
     p.add_argument("--max-tokens", type=int_arg(1, 2**31 - 1), default=200_000,
                    help="tokens per domain")
     p.add_argument("--seq-length", type=field_arg("data.seq_length"),
@@ -75,17 +77,26 @@ def parse_texts(specs: Sequence[str]) -> dict[str, Path]:
     return texts
 
 
-def parse_layers(text: str, moe_layers: list[int]) -> list[int]:
-    if text.strip() == "all":
-        return moe_layers
-    try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise DataError(f"--layers: expected e.g. 0,3 or all, got {text!r}") from None
-    unknown = [layer for layer in layers if layer not in moe_layers]
+_layer_list = int_list_arg(0, 1023, 1024)  # indices of model.num_layers (at most 1024)
+
+
+def _layers_arg(text: str) -> str | list[int]:
+    """--layers: ``all`` or bounded layer indices (checked against the model later)."""
+    return "all" if text.strip() == "all" else _layer_list(text)
+
+
+def parse_layers(layers: str | list[int], moe_layers: list[int]) -> list[int]:
+    if isinstance(layers, str):
+        if layers.strip() == "all":
+            return moe_layers
+        try:
+            layers = _layer_list(layers)
+        except argparse.ArgumentTypeError as e:
+            raise DataError(f"--layers: {e}") from None
+    unknown = sorted(set(layers) - set(moe_layers))
     if unknown or not layers:
-        raise DataError(f"--layers: unknown layer(s) {unknown or text!r}; the checkpoint's MoE "
-                        f"layers are {','.join(map(str, moe_layers))}")
+        raise DataError(f"--layers: unknown layer(s) {short_repr(unknown)}; the checkpoint's "
+                        f"MoE layers are {clip(','.join(map(str, moe_layers)), 100)}")
     return sorted(set(layers))
 
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from megatron_ext.checkpoint.manifest import content_checks
-from megatron_ext.config.args import field_arg, int_arg, size_arg
+from megatron_ext.config.args import field_arg, int_list_arg, size_arg
 from megatron_ext.config.loader import ConfigError, load_config
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import moe_layer_pattern, planned_world_size, validate
@@ -39,19 +39,11 @@ from megatron_ext.upcycling.spec import (
 PROG = "upcycle"
 
 
-_MAX_LAYERS = 1024  # model.num_layers' bound
-_layer = int_arg(0, _MAX_LAYERS - 1)
+_layer_list = int_list_arg(0, 1023, 1024)  # indices of model.num_layers (at most 1024)
 
 
 def _layers(text: str) -> frozenset[int]:
-    """--moe-layers: comma-separated layer indices, each checked as an integer flag is."""
-    items = [x for x in text[:100_000].split(",") if x.strip()]
-    if not items or len(text) > 100_000 or len(items) > _MAX_LAYERS:
-        raise argparse.ArgumentTypeError(f"expected 1 to {_MAX_LAYERS} layers (use e.g. 0,2,4)")
-    try:
-        return frozenset(_layer(x) for x in items)
-    except argparse.ArgumentTypeError as e:
-        raise argparse.ArgumentTypeError(f"{e} (use e.g. 0,2,4)") from None
+    return frozenset(_layer_list(text))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,10 +5,10 @@ A tool's flag that sets a config field takes the field's type and declared bound
     p.add_argument("--num-experts", type=field_arg("moe.num_experts"))
 
 and any other number or size flag declares its own bounds the same way (``int_arg(1, 1024)``,
-``float_arg(0, 1, lo_open=True)``, ``size_arg``). A bad value is argparse's usage error (one
-line, exit 2 from ``platform.cli.run_cli``), said with the flag, the bound and the value cut
-short: ``argument --seed: must be <= 4294967295 (upcycling.seed), got 1.181e+21``. Parsing never
-formats or converts more of the argument than a message shows.
+``float_arg(0, 1, lo_open=True)``, ``int_list_arg(0, 1023, 1024)``, ``size_arg``). A bad value
+is argparse's usage error (one line, exit 2 from ``platform.cli.run_cli``), said with the flag,
+the bound and the value cut short: ``argument --seed: must be <= 4294967295 (upcycling.seed),
+got 1.181e+21``. Parsing never formats or converts more of the argument than a message shows.
 """
 
 from __future__ import annotations
@@ -68,6 +68,22 @@ def int_arg(lo: int, hi: int) -> Callable[[str], int]:
         return int(_checked(text, rng, integer=True))
 
     parse.__name__ = "integer"
+    return parse
+
+
+def int_list_arg(lo: int, hi: int, max_items: int) -> Callable[[str], list[int]]:
+    """argparse ``type=``: comma-separated integers (``0,2,4``), 1 to ``max_items`` of them,
+    each in [lo, hi]."""
+    item = int_arg(lo, hi)
+
+    def parse(text: str) -> list[int]:
+        items = text.split(",", max_items)
+        if len(items) > max_items or not any(x.strip() for x in items):
+            raise argparse.ArgumentTypeError(f"expected 1 to {max_items} comma-separated "
+                                             f"integers, e.g. 0,2,4, got {short_repr(text)}")
+        return [item(x) for x in items if x.strip()]
+
+    parse.__name__ = "integer list"
     return parse
 
 

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_ext.config.fields import short_repr
 from megatron_ext.config.loader import ConfigError, load_config, read_config_text
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import planned_world_size, validate
@@ -63,21 +64,28 @@ class Method:
         return self.label.replace(":", "_r")
 
 
+MAX_METHODS = 64  # each one is a training run
+
+
 def parse_methods(text: str) -> list[Method]:
     """``scratch,naive,noise:0.5,drop:0.5,drop:1.0`` -> Methods; ExperimentError names a bad one."""
     methods: list[Method] = []
-    for item in (s.strip() for s in text.split(",")):
+    items = [s.strip() for s in text.split(",", MAX_METHODS)]
+    if len(items) > MAX_METHODS:
+        raise ExperimentError(f"--methods: more than {MAX_METHODS} methods")
+    for item in items:
         kind, _, ratio = item.partition(":")
         if kind not in KINDS:
-            raise ExperimentError(f"--methods: unknown method {item!r} (use {', '.join(KINDS)}; "
-                                  "drop and noise take a ratio, e.g. drop:0.5)")
+            raise ExperimentError(f"--methods: unknown method {short_repr(item)} (use "
+                                  f"{', '.join(KINDS)}; drop and noise take a ratio, e.g. "
+                                  "drop:0.5)")
         if KINDS[kind] != bool(ratio):
-            raise ExperimentError(f"--methods: {item!r}: " + (
+            raise ExperimentError(f"--methods: {short_repr(item)}: " + (
                 f"{kind} needs a ratio in [0, 1], e.g. {kind}:0.5" if KINDS[kind]
                 else f"{kind} takes no ratio"))
         method = Method(kind, _ratio(item, ratio) if ratio else None)
         if method in methods:
-            raise ExperimentError(f"--methods: {item!r} is given twice")
+            raise ExperimentError(f"--methods: {short_repr(item)} is given twice")
         methods.append(method)
     return methods
 
@@ -88,7 +96,8 @@ def _ratio(item: str, text: str) -> float:
     except ValueError:
         value = math.nan
     if not 0.0 <= value <= 1.0:
-        raise ExperimentError(f"--methods: {item!r}: the ratio must be a number in [0, 1]")
+        raise ExperimentError(f"--methods: {short_repr(item)}: the ratio must be a number in "
+                              "[0, 1]")
     return value
 
 
