@@ -140,6 +140,11 @@ def notice(key: str, msg: str) -> None:
 
 
 # --- reading and checking -----------------------------------------------------------------------
+# A manifest holds an entry of ~120 bytes per file: 64 MiB is half a million files, past any
+# checkpoint's; a larger meta.json is damage (and is never read into memory whole).
+MAX_META_BYTES = 64 << 20
+
+
 def read(path: Path, step: int | None) -> dict:
     """meta.json of checkpoint ``path``, schema-checked; ``step``: the one its name says."""
     meta_file = path / "meta.json"
@@ -148,8 +153,13 @@ def read(path: Path, step: int | None) -> dict:
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: meta.json missing (incomplete save)")
     try:
-        meta = json.loads(meta_file.read_bytes())
-    except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
+        with open(meta_file, "rb") as f:
+            raw = f.read(MAX_META_BYTES + 1)
+        if len(raw) > MAX_META_BYTES:
+            raise CheckpointError(f"{path}: meta.json is corrupt (larger than "
+                                  f"{MAX_META_BYTES >> 20} MiB)")
+        meta = json.loads(raw)
+    except (OSError, ValueError, RecursionError) as e:  # invalid JSON or UTF-8, too deep
         raise CheckpointError(f"{path}: meta.json is corrupt ({type(e).__name__})") from None
     problem = _schema_problem(meta)
     if problem:

@@ -207,3 +207,23 @@ def test_a_damaged_record_of_a_conversion_is_not_used(hf_llama: Path, tmp_path: 
     assert hf_record(root, arch) == root / "hf"
     damage(root / "hf", f"config: {case}")
     assert hf_record(root, arch) is None
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "larger than 64 MiB"),  # a sparse file: no disk used
+    ("[" * 100_000 + "]" * 100_000, "RecursionError"),
+    ('{"step": ' + "9" * 5000 + "}", "ValueError"),
+], ids=["huge", "deep", "digits"])
+def test_a_checkpoint_manifest_is_read_within_bounds(tmp_path: Path, content, needle) -> None:
+    """Our own manifest (a stranger's checkpoint's ``meta.json``) gets the same treatment."""
+    from megatron_ext.checkpoint.manifest import MAX_META_BYTES, CheckpointError, read
+
+    meta = tmp_path / "meta.json"
+    if content is None:
+        with open(meta, "wb") as f:
+            f.truncate(MAX_META_BYTES + 10)
+    else:
+        meta.write_text(content)
+    with pytest.raises(CheckpointError) as err:
+        read(tmp_path, None)
+    assert needle in bounded(str(err.value), tmp_path), str(err.value)[:300]
