@@ -27,6 +27,7 @@ from typing import Any
 import torch.distributed as dist
 import xxhash
 
+from megatron_ext.config.fields import LR_MAX, STEPS_MAX, Range, clip, short_repr
 from megatron_ext.errors import UserError
 from megatron_ext.platform.fs import atomic_write
 
@@ -36,7 +37,18 @@ SUMS_DIR = ".sums"
 COORDINATOR_FILES = (".metadata", "common.pt", "metadata.json", "config.yaml")
 _HEX = re.compile(r"^[0-9a-f]{32}$")
 _CHUNK = 8 << 20
-_INT_FIELDS = ("step", "consumed_samples", "consumed_tokens", "skipped_steps")
+# The counters a resume continues from, bounded like the config tree's fields (a step count
+# past 2^53 is no longer exact in the LR schedule's float math); a batch holds at most 2^24
+# samples (train.global_batch_size) of at most 2^22 tokens (data.seq_length).
+COUNTERS = {"step": Range(0, STEPS_MAX), "consumed_samples": Range(0, STEPS_MAX),
+            "consumed_tokens": Range(0, 2**63 - 1), "skipped_steps": Range(0, STEPS_MAX)}
+# megatron's OptimizerParamScheduler.state_dict: its numbers, bounded as the schema bounds the
+# fields they come from (optimizer.lr / min_lr / weight_decay, schedule.*_steps).
+SCHEDULER = {"num_steps": Range(0, STEPS_MAX), "lr_warmup_steps": Range(0, STEPS_MAX),
+             "lr_decay_steps": Range(0, STEPS_MAX), "wd_incr_steps": Range(0, STEPS_MAX),
+             "max_lr": Range(0, LR_MAX), "min_lr": Range(0, LR_MAX),
+             "start_wd": Range(0, 10), "end_wd": Range(0, 10)}
+SCHEDULER_NAMES = ("lr_decay_style", "wd_incr_style")
 
 _content = contextvars.ContextVar("checkpoint_content_checks", default=True)
 _verified: dict[str, tuple[tuple, bool]] = {}  # resolved dir -> (file stats, content checked)
@@ -167,13 +179,21 @@ def _is_int(v: Any, minimum: int = 0) -> bool:
 def _schema_problem(meta: Any) -> str | None:
     if not isinstance(meta, dict):
         return f"a JSON {type(meta).__name__}, not an object"
-    for key in _INT_FIELDS:
-        if not _is_int(meta.get(key)):
-            return f"{key} is {meta.get(key)!r}, not a non-negative integer"
+    for key, bounds in COUNTERS.items():
+        if not _is_int(meta.get(key), minimum=-2**63):
+            return f"{key} is {short_repr(meta.get(key))}, not an integer"
+        why = bounds.problem(meta[key])
+        if why:
+            return f"{key} {why}"
+    if meta["skipped_steps"] > meta["step"]:
+        return f"skipped_steps {meta['skipped_steps']} exceeds step {meta['step']}"
     for key, kind in (("scheduler", dict), ("layout", dict), ("files", dict),
                       ("has_optimizer", bool), ("optimizer_fully_reshardable", bool)):
         if not isinstance(meta.get(key), kind):
             return f"{key} is missing or not a {kind.__name__}"
+    problem = _scheduler_problem(meta["scheduler"], meta["step"])
+    if problem:
+        return problem
     world = meta["layout"].get("world_size")
     if not _is_int(world, 1) or world > len(meta["files"]):  # one rng file per rank at least
         return f"layout.world_size is {world!r} for {len(meta['files'])} files"
@@ -187,6 +207,27 @@ def _schema_problem(meta: Any) -> str | None:
             entry.get("size")) and isinstance(entry.get(ALGO), str) and _HEX.match(entry[ALGO]))
         if not ok:
             return f"entry of {rel} is {entry!r}"
+    return None
+
+
+def _scheduler_problem(sched: dict, step: int) -> str | None:
+    """The LR schedule's state resumes as is: its step count and rates must be in bounds (a
+    negative ``num_steps`` would train at a negative learning rate)."""
+    for key, value in sched.items():
+        name = f"scheduler.{clip(str(key))}"
+        if key in SCHEDULER:
+            if not Range.applies(value):
+                return f"{name} is {short_repr(value)}, not a number"
+            why = SCHEDULER[key].problem(value)
+            if why:
+                return f"{name} {why}"
+        elif key in SCHEDULER_NAMES:
+            if not isinstance(value, str) or len(value) > 40:
+                return f"{name} is {short_repr(value)}, not a schedule name"
+        else:
+            return f"{name} is not a field of the LR schedule"
+    if sched.get("num_steps", 0) > step:  # one schedule step per applied optimizer step
+        return f"scheduler.num_steps {sched['num_steps']} exceeds step {step}"
     return None
 
 
