@@ -7,10 +7,11 @@ in the temporary directory; rank 0 merges those at commit, hashes the coordinato
 (``.metadata``, ``common.pt``, ``metadata.json``, ``config.yaml``) and writes the manifest.
 
 ``check`` costs a full read of the checkpoint (xxh3-128, ~GB/s per core, see
-docs/benchmarks.md), so a process remembers what it verified: a checkpoint whose files have the
-same size, inode, mtime and ctime as when this process last verified (or wrote) it is not read
-again. ``content_checks(False)`` (``checkpoint.verify_checksums: false``, converters'
-``--no-verify-checksums``) checks sizes only.
+docs/benchmarks.md); a job verifies the checkpoint it starts from once, each rank hashing its
+``share`` (``checkpoint.plan``), and the training loop's writer remembers the checkpoints it
+wrote (``stats``), so pruning does not re-read them. ``content_checks(False)``
+(``checkpoint.verify_checksums: false``, converters' ``--no-verify-checksums``) checks sizes
+only.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ SCHEDULER = {"num_steps": Range(0, STEPS_MAX), "lr_warmup_steps": Range(0, STEPS
              "start_wd": Range(0, 10), "end_wd": Range(0, 10)}
 SCHEDULER_NAMES = ("lr_decay_style", "wd_incr_style")
 
+# The converters' policy (``--no-verify-checksums``) for the verifies of a block; training
+# passes ``checkpoint.verify_checksums`` explicitly (``checkpoint.plan``).
 _content = contextvars.ContextVar("checkpoint_content_checks", default=True)
-_verified: dict[str, tuple[tuple, bool]] = {}  # resolved dir -> (file stats, content checked)
-_noticed: set[str] = set()
+_noticed: set[str] = set()  # warnings already printed: one each per process
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -140,6 +142,11 @@ def content_checks(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _content.reset(token)
+
+
+def content_policy() -> bool:
+    """Whether checksums are compared here (``content_checks``; on by default)."""
+    return _content.get()
 
 
 def notice(key: str, msg: str) -> None:
@@ -241,51 +248,83 @@ def check(path: Path, meta: dict, checksums: bool | None = None) -> None:
     """Raise CheckpointError naming the first file that is missing, unrecorded, of the wrong
     size or (with checksums) of the wrong content. ``checksums=None``: ``content_checks``."""
     content = _content.get() if checksums is None else checksums
+    check_sizes(path, meta)
+    if content and "format" in meta:
+        problem = content_problem(path, meta, sorted(meta["files"]))
+        if problem is not None:
+            raise CheckpointError(problem[1])
+    announce(path, meta, content)
+
+
+def check_sizes(path: Path, meta: dict) -> None:
+    """Every recorded file present with its recorded size, no file unrecorded (one ``stat``
+    per file: what every candidate costs before its content is read)."""
     legacy = "format" not in meta
     files = meta["files"]
     for rel in required_files(meta):
         if rel not in files and not (legacy and rel == "config.yaml"):
             raise CheckpointError(f"{path}: {rel} is not recorded in meta.json")
     try:
-        stats = _stats(path)
+        sizes = _sizes(path)
     except OSError as e:  # e.g. an unreadable subdirectory
         raise CheckpointError(f"{path}: cannot list its files ({e.strerror})") from None
-    key = str(path.resolve())
-    known = _verified.get(key)
-    if known is not None and known[0] == stats and (known[1] or not content):
-        return
-    extra = sorted(set(stats) - set(files) - {"meta.json"} - ({"config.yaml"} if legacy else set()))
+    extra = sorted(set(sizes) - set(files) - {"meta.json"} - ({"config.yaml"} if legacy else set()))
     if extra:
         raise CheckpointError(f"{path}: unrecorded file {extra[0]} (not written by this save)")
     for rel, entry in files.items():
-        _check_file(path, rel, entry, stats, content and not legacy)
-    if legacy:
+        if rel not in sizes:
+            raise CheckpointError(f"{path}: missing file {rel}")
+        size = entry if isinstance(entry, int) else entry["size"]
+        if sizes[rel] != size:
+            raise CheckpointError(f"{path}: {rel} has {sizes[rel]} bytes, expected {size} "
+                                  f"(truncated or damaged)")
+
+
+def content_problem(path: Path, meta: dict, names: list[str]) -> tuple[str, str] | None:
+    """(file, line) for the first of ``names`` whose content does not match its checksum (or
+    cannot be read), else None. Sizes are ``check_sizes``'."""
+    for rel in names:
+        try:
+            got = file_sum(path / rel)
+        except OSError as e:
+            return rel, f"{path}: {rel} cannot be read ({e.strerror})"
+        if got[ALGO] != meta["files"][rel][ALGO]:
+            return rel, f"{path}: {rel} does not match its checksum (damaged)"
+    return None
+
+
+def share(meta: dict, rank: int, world: int) -> list[str]:
+    """The files ``rank`` of ``world`` hashes when a job verifies a checkpoint together: the
+    largest first, each to the rank with the fewest bytes so far (ties: the lowest rank), so
+    every rank reads about 1/world of the checkpoint. The same on every rank (meta.json's
+    sizes only)."""
+    load, mine = [0] * world, []
+    for rel, entry in sorted(meta["files"].items(), key=lambda kv: (-kv[1]["size"], kv[0])):
+        owner = load.index(min(load))
+        load[owner] += entry["size"]
+        if owner == rank:
+            mine.append(rel)
+    return sorted(mine)
+
+
+def announce(path: Path, meta: dict, content: bool) -> None:
+    """The one warning of a checkpoint whose content was not verified."""
+    if "format" not in meta:
         notice("legacy", f"{path}: written before checkpoint checksums; file sizes checked, "
                          f"content not verified")
     elif not content:
         notice("off", "checkpoint.verify_checksums is off: checkpoint file sizes are checked, "
                       "their content is not verified")
-    _verified[key] = (stats, content and not legacy)
 
 
-def _check_file(path: Path, rel: str, entry: Any, stats: dict, content: bool) -> None:
-    if rel not in stats:
-        raise CheckpointError(f"{path}: missing file {rel}")
-    size = entry if isinstance(entry, int) else entry["size"]
-    if stats[rel][0] != size:
-        raise CheckpointError(f"{path}: {rel} has {stats[rel][0]} bytes, expected {size} "
-                              f"(truncated or damaged)")
-    if content:
-        try:
-            got = file_sum(path / rel)
-        except OSError as e:
-            raise CheckpointError(f"{path}: {rel} cannot be read ({e.strerror})") from None
-        if got[ALGO] != entry[ALGO]:
-            raise CheckpointError(f"{path}: {rel} does not match its checksum (damaged)")
+def _sizes(path: Path) -> dict[str, int]:
+    return {p.relative_to(path).as_posix(): p.stat().st_size
+            for p in path.rglob("*") if p.is_file()}
 
 
-def _stats(path: Path) -> dict[str, tuple]:
-    """(size, inode, mtime, ctime) of every file under ``path``, by relative name."""
+def stats(path: Path) -> dict[str, tuple]:
+    """(size, inode, mtime, ctime) of every file under ``path``, by relative name: what a
+    writer compares to know a checkpoint it verified is unchanged (``store._prune``)."""
     out = {}
     for p in path.rglob("*"):
         if p.is_file():
@@ -293,13 +332,3 @@ def _stats(path: Path) -> dict[str, tuple]:
             out[p.relative_to(path).as_posix()] = (st.st_size, st.st_ino, st.st_mtime_ns,
                                                    st.st_ctime_ns)
     return out
-
-
-def remember(path: Path) -> None:
-    """Mark ``path`` (just committed: its sums were computed from the written files) as
-    verified by this process."""
-    _verified[str(path.resolve())] = (_stats(path), True)
-
-
-def forget(path: Path) -> None:
-    _verified.pop(str(path.resolve()), None)

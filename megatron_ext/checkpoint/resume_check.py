@@ -11,6 +11,8 @@ would resume, field by field, under the policy each field declares in ``config/s
 
 A resumed run whose newest checkpoint already reached the configured total steps has nothing
 to do: ``complete_message`` says so and the caller exits 0 without building anything.
+``checkpoint.load`` (initial weights) is held to the shape fields only: ``shape_problem``.
+``plan.make_plan`` applies all of these, once per job.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from megatron_ext.checkpoint.store import CheckpointError, find_resumable, saved_config, verify
+from megatron_ext.checkpoint.store import CheckpointError, saved_config, verify
 from megatron_ext.config.fields import ARCH, FREE, RUN, leaves, short_repr
 from megatron_ext.config.loader import to_dict
 from megatron_ext.config.schema import Config
@@ -118,23 +120,10 @@ def check_resume(path: Path, cfg: Config) -> list[str]:
     return [f"resuming {path} with config changes (checkpoint.allow_config_change): {fields}"]
 
 
-def complete_message(path: Path, cfg: Config) -> str | None:
-    """The line to print when ``path`` already holds the run's last step, else None."""
-    step, total = int(verify(path)["step"]), total_steps(cfg)
+def complete_message(path: Path, cfg: Config, meta: dict | None = None) -> str | None:
+    """The line to print when ``path`` (with manifest ``meta``, verified; None: verify it now)
+    already holds the run's last step, else None."""
+    step, total = int((meta or verify(path))["step"]), total_steps(cfg)
     if step < total:
         return None
     return f"run already complete: step {step} of {total} in {path}; nothing to do"
-
-
-def preflight(cfg: Config) -> tuple[str | None, list[str]]:
-    """Before anything is built: check the resume of ``checkpoint.save``.
-
-    Returns (the "already complete" line or None, warnings); raises CheckpointError when the
-    checkpoints are unusable or the config may not resume them."""
-    if not cfg.checkpoint.save:
-        return None, []
-    resume, _ = find_resumable(cfg.checkpoint.save)  # its warnings are printed when it loads
-    if resume is None:
-        return None, []
-    warnings = check_resume(resume, cfg)
-    return complete_message(resume, cfg), warnings
