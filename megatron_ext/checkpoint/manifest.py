@@ -176,6 +176,9 @@ def read(path: Path, step: int | None) -> dict:
     if step is not None and meta["step"] != step:
         raise CheckpointError(f"{path}: meta.json records step {meta['step']}, the directory "
                               f"name says {step}")
+    problem = _counts_problem(meta)
+    if problem:
+        raise CheckpointError(f"{path}: meta.json is corrupt ({problem})")
     return meta
 
 
@@ -192,13 +195,11 @@ def _schema_problem(meta: Any) -> str | None:
         why = bounds.problem(meta[key])
         if why:
             return f"{key} {why}"
-    if meta["skipped_steps"] > meta["step"]:
-        return f"skipped_steps {meta['skipped_steps']} exceeds step {meta['step']}"
     for key, kind in (("scheduler", dict), ("layout", dict), ("files", dict),
                       ("has_optimizer", bool), ("optimizer_fully_reshardable", bool)):
         if not isinstance(meta.get(key), kind):
             return f"{key} is missing or not a {kind.__name__}"
-    problem = _scheduler_problem(meta["scheduler"], meta["step"])
+    problem = _scheduler_problem(meta["scheduler"])
     if problem:
         return problem
     world = meta["layout"].get("world_size")
@@ -217,7 +218,7 @@ def _schema_problem(meta: Any) -> str | None:
     return None
 
 
-def _scheduler_problem(sched: dict, step: int) -> str | None:
+def _scheduler_problem(sched: dict) -> str | None:
     """The LR schedule's state resumes as is: its step count and rates must be in bounds (a
     negative ``num_steps`` would train at a negative learning rate)."""
     for key, value in sched.items():
@@ -233,7 +234,15 @@ def _scheduler_problem(sched: dict, step: int) -> str | None:
                 return f"{name} is {short_repr(value)}, not a schedule name"
         else:
             return f"{name} is not a field of the LR schedule"
-    if sched.get("num_steps", 0) > step:  # one schedule step per applied optimizer step
+    return None
+
+
+def _counts_problem(meta: dict) -> str | None:
+    """Counters that contradict each other: one schedule step per applied optimizer step."""
+    step, sched = meta["step"], meta["scheduler"]
+    if meta["skipped_steps"] > step:
+        return f"skipped_steps {meta['skipped_steps']} exceeds step {step}"
+    if sched.get("num_steps", 0) > step:
         return f"scheduler.num_steps {sched['num_steps']} exceeds step {step}"
     return None
 
