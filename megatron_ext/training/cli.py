@@ -207,8 +207,8 @@ def _main(argv: list[str] | None, preempt: Preemption, extra_callbacks: Sequence
     # --print-config, --dry-run and a start-up signal do without.
     from megatron_ext.checkpoint.manifest import content_checks
 
-    try:
-        with content_checks(cfg.checkpoint.verify_checksums):  # every verify of this run
+    try:  # the plan takes the policy from cfg; the writer's pruning from here
+        with content_checks(cfg.checkpoint.verify_checksums):
             return train_main(cfg, preempt, extra_callbacks)
     except UserError as e:  # found while building (backend, tokenizer, data) or capturing
         return _fail(f"error: {e}")
