@@ -1,7 +1,8 @@
 """What deciding a resume reads, per rank, at 1, 2, 4 and 8 gloo processes on one machine.
 
 1. Unless ``--root`` already holds one, saves a checkpoint with ``pretrain_moe.py`` (mock data,
-   1 step, the model given by ``--set`` options: a few hundred MB with the optimizer state).
+   1 step, ``MODEL``: ~280 MB with the optimizer state) from ``--save-world`` processes (each
+   writes its own shards and rng file, as a job's ranks do).
 2. For each world size, spawns that many gloo processes which decide the resume of ``--root``
    the way a job's ranks do before megatron loads the tensors, and reports, per rank, the bytes
    passed to ``read()`` (``/proc/self/io`` rchar: load-independent, page cache or not) and the
@@ -34,16 +35,19 @@ MODEL = ["model.num_layers=4", "model.hidden_size=384", "model.ffn_hidden_size=1
          "model.num_attention_heads=6", "model.vocab_size=4096", "moe.num_experts=4"]
 
 
-def _save(root: Path) -> None:
+def _save(root: Path, world: int) -> None:
     args = ["--config", "configs/tiny-cpu.yaml"]
     for s in [*MODEL, "data.demo_corpus=false", "data.mock=true", "data.seq_length=64",
-              "train.global_batch_size=2", "train.micro_batch_size=2", "train.train_steps=1",
+              f"train.global_batch_size={2 * world}", "train.micro_batch_size=2",
+              "train.train_steps=1",
               "schedule.warmup_steps=0", "train.eval_interval=0", f"checkpoint.save={root}",
               f"logging.output_dir={root.parent / 'run'}"]:
         args += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "pretrain_moe.py", *args], cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    launch = ([] if world == 1 else
+              ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"])
+    subprocess.run([sys.executable, *launch, "pretrain_moe.py", *args], cwd=REPO, env=env,
+                   check=True, stdout=subprocess.DEVNULL)
 
 
 def _rchar() -> int:
@@ -92,9 +96,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, required=True, help="checkpoint.save root (made if absent)")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--save-world", type=int, default=1,
+                   help="processes that save the checkpoint (its shard and rng files)")
     a = p.parse_args()
     if not (a.root / "latest").is_file():
-        _save(a.root)
+        _save(a.root, a.save_world)
     from megatron_ext.platform.launch import free_port
 
     size = sum(f.stat().st_size for f in (a.root / (a.root / "latest").read_text().strip()
