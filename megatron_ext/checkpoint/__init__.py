@@ -3,6 +3,8 @@ safe to resume from.
 
 * ``store``: save, commit (atomic rename, ``latest``), prune, verify, find the newest resumable
   checkpoint, load (model, optimizer, scheduler, RNG) and load weights only;
+* ``plan``: the one decision a job makes about the checkpoint it starts from (``ResumePlan``),
+  verified by the ranks together and consumed by the loaders;
 * ``saver``: synchronous and background (async) saves for the training loop;
 * ``manifest``: per-file sizes and xxh3 checksums (``meta.json``) and their verification;
 * ``safe_pickle``: the allow-list every pickle in a checkpoint is read through;

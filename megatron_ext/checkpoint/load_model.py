@@ -13,13 +13,8 @@ from typing import Any
 
 import torch
 
-from megatron_ext.checkpoint.store import (
-    CheckpointError,
-    find_resumable,
-    load_weights,
-    saved_config,
-    verify,
-)
+from megatron_ext.checkpoint import plan
+from megatron_ext.checkpoint.store import CheckpointError, find_resumable, saved_config, verify
 from megatron_ext.config.loader import ConfigError, apply_overrides, config_from_dict
 from megatron_ext.config.schema import Config
 from megatron_ext.model.builder import build_model, resolve_backends
@@ -38,8 +33,12 @@ def checkpoint_config(path: str | Path) -> tuple[Path, Config]:
             raise CheckpointError(f"{path}: no checkpoint found")
         path = found
     verify(path)
+    return path, _config(path)
+
+
+def _config(path: Path) -> Config:
     try:  # data only (strict YAML); a config that does not build is a damaged checkpoint
-        return path, config_from_dict(saved_config(path))
+        return config_from_dict(saved_config(path))
     except ConfigError as e:
         raise CheckpointError(f"{path / 'config.yaml'}: {' '.join(str(e).split())}") from None
 
@@ -54,7 +53,11 @@ def load_model(path: str | Path, expert_parallel: int = 1, tensor_parallel: int 
     loader, applied after that. Returns (config, model in eval mode). Call
     ``megatron_ext.platform.dist.shutdown()`` after.
     """
-    path, cfg = checkpoint_config(path)
+    path = Path(path)
+    if (path / "meta.json").is_file():  # verified below, by the ranks together
+        cfg = _config(path)
+    else:  # a save root: this process finds (and verifies) its newest usable checkpoint
+        path, cfg = checkpoint_config(path)
     cfg.parallel.expert = expert_parallel
     cfg.parallel.tensor = tensor_parallel
     # The whole model on each rank, whatever pipeline layout the checkpoint was saved at.
@@ -69,6 +72,6 @@ def load_model(path: str | Path, expert_parallel: int = 1, tensor_parallel: int 
     model = build_model(cfg, resolve_backends(cfg))
     if torch.cuda.is_available():
         model.cuda()
-    load_weights(path, model)
+    plan.load_weights(path, model)  # each rank hashes its share; rank 0 reads the pickles
     model.eval()
     return cfg, model

@@ -7,10 +7,11 @@ in the temporary directory; rank 0 merges those at commit, hashes the coordinato
 (``.metadata``, ``common.pt``, ``metadata.json``, ``config.yaml``) and writes the manifest.
 
 ``check`` costs a full read of the checkpoint (xxh3-128, ~GB/s per core, see
-docs/benchmarks.md), so a process remembers what it verified: a checkpoint whose files have the
-same size, inode, mtime and ctime as when this process last verified (or wrote) it is not read
-again. ``content_checks(False)`` (``checkpoint.verify_checksums: false``, converters'
-``--no-verify-checksums``) checks sizes only.
+docs/benchmarks.md); a job verifies the checkpoint it starts from once, each rank hashing its
+``share`` (``checkpoint.plan``), and the training loop's writer remembers the checkpoints it
+wrote (``stats``), so pruning does not re-read them. ``content_checks(False)``
+(``checkpoint.verify_checksums: false``, converters' ``--no-verify-checksums``) checks sizes
+only.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import torch.distributed as dist
 import xxhash
 
+from megatron_ext.config.fields import LR_MAX, STEPS_MAX, Range, clip, short_repr
 from megatron_ext.errors import UserError
 from megatron_ext.platform.fs import atomic_write
 
@@ -36,11 +38,23 @@ SUMS_DIR = ".sums"
 COORDINATOR_FILES = (".metadata", "common.pt", "metadata.json", "config.yaml")
 _HEX = re.compile(r"^[0-9a-f]{32}$")
 _CHUNK = 8 << 20
-_INT_FIELDS = ("step", "consumed_samples", "consumed_tokens", "skipped_steps")
+# The counters a resume continues from, bounded like the config tree's fields (a step count
+# past 2^53 is no longer exact in the LR schedule's float math); a batch holds at most 2^24
+# samples (train.global_batch_size) of at most 2^22 tokens (data.seq_length).
+COUNTERS = {"step": Range(0, STEPS_MAX), "consumed_samples": Range(0, STEPS_MAX),
+            "consumed_tokens": Range(0, 2**63 - 1), "skipped_steps": Range(0, STEPS_MAX)}
+# megatron's OptimizerParamScheduler.state_dict: its numbers, bounded as the schema bounds the
+# fields they come from (optimizer.lr / min_lr / weight_decay, schedule.*_steps).
+SCHEDULER = {"num_steps": Range(0, STEPS_MAX), "lr_warmup_steps": Range(0, STEPS_MAX),
+             "lr_decay_steps": Range(0, STEPS_MAX), "wd_incr_steps": Range(0, STEPS_MAX),
+             "max_lr": Range(0, LR_MAX), "min_lr": Range(0, LR_MAX),
+             "start_wd": Range(0, 10), "end_wd": Range(0, 10)}
+SCHEDULER_NAMES = ("lr_decay_style", "wd_incr_style")
 
+# The converters' policy (``--no-verify-checksums``) for the verifies of a block; training
+# passes ``checkpoint.verify_checksums`` explicitly (``checkpoint.plan``).
 _content = contextvars.ContextVar("checkpoint_content_checks", default=True)
-_verified: dict[str, tuple[tuple, bool]] = {}  # resolved dir -> (file stats, content checked)
-_noticed: set[str] = set()
+_noticed: set[str] = set()  # warnings already printed: one each per process
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -130,6 +144,11 @@ def content_checks(enabled: bool) -> Iterator[None]:
         _content.reset(token)
 
 
+def content_policy() -> bool:
+    """Whether checksums are compared here (``content_checks``; on by default)."""
+    return _content.get()
+
+
 def notice(key: str, msg: str) -> None:
     """One ``WARNING:`` line on stderr, once per process and ``key``, from rank 0 (the checkpoint
     layer sits below ``training.loggers``; same format)."""
@@ -167,6 +186,9 @@ def read(path: Path, step: int | None) -> dict:
     if step is not None and meta["step"] != step:
         raise CheckpointError(f"{path}: meta.json records step {meta['step']}, the directory "
                               f"name says {step}")
+    problem = _counts_problem(meta)
+    if problem:
+        raise CheckpointError(f"{path}: meta.json is corrupt ({problem})")
     return meta
 
 
@@ -177,13 +199,19 @@ def _is_int(v: Any, minimum: int = 0) -> bool:
 def _schema_problem(meta: Any) -> str | None:
     if not isinstance(meta, dict):
         return f"a JSON {type(meta).__name__}, not an object"
-    for key in _INT_FIELDS:
-        if not _is_int(meta.get(key)):
-            return f"{key} is {meta.get(key)!r}, not a non-negative integer"
+    for key, bounds in COUNTERS.items():
+        if not _is_int(meta.get(key), minimum=-2**63):
+            return f"{key} is {short_repr(meta.get(key))}, not an integer"
+        why = bounds.problem(meta[key])
+        if why:
+            return f"{key} {why}"
     for key, kind in (("scheduler", dict), ("layout", dict), ("files", dict),
                       ("has_optimizer", bool), ("optimizer_fully_reshardable", bool)):
         if not isinstance(meta.get(key), kind):
             return f"{key} is missing or not a {kind.__name__}"
+    problem = _scheduler_problem(meta["scheduler"])
+    if problem:
+        return problem
     world = meta["layout"].get("world_size")
     if not _is_int(world, 1) or world > len(meta["files"]):  # one rng file per rank at least
         return f"layout.world_size is {world!r} for {len(meta['files'])} files"
@@ -200,6 +228,35 @@ def _schema_problem(meta: Any) -> str | None:
     return None
 
 
+def _scheduler_problem(sched: dict) -> str | None:
+    """The LR schedule's state resumes as is: its step count and rates must be in bounds (a
+    negative ``num_steps`` would train at a negative learning rate)."""
+    for key, value in sched.items():
+        name = f"scheduler.{clip(str(key))}"
+        if key in SCHEDULER:
+            if not Range.applies(value):
+                return f"{name} is {short_repr(value)}, not a number"
+            why = SCHEDULER[key].problem(value)
+            if why:
+                return f"{name} {why}"
+        elif key in SCHEDULER_NAMES:
+            if not isinstance(value, str) or len(value) > 40:
+                return f"{name} is {short_repr(value)}, not a schedule name"
+        else:
+            return f"{name} is not a field of the LR schedule"
+    return None
+
+
+def _counts_problem(meta: dict) -> str | None:
+    """Counters that contradict each other: one schedule step per applied optimizer step."""
+    step, sched = meta["step"], meta["scheduler"]
+    if meta["skipped_steps"] > step:
+        return f"skipped_steps {meta['skipped_steps']} exceeds step {step}"
+    if sched.get("num_steps", 0) > step:
+        return f"scheduler.num_steps {sched['num_steps']} exceeds step {step}"
+    return None
+
+
 def required_files(meta: dict) -> list[str]:
     rng = [f"rng/rank_{r:05d}.pt" for r in range(meta["layout"]["world_size"])]
     legacy = ["config.yaml"] if "format" not in meta else []  # written after the size record
@@ -210,51 +267,83 @@ def check(path: Path, meta: dict, checksums: bool | None = None) -> None:
     """Raise CheckpointError naming the first file that is missing, unrecorded, of the wrong
     size or (with checksums) of the wrong content. ``checksums=None``: ``content_checks``."""
     content = _content.get() if checksums is None else checksums
+    check_sizes(path, meta)
+    if content and "format" in meta:
+        problem = content_problem(path, meta, sorted(meta["files"]))
+        if problem is not None:
+            raise CheckpointError(problem[1])
+    announce(path, meta, content)
+
+
+def check_sizes(path: Path, meta: dict) -> None:
+    """Every recorded file present with its recorded size, no file unrecorded (one ``stat``
+    per file: what every candidate costs before its content is read)."""
     legacy = "format" not in meta
     files = meta["files"]
     for rel in required_files(meta):
         if rel not in files and not (legacy and rel == "config.yaml"):
             raise CheckpointError(f"{path}: {rel} is not recorded in meta.json")
     try:
-        stats = _stats(path)
+        sizes = _sizes(path)
     except OSError as e:  # e.g. an unreadable subdirectory
         raise CheckpointError(f"{path}: cannot list its files ({e.strerror})") from None
-    key = str(path.resolve())
-    known = _verified.get(key)
-    if known is not None and known[0] == stats and (known[1] or not content):
-        return
-    extra = sorted(set(stats) - set(files) - {"meta.json"} - ({"config.yaml"} if legacy else set()))
+    extra = sorted(set(sizes) - set(files) - {"meta.json"} - ({"config.yaml"} if legacy else set()))
     if extra:
         raise CheckpointError(f"{path}: unrecorded file {extra[0]} (not written by this save)")
     for rel, entry in files.items():
-        _check_file(path, rel, entry, stats, content and not legacy)
-    if legacy:
+        if rel not in sizes:
+            raise CheckpointError(f"{path}: missing file {rel}")
+        size = entry if isinstance(entry, int) else entry["size"]
+        if sizes[rel] != size:
+            raise CheckpointError(f"{path}: {rel} has {sizes[rel]} bytes, expected {size} "
+                                  f"(truncated or damaged)")
+
+
+def content_problem(path: Path, meta: dict, names: list[str]) -> tuple[str, str] | None:
+    """(file, line) for the first of ``names`` whose content does not match its checksum (or
+    cannot be read), else None. Sizes are ``check_sizes``'."""
+    for rel in names:
+        try:
+            got = file_sum(path / rel)
+        except OSError as e:
+            return rel, f"{path}: {rel} cannot be read ({e.strerror})"
+        if got[ALGO] != meta["files"][rel][ALGO]:
+            return rel, f"{path}: {rel} does not match its checksum (damaged)"
+    return None
+
+
+def share(meta: dict, rank: int, world: int) -> list[str]:
+    """The files ``rank`` of ``world`` hashes when a job verifies a checkpoint together: the
+    largest first, each to the rank with the fewest bytes so far (ties: the lowest rank), so
+    every rank reads about 1/world of the checkpoint. The same on every rank (meta.json's
+    sizes only)."""
+    load, mine = [0] * world, []
+    for rel, entry in sorted(meta["files"].items(), key=lambda kv: (-kv[1]["size"], kv[0])):
+        owner = load.index(min(load))
+        load[owner] += entry["size"]
+        if owner == rank:
+            mine.append(rel)
+    return sorted(mine)
+
+
+def announce(path: Path, meta: dict, content: bool) -> None:
+    """The one warning of a checkpoint whose content was not verified."""
+    if "format" not in meta:
         notice("legacy", f"{path}: written before checkpoint checksums; file sizes checked, "
                          f"content not verified")
     elif not content:
         notice("off", "checkpoint.verify_checksums is off: checkpoint file sizes are checked, "
                       "their content is not verified")
-    _verified[key] = (stats, content and not legacy)
 
 
-def _check_file(path: Path, rel: str, entry: Any, stats: dict, content: bool) -> None:
-    if rel not in stats:
-        raise CheckpointError(f"{path}: missing file {rel}")
-    size = entry if isinstance(entry, int) else entry["size"]
-    if stats[rel][0] != size:
-        raise CheckpointError(f"{path}: {rel} has {stats[rel][0]} bytes, expected {size} "
-                              f"(truncated or damaged)")
-    if content:
-        try:
-            got = file_sum(path / rel)
-        except OSError as e:
-            raise CheckpointError(f"{path}: {rel} cannot be read ({e.strerror})") from None
-        if got[ALGO] != entry[ALGO]:
-            raise CheckpointError(f"{path}: {rel} does not match its checksum (damaged)")
+def _sizes(path: Path) -> dict[str, int]:
+    return {p.relative_to(path).as_posix(): p.stat().st_size
+            for p in path.rglob("*") if p.is_file()}
 
 
-def _stats(path: Path) -> dict[str, tuple]:
-    """(size, inode, mtime, ctime) of every file under ``path``, by relative name."""
+def stats(path: Path) -> dict[str, tuple]:
+    """(size, inode, mtime, ctime) of every file under ``path``, by relative name: what a
+    writer compares to know a checkpoint it verified is unchanged (``store._prune``)."""
     out = {}
     for p in path.rglob("*"):
         if p.is_file():
@@ -262,13 +351,3 @@ def _stats(path: Path) -> dict[str, tuple]:
             out[p.relative_to(path).as_posix()] = (st.st_size, st.st_ino, st.st_mtime_ns,
                                                    st.st_ctime_ns)
     return out
-
-
-def remember(path: Path) -> None:
-    """Mark ``path`` (just committed: its sums were computed from the written files) as
-    verified by this process."""
-    _verified[str(path.resolve())] = (_stats(path), True)
-
-
-def forget(path: Path) -> None:
-    _verified.pop(str(path.resolve()), None)

@@ -11,6 +11,8 @@ would resume, field by field, under the policy each field declares in ``config/s
 
 A resumed run whose newest checkpoint already reached the configured total steps has nothing
 to do: ``complete_message`` says so and the caller exits 0 without building anything.
+``checkpoint.load`` (initial weights) is held to the shape fields only: ``shape_problem``.
+``plan.make_plan`` applies all of these, once per job.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from megatron_ext.checkpoint.store import CheckpointError, find_resumable, saved_config, verify
-from megatron_ext.config.fields import ARCH, FREE, RUN, leaves
+from megatron_ext.checkpoint.store import CheckpointError, saved_config, verify
+from megatron_ext.config.fields import ARCH, FREE, RUN, leaves, short_repr
 from megatron_ext.config.loader import to_dict
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import total_steps
@@ -64,16 +66,50 @@ def differences(saved: dict, current: dict) -> dict[str, list[tuple[str, Any, An
     return out
 
 
+def _shape_view(tree: dict) -> dict[str, Any]:
+    """The ``arch`` fields of a config tree (defaults for those an older checkpoint lacks), in
+    the form that fixes tensor shapes: ``num_kv_heads`` None means one per query head, and a
+    dense model has no MoE layers to place."""
+    flat = _flatten(to_dict(Config()))
+    flat.update(_flatten(tree))
+    arch = {name: flat.get(name) for name, rule in POLICY.items() if rule == ARCH}
+    if arch.get("model.num_kv_heads") is None:
+        arch["model.num_kv_heads"] = arch.get("model.num_attention_heads")
+    if not arch.get("moe.num_experts"):
+        arch.pop("moe.layer_freq", None)
+    return arch
+
+
+def compare_model_config(saved: dict, run: dict) -> list[str]:
+    """``"field (checkpoint X, config Y)"`` for every field that fixes a tensor shape (the
+    schema's ``arch`` fields) and differs between a checkpoint's saved config tree and the run's;
+    [] when the checkpoint's tensors fit the configured model. Compared before anything is built,
+    so a mismatch is one line naming every field, not megatron's shape error from the load."""
+    old, new = _shape_view(saved), _shape_view(run)
+    return [f"{name} (checkpoint {short_repr(old.get(name))}, config "
+            f"{short_repr(new.get(name))})" for name in sorted(set(old) | set(new))
+            if old.get(name) != new.get(name)]
+
+
+def shape_problem(path: Path, cfg: Config) -> str | None:
+    """The one line refusing to load ``path``'s tensors into ``cfg``'s model, or None."""
+    fields = compare_model_config(saved_config(path), to_dict(cfg))
+    if not fields:
+        return None
+    return (f"{path} does not fit the configured model (tensor shapes differ): "
+            f"{', '.join(fields)}")
+
+
 def check_resume(path: Path, cfg: Config) -> list[str]:
     """Refuse (CheckpointError) a resume of ``path`` that would change the run; returns warnings.
 
     Architecture changes are refused always, other run-changing fields unless
     ``checkpoint.allow_config_change``, which turns them into one warning."""
     saved = saved_config(path)
+    shapes = compare_model_config(saved, to_dict(cfg))
+    if shapes:
+        raise CheckpointError(f"{path} is incompatible with this config: {', '.join(shapes)}")
     diffs = differences(saved, to_dict(cfg))
-    if diffs[ARCH]:
-        fields = ", ".join(f"{f} (checkpoint {a!r}, config {b!r})" for f, a, b in diffs[ARCH])
-        raise CheckpointError(f"{path} is incompatible with this config: {fields}")
     if not diffs[RUN]:
         return []
     fields = "; ".join(f"{f}: checkpoint {a!r}, config {b!r}" for f, a, b in diffs[RUN])
@@ -84,23 +120,10 @@ def check_resume(path: Path, cfg: Config) -> list[str]:
     return [f"resuming {path} with config changes (checkpoint.allow_config_change): {fields}"]
 
 
-def complete_message(path: Path, cfg: Config) -> str | None:
-    """The line to print when ``path`` already holds the run's last step, else None."""
-    step, total = int(verify(path)["step"]), total_steps(cfg)
+def complete_message(path: Path, cfg: Config, meta: dict | None = None) -> str | None:
+    """The line to print when ``path`` (with manifest ``meta``, verified; None: verify it now)
+    already holds the run's last step, else None."""
+    step, total = int((meta or verify(path))["step"]), total_steps(cfg)
     if step < total:
         return None
     return f"run already complete: step {step} of {total} in {path}; nothing to do"
-
-
-def preflight(cfg: Config) -> tuple[str | None, list[str]]:
-    """Before anything is built: check the resume of ``checkpoint.save``.
-
-    Returns (the "already complete" line or None, warnings); raises CheckpointError when the
-    checkpoints are unusable or the config may not resume them."""
-    if not cfg.checkpoint.save:
-        return None, []
-    resume, _ = find_resumable(cfg.checkpoint.save)  # its warnings are printed when it loads
-    if resume is None:
-        return None, []
-    warnings = check_resume(resume, cfg)
-    return complete_message(resume, cfg), warnings

@@ -21,6 +21,7 @@ from megatron_ext.checkpoint import manifest
 from megatron_ext.checkpoint.store import (
     ITER_RE,
     CheckpointError,
+    Known,
     TrainState,
     _rank,
     iter_name,
@@ -55,6 +56,8 @@ class Saver:
         self.root, self.keep_last, self.fully_reshardable = Path(root), keep_last, fully_reshardable
         self.queue = AsyncCallsQueue() if async_save else None
         self.in_flight: list[tuple[Path, float]] = []  # (checkpoint, monotonic start time)
+        # What rank 0 wrote or verified, so pruning re-reads none of it (store._prune).
+        self.known: Known = {}
         logging.getLogger(_WRITER_LOG).setLevel(logging.CRITICAL)
 
     @property
@@ -69,7 +72,7 @@ class Saver:
             _warn_if_short_of_space(self.root)
         try:
             path = save(self.root, state, model, optimizer, config, layout, self.keep_last,
-                        self.fully_reshardable, self.queue)
+                        self.fully_reshardable, self.queue, self.known)
         except (Exception, CheckpointException) as e:  # the latter is a BaseException
             err = _save_failed(e, [self.root / f".tmp_{iter_name(state.step)}"])
             if err is None:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +39,10 @@ from megatron_ext.checkpoint.manifest import CheckpointError  # noqa: F401 (re-e
 from megatron_ext.config.loader import ConfigError, checked_config_tree
 from megatron_ext.errors import one_line
 from megatron_ext.model.chunks import model_chunks
-from megatron_ext.platform.cli import warned
 from megatron_ext.platform.fs import atomic_write
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
+Known = dict[str, dict]  # checkpoint name -> manifest.stats when its writer last verified it
 
 
 @dataclass
@@ -131,14 +130,15 @@ def all_finite(model: torch.nn.Module) -> bool:
 
 def save(root: str | Path, state: TrainState, model, optimizer, config: dict,
          layout: dict, keep_last: int, fully_reshardable: bool,
-         async_queue: AsyncCallsQueue | None = None) -> Path:
+         async_queue: AsyncCallsQueue | None = None, known: Known | None = None) -> Path:
     """Write ``root/iter_<step>`` atomically, update ``latest``, prune old ones. All ranks call.
 
     With ``async_queue`` only the snapshot happens here (host copies, or a fork on CPU): the
     shards are written by a background process, and the rename + ``latest`` update run as the
     request's finalize step once every rank's writer has finished
     (``async_queue.maybe_finalize_async_calls``). Until then the previous checkpoint stays
-    ``latest``, so a crash mid-write resumes from it.
+    ``latest``, so a crash mid-write resumes from it. ``known``: the caller's record of the
+    checkpoints it wrote or verified (``_prune``), kept from save to save (``saver.Saver``).
     """
     root = Path(root)
     if not all_finite(model):
@@ -169,7 +169,8 @@ def save(root: str | Path, state: TrainState, model, optimizer, config: dict,
     def commit() -> None:
         _barrier()
         if _rank() == 0:
-            _commit(root, tmp, final, meta, config, keep_last)
+            _commit(root, tmp, final, meta, config, keep_last,
+                    {} if known is None else known)
         _barrier()
 
     # Always megatron's async request (its sync save is the same request run in-process), so
@@ -190,7 +191,7 @@ def save(root: str | Path, state: TrainState, model, optimizer, config: dict,
 
 
 def _commit(root: Path, tmp: Path, final: Path, meta: dict, config: dict,
-             keep_last: int) -> None:
+             keep_last: int, known: Known) -> None:
     """Rank 0, after every rank's shards are on disk: record sizes and checksums, rename, point
     ``latest``, prune."""
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -199,23 +200,24 @@ def _commit(root: Path, tmp: Path, final: Path, meta: dict, config: dict,
     meta = dict(meta, format=manifest.FORMAT, checksum=manifest.ALGO, files=files)
     atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
     if final.exists():  # a re-save of the same step (e.g. after a restart)
-        manifest.forget(final)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    manifest.remember(final)
+    known[final.name] = manifest.stats(final)  # its sums were computed from what was written
     atomic_write(root / "latest", final.name + "\n")
-    _prune(root, keep_last)
+    _prune(root, keep_last, known)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, known: Known | None = None) -> None:
     """Keep the newest ``keep_last`` checkpoints that verify; delete the older ones.
 
     Only checkpoints that verify count, so a damaged one never pushes a good one out. A damaged
     checkpoint newer than the oldest kept one is left in place (not counted, skipped by resume
     with a warning) for inspection: it ages out like any other once ``keep_last`` newer good ones
-    exist. Verifying costs a full read of each kept checkpoint, but only once per process: those
-    this process wrote or verified and whose files are unchanged (``manifest``) are not re-read.
+    exist. Verifying costs a full read of each kept checkpoint, but once per writer: those in
+    ``known`` (written or verified by it, by name -> ``manifest.stats``) whose files are
+    unchanged are not re-read.
     """
+    known = {} if known is None else known
     done = sorted((p for p in root.iterdir() if p.is_dir() and ITER_RE.match(p.name)),
                   reverse=True)
     good = []
@@ -223,13 +225,15 @@ def _prune(root: Path, keep_last: int) -> None:
         if len(good) == keep_last:
             break
         try:
-            verify(cand)
+            if known.get(cand.name) != manifest.stats(cand):
+                verify(cand)  # checksums: the content_checks policy of the run
+                known[cand.name] = manifest.stats(cand)
             good.append(cand)
-        except CheckpointError:
-            pass
+        except (CheckpointError, OSError):
+            known.pop(cand.name, None)
     if len(good) == keep_last:
         for old in done[done.index(good[-1]) + 1:]:
-            manifest.forget(old)
+            known.pop(old.name, None)
             shutil.rmtree(old, ignore_errors=True)
     # Saves commit in step order, so a .tmp_ directory of an earlier step is a write that
     # never finished (a crash or a killed background writer).
@@ -287,71 +291,56 @@ def find_resumable(root: str | Path, checksums: bool | None = None
     at most one, naming what was skipped (damaged files, a bad ``latest``).
 
     ``latest``'s target is tried first, then the others newest first; each is verified.
-    Raises CheckpointError when checkpoints exist but none is usable.
+    Raises CheckpointError when checkpoints exist but none is usable. (A job's ranks decide
+    together: ``plan.find_shared``.)
     """
-    root = Path(root)
-    if not root.is_dir():
-        return None, []
-    candidates = sorted((p for p in root.iterdir() if p.is_dir() and ITER_RE.match(p.name)),
-                        reverse=True)
-    target, problem = _read_latest(root, candidates)
-    problems = [problem] if problem else []
-    if target is not None:
-        candidates.remove(target)
-        candidates.insert(0, target)
+    candidates, problems = candidates_of(root)
     for cand in candidates:
         try:
             verify(cand, checksums)
         except CheckpointError as e:
             problems.append(str(e))
             continue
-        if not problems:
-            return cand, []
-        return cand, [f"skipping unusable: {'; '.join(problems)}; resuming from {cand.name}"]
+        return cand, fallback_warnings(problems, cand)
+    return None, none_usable(root, candidates, problems)
+
+
+def candidates_of(root: str | Path) -> tuple[list[Path], list[str]]:
+    """The checkpoints under ``root`` in the order resume tries them (``latest``'s target, then
+    newest first) and the problem with ``latest``, if any."""
+    root = Path(root)
+    if not root.is_dir():
+        return [], []
+    candidates = sorted((p for p in root.iterdir() if p.is_dir() and ITER_RE.match(p.name)),
+                        reverse=True)
+    target, problem = _read_latest(root, candidates)
+    if target is not None:
+        candidates.remove(target)
+        candidates.insert(0, target)
+    return candidates, [problem] if problem else []
+
+
+def fallback_warnings(problems: list[str], chosen: Path) -> list[str]:
+    """The one warning of a resume that passed over unusable checkpoints (none: [])."""
+    if not problems:
+        return []
+    return [f"skipping unusable: {'; '.join(problems)}; resuming from {chosen.name}"]
+
+
+def none_usable(root: str | Path, candidates: list[Path], problems: list[str]) -> list[str]:
+    """When no candidate verified: CheckpointError if there were any, else the problems."""
     if candidates:
         raise CheckpointError(f"no usable checkpoint in {root}: {'; '.join(problems)}")
-    return None, problems
+    return problems
 
 
-def _rank0_verdict(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on rank 0 only; every rank returns its result or raises its CheckpointError.
-    Verifying checksums reads the whole checkpoint: once per job (rank 0), not once per rank
-    (64 ranks re-reading an 8x3.7B checkpoint from a shared filesystem), and every rank acts
-    on the same verdict (a rank that alone raised would leave the others in a collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return fn()
-    box: list = [None]
-    if _rank() == 0:
-        try:
-            box[0] = ("ok", fn())
-        except CheckpointError as e:
-            box[0] = ("error", str(e))
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise CheckpointError(value)
-    return value
-
-
-def find_resumable_shared(root: str | Path, checksums: bool | None = None
-                          ) -> tuple[Path | None, list[str]]:
-    """``find_resumable`` decided on rank 0 for every rank of a job (see ``_rank0_verdict``)."""
-    return _rank0_verdict(lambda: find_resumable(root, checksums))
-
-
-def _verify_shared(path: Path, checksums: bool | None) -> dict:
-    """``verify`` for a load by every rank: rank 0 reads the content (cached when it chose
-    ``path``), the verdict is shared, and the other ranks check file sizes only (cheap)."""
-    _rank0_verdict(lambda: verify(path, checksums))
-    return verify(path, checksums if _rank() == 0 else False)
-
-
-def load(path: Path, model, optimizer, layout: dict,
-         checksums: bool | None = None) -> tuple[TrainState, list[str]]:
-    """Resume model (+ optimizer, RNG) from a verified checkpoint; returns state and warnings.
+def load(path: Path, meta: dict, model, optimizer, layout: dict
+         ) -> tuple[TrainState, list[str]]:
+    """Resume model (+ optimizer, RNG) from checkpoint ``path``, verified by the job with
+    ``meta`` its manifest (``plan.ResumePlan``); returns state and warnings.
 
     The optimizer format (fully reshardable or not) is the one recorded in meta.json."""
-    meta = _verify_shared(path, checksums)
+    path = Path(path)
     warnings = []
     model_sd = model_sharded_state_dict(model)
     sharded = dict(model_sd)
@@ -380,15 +369,8 @@ def load(path: Path, model, optimizer, layout: dict,
     return state, warnings
 
 
-def load_weights(path: str | Path, model, checksums: bool | None = None) -> Path:
-    """Initial weights only (``checkpoint.load``): a checkpoint dir or a root with ``latest``."""
-    path = Path(path)
-    if (path / "latest").is_file() or not (path / "meta.json").exists():
-        found = warned(find_resumable_shared(path, checksums))  # fell back: say so
-        if found is None:
-            raise CheckpointError(f"{path}: no checkpoint found")
-        path = found
-    _verify_shared(path, checksums)
+def load_weights(path: str | Path, model) -> None:
+    """Initial weights only (``checkpoint.load``) from checkpoint ``path``, verified by the job
+    (``plan.load_weights`` finds and verifies it)."""
     loaded = dist_checkpointing.load(model_sharded_state_dict(model), str(path))
     _load_model_state(model, loaded)
-    return path

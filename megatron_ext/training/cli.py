@@ -75,12 +75,13 @@ def train_main(cfg: Config, preempt: Preemption, extra_callbacks: Sequence[Facto
     # taken before megatron is even imported, so a directory in use is refused in seconds.
     locks = RunLocks(_lock_targets(cfg) if is_rank0() else [])
     try:
-        stop = _preflight(cfg, locks) if is_rank0() else None
+        stop, plan = _preflight(cfg, locks) if is_rank0() else (None, None)
         if stop is not None and launch.world_size() == 1:
             return _stop(stop)  # before any process group: nobody else waits for this one
         # Here, after the locks: torch and megatron-core take seconds to import, and a run
         # directory in use must be refused before that (and --dry-run never needs them).
         from megatron_ext.checkpoint import store as ckpt
+        from megatron_ext.checkpoint.plan import COMPLETE, make_plan
         from megatron_ext.platform.dist import init_distributed, shutdown
         from megatron_ext.training import session
         from megatron_ext.training.cuda_graph import step_stream
@@ -90,11 +91,17 @@ def train_main(cfg: Config, preempt: Preemption, extra_callbacks: Sequence[Facto
             stop = _agree(stop, layout)
             if stop is not None:
                 return _stop(stop)
+            if plan is None:  # several ranks: they decide together, now that they can talk
+                plan = make_plan(cfg)
+                for w in plan.warnings if layout.rank == 0 else ():
+                    warn(w)
+            if plan.action == COMPLETE:
+                return _stop((EXIT_OK, plan.message if layout.rank == 0 else None))
             # train.cuda_graph: the whole run, model building included, on one side stream
             # (capture cannot use the default stream, and megatron's DDP keeps AccumulateGrad
             # nodes that belong to the stream they were made on).
             with step_stream(cfg.train.cuda_graph):
-                return session.train(cfg, layout, preempt, extra_callbacks)
+                return session.train(cfg, layout, preempt, plan, extra_callbacks)
         except ckpt.CheckpointError as e:
             preempt.check()  # e.g. a peer rank that left on a start-up signal
             if layout.rank == 0:
@@ -112,24 +119,27 @@ def _lock_targets(cfg: Config) -> list[tuple[str, str]]:
     return [(path, what) for path, what in targets if path]
 
 
-def _preflight(cfg: Config, locks: RunLocks) -> tuple[int, str | None] | None:
-    """Rank 0, before anything is built: take the run's locks, then decide from the checkpoint
-    whether there is anything to train. Returns (exit code, line to print) to stop with, or None."""
+def _preflight(cfg: Config, locks: RunLocks) -> tuple[tuple[int, str | None] | None, Any]:
+    """Rank 0, before anything is built: take the run's locks, then (a single process: it
+    needs no peers) decide from the checkpoints what to start from. Returns (exit code and line
+    to stop with, or None; the ``ResumePlan``, or None when the ranks make it together)."""
     try:
         for w in locks.acquire():
             warn(w)
     except (ConfigError, OSError) as e:
-        return EXIT_CONFIG, f"error: {e}"
-    from megatron_ext.checkpoint import resume_check  # megatron: only once the locks are held
+        return (EXIT_CONFIG, f"error: {e}"), None
+    if launch.world_size() > 1:
+        return None, None
+    from megatron_ext.checkpoint import plan  # megatron: only once the locks are held
     from megatron_ext.checkpoint.store import CheckpointError
 
     try:
-        done, warnings = resume_check.preflight(cfg)
+        made = plan.make_plan(cfg)
     except (CheckpointError, OSError) as e:
-        return EXIT_CONFIG, f"error: {e}"
-    for w in warnings:
+        return (EXIT_CONFIG, f"error: {e}"), None
+    for w in made.warnings:
         warn(w)
-    return (EXIT_OK, done) if done else None
+    return ((EXIT_OK, made.message) if made.action == plan.COMPLETE else None), made
 
 
 def _agree(stop: tuple[int, str | None] | None, layout: Any):
@@ -199,8 +209,8 @@ def _main(argv: list[str] | None, preempt: Preemption, extra_callbacks: Sequence
     # --print-config, --dry-run and a start-up signal do without.
     from megatron_ext.checkpoint.manifest import content_checks
 
-    try:
-        with content_checks(cfg.checkpoint.verify_checksums):  # every verify of this run
+    try:  # the plan takes the policy from cfg; the writer's pruning from here
+        with content_checks(cfg.checkpoint.verify_checksums):
             return train_main(cfg, preempt, extra_callbacks)
     except UserError as e:  # found while building (backend, tokenizer, data) or capturing
         return _fail(f"error: {e}")

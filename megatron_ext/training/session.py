@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_ext.checkpoint import store as ckpt
+from megatron_ext.checkpoint.plan import LOAD, RESUME, ResumePlan
 from megatron_ext.config.loader import to_dict, to_yaml
 from megatron_ext.config.schema import Config
 from megatron_ext.platform import patches
@@ -22,10 +23,11 @@ from megatron_ext.training.signals import Preemption
 from megatron_ext.training.trainer import Summary, Trainer
 
 
-def train(cfg: Config, layout: Layout, preempt: Preemption,
+def train(cfg: Config, layout: Layout, preempt: Preemption, plan: ResumePlan,
           extra_callbacks: Sequence[callbacks.Factory] = ()) -> int:
-    """Build, resume or initialise, train; returns the exit code. ``extra_callbacks``: factories
-    of callbacks beyond the standard list (``callbacks.build``)."""
+    """Build, resume or initialise as ``plan`` says (``checkpoint.plan.make_plan``, already
+    verified), train; returns the exit code. ``extra_callbacks``: factories of callbacks beyond
+    the standard list (``callbacks.build``)."""
     patches.check()  # our patches of megatron-core internals hold for the installed version
     rank0 = layout.rank == 0
     if rank0:  # before building: a log line that says start-up reached the data and model
@@ -34,7 +36,7 @@ def train(cfg: Config, layout: Layout, preempt: Preemption,
     if rank0:
         log(f"backends: {run.backends.describe()}")
     out = run_dir(cfg)
-    state = _initial_state(run, rank0)
+    state = _initial_state(run, plan, rank0)
     if rank0:  # after the checkpoints were read: a refused start writes nothing
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / CONFIG_FILE, to_yaml(cfg))  # a link there is replaced, not followed
@@ -53,31 +55,27 @@ def train(cfg: Config, layout: Layout, preempt: Preemption,
     return code
 
 
-def _initial_state(run: Run, rank0: bool) -> ckpt.TrainState:
-    """Resume from the newest verified checkpoint in checkpoint.save, else start at step 0 (from
-    checkpoint.load's weights when set)."""
-    cfg = run.cfg
-    state = ckpt.TrainState()
-    resume, warnings = (ckpt.find_resumable_shared(cfg.checkpoint.save)
-                        if cfg.checkpoint.save else (None, []))
-    for w in warnings if rank0 else ():
-        warn(w)
-    if resume is not None:  # rank 0 checked the config against it (resume_check.preflight)
-        state, warnings = ckpt.load(resume, run.model, run.optimizer, layout_dict(run))
+def _initial_state(run: Run, plan: ResumePlan, rank0: bool) -> ckpt.TrainState:
+    """Resume from the plan's checkpoint, else start at step 0 (from checkpoint.load's weights
+    when the plan says so). The plan's warnings were printed when it was made."""
+    if plan.action == RESUME:
+        state, warnings = ckpt.load(plan.path, plan.meta, run.model, run.optimizer,
+                                    layout_dict(run))
         run.scheduler.load_state_dict(state.scheduler)
         for w in warnings if rank0 else ():
             warn(w)
         if rank0:
-            log(f"resumed from {resume} at step {state.step}")
-    elif cfg.checkpoint.load:
-        path = ckpt.load_weights(cfg.checkpoint.load, run.model)
+            log(f"resumed from {plan.path} at step {state.step}")
+        return state
+    if plan.action == LOAD:
+        ckpt.load_weights(plan.path, run.model)
         # The optimizer copied the parameters when it was built (fp32 main params in bf16, its
         # shards with the distributed optimizer) and writes them back after every step: without
         # this the first step would replace the loaded weights by the random init.
         run.optimizer.reload_model_params()
         if rank0:
-            log(f"initial weights from {path}")
-    return state
+            log(f"initial weights from {plan.path}")
+    return ckpt.TrainState()
 
 
 def _summary_line(s: Summary, cfg: Config, metrics_path: Path) -> str:
