@@ -27,6 +27,7 @@ from pathlib import Path
 from megatron_ext.config.loader import load_config
 from megatron_ext.errors import EXIT_OK, EXIT_USER
 from megatron_ext.platform.cli import ArgumentParser, run_cli
+from megatron_ext.platform.quiet import quiet_process
 
 PROG = "moe-recipe"
 
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args, _ = build_parser().parse_known_args(argv)  # the rest belongs to pretrain_moe.py
     cfg = load_config(args.config, args.overrides)  # a config that does not load: one line
+    quiet_process(all_from_internals=True)  # before megatron-core's import-time warnings
     # why inside: torch, megatron-core and transformers load here (seconds); --help is instant
     from megatron_ext.experiments.recipe import plan, upcycle
 
