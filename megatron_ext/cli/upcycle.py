@@ -23,11 +23,11 @@ from megatron_ext.checkpoint.manifest import content_checks
 from megatron_ext.config.args import field_arg, int_list_arg, size_arg
 from megatron_ext.config.loader import ConfigError, load_config
 from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import moe_layer_pattern, planned_world_size, validate
+from megatron_ext.config.validate import planned_world_size, validate
 from megatron_ext.conversion.hf_io import parse_size
-from megatron_ext.conversion.mcore_io import arch_from_config
 from megatron_ext.platform.cli import conversion_parser, run_cli
 from megatron_ext.platform.fs import check_io
+from megatron_ext.upcycling.from_config import config_values, shape_differences
 from megatron_ext.upcycling.spec import (
     INDEX_SHARING,
     METHODS,
@@ -89,13 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags --config supplies: the training config's upcycling section and MoE shape.
 CONFIG_FLAGS = ("method", "ratio", "seed", "index_sharing", "router_init", "noise_std",
                 "num_experts", "top_k", "moe_layers")
-# The dense model's shape as the config names it (keymaps.Arch field -> config field).
-SHAPE_FIELDS = {"num_layers": "model.num_layers", "hidden_size": "model.hidden_size",
-                "num_heads": "model.num_attention_heads", "num_kv_heads": "model.num_kv_heads",
-                "head_dim": "head dim (model.hidden_size / model.num_attention_heads)",
-                "ffn_hidden_size": "model.ffn_hidden_size", "vocab_size": "model.vocab_size"}
-
-
 def read_config(path: Path, overrides: list[str]) -> Config:
     """The training config, checked as pretrain_moe.py checks it, at the layout it plans (or
     the smallest one its parallel sizes allow); problems are one UpcycleError naming the file."""
@@ -113,17 +106,6 @@ def read_config(path: Path, overrides: list[str]) -> Config:
     return cfg
 
 
-def config_values(cfg: Config) -> dict:
-    """What --config supplies, under the flags' names."""
-    u, pattern = cfg.upcycling, moe_layer_pattern(cfg)
-    return {"method": u.method, "ratio": u.ratio, "seed": u.seed,
-            "index_sharing": u.index_sharing, "router_init": u.router_init,
-            "noise_std": u.noise_std, "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
-            # None = every layer, as when --moe-layers is not given
-            "moe_layers": None if all(pattern) else frozenset(
-                i for i, moe in enumerate(pattern) if moe)}
-
-
 def check_dense_shape(cfg: Config, args: argparse.Namespace) -> None:
     """UpcycleError unless the dense input has the shape the config's model has."""
     # why: upcycling.convert takes seconds to import; --help and flag errors stay fast.
@@ -131,9 +113,7 @@ def check_dense_shape(cfg: Config, args: argparse.Namespace) -> None:
 
     with content_checks(not args.no_verify_checksums):  # an mcore input is verified as below
         have = open_dense(args.input, args.input_format).arch
-    want = arch_from_config(cfg)
-    diffs = [f"{name} {getattr(want, f)} vs {getattr(have, f)}"
-             for f, name in SHAPE_FIELDS.items() if getattr(want, f) != getattr(have, f)]
+    diffs = shape_differences(cfg, have)
     if diffs:
         raise UpcycleError(f"--config {args.config} does not match the dense input {args.input} "
                            f"(config vs input): {', '.join(diffs)}")

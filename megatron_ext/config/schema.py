@@ -297,6 +297,9 @@ class UpcyclingConfig:
     """Router weight init."""
     noise_std: float = setting(0.02, bounds=Range(0, 1, lo_open=True))
     """Std of the noise added by the `noise` method."""
+    # FREE: only the first start reads it (through checkpoint.load); a resume ignores it
+    dense_base: str | None = setting(None, resume=FREE)
+    """Dense Llama the recipe starts from: a local HF directory, one of our checkpoints, or a Hugging Face repo id `org/name[@revision]` (through huggingface_hub's cache: HF_HOME, HF_HUB_OFFLINE). Set, `moe-recipe` (which the scripts/slurm jobs run first) upcycles it with this section into `checkpoint.load`, then training starts from there; None = no upcycling step."""
 
 
 @dataclass

@@ -61,6 +61,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_aux_loss_scope(cfg)
     _check_cuda_graph(cfg)
     _check_data(cfg)
+    _check_dense_base(cfg)
     check_sizes(cfg, steps)
 
 
@@ -189,6 +190,20 @@ def _check_batch_and_schedule(cfg: Config, dp: int) -> int:
            "schedule.warmup_steps",
            f"{cfg.schedule.warmup_steps} must be 0 or less than the decay steps ({decay})")
     return steps
+
+
+def _check_dense_base(cfg: Config) -> None:
+    """The recipe writes the upcycled MoE where training loads it (checkpoint.load), from one
+    dense model (btx mixes several: moe-upcycle --btx-sources)."""
+    if cfg.upcycling.dense_base is None:
+        return
+    _check(cfg.checkpoint.load is not None, "upcycling.dense_base",
+           "needs checkpoint.load: where the upcycled MoE is written and training starts from")
+    _check(cfg.moe.num_experts > 0, "upcycling.dense_base",
+           "needs an MoE run (moe.num_experts > 0) to upcycle into")
+    _check(cfg.upcycling.method != "btx", "upcycling.dense_base",
+           "upcycling.method btx mixes several dense models: run moe-upcycle --btx-sources, "
+           "then set checkpoint.load")
 
 
 def _check_data(cfg: Config) -> None:
@@ -321,8 +336,11 @@ def check_paths(cfg: Config) -> None:
                 for ext in (".bin", ".idx"):
                     _check(Path(item + ext).is_file(), "data.blend", f"not found: {item}{ext}")
     if cfg.checkpoint.load is not None:
+        hint = (f" (the upcycled {cfg.upcycling.dense_base}: moe-recipe --config CONFIG "
+                "writes it, as the scripts/slurm jobs do before training)"
+                if cfg.upcycling.dense_base else "")
         _check(Path(cfg.checkpoint.load).exists(), "checkpoint.load",
-               f"not found: {cfg.checkpoint.load}")
+               f"not found: {cfg.checkpoint.load}{hint}")
     for field, path in (("checkpoint.save", cfg.checkpoint.save),
                         ("logging.output_dir", cfg.logging.output_dir)):
         if path is not None:

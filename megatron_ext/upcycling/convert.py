@@ -195,11 +195,13 @@ def upcycle_checkpoint(
     validate: bool = True,
     max_shard_bytes: int = 2 * 10**9,
     log: Callable[[str], None] = print,
+    record: dict[str, Any] | None = None,
 ) -> ValidationReport | None:
     """Upcycle the dense checkpoint at ``input_dir`` into ``output_dir`` (see module docstring).
 
     Bad inputs raise ``ConversionError`` / ``UpcycleError`` before anything is written; a failed
     validation raises ``ValidationError``. btx: the input is source 0, ``btx_dirs`` the others.
+    ``record``: more provenance for ``upcycling.json`` (the recipe's name of the dense base).
     """
     if output_format is None:  # the input's own format
         output_format = resolve_format(Path(input_dir), input_format)
@@ -220,7 +222,7 @@ def upcycle_checkpoint(
         progress = layer_progress(stream, dense.arch.num_layers, "upcycle")
         writer(tmp, progress, dense, spec, max_shard_bytes)
         info = {**spec.describe(), "input": str(Path(input_dir).absolute()),
-                "btx_sources": [str(Path(d).absolute()) for d in btx_dirs]}
+                "btx_sources": [str(Path(d).absolute()) for d in btx_dirs], **(record or {})}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if validate:
             in_fmt = resolve_format(Path(input_dir), input_format)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Shared SLURM launcher for pretrain_moe.py.
+# Shared SLURM launcher for pretrain_moe.py (after the recipe step: moe-recipe, see below).
 #
 # The per-model scripts next to this file hold the #SBATCH lines, set CONFIG and `exec` this file,
 # so it *is* the batch shell and receives the batch-shell signal of `--signal=B:USR1@<secs>`.
@@ -77,22 +77,24 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # in long all-to-all/all-reduce phases instead of aborting the job.
 export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
 
+container_args=()
+if [ -n "${CONTAINER_IMAGE:-}" ]; then
+    # The repository is mounted at the same path so that configs, logs and relative
+    # checkpoint paths mean the same inside and outside the container.
+    container_args=(
+        --container-image="$CONTAINER_IMAGE"
+        --container-mounts="$repo:$repo${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
+        --container-workdir="$repo"
+    )
+fi
 srun_args=(
     --nodes="$nnodes"
     --ntasks-per-node=1
     # A node whose torchrun fails takes the step down; the others would otherwise wait in
     # collectives until the NCCL timeout.
     --kill-on-bad-exit=1
+    "${container_args[@]}"
 )
-if [ -n "${CONTAINER_IMAGE:-}" ]; then
-    # The repository is mounted at the same path so that configs, logs and relative
-    # checkpoint paths mean the same inside and outside the container.
-    srun_args+=(
-        --container-image="$CONTAINER_IMAGE"
-        --container-mounts="$repo:$repo${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
-        --container-workdir="$repo"
-    )
-fi
 
 torchrun_args=(
     --nnodes="$nnodes"
@@ -107,6 +109,15 @@ log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $nnodes node(s) x $npr
 
 preempted=0
 srun_pid=
+# After a USR1 (see the top): requeue, so that the job starts again and resumes.
+requeue() {
+    log "step ended with status $1 after USR1: requeueing job $SLURM_JOB_ID to resume from its checkpoint"
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        exit 0
+    fi
+    log "scontrol requeue failed; submit the same command again to resume"
+    exit 1
+}
 # shellcheck disable=SC2317,SC2329  # only ever called through the trap below
 forward_usr1() {
     preempted=1
@@ -114,6 +125,21 @@ forward_usr1() {
     [ -n "$srun_pid" ] && kill -USR1 "$srun_pid" 2>/dev/null
 }
 trap forward_usr1 USR1
+
+# The paper recipe first (megatron_ext/cli/recipe.py), one process on the first node: it checks
+# the run and names every problem at once (exit 2 fails the job before any training starts), and
+# when the config names upcycling.dense_base, upcycles it into checkpoint.load, where training
+# starts. A rerun or requeue finds that upcycle verified, or a checkpoint to resume, and skips
+# it. A USR1 meanwhile is handled once the step returns (bash runs traps between commands).
+log "recipe: python -m megatron_ext.cli.recipe --config $config"
+srun --nodes=1 --ntasks=1 "${container_args[@]}" \
+    python -m megatron_ext.cli.recipe --config "$config" "$@"
+status=$?
+if [ "$preempted" -eq 1 ]; then requeue "$status"; fi
+if [ "$status" -ne 0 ]; then
+    log "recipe step failed with status $status; nothing was trained"
+    exit "$status"
+fi
 
 # `trap '' USR1` before exec: an ignored signal stays ignored across exec, so torchrun survives
 # USR1 (step 2 above), while pretrain_moe.py installs its own handler and does receive it.
@@ -133,14 +159,7 @@ while :; do
     [ "$rc" -gt 128 ] || break
 done
 
-if [ "$preempted" -eq 1 ]; then
-    log "step ended with status $status after USR1: requeueing job $SLURM_JOB_ID to resume from its checkpoint"
-    if scontrol requeue "$SLURM_JOB_ID"; then
-        exit 0
-    fi
-    log "scontrol requeue failed; submit the same command again to resume"
-    exit 1
-fi
+if [ "$preempted" -eq 1 ]; then requeue "$status"; fi
 if [ "$status" -eq 0 ]; then
     log "training finished"
     exit 0

@@ -40,8 +40,10 @@ def _entry_point_present() -> None:
         pytest.skip(f"training entry point not in the repository: missing {', '.join(missing)}")
 
 
-def _submit(cluster, tmp_path: Path, *overrides: str) -> tuple[str, Path]:
-    """Submit 8x152M.sh as a one-node CPU job of the tiny model; returns (job id, ckpt dir)."""
+def _submit(cluster, tmp_path: Path, *overrides: str,
+            env: dict[str, str] | None = None) -> tuple[str, Path]:
+    """Submit 8x152M.sh as a one-node CPU job of the tiny model (``env``: more of the submitting
+    shell's environment); returns (job id, ckpt dir)."""
     _entry_point_present()
     ckpt = tmp_path / "ckpt"
     (tmp_path / "logs").mkdir(exist_ok=True)
@@ -67,6 +69,7 @@ def _submit(cluster, tmp_path: Path, *overrides: str) -> tuple[str, Path]:
             "MOE_RDZV_PORT": str(free_port()),
             # The job runs with the interpreter running these tests (the project's venv).
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), cluster.env["PATH"]]),
+            **(env or {}),
         },
     )  # fmt: skip
     return job, ckpt

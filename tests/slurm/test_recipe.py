@@ -1,0 +1,49 @@
+"""The paper recipe on the real test cluster: ``sbatch scripts/slurm/8x152M.sh`` with a dense base
+named by Hugging Face repo id, found offline in a local Hub cache, upcycles it (the recipe step)
+and then trains from the upcycled weights; submitted again, it upcycles nothing and resumes.
+
+The tiny shapes come from configs/tiny-cpu.yaml through the launcher's MOE_CONFIG, as in
+test_sbatch.py; the dense base is a tiny Llama of that shape in HF_HOME's cache layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.slurm.test_sbatch import LOSS_LINE, _finished, _log, _submit
+from tests.unit.test_recipe import REPO_ID, hub_cache, offline
+
+
+def _recipe_job(cluster, tmp_path: Path, hf_home: Path) -> dict[str, str]:
+    job, _ = _submit(
+        cluster, tmp_path,
+        "--set", f"upcycling.dense_base={REPO_ID}",
+        "--set", f"checkpoint.load={tmp_path / 'upcycled'}",
+        "--set", "train.train_steps=3", "--set", "train.log_interval=1",
+        env=offline(hf_home),
+    )  # fmt: skip
+    return cluster.wait_job(job, _finished, timeout=300, what="the recipe job to finish")
+
+
+def test_sbatch_upcycles_the_hub_dense_base_then_trains_from_it(slurm_cluster, tmp_path):
+    hf_home = tmp_path / "hf_home"
+    snapshot = hub_cache(hf_home)
+    upcycled = tmp_path / "upcycled"
+
+    info = _recipe_job(slurm_cluster, tmp_path, hf_home)
+    log = _log(info)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    recorded = json.loads((upcycled / "upcycling.json").read_text())
+    assert (recorded["input"], recorded["dense_base"]) == (str(snapshot), REPO_ID)
+    # Upcycle step, then the training processes, which start from its output.
+    wrote = log.index(f"moe-recipe: wrote {upcycled}")
+    started = log.index(f"initial weights from {upcycled}")
+    assert wrote < started < LOSS_LINE.search(log).start(), log
+    assert (tmp_path / "ckpt" / "latest").is_file(), log
+
+    # The same submission again (a requeue runs the same script): nothing is upcycled again.
+    again = _log(_recipe_job(slurm_cluster, tmp_path, hf_home))
+    assert "nothing to upcycle" in again, again
+    assert "run already complete: step 3 of 3" in again, again  # resumed at its last step
+    assert "moe-recipe: wrote" not in again, again
