@@ -114,8 +114,8 @@ def _main(argv: Sequence[str] | None) -> int:
     # why inside: megatron-core and torch take seconds to import; --help, usage errors and
     # bad prompt files come back before
     from megatron_ext.checkpoint.load_model import checkpoint_config, load_model
+    from megatron_ext.data.run_tokenizer import checkpoint_tokenizer
     from megatron_ext.evaluation.generate import check_prompts, check_sampling, generate
-    from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
     from megatron_ext.platform.dist import shutdown
 
     check_sampling(args.temperature, args.top_p)

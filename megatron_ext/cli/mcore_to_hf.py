@@ -6,7 +6,10 @@ CKPT: a checkpoint root (with ``latest``) or one ``iter_*`` directory, saved at 
 expert-parallel size. Dense -> LlamaForCausalLM, all-MoE -> MixtralForCausalLM. A mixed
 dense/MoE model gets Mixtral names plus ``mlp_only_layers`` in config.json, which stock Mixtral
 loaders (transformers, vLLM) cannot read. --dtype auto keeps the precision the weights have
-(the converted source's dtype, else bf16 when lossless, else fp32). Validated by default.
+(the converted source's dtype, else bf16 when lossless, else fp32). The output carries the
+run's tokenizer as files AutoTokenizer loads (--tokenizer, else a converted checkpoint's hf/
+record, else data.tokenizer, else the demo tokenizer), generation_config.json and the special
+token ids in config.json. Validated by default.
 Exit codes: 0 ok, 1 validation or I/O failure, 2 bad input (one line on stderr); nothing is
 left at --output unless everything succeeded.
 """
@@ -30,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=size_arg, default="2GB", help="e.g. 2GB, 500MB")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    default="auto", help="weights dtype of the output")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer to export (default: the checkpoint's hf/ record, else its "
+                        "data.tokenizer, else the demo tokenizer of a data.demo_corpus run)")
     return p
 
 
@@ -48,6 +54,7 @@ def _convert(argv: list[str] | None) -> int:
     with content_checks(not args.no_verify_checksums):
         mcore_to_hf_checkpoint(args.input, args.output, overwrite=args.overwrite,
                                validate=not args.skip_validation, dtype=args.dtype,
+                               tokenizer=args.tokenizer,
                                max_shard_bytes=parse_size(args.max_shard_size))
     print(f"{PROG}: wrote {args.output}")
     return 0

@@ -130,8 +130,8 @@ def analyze(args: argparse.Namespace) -> int:
     from megatron_ext.checkpoint.load_model import checkpoint_config, load_model
     from megatron_ext.checkpoint.store import CheckpointError
     from megatron_ext.config.validate import moe_layer_pattern
+    from megatron_ext.data.run_tokenizer import tokenizer_path
     from megatron_ext.data.tokenizer import load_tokenizer
-    from megatron_ext.evaluation.tokenizer import tokenizer_path
     from megatron_ext.model.params import padded_vocab
     from megatron_ext.platform.dist import shutdown
 

@@ -6,7 +6,9 @@
 
 --config takes the experts, top-k, MoE layers and the ``upcycling`` section from the training
 config that will load the result (``--set`` overrides it, explicit flags override both), and
-refuses a dense input whose shape disagrees with the config's model.
+refuses a dense input whose shape disagrees with the config's model. An mcore output's
+config.yaml takes --config's data section; without --config, an HF input gives it none (training
+from it refuses until data is set) and an mcore input its own run's.
 
 Streams shard by shard (memory ~ one layer), validates with transformers by default, and leaves
 nothing at --output unless everything succeeded. Exit codes: 0 ok, 1 validation or I/O failure,
@@ -22,7 +24,7 @@ from pathlib import Path
 from megatron_ext.checkpoint.manifest import content_checks
 from megatron_ext.config.args import field_arg, int_list_arg, size_arg
 from megatron_ext.config.loader import ConfigError, load_config
-from megatron_ext.config.schema import Config
+from megatron_ext.config.schema import Config, DataConfig
 from megatron_ext.config.validate import planned_world_size, validate
 from megatron_ext.conversion.hf_io import parse_size
 from megatron_ext.platform.cli import conversion_parser, run_cli
@@ -119,8 +121,9 @@ def check_dense_shape(cfg: Config, args: argparse.Namespace) -> None:
                            f"(config vs input): {', '.join(diffs)}")
 
 
-def spec_from_args(args: argparse.Namespace) -> UpcycleSpec:
-    """The recipe: each flag given, else --config's value, else UpcycleSpec's default."""
+def spec_from_args(args: argparse.Namespace) -> tuple[UpcycleSpec, DataConfig | None]:
+    """The recipe: each flag given, else --config's value, else UpcycleSpec's default; and
+    --config's data section (for an mcore output's config.yaml), None without --config."""
     if args.overrides and args.config is None:
         raise UpcycleError("--set needs --config")
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
@@ -130,8 +133,8 @@ def spec_from_args(args: argparse.Namespace) -> UpcycleSpec:
         # a bad recipe is reported before the input is read
         spec.with_placeholder_sources(len(args.btx_sources)).validate()
         check_dense_shape(cfg, args)
-        return spec
-    return UpcycleSpec(**given, init_std=args.init_std)
+        return spec, cfg.data
+    return UpcycleSpec(**given, init_std=args.init_std), None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,13 +148,13 @@ def _convert(argv: list[str] | None) -> int:
 
     args = build_parser().parse_args(argv)
     check_io([("--output", args.output)], [("--config", args.config)], error=UpcycleError)
-    spec = spec_from_args(args)
+    spec, data = spec_from_args(args)
     with content_checks(not args.no_verify_checksums):  # mcore inputs (and outputs)
         upcycle_checkpoint(
             args.input, args.output, spec, btx_dirs=args.btx_sources,
             input_format=args.input_format, output_format=args.output_format,
             overwrite=args.overwrite, validate=not args.skip_validation,
-            max_shard_bytes=parse_size(args.max_shard_size))
+            max_shard_bytes=parse_size(args.max_shard_size), data=data)
     print(f"{PROG}: wrote {args.output}")
     return 0
 

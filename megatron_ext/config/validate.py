@@ -211,7 +211,8 @@ def _check_data(cfg: Config) -> None:
     _check(d.seq_length <= m.max_position_embeddings, "data.seq_length",
            f"{d.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}")
     if not d.mock and not d.demo_corpus:
-        _check(len(d.blend) > 0, "data.blend", "empty: give datasets, or set data.mock: true")
+        _check(len(d.blend) > 0, "data.blend", "empty: no training data (set data.blend and "
+               "data.tokenizer, or data.demo_corpus: true, or data.mock: true for random tokens)")
         _check(d.tokenizer is not None, "data.tokenizer", "needed with data.blend")
     if d.demo_corpus:  # the demo tokenizer cannot read other data: only its languages blend
         _check(all(names_demo_corpus(x) for x in d.blend if isinstance(x, str)), "data.blend",

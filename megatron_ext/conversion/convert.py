@@ -12,14 +12,23 @@ Everything here runs in a single process (gloo world of 1); megatron is imported
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from megatron_ext.config.schema import Config, DataConfig
 from megatron_ext.conversion.hf_config import read_hf_config
-from megatron_ext.conversion.hf_io import HFCheckpoint, staged_dir, write_hf_checkpoint
+from megatron_ext.conversion.hf_io import (
+    TOKENIZER_FILES,
+    HFCheckpoint,
+    staged_dir,
+    write_hf_checkpoint,
+)
 from megatron_ext.conversion.hf_models import hf_logits
+from megatron_ext.conversion.hf_tokenizer import SPECIAL_IDS, generation_config, write_tokenizer
 from megatron_ext.conversion.keymaps import (
     HF_EMBED,
     ConversionError,
@@ -38,8 +47,10 @@ from megatron_ext.conversion.mcore_io import (  # no megatron import at module l
     save_mcore_into,
     single_process,
 )
+from megatron_ext.data.errors import DataError
+from megatron_ext.data.run_tokenizer import checkpoint_tokenizer
 from megatron_ext.model.compare import ValidationError, ValidationReport, compare, probe_tokens
-from megatron_ext.platform.fs import check_io, input_paths
+from megatron_ext.platform.fs import HF_RECORD, check_io, input_paths
 from megatron_ext.platform.progress import Progress
 
 DTYPE_CHOICES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -122,15 +133,19 @@ def layer_progress(stream: Iterable[tuple[str, torch.Tensor]], num_layers: int, 
 
 # --- the two directions -----------------------------------------------------------------------
 def hf_to_mcore_checkpoint(input_dir: Path, output_root: Path, *, overwrite: bool = False,
-                           validate: bool = True, log: Callable[[str], None] = print
-                           ) -> ValidationReport | None:
+                           validate: bool = True, data: DataConfig | None = None,
+                           log: Callable[[str], None] = print) -> ValidationReport | None:
     """HF Llama/Mixtral/mixed directory -> our checkpoint root (``iter_0000000``, ``latest``,
-    ``config.yaml`` for training from it, ``hf/`` record). Memory: one model copy."""
+    ``config.yaml`` for training from it, ``hf/`` record). ``data``: config.yaml's data section
+    (``config_from_hf``); without it data.tokenizer names the ``hf/`` record when the source
+    has tokenizer files. Memory: one model copy."""
     input_dir = Path(input_dir)
     output_root = preflight([("--input", input_dir)], output_root, overwrite)
     ckpt = HFCheckpoint(input_dir)  # headers and sizes checked: truncation is caught here
     arch = arch_from_hf_config(ckpt.config)
-    cfg = config_from_hf(ckpt.config)
+    cfg = config_from_hf(ckpt.config, data=data)
+    if data is None:
+        cfg.data.tokenizer = source_tokenizer(input_dir, output_root.absolute() / HF_RECORD)
     dtype = ckpt.info(HF_EMBED).dtype if HF_EMBED in ckpt.keys() else torch.float32
     stream = hf_to_mcore(ckpt.get, arch, keys=ckpt.keys())  # key set checked before any write
     kind = "mixed dense/MoE" if is_mixed(arch) else ("MoE" if arch.num_experts else "dense")
@@ -146,9 +161,53 @@ def hf_to_mcore_checkpoint(input_dir: Path, output_root: Path, *, overwrite: boo
     if is_mixed(arch):
         log(f"note: {MIXED_NOTE}")
     root = output_root.absolute()
-    log(f"train from it: pretrain_moe.py --config {root / 'config.yaml'} "
-        f"--set checkpoint.load={root}")
+    command = (f"pretrain_moe.py --config {root / 'config.yaml'} --set checkpoint.load={root}")
+    if data is None:
+        log(f"note: {root / 'config.yaml'} has no training data (data.blend empty, data.mock "
+            "false; pass --config RUN.yaml to carry a run's data section): set data.blend"
+            + ("" if cfg.data.tokenizer else " and data.tokenizer")
+            + f" there or with --set, then train from it: {command}")
+    else:
+        log(f"train from it: {command}")
     return report
+
+
+def source_tokenizer(source: Path, record: Path) -> str | None:
+    """Where the record of ``source``'s tokenizer will be (for data.tokenizer), if it has one:
+    the record directory for HF tokenizer files, its tokenizer.model for SentencePiece."""
+    if any((source / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return str(record)
+    if (source / "tokenizer.model").is_file():
+        return str(record / "tokenizer.model")
+    return None
+
+
+def export_tokenizer(cfg: Config, record: Path | None, override: str | None, out_dir: Path,
+                     config: dict, log: Callable[[str], None]) -> bool:
+    """The tokenizer files of an HF export into ``out_dir`` and its special token ids into
+    ``config`` (config.json) where they are unset: a converted checkpoint's ``hf/`` record
+    carries its source's files (copied by ``write_hf_checkpoint``); otherwise the run's
+    tokenizer (``--tokenizer``, ``data.tokenizer``, the demo tokenizer) is written as files
+    AutoTokenizer loads. A run without one (mock data) exports without, saying so. Returns
+    whether it wrote tokenizer files (else the record's are to be copied)."""
+    if override is None and record is not None and any(
+            (record / name).is_file() for name in TOKENIZER_FILES):
+        return False
+    try:
+        tok = checkpoint_tokenizer(cfg, override)
+    except DataError as e:
+        if override is not None:
+            raise ConversionError(str(e)) from None
+        log(f"WARNING: the export has no tokenizer files ({e}); AutoTokenizer will not load "
+            "it")
+        return False
+    ids = write_tokenizer(tok, out_dir, cfg.model.max_position_embeddings, log)
+    for key, value in ids.items():
+        if config.get(key) is None:
+            config[key] = value
+    log(f"tokenizer: {tok.path} ({tok.kind}, {tok.vocab_size} tokens; "
+        + ", ".join(f"{k} {v}" for k, v in ids.items()) + ")")
+    return True
 
 
 def _lossless(get: Callable[[str], torch.Tensor], keys: list[str], dtype: torch.dtype) -> bool:
@@ -180,10 +239,11 @@ def resolve_dtype(choice: str, get: Callable[[str], torch.Tensor], keys: list[st
 
 def mcore_to_hf_checkpoint(input_path: Path, output_dir: Path, *, overwrite: bool = False,
                            validate: bool = True, max_shard_bytes: int = 2 * 10**9,
-                           dtype: str = "auto", log: Callable[[str], None] = print
-                           ) -> ValidationReport | None:
+                           dtype: str = "auto", tokenizer: str | None = None,
+                           log: Callable[[str], None] = print) -> ValidationReport | None:
     """Our checkpoint (root or iter dir, any EP it was saved at) -> HF directory: Llama when
-    dense, Mixtral when every layer is MoE, else the mixed format. Memory: one fp32 model."""
+    dense, Mixtral when every layer is MoE, else the mixed format, with the run's tokenizer
+    (``export_tokenizer``) and generation_config.json. Memory: one fp32 model."""
     input_path = Path(input_path)
     output_dir = preflight([("--input", input_path)], output_dir, overwrite)
     if dtype not in DTYPE_CHOICES:
@@ -210,8 +270,14 @@ def mcore_to_hf_checkpoint(input_path: Path, output_dir: Path, *, overwrite: boo
     stream = ((name, t.to(out_dtype)) for name, t in mcore_to_hf(get, arch, keys=keys))
     report = None
     with staged_dir(output_dir, overwrite) as tmp:
+        own = export_tokenizer(cfg, record, tokenizer, tmp, config, log)
         write_hf_checkpoint(tmp, layer_progress(stream, arch.num_layers, "mcore_to_hf"), layout,
-                            config, max_shard_bytes, copy_from=record)
+                            config, max_shard_bytes, copy_from=None if own else record)
+        if own and record is not None and (record / "generation_config.json").is_file():
+            shutil.copy2(record / "generation_config.json", tmp / "generation_config.json")
+        if not (tmp / "generation_config.json").is_file():
+            gen = generation_config({k: config.get(k) for k in SPECIAL_IDS})
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         del get  # the fp32 state dict: free it before validation loads two models
         if validate:
             report = _check(compare_logits((input_path, "mcore"), (tmp, "hf"), arch.vocab_size,

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from megatron_ext.checkpoint.manifest import CheckpointError
 from megatron_ext.config.loader import ConfigError, apply_overrides, to_dict
-from megatron_ext.config.schema import Config
+from megatron_ext.config.schema import Config, DataConfig
 from megatron_ext.config.validate import moe_layer_pattern, validate
 from megatron_ext.conversion.hf_config import check_hf_config, read_hf_config
 from megatron_ext.conversion.hf_io import TOKENIZER_FILES, staged_dir
@@ -85,10 +85,13 @@ def with_arch(cfg: Config, arch: Arch, top_k: int | None = None,
     return out
 
 
-def config_from_hf(hf_config: dict[str, Any], overrides: Mapping[str, Any] | None = None
-                   ) -> Config:
-    """Our Config for an HF Llama / Mixtral / mixed config.json; the rest are our defaults
-    (mock data etc.). ``overrides``: dotted keys (``"train.seed": 1``), type-checked."""
+def config_from_hf(hf_config: dict[str, Any], overrides: Mapping[str, Any] | None = None,
+                   data: DataConfig | None = None) -> Config:
+    """Our Config for an HF Llama / Mixtral / mixed config.json; the rest are our defaults.
+    ``overrides``: dotted keys (``"train.seed": 1``), type-checked. ``data``: the data section
+    of the run that will train from it (the converters' ``--config``); without one the data
+    section is unset (no mock data, no datasets), so training from it refuses with one line
+    until the user names data: never random tokens unannounced."""
     hf_config = check_hf_config(hf_config)
     arch = arch_from_hf_config(hf_config)
     settings = hf_settings_from_config(hf_config)
@@ -106,8 +109,9 @@ def config_from_hf(hf_config: dict[str, Any], overrides: Mapping[str, Any] | Non
     cfg.model.max_position_embeddings = max_pos
     cfg.model.rotary_base = theta
     cfg.model.norm_epsilon = float(settings["rms_norm_eps"])
-    cfg.data.mock = True
-    cfg.data.seq_length = min(cfg.data.seq_length, max_pos)
+    cfg.data = copy.deepcopy(data) if data is not None else DataConfig(mock=False)
+    if data is None:
+        cfg.data.seq_length = min(cfg.data.seq_length, max_pos)
     return apply_overrides(cfg, overrides or {})  # re-checks every field's type
 
 
@@ -232,6 +236,9 @@ def save_mcore_into(out_dir: Path, stream: Iterable[tuple[str, Tensor]], cfg: Co
     build_cfg.parallel.tensor = build_cfg.parallel.pipeline = build_cfg.parallel.expert = 1
     build_cfg.parallel.world_size = None
     build_cfg.train.precision = _precision(dtype)
+    d = build_cfg.data
+    if not (d.mock or d.demo_corpus or d.blend):  # data unset (config_from_hf): training
+        d.mock = True  # refuses it; building the model needs none
     try:
         validate(build_cfg, world_size=1)
     except ConfigError as e:

@@ -61,6 +61,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         raise NotImplementedError
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry of ``token_id`` (for a special token: its name)."""
+        raise NotImplementedError
+
     @property
     def unique_identifiers(self) -> OrderedDict[str, Any]:
         # megatron-core json-dumps config.tokenizer through this attribute to hash its index
@@ -146,6 +150,9 @@ class HFTokenizer(Tokenizer):
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece ``.model`` file."""
@@ -186,6 +193,9 @@ class SentencePieceTokenizer(Tokenizer):
         if token_id == self._sp.unk_id() and self._sp.id_to_piece(token_id) != token:
             return None
         return token_id
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else None
 
 
 def _token_content(value: Any) -> str | None:

@@ -9,7 +9,7 @@ It scores exactly as lm-eval's own HF model (``HFLM``) does, so that a checkpoin
 give the same numbers (tests/unit/test_lm_eval.py checks it):
 
 * requests are tokenized by lm-eval's ``TemplateLM`` (context/continuation split, an empty
-  context replaced by EOD) with the checkpoint's tokenizer (``evaluation.tokenizer``); our data
+  context replaced by EOD) with the checkpoint's tokenizer (``data.run_tokenizer``); our data
   never has BOS, so none is added;
 * ``loglikelihood``: HFLM's model input ``(context + continuation)[-(L+1):][:-1]`` with
   L = ``model.max_position_embeddings``, split where the continuation's first token is
@@ -54,9 +54,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from megatron_ext.checkpoint.load_model import load_model
 from megatron_ext.config.schema import Config
 from megatron_ext.data.errors import DataError
+from megatron_ext.data.run_tokenizer import checkpoint_tokenizer
 from megatron_ext.data.tokenizer import Tokenizer
 from megatron_ext.evaluation.generate import generate
-from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
 from megatron_ext.model.inference import KVCache, extend, padding_masks_supported
 from megatron_ext.model.inference import logits as model_logits
 from megatron_ext.platform.progress import Progress

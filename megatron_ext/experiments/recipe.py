@@ -190,5 +190,5 @@ def upcycle(cfg: Config, dense: Path, log=print) -> None:
     """Write ``dense`` upcycled with the config's recipe into ``checkpoint.load`` (megatron
     format), validated against the dense model; nothing is left there if anything fails."""
     upcycle_checkpoint(dense, Path(cfg.checkpoint.load), spec_from_config(cfg),
-                       output_format="mcore", validate=True, log=log,
+                       output_format="mcore", validate=True, log=log, data=cfg.data,
                        record={"dense_base": cfg.upcycling.dense_base})

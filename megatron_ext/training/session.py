@@ -15,7 +15,7 @@ from megatron_ext.platform.dist import Layout
 from megatron_ext.platform.fs import atomic_write
 from megatron_ext.platform.run_files import CONFIG_FILE
 from megatron_ext.training import callbacks
-from megatron_ext.training.console import log, warn
+from megatron_ext.training.console import MOCK_MARK, log, mark_lines, mock_banner, warn
 from megatron_ext.training.cuda_graph import step_runner
 from megatron_ext.training.loggers import MetricsWriter
 from megatron_ext.training.setup import Run, build_run, layout_dict, run_dir
@@ -30,6 +30,17 @@ def train(cfg: Config, layout: Layout, preempt: Preemption, plan: ResumePlan,
     the standard list (``callbacks.build``)."""
     patches.check()  # our patches of megatron-core internals hold for the installed version
     rank0 = layout.rank == 0
+    if rank0 and cfg.data.mock:  # random tokens: the first line says so, every line marks it
+        log(mock_banner(cfg.model.vocab_size))
+        mark_lines(MOCK_MARK)
+    try:
+        return _train(cfg, layout, preempt, plan, extra_callbacks, rank0)
+    finally:
+        mark_lines(None)
+
+
+def _train(cfg: Config, layout: Layout, preempt: Preemption, plan: ResumePlan,
+           extra_callbacks: Sequence[callbacks.Factory], rank0: bool) -> int:
     if rank0:  # before building: a log line that says start-up reached the data and model
         log(f"layout: {layout.describe()}")
     run = build_run(cfg, layout)

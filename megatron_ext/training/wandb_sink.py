@@ -22,8 +22,8 @@ import psutil
 
 from megatron_ext.config.schema import LoggingConfig
 from megatron_ext.platform.fs import atomic_write
+from megatron_ext.training.console import MOCK_TAG, warn
 from megatron_ext.training.console import reason as _reason
-from megatron_ext.training.console import warn
 
 
 def _wandb_has_credentials() -> bool:
@@ -136,9 +136,11 @@ class WandbSink:
             warn("logging.wandb.mode=online but no W&B credentials found; logging offline "
                  "(sync later with `wandb sync`)")
             mode = "offline"
+        # a run on random tokens (data.mock) is tagged: never mistaken for a real one
+        tags = list(w.tags) + ([MOCK_TAG] if (resolved.get("data") or {}).get("mock") else [])
         kwargs = dict(
             project=w.project, entity=w.entity, name=w.name or run_name,
-            tags=list(w.tags) or None, config=resolved, dir=str(run_dir), resume="allow",
+            tags=tags or None, config=resolved, dir=str(run_dir), resume="allow",
             # create_new: an online attempt abandoned at its deadline may still be connecting
             # while the offline run starts; neither may finish the other.
             reinit="create_new", settings=settings,

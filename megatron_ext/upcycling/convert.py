@@ -9,6 +9,7 @@ validation succeed, so any failure leaves nothing at the output path.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megatron_ext.config.schema import DataConfig
 from megatron_ext.conversion.convert import (
     compare_logits,
     layer_progress,
@@ -100,7 +102,8 @@ def _open_hf(path: Path) -> DenseModel:
 
 
 def _write_hf(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseModel,
-              spec: UpcycleSpec, max_shard_bytes: int) -> None:
+              spec: UpcycleSpec, max_shard_bytes: int, data: DataConfig | None) -> None:
+    # data: an HF directory holds no training config
     moe_arch = spec.moe_arch(dense.arch)
     dtype = str(dense.dtype_of(HF_EMBED)).removeprefix("torch.")
     config = hf_config_for(moe_arch, top_k=spec.top_k, dtype=dtype,
@@ -128,9 +131,10 @@ def _open_mcore(path: Path) -> DenseModel:
 
 
 def _write_mcore(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseModel,
-                 spec: UpcycleSpec, max_shard_bytes: int) -> None:
+                 spec: UpcycleSpec, max_shard_bytes: int, data: DataConfig | None) -> None:
     """The HF-named MoE stream, renamed on the fly, into an mcore checkpoint root at ``out``.
-    The training config keeps an mcore source's settings (HF source: our defaults)."""
+    The training config keeps an mcore source's settings (HF source: our defaults, no data:
+    ``config_from_hf``); ``data`` (the run's --config) replaces the data section."""
     moe_arch = spec.moe_arch(dense.arch)
     dtype = dense.dtype_of(HF_EMBED)
     hf_config = hf_config_for(moe_arch, top_k=spec.top_k,
@@ -138,8 +142,10 @@ def _write_mcore(out: Path, tensors: Iterable[tuple[str, Tensor]], dense: DenseM
                               **hf_settings_from_config(dense.config))
     if dense.mcore_config is not None:
         cfg = with_arch(dense.mcore_config, moe_arch, top_k=spec.top_k)
+        if data is not None:
+            cfg.data = copy.deepcopy(data)
     else:
-        cfg = config_from_hf(hf_config)
+        cfg = config_from_hf(hf_config, data=data)
     stream = hf_to_mcore(StreamGetter(tensors), moe_arch)  # same order in and out: no buffering
     save_mcore_into(out, stream, cfg, dtype=dtype, hf_config=hf_config,
                     tokenizer_dir=dense.files_dir)
@@ -194,6 +200,7 @@ def upcycle_checkpoint(
     overwrite: bool = False,
     validate: bool = True,
     max_shard_bytes: int = 2 * 10**9,
+    data: DataConfig | None = None,
     log: Callable[[str], None] = print,
     record: dict[str, Any] | None = None,
 ) -> ValidationReport | None:
@@ -202,6 +209,7 @@ def upcycle_checkpoint(
     Bad inputs raise ``ConversionError`` / ``UpcycleError`` before anything is written; a failed
     validation raises ``ValidationError``. btx: the input is source 0, ``btx_dirs`` the others.
     ``record``: more provenance for ``upcycling.json`` (the recipe's name of the dense base).
+    ``data``: the data section of an mcore output's config.yaml (``_write_mcore``).
     """
     if output_format is None:  # the input's own format
         output_format = resolve_format(Path(input_dir), input_format)
@@ -220,7 +228,7 @@ def upcycle_checkpoint(
     report = None
     with staged_dir(output_dir, overwrite) as tmp:
         progress = layer_progress(stream, dense.arch.num_layers, "upcycle")
-        writer(tmp, progress, dense, spec, max_shard_bytes)
+        writer(tmp, progress, dense, spec, max_shard_bytes, data)
         info = {**spec.describe(), "input": str(Path(input_dir).absolute()),
                 "btx_sources": [str(Path(d).absolute()) for d in btx_dirs], **(record or {})}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")

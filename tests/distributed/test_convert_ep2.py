@@ -35,6 +35,7 @@ def test_ep2_trained_checkpoint_converts_back_bit_exact(tmp_path: Path) -> None:
 
     r = torchrun(2, ["pretrain_moe.py", "--config", str(root / "config.yaml"),
                      "--set", "parallel.expert=2", "--set", f"checkpoint.load={root}",
+                     "--set", "data.mock=true",  # config.yaml names no data (issue 25.3)
                      "--set", f"checkpoint.save={save}", "--set", "train.train_steps=1",
                      "--set", "optimizer.lr=1e-30", "--set", "optimizer.min_lr=0",
                      "--set", "optimizer.weight_decay=0", "--set", "schedule.warmup_steps=0",

@@ -55,7 +55,7 @@ PROBE = textwrap.dedent("""
     from transformers import AutoModelForCausalLM
     from megatron_ext.checkpoint.load_model import checkpoint_config, load_model
     from megatron_ext.evaluation.generate import generate
-    from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
+    from megatron_ext.data.run_tokenizer import checkpoint_tokenizer
     from megatron_ext.platform.dist import shutdown
 
     if __name__ == "__main__":

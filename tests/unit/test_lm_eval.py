@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -44,20 +43,16 @@ def _ok(proc) -> None:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
-    """(our checkpoint, saved at expert-parallel 2 by two processes; its HF export with the demo
-    tokenizer copied in). The training run (logging.wandb offline) is the sibling ``run/``."""
-    from megatron_ext.data.demo import ensure_demo_data
-
+    """(our checkpoint, saved at expert-parallel 2 by two processes; its HF export, which holds
+    the demo tokenizer). The training run (logging.wandb offline) is the sibling ``run/``."""
     tmp = tmp_path_factory.mktemp("lm_eval")
     _ok(torchrun(2, ["pretrain_moe.py", *SMALL, *DEMO, "--set", "train.train_steps=20",
                      "--set", "parallel.expert=2", "--set", "logging.wandb.mode=offline",
                      "--set", f"checkpoint.save={tmp}/ckpt",
                      "--set", f"logging.output_dir={tmp}/run"]))
+    # the export carries the run's tokenizer: lm-eval needs no --tokenizer on it
     _ok(run_cli(["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp / "ckpt"),
                  "--output", str(tmp / "hf"), "--dtype", "float32"]))
-    tokenizer = Path(ensure_demo_data(cache_dir=str(REPO / ".cache" / "demo"))[0])
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer / name, tmp / "hf" / name)
     return tmp / "ckpt", tmp / "hf"
 
 

@@ -150,7 +150,7 @@ def _bench(argv: list[str] | None) -> int:
     try:
         ckpt, hf = (a.checkpoint, a.hf) if a.checkpoint else runs.train_and_export(work, a.shape)
         from megatron_ext.checkpoint.load_model import checkpoint_config
-        from megatron_ext.evaluation.tokenizer import tokenizer_path
+        from megatron_ext.data.run_tokenizer import tokenizer_path
 
         tokenizer = a.tokenizer or tokenizer_path(checkpoint_config(ckpt)[1])
         by_backend = measure(ckpt, hf, tasks, a, tokenizer)

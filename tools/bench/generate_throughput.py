@@ -103,7 +103,7 @@ def timed(backend, prompts: list[list[int]], new: int, batch: int) -> tuple[floa
 
 
 def measure(shape: str, ckpt: Path, hf: Path, a) -> dict:
-    from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
+    from megatron_ext.data.run_tokenizer import checkpoint_tokenizer
     from megatron_ext.platform.dist import shutdown
 
     ours = Ours(ckpt)

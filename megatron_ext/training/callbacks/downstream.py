@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 
 from megatron_ext.checkpoint.store import unwrap
+from megatron_ext.data.run_tokenizer import checkpoint_tokenizer
 from megatron_ext.evaluation import harness
 from megatron_ext.evaluation.lm_eval_model import MegatronLM
-from megatron_ext.evaluation.tokenizer import checkpoint_tokenizer
 from megatron_ext.evaluation.wandb_results import flat_metrics
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.setup import Run

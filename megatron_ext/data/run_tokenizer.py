@@ -1,4 +1,4 @@
-"""The tokenizer a checkpoint was trained with, for every evaluation tool.
+"""The tokenizer a checkpoint was trained with, for the evaluation tools and the HF export.
 
 ``checkpoint_tokenizer(cfg)``: ``--tokenizer`` if the user gave one, else the checkpoint config's
 ``data.tokenizer``, else the demo tokenizer when the run trained on ``data.demo_corpus`` (built
