@@ -140,11 +140,11 @@ def test_offline_run_holds_metrics_and_config(tmp_path, no_credentials):
     assert sorted(rows) == [r["step"] for r in jsonl] == [1, 2, 3]
     for expected in jsonl:
         row = rows[expected["step"]]
-        for key in ("loss", "lr", "aux_loss", "grad_norm", "moe/layer1/load_e0",
-                    "moe/layer4/load_e7", "moe/entropy"):
+        for key in ("loss", "lr", "aux_loss", "grad_norm", "moe/layer0/load_e0",
+                    "moe/layer3/load_e7", "moe/entropy"):
             assert row[key] == pytest.approx(expected[key], rel=1e-12), key
     assert 0 < rows[3]["lr"] < rows[2]["lr"]  # cosine decay after one warmup step
-    assert sum(rows[1][f"moe/layer1/load_e{e}"] for e in range(8)) == pytest.approx(1.0)
+    assert sum(rows[1][f"moe/layer0/load_e{e}"] for e in range(8)) == pytest.approx(1.0)
 
     config = run_config(records)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
