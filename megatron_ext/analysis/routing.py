@@ -25,6 +25,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_ext.data.errors import DataError
 from megatron_ext.model import inference
+from megatron_ext.model.builder import layer_index
 from megatron_ext.platform.progress import Progress
 
 # Paper, section 5 (8 experts, top-2, ~205k tokens per domain); see docs/REFERENCE.md section 2.
@@ -100,8 +101,7 @@ def moe_routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     routers = {}
     for module in model.modules():
         if isinstance(module, TopKRouter):
-            # megatron numbers layers from 1 (global, across pipeline stages)
-            routers[int(module.layer_number) - 1] = module
+            routers[layer_index(module)] = module
     return dict(sorted(routers.items()))
 
 

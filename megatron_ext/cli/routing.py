@@ -32,8 +32,8 @@ outputs (DIR is replaced as a whole, never left half-written):
   routing.md            mean TV distance to the mean usage, top-expert share, entropies;
                         the paper's numbers for comparison
   routing.json          every number, including the raw per-layer counts
-layers are 0-based transformer layer indices (the training metrics moe/layer{N} count from
-1: layer 0 here is moe/layer1 there); only MoE layers can be chosen. Routing is counted
+layers are 0-based transformer layer indices, as in the training metrics moe/layer{L}/... and
+HF's model.layers.{L}; only MoE layers can be chosen. Routing is counted
 dropless (capacity factor off): the router's top-k choices, not what capacity would keep.
 tokenizer: --tokenizer, else the checkpoint's data.tokenizer, else the demo tokenizer when the
 checkpoint was trained with data.demo_corpus.

@@ -253,11 +253,18 @@ class CheckpointConfig:
 @dataclass
 class WandbConfig:
     mode: Literal["online", "offline", "disabled"] = "disabled"
-    """online needs credentials and the server, else it logs offline (one warning)."""
+    """online needs credentials and the server, else it logs offline (one warning).
+    WANDB_MODE overrides the config file (`--set` overrides both)."""
     project: str = "drop-upcycling"
-    """W&B project."""
+    """W&B project. WANDB_PROJECT overrides the config file."""
     entity: str | None = None
-    """W&B team or user."""
+    """W&B team or user; None = W&B's default entity. WANDB_ENTITY overrides the config file."""
+    group: str | None = None
+    """W&B run group (e.g. one per experiment); None = no group. WANDB_RUN_GROUP overrides the
+    config file."""
+    dir: str | None = None
+    """Directory W&B writes its files in (a `wandb/` directory inside); None = `output_dir`.
+    WANDB_DIR overrides the config file."""
     name: str | None = None
     """Run name; None = the config file's name."""
     tags: list = setting(factory=list, bounds=Items(strings=True, max_len=1024))
@@ -280,7 +287,9 @@ class LoggingConfig:
     expert_similarity: bool = True
     """Log per-layer mean/min/max pairwise cosine similarity of the experts' weights."""
     wandb: WandbConfig = section(WandbConfig)
-    """Weights & Biases."""
+    """Weights & Biases. Precedence, highest first: `--set logging.wandb.*`, then the variables
+    WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_RUN_GROUP and WANDB_DIR, then the config
+    file, then the defaults here. The resolved config.yaml records the values used."""
 
 
 @dataclass

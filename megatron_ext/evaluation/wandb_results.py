@@ -3,8 +3,9 @@
 A training run with ``logging.wandb`` keeps its W&B run id in ``RUNDIR/wandb_run_id``; the results
 go to that same run (``resume="allow"``), under ``lm_eval/<task>/<metric>`` in its history and
 summary, plus one ``lm_eval/results`` table. Offline by default (into ``RUNDIR/wandb/``, for a
-later ``wandb sync``); ``WANDB_MODE=online`` sends them at once. Project and entity come from
-``RUNDIR/config.yaml``.
+later ``wandb sync``, or the run's ``logging.wandb.dir``); ``WANDB_MODE=online`` sends them at
+once. Project, entity and group come from ``RUNDIR/config.yaml`` (which records the values the
+training run used, its WANDB_* variables included).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def append_results(results: dict[str, Any], run_dir: str | Path) -> Path:
     import wandb
 
     metrics = flat_metrics(results)
-    run = wandb.init(id=rid, resume="allow", dir=str(run_dir), project=wcfg.project,
-                     entity=wcfg.entity, mode=os.environ.get("WANDB_MODE", "offline"),
+    run = wandb.init(id=rid, resume="allow", dir=wcfg.dir or str(run_dir), project=wcfg.project,
+                     entity=wcfg.entity, group=wcfg.group,
+                     mode=os.environ.get("WANDB_MODE", "offline"),
                      reinit="create_new")
     try:
         run.log(metrics)

@@ -56,6 +56,11 @@ def _task_scores(path: Path) -> dict:
             if isinstance(value, (int, float)) and "stderr" not in metric}
 
 
+def _layer_of(heatmap: Path) -> int:
+    """The layer of ``heatmap_layer{L}.png``, so that layer 10 comes after layer 2."""
+    return int(heatmap.stem.removeprefix("heatmap_layer"))
+
+
 def collect(exp: Experiment, ledger: list[dict]) -> dict:
     """Every number of the report, per method, plus the stages."""
     methods = {}
@@ -65,8 +70,8 @@ def collect(exp: Experiment, ledger: list[dict]) -> dict:
         final["cos_first"] = series["cos"][0][1] if series["cos"] else None
         routing = exp.output / "routing" / m.slug
         row = {"final": final, "series": series, "routing": _routing(routing / "routing.json"),
-               "heatmaps": sorted(str(p.relative_to(exp.output))
-                                  for p in routing.glob("heatmap_layer*.png"))}
+               "heatmaps": [str(p.relative_to(exp.output))
+                            for p in sorted(routing.glob("heatmap_layer*.png"), key=_layer_of)]}
         if exp.tasks:
             row["tasks"] = _task_scores(exp.output / "eval" / m.slug / "results.json")
         methods[m.label] = row
@@ -139,8 +144,9 @@ def markdown(data: dict) -> str:
     if paper:
         lines += ["The paper's numbers:", ""] + _table(["method", "mean_tv", "usage_entropy"], [
             [name, p.get("mean_tv"), p.get("usage_entropy")] for name, p in paper.items()])
-    lines += ["## Routing heatmaps", "", "Expert usage per domain and MoE layer (layer 0 first), "
-              "from the routing tool (`DIR/routing/<method>/`).", ""]
+    lines += ["## Routing heatmaps", "", "Expert usage per domain and MoE layer (layers "
+              "numbered from 0, as in the metrics), from the routing tool "
+              "(`DIR/routing/<method>/`).", ""]
     for label, row in methods.items():
         lines += [f"{label}: " + " ".join(f"![{label} {Path(h).stem}]({h})"
                                           for h in row.get("heatmaps", [])), ""]

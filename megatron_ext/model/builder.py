@@ -173,6 +173,14 @@ def all_layers_aux(cfg: Config) -> bool:
     return moe.num_experts > 0 and moe.aux_loss_scope == "all_layers" and moe.aux_loss_coeff > 0
 
 
+def layer_index(module: torch.nn.Module) -> int:
+    """The 0-based transformer layer index of a layer or of a module in one (a router, an MoE
+    layer): the one numbering of metrics (``moe/layer{L}/...``), routing heatmaps, reports,
+    ``moe.layer_freq`` lists, ``moe-upcycle --moe-layers`` and HF's ``model.layers.{L}``.
+    megatron-core's ``layer_number`` counts from 1 (global across pipeline stages)."""
+    return int(module.layer_number) - 1
+
+
 def layer_specs(config: TransformerConfig, backends: Backends, vp_stage: int | None = None,
                 all_layers: bool = False):
     """The layer specs of this rank's pipeline stage (chunk ``vp_stage`` when interleaved);

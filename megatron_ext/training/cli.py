@@ -20,7 +20,7 @@ from megatron_ext.platform.launch import is_rank0
 from megatron_ext.platform.quiet import quiet_process
 from megatron_ext.platform.run_files import check_run_io
 from megatron_ext.platform.run_lock import RunLocks
-from megatron_ext.training import dry_run, signals
+from megatron_ext.training import dry_run, signals, wandb_sink
 from megatron_ext.training.console import warn
 from megatron_ext.training.exit_codes import CONFIG as EXIT_CONFIG
 from megatron_ext.training.exit_codes import FAILED as EXIT_FAILED
@@ -184,7 +184,8 @@ def _main(argv: list[str] | None, preempt: Preemption, extra_callbacks: Sequence
         return _fail(f"error: {e}")
     info_only = args.print_config or args.dry_run or args.plan
     try:
-        cfg = load_config(args.config, args.overrides)
+        # W&B's environment variables go between the config file and --set (wandb_sink)
+        cfg = load_config(args.config, [*wandb_sink.env_overrides(), *args.overrides])
         # --dry-run / --print-config reason about the planned size (parallel.world_size); a
         # training launch is checked against the processes it really has.
         launched = launch.world_size()

@@ -22,6 +22,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_ext.model.builder import layer_index
 from megatron_ext.model.load_balancing import AllLayersLoss
 
 
@@ -101,7 +102,7 @@ class RouterStats:
         for module in model.modules():
             if isinstance(module, TopKRouter):
                 idx = len(self.layers)
-                self.layers.append(module.layer_number)
+                self.layers.append(layer_index(module))
                 self.counts.append(None)
                 self.tokens.append(None)
                 self._handles.append(module.register_forward_hook(self._hook(idx)))

@@ -8,6 +8,7 @@ under a deadline (``_bounded``); an online run without credentials falls back to
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
 import queue
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import LoggingConfig
 from megatron_ext.platform.fs import atomic_write
 from megatron_ext.training.console import MOCK_TAG, warn
@@ -49,6 +51,36 @@ def _wandb_has_credentials() -> bool:
     except (OSError, RuntimeError, netrc.NetrcParseError):  # RuntimeError: no home directory
         return False
     return False
+
+
+# ----------------------------------------------------------------------------- environment
+# The variables W&B users set on a cluster (in ~/.bashrc, a job script, a module) select what
+# these logging.wandb fields select. They override the config file, which describes the
+# experiment, not the site; `--set` overrides them, being this run's own command line.
+ENV_FIELDS = {"WANDB_MODE": "mode", "WANDB_PROJECT": "project", "WANDB_ENTITY": "entity",
+              "WANDB_RUN_GROUP": "group", "WANDB_DIR": "dir"}
+# wandb's own spellings of the modes ("dryrun" and "run" are its older names)
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+              "disabled": "disabled"}
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> list[str]:
+    """``--set``-style overrides (``logging.wandb.mode="offline"``, ...) from the W&B variables
+    in ``environ`` (default: the process environment). Set but empty counts as unset; a mode
+    wandb does not know is a ConfigError naming the variable. Each value is quoted as JSON, a
+    YAML string, so that e.g. a project named ``123`` or ``null`` stays that string."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for var, field in ENV_FIELDS.items():
+        value = environ.get(var, "").strip()
+        if not value:
+            continue
+        if field == "mode":
+            if value.lower() not in _ENV_MODES:
+                raise ConfigError(f"{var}={value!r}: expected online, offline or disabled")
+            value = _ENV_MODES[value.lower()]
+        out.append(f"logging.wandb.{field}={json.dumps(value)}")
+    return out
 
 
 # ----------------------------------------------------------------------------- optional sinks
@@ -136,11 +168,18 @@ class WandbSink:
             warn("logging.wandb.mode=online but no W&B credentials found; logging offline "
                  "(sync later with `wandb sync`)")
             mode = "offline"
+        wandb_dir = Path(w.dir) if w.dir else run_dir
+        try:
+            wandb_dir.mkdir(parents=True, exist_ok=True)  # wandb would fall back to /tmp
+        except OSError as e:
+            warn(f"logging.wandb.dir {wandb_dir} cannot be made ({_reason(e)}); W&B disabled, "
+                 "metrics are in metrics.jsonl")
+            return None
         # a run on random tokens (data.mock) is tagged: never mistaken for a real one
         tags = list(w.tags) + ([MOCK_TAG] if (resolved.get("data") or {}).get("mock") else [])
         kwargs = dict(
-            project=w.project, entity=w.entity, name=w.name or run_name,
-            tags=tags or None, config=resolved, dir=str(run_dir), resume="allow",
+            project=w.project, entity=w.entity, group=w.group, name=w.name or run_name,
+            tags=tags or None, config=resolved, dir=str(wandb_dir), resume="allow",
             # create_new: an online attempt abandoned at its deadline may still be connecting
             # while the offline run starts; neither may finish the other.
             reinit="create_new", settings=settings,

@@ -84,7 +84,7 @@ def _upcycled(dense: dict, grouped: bool = True, **spec) -> torch.nn.Module:
 
 def _layers(metrics: dict) -> list[int]:
     layers = sorted({int(k.split("/")[1][5:]) for k in metrics if k.startswith("moe/layer")})
-    assert layers == list(range(1, LAYERS + 1)), metrics  # megatron numbers layers from 1
+    assert layers == list(range(LAYERS)), metrics  # 0-based, as the routing heatmaps
     return layers
 
 
@@ -106,7 +106,7 @@ def test_drop_matches_formula(dense, ratio: float, sharing: str) -> None:
                                           index_sharing=sharing))
     tol = 1e-6 if ratio == 0 else 0.02
     for layer in _layers(metrics):
-        mlp = f"decoder.layers.{layer - 1}.mlp."
+        mlp = f"decoder.layers.{layer}.mlp."  # metric layer L is decoder.layers.L
         gate, up = dense[mlp + "linear_fc1.weight"].chunk(2)
         want = expected_drop_cos(gate, up, dense[mlp + "linear_fc2.weight"], ratio, sharing)
         got = metrics[f"moe/layer{layer}/expert_cos_mean"]
@@ -142,7 +142,7 @@ def test_metrics_reach_metrics_jsonl(tmp_path: Path) -> None:
     train = [r for r in records if "moe/expert_cos_mean" in r]
     assert len(train) == 3  # log_interval 1: every step
     for rec in train:
-        for layer in (1, 2):
+        for layer in (0, 1):
             lo, mean, hi = (rec[f"moe/layer{layer}/expert_cos_{s}"] for s in ("min", "mean", "max"))
             assert -1.0 <= lo <= mean <= hi <= 1.0
         assert abs(rec["moe/expert_cos_mean"]) < 0.1  # from scratch, two small steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from megatron_ext.data.errors import DataError
 from tests.conftest import REPO, run_cli
 
 CORPUS = REPO / "data" / "corpus"
+MOE_LAYERS = (1, 2, 3)  # the end-to-end run's moe.layer_freq [0, 1, 1, 1]: layer 0 is dense
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -138,12 +140,14 @@ def test_output_dir_rules(tmp_path):
 
 @pytest.mark.slow
 def test_routing_cli_end_to_end(tmp_path, capsys):
+    """A run whose first layer is dense (MoE layers 1, 2, 3), then the routing tool on it: the
+    training metrics, the heatmaps and both reports number the layers alike (0-based)."""
     # One thread per process (run_cli's default): on a busy 2-core machine two OpenMP threads
     # per process spin-wait and run several times slower.
     ckpt, out = tmp_path / "ckpt", tmp_path / "routing"
     proc = run_cli(["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml",
                     "--set", "train.train_steps=15", "--set", "train.eval_interval=0",
-                    "--set", "schedule.warmup_steps=2",
+                    "--set", "schedule.warmup_steps=2", "--set", "moe.layer_freq=[0,1,1,1]",
                     "--set", f"checkpoint.save={ckpt}", "--set", "checkpoint.save_interval=0",
                     "--set", f"logging.output_dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,10 +157,18 @@ def test_routing_cli_end_to_end(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mean TV" in proc.stdout
     names = sorted(p.name for p in out.iterdir())
-    assert names == [f"heatmap_layer{i}.png" for i in range(4)] + ["routing.json", "routing.md"]
-    for i in range(4):
+    assert names == [f"heatmap_layer{i}.png" for i in MOE_LAYERS] + ["routing.json", "routing.md"]
+    for i in MOE_LAYERS:
         assert (out / f"heatmap_layer{i}.png").read_bytes()[:4] == b"\x89PNG"
     s = json.loads((out / "routing.json").read_text())
+    assert s["layers"] == [layer["layer"] for layer in s["per_layer"]] == list(MOE_LAYERS)
+    # the training metrics (router statistics and expert similarity) use the same numbers
+    record = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+              if r["kind"] == "train"][-1]
+    for metric in ("load_e0", "entropy", "expert_cos_mean"):
+        logged = sorted(int(k.split("/")[1].removeprefix("layer")) for k in record
+                        if k.startswith("moe/layer") and k.endswith(f"/{metric}"))
+        assert logged == list(MOE_LAYERS), (metric, logged)
     assert {"average", "per_domain", "per_layer", "paper", "checkpoint", "tokenizer"} <= set(s)
     assert s["num_experts"] == 8 and s["top_k"] == 2 and s["domains"] == ["en", "ja"]
     avg = s["average"]
@@ -170,6 +182,8 @@ def test_routing_cli_end_to_end(tmp_path, capsys):
     assert s["per_domain"]["ja"]["tokens"] == 3000
     md = (out / "routing.md").read_text()
     assert "| **average** |" in md and "0.295" in md and "| ja | 3,000 |" in md
+    assert "MoE layers (0-based) 1, 2, 3." in md
+    assert re.findall(r"^\| (\d+) \| ", md, re.MULTILINE) == ["1", "2", "3"]  # per-layer rows
 
     # bad input: one line on stderr, exit 2, nothing written, the previous report untouched.
     # One real process (import-time warnings would add lines), the rest in-process (fast).
@@ -177,7 +191,7 @@ def test_routing_cli_end_to_end(tmp_path, capsys):
                    "--output", str(out), "--layers", "0,7"])
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.splitlines() == [
-        "error: --layers: unknown layer(s) [7]; the checkpoint's MoE layers are 0,1,2,3"]
+        "error: --layers: unknown layer(s) [0, 7]; the checkpoint's MoE layers are 1,2,3"]
     tool = routing_cli
     for argv in (["--checkpoint", str(tmp_path / "nope"), *texts],
                  ["--checkpoint", str(ckpt), "--text", f"x={tmp_path / 'missing.txt'}"]):

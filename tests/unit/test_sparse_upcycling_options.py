@@ -29,8 +29,8 @@ def test_four_layers_every_second_moe_trains(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()][-1]
     moe_layers = {k.split("/")[1] for k in last if k.startswith("moe/layer")}
-    assert moe_layers == {"layer1", "layer3"}  # megatron numbers layers from 1
-    assert "moe/layer2/load_e0" not in last
+    assert moe_layers == {"layer0", "layer2"}  # 0-based, as layer_freq [1, 0, 1, 0]
+    assert "moe/layer1/load_e0" not in last
 
 
 CAPACITY = textwrap.dedent("""
@@ -57,7 +57,7 @@ CAPACITY = textwrap.dedent("""
     with torch.no_grad():
         router.weight[0] += 0.5 * torch.sign(h.mean(0))
     model(tokens, torch.arange(64).expand(4, -1), None, labels=tokens).sum().backward()
-    measured = stats.collect()["moe/layer1/dropped_frac"]
+    measured = stats.collect()["moe/layer0/dropped_frac"]
 
     x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
     logits = x @ router.weight.float().t()
@@ -87,4 +87,4 @@ def test_capacity_training_logs_dropped_fraction(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= rec["moe/dropped_frac"] < 1.0
-    assert "moe/layer1/dropped_frac" in rec
+    assert "moe/layer0/dropped_frac" in rec

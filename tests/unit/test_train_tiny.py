@@ -29,7 +29,7 @@ def test_tiny_cpu_30_steps_loss_falls(tmp_path):
     # From ~ln(4096) = 8.3 at init; 30 steps of the demo schedule reach ~6.5 on this corpus.
     assert first > 7.8 and last < first - 1.0, (first, last)
     for key in ("aux_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "eta_s",
-                "moe/layer1/load_e0", "moe/entropy", "time/forward_backward_s"):
+                "moe/layer0/load_e0", "moe/entropy", "time/forward_backward_s"):
         assert key in train[-1], key
     valid = _records(tmp_path / "run" / "metrics.jsonl", "valid")
     assert [r["step"] for r in valid] == [15, 30]

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from megatron_ext.training import wandb_sink
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 BLOCK = 32768  # LevelDB log block size
 CHUNK_HEADER = struct.Struct("<IHB")  # crc32, length, type
@@ -105,17 +105,21 @@ def no_credentials(tmp_path, monkeypatch) -> Path:
     return home
 
 
-def _train(tmp_path: Path, mode: str, steps: int, extra_env: dict | None = None):
+def _train(tmp_path: Path, mode: str | None, steps: int, extra_env: dict | None = None,
+           config: str = "configs/tiny-cpu.yaml"):
+    """A tiny run; ``mode``/project set with --set unless ``mode`` is None (then the config
+    file and the WANDB_* variables in ``extra_env`` decide)."""
     run = tmp_path / "run"
     env = {"WANDB_BASE_URL": NOWHERE, "HTTP_PROXY": NOWHERE, "HTTPS_PROXY": NOWHERE,
-           "WANDB_DIR": str(tmp_path / "wandb_dir"), **(extra_env or {})}
-    proc = run_cli(["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml",
+           **(extra_env or {})}
+    sets = [] if mode is None else ["--set", f"logging.wandb.mode={mode}",
+                                    "--set", "logging.wandb.project=test"]
+    proc = run_cli(["pretrain_moe.py", "--config", config,
                     "--set", f"train.train_steps={steps}", "--set", "schedule.warmup_steps=1",
                     "--set", "train.log_interval=1", "--set", "train.eval_interval=0",
                     # no checkpoint: the config's default save dir is in the repo (and resumes)
                     "--set", "checkpoint.save=null", "--set", f"logging.output_dir={run}",
-                    "--set", f"logging.wandb.mode={mode}", "--set", "logging.wandb.project=test"],
-                   env=env)
+                    *sets], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, run
 
@@ -125,13 +129,20 @@ def _train(tmp_path: Path, mode: str, steps: int, extra_env: dict | None = None)
 
 @pytest.mark.slow
 def test_offline_run_holds_metrics_and_config(tmp_path, no_credentials):
-    _, run = _train(tmp_path, "offline", steps=3)
-    run_dir = _only(sorted((run / "wandb").glob("offline-run-*")))
+    """Also the precedence of W&B's variables: --set beats them (mode, project), they beat the
+    config file and the defaults (entity, group, dir)."""
+    wandb_dir = tmp_path / "wandb_dir"
+    _, run = _train(tmp_path, "offline", steps=3, extra_env={
+        "WANDB_MODE": "disabled", "WANDB_PROJECT": "env-project", "WANDB_ENTITY": "env-entity",
+        "WANDB_RUN_GROUP": "env-group", "WANDB_DIR": str(wandb_dir)})
+    assert not (run / "wandb").exists()  # WANDB_DIR: W&B's files go there, not to output_dir
+    run_dir = _only(sorted((wandb_dir / "wandb").glob("offline-run-*")))
     records = read_wandb_records(_only(sorted(run_dir.glob("run-*.wandb"))))
     kinds = [r.WhichOneof("record_type") for r in records]
     assert "run" in kinds and "exit" in kinds  # started and finished cleanly
     run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    assert run_record.project == "test"
+    assert (run_record.project, run_record.entity, run_record.run_group) == (
+        "test", "env-entity", "env-group")
     assert run_record.run_id == (run / "wandb_run_id").read_text().strip()
 
     rows = history(records)
@@ -140,17 +151,67 @@ def test_offline_run_holds_metrics_and_config(tmp_path, no_credentials):
     assert sorted(rows) == [r["step"] for r in jsonl] == [1, 2, 3]
     for expected in jsonl:
         row = rows[expected["step"]]
-        for key in ("loss", "lr", "aux_loss", "grad_norm", "moe/layer1/load_e0",
-                    "moe/layer4/load_e7", "moe/entropy"):
+        for key in ("loss", "lr", "aux_loss", "grad_norm", "moe/layer0/load_e0",
+                    "moe/layer3/load_e7", "moe/entropy"):
             assert row[key] == pytest.approx(expected[key], rel=1e-12), key
     assert 0 < rows[3]["lr"] < rows[2]["lr"]  # cosine decay after one warmup step
-    assert sum(rows[1][f"moe/layer1/load_e{e}"] for e in range(8)) == pytest.approx(1.0)
+    assert sum(rows[1][f"moe/layer0/load_e{e}"] for e in range(8)) == pytest.approx(1.0)
 
     config = run_config(records)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert {k: v for k, v in config.items() if not k.startswith("_")} == resolved
     assert config["moe"]["num_experts"] == 8 and config["train"]["train_steps"] == 3
     assert config["logging"]["wandb"]["mode"] == "offline"
+    assert config["logging"]["wandb"]["group"] == "env-group"  # the values used are recorded
+
+
+@pytest.mark.slow
+def test_wandb_mode_disabled_beats_the_config_file(tmp_path, no_credentials):
+    """A config file asking for online W&B (as the paper configs do) under WANDB_MODE=disabled:
+    W&B is not started and nothing of it is written, neither in the run nor in WANDB_DIR."""
+    config = tmp_path / "online.yaml"
+    tree = yaml.safe_load((REPO / "configs/tiny-cpu.yaml").read_text())
+    tree.setdefault("logging", {})["wandb"] = {"mode": "online", "project": "from-file"}
+    config.write_text(yaml.safe_dump(tree))
+    wandb_dir = tmp_path / "wandb_dir"
+    proc, run = _train(tmp_path, None, steps=2, config=str(config),
+                       extra_env={"WANDB_MODE": "disabled", "WANDB_DIR": str(wandb_dir),
+                                  "WANDB_SILENT": "false"})
+    assert "WARNING" not in proc.stdout + proc.stderr  # not even the missing credentials
+    assert (run / "metrics.jsonl").is_file()
+    assert not (run / "wandb").exists() and not (run / "wandb_run_id").exists()
+    assert not wandb_dir.exists()
+    used = yaml.safe_load((run / "config.yaml").read_text())["logging"]["wandb"]
+    assert (used["mode"], used["project"], used["dir"]) == ("disabled", "from-file",
+                                                            str(wandb_dir))
+
+
+def test_wandb_variables_against_config_and_set(tmp_path, no_credentials):
+    """--print-config (no training): each variable overrides the config file's value, --set
+    overrides the variable, empty means unset, wandb's old mode names are understood, and a
+    mode wandb does not know is one line, exit 2."""
+    def resolved(env: dict, *sets: str) -> dict:
+        proc = run_cli(["pretrain_moe.py", "--config", "configs/8x152M.yaml", "--print-config",
+                        *(arg for s in sets for arg in ("--set", s))], env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return yaml.safe_load(proc.stdout)["logging"]["wandb"]
+
+    file = resolved({})
+    assert (file["mode"], file["project"], file["entity"], file["group"], file["dir"]) == (
+        "online", "drop-upcycling", None, None, None)  # what configs/8x152M.yaml says
+    env = {"WANDB_MODE": "dryrun", "WANDB_PROJECT": "123", "WANDB_ENTITY": "team",
+           "WANDB_RUN_GROUP": "sweep-1", "WANDB_DIR": str(tmp_path)}
+    assert resolved(env) == {**file, "mode": "offline", "project": "123", "entity": "team",
+                             "group": "sweep-1", "dir": str(tmp_path)}
+    assert resolved(env, "logging.wandb.mode=online", "logging.wandb.group=mine") == {
+        **file, "mode": "online", "project": "123", "entity": "team", "group": "mine",
+        "dir": str(tmp_path)}
+    assert resolved({"WANDB_MODE": "", "WANDB_PROJECT": " "}) == file
+    bad = run_cli(["pretrain_moe.py", "--config", "configs/8x152M.yaml", "--print-config"],
+                  env={"WANDB_MODE": "sometimes"})
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.splitlines() == [
+        "config error: WANDB_MODE='sometimes': expected online, offline or disabled"]
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """Expert diversity: how alike each MoE layer's experts are, logged at every log step.
 
 Metrics (``logging.expert_similarity``): ``moe/layer{L}/expert_cos_mean``, ``_min``, ``_max``
-over the E(E-1)/2 pairs of experts of layer L, and ``moe/expert_cos_mean`` averaged over
-layers. The paper's argument is that Drop-Upcycling's experts diverge where naive upcycling's
-stay alike; these curves show it.
+over the E(E-1)/2 pairs of experts of layer L (0-based, ``model.builder.layer_index``), and
+``moe/expert_cos_mean`` averaged over layers. The paper's argument is that Drop-Upcycling's
+experts diverge where naive upcycling's stay alike; these curves show it.
 
 What is compared. Expert e is summarized by its linearized maps
 ``M_e = [W_down W_gate ; W_down W_up]`` (``W_down W_fc1`` without a gated unit), two H x H
@@ -52,6 +52,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from torch import Tensor
 
+from megatron_ext.model.builder import layer_index
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.setup import Run
 
@@ -132,7 +133,7 @@ def expert_similarity(model: torch.nn.Module) -> dict[str, float]:
         cos = pairwise_cosines(expert_maps(layer.experts, layer.config.gated_linear_unit))
         if cos.numel() == 0:
             continue
-        key = f"moe/layer{layer.layer_number}/expert_cos"
+        key = f"moe/layer{layer_index(layer)}/expert_cos"
         out[f"{key}_mean"] = cos.mean().item()
         out[f"{key}_min"] = cos.min().item()
         out[f"{key}_max"] = cos.max().item()
