@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -199,8 +200,13 @@ def logit_check_need(arch: Arch, spec: UpcycleSpec) -> int:
 
 
 def default_logit_budget() -> int:
-    """Half the RAM available now: what the logit check may take without crowding the node."""
-    return psutil.virtual_memory().available // 2
+    """Half the RAM available now, what the logit check may take without crowding the node, and
+    never more than an address-space limit (ulimit -v) leaves."""
+    budget = psutil.virtual_memory().available // 2
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        budget = min(budget, max(0, limit - psutil.Process().memory_info().vms))
+    return budget
 
 
 def upcycle_checkpoint(
