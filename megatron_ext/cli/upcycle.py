@@ -11,8 +11,8 @@ refuses a dense input whose shape disagrees with the config's model.
 Streams shard by shard (memory ~ one layer) and validates by default, streaming too: every
 tensor against the dense model as it is produced (exact copies, re-initialized neuron counts and
 statistics, a probe batch per layer for r = 0); the full-model logit check runs only when both
-models fit --logit-check-memory. Leaves nothing at --output unless everything succeeded. Exit codes: 0 ok, 1 validation or I/O failure,
-2 bad input (one line on stderr).
+models fit --logit-check-memory. Leaves nothing at --output unless everything succeeded.
+Exit codes: 0 ok, 1 validation or I/O failure, 2 bad input (one line on stderr).
 """
 
 from __future__ import annotations
