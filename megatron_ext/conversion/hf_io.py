@@ -36,6 +36,7 @@ from megatron_ext.config.args import parse_size as bounded_size
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.conversion.keymaps import ConversionError
 from megatron_ext.errors import one_line
+from megatron_ext.platform.background import consume_behind
 from megatron_ext.platform.fs import recover_interrupted, staging
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -299,8 +300,9 @@ def write_hf_checkpoint(
     files into the existing directory ``out_dir``; staging is the caller's (``staged_dir``)."""
     writer = ShardedWriter(out_dir, layout, max_shard_bytes)
     try:
-        for name, tensor in tensors:
-            writer.write(name, tensor)
+        # The writes run on a worker thread while the producer computes the next tensors.
+        for _ in consume_behind(tensors, lambda item: writer.write(*item), name="write"):
+            pass
         writer.finish()
     finally:
         writer.close()

@@ -107,7 +107,7 @@ def test_permutation_must_be_shared_by_the_three_projections(dense) -> None:
 
 
 # --- memory: the validated default path under an address-space limit ------------------------
-HEADROOM = 400 * 2**20  # above the CLI's imports: one layer of this shape and its checks
+HEADROOM = 600 * 2**20  # above the imports: a layer, its checks, two worker threads (arenas)
 
 
 def _imports_vmpeak() -> int:
