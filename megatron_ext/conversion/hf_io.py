@@ -13,7 +13,8 @@ per damaged file are all that streaming needs from us on top of the library.
 
 Writing: the full list of (name, shape, dtype) is known before the first tensor arrives (it
 follows from the architecture), so shards and headers are planned up front and each tensor is
-written straight to its offset. Memory stays at one tensor, whatever the shard size.
+written straight to its offset, on a worker thread a few tensors behind the producer
+(``platform.background``). Memory stays at those few tensors, whatever the shard size.
 """
 
 from __future__ import annotations
