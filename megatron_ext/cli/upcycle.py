@@ -10,9 +10,11 @@ refuses a dense input whose shape disagrees with the config's model. An mcore ou
 config.yaml takes --config's data section; without --config, an HF input gives it none (training
 from it refuses until data is set) and an mcore input its own run's.
 
-Streams shard by shard (memory ~ one layer), validates with transformers by default, and leaves
-nothing at --output unless everything succeeded. Exit codes: 0 ok, 1 validation or I/O failure,
-2 bad input (one line on stderr).
+Streams shard by shard (memory ~ one layer) and validates by default, streaming too: every
+tensor against the dense model as it is produced (exact copies, re-initialized neuron counts and
+statistics, a probe batch per layer for r = 0); the full-model logit check runs only when both
+models fit --logit-check-memory. Leaves nothing at --output unless everything succeeded.
+Exit codes: 0 ok, 1 validation or I/O failure, 2 bad input (one line on stderr).
 """
 
 from __future__ import annotations
@@ -48,10 +50,15 @@ def _layers(text: str) -> frozenset[int]:
     return frozenset(_layer_list(text))
 
 
+def _budget(text: str) -> int:
+    """A size, or 0 (never run the check)."""
+    return 0 if text.strip() == "0" else size_arg(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = conversion_parser(
         PROG, __doc__, "dense HF Llama checkpoint directory", "MoE checkpoint directory to create",
-        "skip the transformers load + logit check (2 fp32 models in RAM)")
+        "skip every check of the output (the streaming checks and the full-model logit check)")
     p.add_argument("--config", type=Path, default=None, metavar="YAML",
                    help="training config of the MoE run: supplies the flags marked (config) "
                         "and must match the dense input's shape")
@@ -85,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", choices=("hf", "mcore"), default=None,
                    help="default: the input's format")
     p.add_argument("--max-shard-size", type=size_arg, default="2GB", help="e.g. 2GB, 500MB")
+    p.add_argument("--logit-check-memory", type=_budget, default=None, metavar="SIZE",
+                   help="run the full-model logit check (whole fp32 models, ~8 bytes per MoE "
+                        "parameter) only if it fits this (e.g. 16GB; 0: never); default: half "
+                        "the RAM available")
     return p
 
 
@@ -154,7 +165,8 @@ def _convert(argv: list[str] | None) -> int:
             args.input, args.output, spec, btx_dirs=args.btx_sources,
             input_format=args.input_format, output_format=args.output_format,
             overwrite=args.overwrite, validate=not args.skip_validation,
-            max_shard_bytes=parse_size(args.max_shard_size), data=data)
+            max_shard_bytes=parse_size(args.max_shard_size), data=data,
+            logit_check_bytes=args.logit_check_memory)
     print(f"{PROG}: wrote {args.output}")
     return 0
 

@@ -13,7 +13,8 @@ per damaged file are all that streaming needs from us on top of the library.
 
 Writing: the full list of (name, shape, dtype) is known before the first tensor arrives (it
 follows from the architecture), so shards and headers are planned up front and each tensor is
-written straight to its offset. Memory stays at one tensor, whatever the shard size.
+written straight to its offset, on a worker thread a few tensors behind the producer
+(``platform.background``). Memory stays at those few tensors, whatever the shard size.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from megatron_ext.config.loader import ConfigError
 from megatron_ext.conversion.hf_config import read_hf_config, read_index
 from megatron_ext.conversion.keymaps import ConversionError
 from megatron_ext.errors import one_line
+from megatron_ext.platform.background import consume_behind
 from megatron_ext.platform.fs import recover_interrupted, staging
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -289,8 +291,9 @@ def write_hf_checkpoint(
     files into the existing directory ``out_dir``; staging is the caller's (``staged_dir``)."""
     writer = ShardedWriter(out_dir, layout, max_shard_bytes)
     try:
-        for name, tensor in tensors:
-            writer.write(name, tensor)
+        # The writes run on a worker thread while the producer computes the next tensors.
+        for _ in consume_behind(tensors, lambda item: writer.write(*item), name="write"):
+            pass
         writer.finish()
     finally:
         writer.close()

@@ -1,0 +1,319 @@
+"""Streaming validation of an upcycled model: every tensor is checked as it is produced, against
+the dense model read again from its own checkpoint, so memory stays at about one layer.
+
+What is checked, per method (E experts, F = d_ff neurons, k = floor(r * F)):
+
+- tensors that are not experts (embedding, attention, norms, lm_head, the MLP of a dense
+  layer): bit-equal to the dense tensor; btx: the sources' fp32 mean, cast back; scratch: norms
+  all ones, the rest mean 0 and std ``init_std``.
+- routers: shape [E, H], finite, mean 0 and std 0.02 (both inits).
+- naive / btx experts: bit-equal to the dense (btx: the source's) MLP.
+- drop / noise experts: the neurons (rows of gate/up, columns of down) are matched to the
+  dense ones by content (an exact integer fingerprint, then a bit-exact comparison): exactly
+  F - k match, each dense neuron at most once, and a position matched in two projections
+  maps to the same dense neuron (one permutation per expert; ``shared`` index sharing: the same
+  positions re-initialized in all three). The k new neurons are judged against the k dense
+  neurons nobody matched (the slice the upcycler drew from): drop, mean and std of that slice;
+  noise, its mean and sqrt(std^2 + noise_std^2).
+- scratch experts: mean 0, std ``init_std``.
+- function-preserving recipes (naive, r = 0): a probe batch through each MoE layer (Mixtral
+  routing: softmax, top-k, weights renormalized to 1) equals the dense MLP's output.
+
+Statistical tolerances (n values): the sample mean of Normal(m, s) is off by s / sqrt(n) (one
+sigma), the sample std by s / sqrt(2n); we allow 6 / sqrt(n) and 10 / sqrt(n) in units of s
+(6 sigma for the mean; the std bound leaves room for a non-normal dense slice in noise, whose
+kurtosis widens it), plus 2^-8 for the bf16 rounding of each sample (2^-9 relative at most).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from megatron_ext.conversion.keymaps import HF_DENSE_MLP, Arch, hf_shapes
+from megatron_ext.model.compare import ValidationError
+from megatron_ext.platform.background import consume_behind
+from megatron_ext.upcycling.spec import UpcycleSpec
+
+Getter = Callable[[str], Tensor]
+ROLES = ("gate", "up", "down")
+_W_ROLE = {"w1": "gate", "w3": "up", "w2": "down"}
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+_ROUTER = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_BF16_SLACK = 2.0 ** -8
+_PROBE_TOKENS = 4
+_PROBE_TOLERANCE = 1e-4  # relative to max(1, max |dense output|), as the logit check
+_FINGERPRINT_CHUNK = 1024  # neurons per fingerprint matmul: bounds the fp64 temporary
+
+
+def _bits(t: Tensor) -> Tensor:
+    """``t`` reinterpreted as integers of its width: bit equality, NaN and -0.0 included."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}.get(t.element_size(), t.dtype))
+
+
+def _neurons(w: Tensor, role: str) -> Tensor:
+    """[F, H] view whose rows are the neurons (down stores them as columns)."""
+    return w.t() if role == "down" else w
+
+
+def fingerprint(rows: Tensor, weights: Tensor) -> Tensor:
+    """An exact integer hash per row: the row's 16-bit words (as integers) dotted with random
+    integer weights in fp64. Every partial sum is an integer below 2^53 (|word| < 2^15, weight
+    < 2^20, at most 2^17 words), so the result does not depend on summation order: equal rows
+    always get equal prints."""
+    words = rows.contiguous().view(torch.int16)
+    out = torch.empty(words.shape[0], dtype=torch.float64)
+    for start in range(0, words.shape[0], _FINGERPRINT_CHUNK):
+        out[start:start + _FINGERPRINT_CHUNK] = (
+            words[start:start + _FINGERPRINT_CHUNK].double() @ weights[:words.shape[1]])
+    return out
+
+
+class _DenseNeurons:
+    """One dense projection's neurons, indexed by fingerprint for content lookup."""
+
+    def __init__(self, w: Tensor, role: str, weights: Tensor) -> None:
+        self.rows = _neurons(w, role).contiguous()
+        self.weights = weights
+        prints = fingerprint(self.rows, weights)
+        self.sorted, self.order = torch.sort(prints)
+        self.unique = bool((self.sorted[1:] != self.sorted[:-1]).all())
+
+    def match(self, w: Tensor, role: str) -> Tensor:
+        """For each neuron of ``w``: the index of the bit-identical dense neuron, or -1."""
+        rows = _neurons(w, role).contiguous()
+        prints = fingerprint(rows, self.weights)
+        pos = torch.searchsorted(self.sorted, prints).clamp(max=len(self.sorted) - 1)
+        cand = self.order[pos]
+        hit = self.sorted[pos] == prints
+        same = (_bits(rows[hit]) == _bits(self.rows[cand[hit]])).all(dim=1)
+        out = torch.full((rows.shape[0],), -1, dtype=torch.long)
+        out[hit.nonzero().squeeze(1)[same]] = cand[hit][same]
+        return out
+
+
+def std_mean(values: Tensor) -> tuple[float, float]:
+    """Unbiased std and mean in fp32: a mean, then the norm of the deviations, a third of the
+    time of ``torch.std_mean`` (Welford) and as accurate as these tolerances need."""
+    x = values.float().reshape(-1)
+    mean = x.mean()
+    if x.numel() < 2:
+        return 0.0, mean.item()
+    return (torch.linalg.vector_norm(x - mean) / math.sqrt(x.numel() - 1)).item(), mean.item()
+
+
+def check_stats(name: str, values: Tensor, mean: float, std: float) -> None:
+    """ValidationError unless ``values`` look drawn with this mean and std (module docstring)."""
+    n = values.numel()
+    got_std, got_mean = std_mean(values)
+    mean_tol = std * (6 / math.sqrt(n) + _BF16_SLACK)
+    std_tol = std * (10 / math.sqrt(n) + _BF16_SLACK)
+    if not (math.isfinite(got_mean) and abs(got_mean - mean) <= mean_tol):
+        raise ValidationError(f"{name}: mean {got_mean:.6g} of {n} values, expected {mean:.6g} "
+                              f"+- {mean_tol:.2g}")
+    if not (math.isfinite(got_std) and abs(got_std - std) <= std_tol):
+        raise ValidationError(f"{name}: std {got_std:.6g} of {n} values, expected {std:.6g} "
+                              f"+- {std_tol:.2g}")
+
+
+class StreamCheck:
+    """``tap(stream)`` yields the upcycler's (name, tensor) pairs unchanged while checking them
+    (module docstring); the first failure raises ``ValidationError`` naming layer and tensor."""
+
+    def __init__(self, sources: list[Getter], arch: Arch, spec: UpcycleSpec) -> None:
+        self.sources, self.arch, self.spec = sources, arch, spec
+        self.expected = hf_shapes(spec.moe_arch(arch))
+        self.moe_layers = spec.moe_arch(arch).moe_layers
+        self.k = math.floor(spec.ratio * arch.ffn_hidden_size)
+        g = torch.Generator().manual_seed(0)  # fixed: the checks do not depend on spec.seed
+        # a neuron has H weights: 2H 16-bit words at most (fp32)
+        self.weights = torch.randint(1, 2 ** 20, (2 * arch.hidden_size,), generator=g).double()
+        self.probe_x = torch.randn(_PROBE_TOKENS, arch.hidden_size, generator=g)
+        self.seen: set[str] = set()
+        self.layers_checked = 0
+        self.experts_checked = 0
+        self._layer: int | None = None
+        self._mlp: dict[str, Tensor] | None = None  # the current layer's dense MLP
+        self._mlp_source = 0
+        self._neurons: dict[str, _DenseNeurons] | None = None
+        self._pending: dict[int, dict[str, Tensor]] = {}
+        self._probe: tuple[Tensor, Tensor, Tensor] | None = None  # route_TE, out_TH, want_TH
+
+    # --- the stream -----------------------------------------------------------------------
+    def tap(self, stream: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+        """``stream`` unchanged, checked on a worker thread (``platform.background``) so the
+        upcycler goes on meanwhile; a failure is raised a few tensors later at the latest."""
+        yield from consume_behind(stream, lambda item: self.check(*item), name="check")
+        self.finish()
+
+    def check(self, name: str, t: Tensor) -> None:
+        if name not in self.expected or name in self.seen:
+            raise ValidationError(f"{name}: unexpected or repeated tensor in the output")
+        if tuple(t.shape) != self.expected[name]:
+            raise ValidationError(f"{name}: shape {list(t.shape)}, expected "
+                                  f"{list(self.expected[name])}")
+        self.seen.add(name)
+        m = _LAYER.match(name)
+        layer = int(m.group(1)) if m else None
+        if layer != self._layer:
+            self._close_layer()
+            self._layer = layer
+        if (e := _EXPERT.fullmatch(name)) is not None:
+            self._expert_tensor(int(e.group(1)), int(e.group(2)), _W_ROLE[e.group(3)], name, t)
+        elif _ROUTER.fullmatch(name):
+            self._router(name, t)
+        else:
+            self._plain(name, t)
+
+    def finish(self) -> None:
+        self._close_layer()
+        missing = [n for n in self.expected if n not in self.seen]
+        if missing:
+            raise ValidationError(f"{missing[0]}: never produced ({len(missing)} missing)")
+
+    def summary(self) -> str:
+        probe = " and a probe batch per MoE layer" if self.spec.function_preserving() else ""
+        return (f"streaming validation: {len(self.seen)} tensors, {self.experts_checked} experts "
+                f"in {self.layers_checked} layers checked against the dense model{probe}; PASS")
+
+    # --- tensors that are not experts -----------------------------------------------------
+    def _plain(self, name: str, t: Tensor) -> None:
+        if self.spec.method == "scratch":
+            if name.endswith("norm.weight"):
+                if not bool((t == 1).all()):
+                    raise ValidationError(f"{name}: a norm weight that is not all ones (scratch)")
+            else:
+                check_stats(name, t, 0.0, self.spec.init_std)
+            return
+        want = self.sources[0](name)
+        if self.spec.method == "btx":  # the upcycler's own formula: fp32 mean, cast back
+            acc = want.float()
+            for source in self.sources[1:]:
+                acc += source(name).float()
+            want = (acc / len(self.sources)).to(want.dtype)
+        if want.dtype != t.dtype or not torch.equal(_bits(t), _bits(want)):
+            what = "the btx sources' mean" if self.spec.method == "btx" else "the dense tensor"
+            raise ValidationError(f"{name}: differs from {what}")
+
+    def _router(self, name: str, t: Tensor) -> None:
+        if not bool(torch.isfinite(t).all()):
+            raise ValidationError(f"{name}: non-finite router weights")
+        check_stats(name, t, 0.0, 0.02)
+        if self.spec.function_preserving():
+            logits_TE = self.probe_x @ t.float().t()
+            top_w, top_i = torch.softmax(logits_TE, dim=-1).topk(self.spec.top_k, dim=-1)
+            route_TE = torch.zeros_like(logits_TE)
+            route_TE.scatter_(1, top_i, top_w / top_w.sum(dim=-1, keepdim=True))
+            want_TH = _mlp(self.probe_x, self._dense_mlp(self._layer, 0))
+            self._probe = (route_TE, torch.zeros_like(want_TH), want_TH)
+
+    # --- experts --------------------------------------------------------------------------
+    def _expert_tensor(self, layer: int, expert: int, role: str, name: str, t: Tensor) -> None:
+        weights = self._pending.setdefault(expert, {})
+        weights[role] = t
+        if len(weights) == len(ROLES):
+            self._check_expert(layer, expert, self._pending.pop(expert))
+
+    def _check_expert(self, layer: int, expert: int, weights: dict[str, Tensor]) -> None:
+        spec = self.spec
+        source = expert // (spec.num_experts // len(self.sources)) if spec.method == "btx" else 0
+        names = {r: f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+                 for w, r in _W_ROLE.items()}
+        if spec.method in ("naive", "btx"):
+            dense = self._dense_mlp(layer, source)
+            for role in ROLES:
+                if not torch.equal(_bits(weights[role]), _bits(dense[role])):
+                    raise ValidationError(f"{names[role]}: differs from the dense MLP's "
+                                          f"{role}_proj (source {source}), expected an exact copy")
+        elif spec.method == "scratch":
+            for role in ROLES:
+                check_stats(names[role], weights[role], 0.0, spec.init_std)
+        else:
+            self._check_permuted(layer, weights, names)
+        if self._probe is not None:
+            route_TE, out_TH, _ = self._probe
+            w_T = route_TE[:, expert]
+            if bool((w_T > 0).any()):
+                out_TH += w_T[:, None] * _mlp(self.probe_x, weights)
+        self.experts_checked += 1
+
+    def _check_permuted(self, layer: int, weights: dict[str, Tensor],
+                        names: dict[str, str]) -> None:
+        """drop / noise: see the module docstring."""
+        neurons = self._dense_neurons(layer)
+        matched: dict[str, Tensor] = {}
+        for role in ROLES:
+            dense, name = neurons[role], names[role]
+            idx = dense.match(weights[role], role)
+            fresh = (idx < 0).nonzero().squeeze(1)
+            if len(fresh) != self.k:
+                raise ValidationError(
+                    f"{name}: {len(fresh)} of {len(idx)} neurons differ from every dense neuron "
+                    f"of {role}_proj, expected floor(r * d_ff) = {self.k}")
+            used = idx[idx >= 0]
+            if dense.unique and used.unique().numel() != used.numel():
+                raise ValidationError(f"{name}: a dense neuron of {role}_proj appears twice")
+            if self.k:
+                self._check_fresh(name, _neurons(weights[role], role)[fresh], dense, used)
+            matched[role] = idx
+        for a, b in (("gate", "up"), ("gate", "down"), ("up", "down")):
+            both = (matched[a] >= 0) & (matched[b] >= 0)
+            if all(neurons[r].unique for r in (a, b)) and not torch.equal(
+                    matched[a][both], matched[b][both]):
+                raise ValidationError(f"{names[b]}: its neurons are permuted differently from "
+                                      f"{names[a]} (one permutation per expert)")
+            if self.spec.index_sharing == "shared" and not torch.equal(
+                    matched[a] < 0, matched[b] < 0):
+                raise ValidationError(f"{names[b]}: re-initialized neurons differ from {names[a]}"
+                                      " (index_sharing shared: one set for all three)")
+
+    def _check_fresh(self, name: str, fresh: Tensor, dense: _DenseNeurons, used: Tensor) -> None:
+        dropped = torch.ones(dense.rows.shape[0], dtype=torch.bool)
+        dropped[used] = False
+        std, mean = std_mean(dense.rows[dropped])
+        if self.spec.method == "noise":
+            std = math.sqrt(std ** 2 + self.spec.noise_std ** 2)
+        check_stats(f"{name} (the {len(fresh)} re-initialized neurons)", fresh, mean, std)
+
+    # --- the dense layer ------------------------------------------------------------------
+    def _dense_mlp(self, layer: int | None, source: int) -> dict[str, Tensor]:
+        """The dense MLP of ``layer`` in ``source``: read once per layer (btx: per source)."""
+        if self._mlp is None or source != self._mlp_source:
+            self._mlp = {r: self.sources[source](HF_DENSE_MLP[r].format(layer=layer))
+                         for r in ROLES}
+            self._mlp_source = source
+        return self._mlp
+
+    def _dense_neurons(self, layer: int) -> dict[str, _DenseNeurons]:
+        if self._neurons is None:
+            mlp = self._dense_mlp(layer, 0)
+            self._neurons = {r: _DenseNeurons(mlp[r], r, self.weights) for r in ROLES}
+        return self._neurons
+
+    def _close_layer(self) -> None:
+        if self._pending:
+            expert = min(self._pending)
+            raise ValidationError(f"model.layers.{self._layer}: expert {expert} incomplete "
+                                  f"({', '.join(sorted(self._pending[expert]))} only)")
+        if self._probe is not None:
+            _, out_TH, want_TH = self._probe
+            diff = (out_TH - want_TH).abs().max().item()
+            tol = _PROBE_TOLERANCE * max(1.0, want_TH.abs().max().item())
+            if not diff <= tol:
+                raise ValidationError(f"model.layers.{self._layer}: the MoE layer's output on the "
+                                      f"probe batch differs from the dense MLP's by {diff:.3e} "
+                                      f"(<= {tol:.2e} required)")
+        if self._layer in self.moe_layers:
+            self.layers_checked += 1
+        self._probe, self._mlp, self._neurons = None, None, None
+
+
+def _mlp(x_TH: Tensor, w: dict[str, Tensor]) -> Tensor:
+    """SwiGLU MLP in fp32, one projection converted at a time."""
+    h_TF = torch.nn.functional.silu(x_TH @ w["gate"].float().t()) * (x_TH @ w["up"].float().t())
+    return h_TF @ w["down"].float().t()

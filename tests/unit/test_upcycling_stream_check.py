@@ -1,0 +1,146 @@
+"""Streaming validation of upcycling (upcycling/stream_check.py): it passes every method, names
+the layer and tensor of a corrupted output, and keeps the validated CLI within a memory limit
+that the whole-model logit check exceeds."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ext.conversion.keymaps import HF_EXPERT, HF_Q, Arch, hf_shapes
+from megatron_ext.model.compare import ValidationError
+from megatron_ext.upcycling import UpcycleSpec, upcycle
+from megatron_ext.upcycling.stream_check import StreamCheck
+from tests.conftest import REPO
+
+ARCH = Arch(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+            ffn_hidden_size=128, vocab_size=256)
+Stream = Iterator[tuple[str, torch.Tensor]]
+
+
+@pytest.fixture(scope="module")
+def dense() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {n: torch.ones(s, dtype=torch.bfloat16) if n.endswith("norm.weight")
+            else (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
+            for n, s in hf_shapes(ARCH).items()}
+
+
+def _check(dense: dict, spec: UpcycleSpec, made_by: UpcycleSpec | None = None,
+           edit: Callable[[Stream], Stream] = lambda s: s) -> StreamCheck:
+    """Check the stream ``made_by`` (default ``spec``) makes, after ``edit``, against ``spec``."""
+    sources = [dense.__getitem__, *spec.btx_sources]
+    check = StreamCheck(sources, ARCH, spec)
+    for _ in check.tap(edit(upcycle(dense.__getitem__, dense, ARCH, made_by or spec))):
+        pass
+    return check
+
+
+def _replace(target: str, change: Callable[[torch.Tensor], torch.Tensor]):
+    def edit(stream: Stream) -> Stream:
+        for name, t in stream:
+            yield name, change(t.clone()) if name == target else t
+    return edit
+
+
+@pytest.mark.parametrize("spec", [
+    dict(method="naive"), dict(method="drop", ratio=0.5), dict(method="drop", ratio=0.0),
+    dict(method="drop", ratio=1.0), dict(method="drop", ratio=0.5, index_sharing="shared"),
+    dict(method="noise", ratio=0.5), dict(method="scratch"), dict(method="naive", moe_layers={1}),
+    dict(method="btx"),
+], ids=lambda s: "-".join(f"{v}" for v in s.values()))
+def test_every_method_passes(dense, spec: dict) -> None:
+    btx = (dense.__getitem__,) if spec["method"] == "btx" else ()
+    check = _check(dense, UpcycleSpec(num_experts=4, btx_sources=btx, **spec))
+    assert check.experts_checked == 4 * len(spec.get("moe_layers", range(2)))
+    assert "PASS" in check.summary()
+
+
+def test_flipped_bit_in_an_untouched_neuron_names_layer_and_tensor(dense) -> None:
+    name = HF_EXPERT["down"].format(layer=1, expert=2)
+    mlp_down = dense["model.layers.1.mlp.down_proj.weight"]
+
+    def flip(t: torch.Tensor) -> torch.Tensor:
+        # an untouched neuron: a column equal to some dense column
+        j = next(j for j in range(t.shape[1])
+                 if (t[:, j:j + 1] == mlp_down).all(dim=0).any())
+        t.view(torch.int16)[5, j] ^= 1
+        return t
+
+    spec = UpcycleSpec(method="drop", ratio=0.5, num_experts=4)
+    with pytest.raises(ValidationError, match=re.escape(name) + ".*65 of 128 neurons.*= 64"):
+        _check(dense, spec, edit=_replace(name, flip))
+
+
+def test_wrong_reinit_count_and_statistics_are_caught(dense) -> None:
+    spec = UpcycleSpec(method="drop", ratio=0.5, num_experts=4)
+    with pytest.raises(ValidationError, match=r"layers\.0\..*experts\.0\.w1.*32 of 128.*= 64"):
+        _check(dense, spec, made_by=UpcycleSpec(method="drop", ratio=0.25, num_experts=4))
+    # noise (N(0, 0.02) added to weights of std 0.02) is not drop's Normal(mean, std) of the slice
+    with pytest.raises(ValidationError, match=r"experts\.0\.w1.*re-initialized neurons\): std"):
+        _check(dense, spec, made_by=UpcycleSpec(method="noise", ratio=0.5, num_experts=4))
+
+
+def test_naive_expert_and_attention_must_be_exact(dense) -> None:
+    spec = UpcycleSpec(method="naive", num_experts=4)
+    expert = HF_EXPERT["up"].format(layer=0, expert=3)
+    with pytest.raises(ValidationError, match=re.escape(expert) + ".*exact copy"):
+        _check(dense, spec, edit=_replace(expert, lambda t: t.flip(0)))
+    q = HF_Q.format(layer=1)
+    with pytest.raises(ValidationError, match=re.escape(q) + ": differs from the dense tensor"):
+        _check(dense, spec, edit=_replace(q, lambda t: t * 2))
+
+
+def test_permutation_must_be_shared_by_the_three_projections(dense) -> None:
+    spec = UpcycleSpec(method="drop", ratio=0.0, num_experts=4)
+    name = HF_EXPERT["down"].format(layer=0, expert=1)
+    with pytest.raises(ValidationError, match=re.escape(name) + ".*permuted differently"):
+        _check(dense, spec, edit=_replace(name, lambda t: t.roll(1, dims=1)))
+
+
+# --- memory: the validated default path under an address-space limit ------------------------
+HEADROOM = 600 * 2**20  # above the imports: a layer, its checks, two worker threads (arenas)
+
+
+def _imports_vmpeak() -> int:
+    probe = ("import megatron_ext.upcycling.convert, megatron_ext.cli.upcycle\n"
+             "print(open('/proc/self/status').read())")
+    status = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    return int(re.search(r"VmPeak:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def test_validated_upcycle_fits_a_limit_the_whole_model_check_exceeds(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # 8 experts of d_ff 2048: 60M MoE parameters, ~0.5 GB for the check
+    cfg = LlamaConfig(hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=4, intermediate_size=2048, vocab_size=8192)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "dense")
+    limit = _imports_vmpeak() + HEADROOM
+
+    def run(out: str, *extra: str) -> subprocess.CompletedProcess:
+        def cap() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        return subprocess.run(
+            [sys.executable, "-m", "megatron_ext.cli.upcycle", "--input", str(tmp_path / "dense"),
+             "--output", str(tmp_path / out), "--method", "drop", "--num-experts", "8", *extra],
+            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=300, preexec_fn=cap)
+
+    r = run("moe")  # the default: streaming validation; the logit check does not fit the limit
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "streaming validation:" in r.stdout and "PASS" in r.stdout
+    assert "full-model logit check skipped" in r.stdout
+    r = run("whole", "--logit-check-memory", "100GB")  # forced: the old whole-model check
+    assert r.returncode != 0 and not (tmp_path / "whole").exists()
+    assert re.search("MemoryError|Cannot allocate memory|out of memory", r.stderr), r.stderr[-2000:]
