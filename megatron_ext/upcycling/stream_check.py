@@ -192,7 +192,7 @@ class StreamCheck:
             return
         want = self.sources[0](name)
         if self.spec.method == "btx":  # the upcycler's own formula: fp32 mean, cast back
-            acc = want.float()
+            acc = want.to(torch.float32, copy=True)  # never add into a source's own tensor
             for source in self.sources[1:]:
                 acc += source(name).float()
             want = (acc / len(self.sources)).to(want.dtype)

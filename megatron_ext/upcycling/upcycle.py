@@ -190,7 +190,8 @@ class _Upcycler:
         if self.spec.method == "scratch":
             return self._random(name, t)
         if self.spec.method == "btx":
-            acc = t.float()
+            # a copy: an fp32 source's .float() is the getter's own (maybe cached) tensor
+            acc = t.to(torch.float32, copy=True)
             for s in range(1, len(self.sources)):
                 acc += self._fetch(name, s).float()
             return (acc / len(self.sources)).to(t.dtype)

@@ -36,7 +36,8 @@ def test_mock_run_is_marked_on_every_line_and_in_wandb(tmp_path: Path) -> None:
     assert "ln(vocab) = 6.24" in lines[0]  # model.vocab_size 512
     assert all(line.endswith(" | MOCK DATA") for line in lines[1:]), lines
     assert any(line.startswith("step 2/2 |") for line in lines)  # lines still start as before
-    wandb_file = next((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # WANDB_DIR names logging.wandb.dir (the environment overrides the config file)
+    wandb_file = next((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*/run-*.wandb"))
     run = next(r.run for r in read_wandb_records(wandb_file)
                if r.WhichOneof("record_type") == "run")
     assert "mock-data" in run.tags

@@ -174,7 +174,7 @@ def test_plan_cli_prints_one_ranked_table():
 
 
 @pytest.mark.parametrize("args,what", [
-    (["--plan"], "--plan needs --nodes"), (["--plan", "--nodes", "0"], "--plan needs --nodes"),
+    (["--plan"], "--plan needs --nodes"), (["--plan", "--nodes", "0"], "--nodes: must be >= 1"),
     (["--nodes", "2"], "--nodes and --plan-all go with --plan"),
     (["--plan", "--nodes", "2", "--set", "cluster.gpus_per_node=0"], "cluster.gpus_per_node"),
     (["--plan", "--nodes", "5"], "--nodes 5: no layout of 20 GPUs is valid"),  # 512 over 20

@@ -144,3 +144,18 @@ def test_validated_upcycle_fits_a_limit_the_whole_model_check_exceeds(tmp_path: 
     r = run("whole", "--logit-check-memory", "100GB")  # forced: the old whole-model check
     assert r.returncode != 0 and not (tmp_path / "whole").exists()
     assert re.search("MemoryError|Cannot allocate memory|out of memory", r.stderr), r.stderr[-2000:]
+
+
+def test_btx_of_fp32_sources_passes_and_leaves_the_sources_unchanged(dense) -> None:
+    """fp32 sources (what a CPU training saves): ``.float()`` of one is the getter's own
+    tensor, so averaging must add into a copy, in the upcycler and in the check alike."""
+    base = {n: t.float() for n, t in dense.items()}
+    other = {n: t * 2 for n, t in base.items()}
+    before = {n: t.clone() for n, t in base.items()}
+    check = StreamCheck([base.__getitem__, other.__getitem__], ARCH,
+                        UpcycleSpec(method="btx", num_experts=4, btx_sources=(other.__getitem__,)))
+    spec = UpcycleSpec(method="btx", num_experts=4, btx_sources=(other.__getitem__,))
+    for _ in check.tap(upcycle(base.__getitem__, base, ARCH, spec)):
+        pass
+    assert "PASS" in check.summary()
+    assert all(torch.equal(base[n], before[n]) for n in base)
