@@ -25,6 +25,12 @@ STAGES = ["dense", "init/naive", "train/naive", "routing/naive", "init/drop:0.5"
           "train/drop:0.5", "routing/drop:0.5"]
 
 
+def _compare(out: Path, *extra: str) -> list[str]:
+    # Two steps a method: the chain and the jobs' outcome are the subject, not the training (a
+    # step more is an evaluation and a checkpoint save more in every training job).
+    return compare(out, "--slurm", *extra, steps=2)
+
+
 def _env(cluster) -> dict[str, str]:
     # The launcher finds torchrun on PATH; one training process per job on the 2-core node.
     path = os.pathsep.join([str(Path(sys.executable).parent), cluster.env["PATH"]])
@@ -43,7 +49,7 @@ def _logs(out: Path) -> str:
 @pytest.fixture(scope="module")
 def submitted(slurm_cluster, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("cmp-slurm") / "cmp"
-    proc = run_cli(compare(out, "--slurm"), env=_env(slurm_cluster))
+    proc = run_cli(_compare(out), env=_env(slurm_cluster))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = {name: (job, dep) for name, job, dep in SUBMITTED.findall(proc.stdout)}
     # Right away, while the chains wait: what SLURM holds as each job's dependency.
@@ -80,7 +86,7 @@ def test_one_job_per_stage_chained_afterok(slurm_cluster, submitted) -> None:
 @pytest.mark.slow
 def test_a_rerun_while_queued_submits_no_duplicates(slurm_cluster, submitted) -> None:
     before = _all_jobs(slurm_cluster)
-    proc = run_cli(compare(submitted["out"], "--slurm"), env=_env(slurm_cluster))
+    proc = run_cli(_compare(submitted["out"]), env=_env(slurm_cluster))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not SUBMITTED.search(proc.stdout), proc.stdout
     assert "not resubmitted" in proc.stdout
@@ -92,7 +98,7 @@ def test_a_refused_sbatch_is_one_line_and_leaves_no_job(slurm_cluster, tmp_path)
     # This test cluster accepts any well-formed request (an impossible one waits forever), so
     # the refusal here is the first job's; cancelling earlier ones: test_compare_slurm_plan.py.
     out, before = tmp_path / "cmp", _all_jobs(slurm_cluster)
-    proc = run_cli(compare(out, "--slurm", "--sbatch-args=--partition=nosuch"),
+    proc = run_cli(_compare(out, "--sbatch-args=--partition=nosuch"),
                    env=_env(slurm_cluster))
     line = one_error_line(proc)
     assert "sbatch failed" in line and "invalid partition" in line.lower(), line
@@ -123,6 +129,6 @@ def test_the_jobs_run_the_comparison_and_write_the_report(slurm_cluster, submitt
 
     # Everything done: a resubmission submits nothing.
     before = _all_jobs(slurm_cluster)
-    proc = run_cli(compare(out, "--slurm"), env=_env(slurm_cluster))
+    proc = run_cli(_compare(out), env=_env(slurm_cluster))
     assert proc.returncode == 0 and "every stage is done" in proc.stdout, proc.stderr[-2000:]
     assert not SUBMITTED.search(proc.stdout) and _all_jobs(slurm_cluster) == before

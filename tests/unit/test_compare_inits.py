@@ -6,8 +6,9 @@ subprocess of our CLIs, and is resumable:
   table and its expert-similarity curve (naive starting at ~1, drop:0.5 near (1-r)^4), the plot,
   and each stage's exact command, wall time and tokens (also in stages.json); the training runs
   differ only in their checkpoint paths and ``checkpoint.load``;
-* a rerun skips every stage; a run killed (SIGKILL to its whole process group) in a training stage
-  resumes that training from its checkpoint and skips what had finished;
+* a rerun skips every stage; a run stopped in a training stage (SIGTERM to the tool, or SIGKILL
+  to its whole process group) resumes that training from its newest checkpoint and skips what
+  had finished;
 * btx trains one branch of the dense base per demo domain (on that domain alone) and mixes the
   base and the branches into the MoE (its plan here; real runs: test_compare_bases.py);
 * bad input (unknown or malformed method, a bad config, a stage whose own config fails, a dense
@@ -126,34 +127,43 @@ def test_rerun_skips_every_stage(run) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["sigkill-group", "sigterm-tool"])
-def test_stopped_training_resumes_from_its_checkpoint(run, tmp_path: Path, stop: str) -> None:
+def test_stopped_training_resumes_from_its_checkpoint(run, tmp_path: Path) -> None:
+    """One training stopped twice, as a user and as a scheduler stop it; each rerun resumes it
+    from its newest checkpoint (one chain of runs: every rerun costs process start-ups)."""
     out = tmp_path / "cmp"  # scratch from the first run's dense base: train and routing only
-    args = compare(out, methods="scratch", steps=8,
+    args = compare(out, methods="scratch", steps=10,
                    dense=["--dense", str(run["out"] / "dense" / "ckpt")])
+    ckpt = out / "train" / "scratch" / "ckpt"
+
+    # scancel/Ctrl-C of the tool alone: the training it runs saves its step and stops.
     proc = popen(args)
-    # The training has saved step 4 (checkpoint.save_interval=2) and goes on.
-    wait_for_line(proc, lambda line: "| step 5/8" in line, timeout=600)
-    if stop == "sigkill-group":  # a scheduler's kill: everything dies at once
-        kill_job(proc)
-        resumed = 4
-    else:  # scancel/Ctrl-C of the tool alone: the training it runs saves its step and stops
-        proc.send_signal(signal.SIGTERM)
-        tail = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 143 and "error: terminated" in tail, tail[-2000:]
-        saved = sorted((out / "train" / "scratch" / "ckpt").glob("iter_*"))
-        resumed = int(saved[-1].name[5:])
-        assert resumed >= 5
+    wait_for_line(proc, lambda line: "| step 5/10" in line, timeout=600)
+    proc.send_signal(signal.SIGTERM)
+    tail = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143 and "error: terminated" in tail, tail[-2000:]
+    termed = int(sorted(ckpt.glob("iter_*"))[-1].name[5:])
+    assert termed >= 5
     assert not (out / "stages.json").exists()  # no stage had finished
+
+    # A scheduler's kill: everything dies at once, after the resumed run saved its next
+    # checkpoint (checkpoint.save_interval=2) and went on; the rerun resumes from that one.
+    proc = popen(args)
+    after = (termed // 2 + 1) * 2 + 1  # the step after its next save
+    wait_for_line(proc, lambda line: f"| step {after}/10" in line, timeout=600)
+    kill_job(proc)
+    killed = int(sorted(ckpt.glob("iter_*"))[-1].name[5:])
+    assert termed < killed < 10
+    assert not (out / "stages.json").exists()
     again = run_cli(args)
     assert again.returncode == 0, again.stderr[-2000:]
     stages = json.loads((out / "stages.json").read_text())["stages"]
     assert [(s["name"], s["state"]) for s in stages] == [("train/scratch", "ran"),
                                                          ("routing/scratch", "ran")]
-    log = (out / "logs" / "train_scratch.log").read_text()
-    assert f"resumed from {out / 'train' / 'scratch' / 'ckpt'}" in log, log[-2000:]
-    assert f"at step {resumed}" in log  # not started over
-    assert "| step 8/8" in again.stdout and f"| step {resumed}/8" not in again.stdout
+    log = (out / "logs" / "train_scratch.log").read_text()  # every leg appends to it
+    resumes = [line for line in log.splitlines() if f"resumed from {ckpt}" in line]
+    assert [r.rsplit(" at step ", 1)[-1] for r in resumes] == [str(termed), str(killed)], \
+        log[-2000:]  # each leg resumed from the newest save, not started over
+    assert "| step 10/10" in again.stdout and f"| step {killed}/10" not in again.stdout
     again = run_cli(args)  # and now everything is done
     assert again.returncode == 0 and "| step" not in again.stdout
 

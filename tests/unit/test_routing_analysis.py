@@ -146,14 +146,14 @@ def test_routing_cli_end_to_end(tmp_path, capsys):
     # per process spin-wait and run several times slower.
     ckpt, out = tmp_path / "ckpt", tmp_path / "routing"
     proc = run_cli(["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml",
-                    "--set", "train.train_steps=15", "--set", "train.eval_interval=0",
+                    "--set", "train.train_steps=4", "--set", "train.eval_interval=0",
                     "--set", "schedule.warmup_steps=2", "--set", "moe.layer_freq=[0,1,1,1]",
                     "--set", f"checkpoint.save={ckpt}", "--set", "checkpoint.save_interval=0",
                     "--set", f"logging.output_dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     texts = ["--text", f"en={CORPUS / 'en_shakespeare.txt'}", f"ja={CORPUS / 'ja_neko.txt'}"]
     proc = run_cli(["-m", "megatron_ext.cli.routing", "--checkpoint", str(ckpt), *texts,
-                    "--output", str(out), "--max-tokens", "3000"])
+                    "--output", str(out), "--max-tokens", "1000"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mean TV" in proc.stdout
     names = sorted(p.name for p in out.iterdir())
@@ -178,10 +178,10 @@ def test_routing_cli_end_to_end(tmp_path, capsys):
     assert 0.0 < avg["token_router_entropy"] <= math.log(8) + 1e-6
     for layer in s["per_layer"]:
         # dropless top-2: every token contributes exactly two assignments
-        assert [sum(row) for row in layer["counts"]] == [2 * 3000, 2 * 3000]
-    assert s["per_domain"]["ja"]["tokens"] == 3000
+        assert [sum(row) for row in layer["counts"]] == [2 * 1000, 2 * 1000]
+    assert s["per_domain"]["ja"]["tokens"] == 1000
     md = (out / "routing.md").read_text()
-    assert "| **average** |" in md and "0.295" in md and "| ja | 3,000 |" in md
+    assert "| **average** |" in md and "0.295" in md and "| ja | 1,000 |" in md
     assert "MoE layers (0-based) 1, 2, 3." in md
     assert re.findall(r"^\| (\d+) \| ", md, re.MULTILINE) == ["1", "2", "3"]  # per-layer rows
 
