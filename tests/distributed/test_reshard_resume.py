@@ -1,9 +1,10 @@
 """A checkpoint saved at one expert-parallel size gives the same model outputs at another,
 and training resumes across the change (model and optimizer state reshard).
 
-One module fixture trains the three layouts once (EP=1 = TP=1, EP=2, TP=2) and computes every
-layout's logits in two launches (one process, two processes: ``load_model`` replaces the
-layout between checkpoints), so each test only adds its resume run."""
+One module fixture does every launch once: a 3-step run at EP=1 (= TP=1) that resumes at EP=2
+to step 5, which resumes at EP=1 to step 7 (each resume from the other size's checkpoint); a
+3-step run at TP=2; the logits of every checkpoint at every layout, in two launches (one
+process, two processes: ``load_model`` replaces the layout between checkpoints)."""
 
 import shutil
 import textwrap
@@ -32,8 +33,10 @@ LOGITS = textwrap.dedent("""
             torch.save(result, out)
     shutdown()
 """)
-# (saved run, ep, tp) per logits launch: one process, then two.
+# (saved run, ep, tp) per logits launch: one process, then two. "ep2" is the EP=1 run resumed
+# at EP=2: its checkpoint was saved at EP=2.
 LOADS = {1: [("one", 1, 1), ("ep2", 1, 1)], 2: [("one", 2, 1), ("ep2", 2, 1), ("one", 1, 2)]}
+RESUMED = "resumed from"
 
 
 def _launch(nproc: int, args: list[str]):
@@ -42,23 +45,34 @@ def _launch(nproc: int, args: list[str]):
     return proc
 
 
+def _resume(tmp, src, steps: int, ep: int) -> str:
+    """Continue the run saved under ``src`` at EP=``ep`` to ``steps`` in ``tmp`` (a copy: the
+    saved checkpoint stays as it was for the logits); returns stdout."""
+    shutil.copytree(src / "ckpt", tmp / "ckpt")
+    return _launch(ep, small_args(tmp, steps, "--set", f"parallel.expert={ep}",
+                                  "--set", "checkpoint.allow_config_change=true")).stdout
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """{run: (dir, stdout)} of 3-step runs at EP=1 (= TP=1), EP=2 and TP=2 with sequence
-    parallelism, and {(run, ep, tp): logits of its checkpoint at that layout}."""
+    """{run: (dir, stdout)} of "one" (EP=1), "ep2" (it resumed at EP=2), "ep1" (that resumed
+    at EP=1) and "tp2" (TP=2 with sequence parallelism), and {(run, ep, tp): logits of its
+    checkpoint at that layout}."""
     tmp = tmp_path_factory.mktemp("reshard")
-    runs = {}
-    for name, nproc, sets in (("one", 1, ()), ("ep2", 2, ("parallel.expert=2",)),
-                              ("tp2", 2, ("parallel.tensor=2", "parallel.sequence_parallel=true"))):
-        extra = [a for s in sets for a in ("--set", s)]
-        runs[name] = (tmp / name, _launch(nproc, small_args(tmp / name, 3, *extra)).stdout)
+    runs = {"one": (tmp / "one", _launch(1, small_args(tmp / "one", 3)).stdout)}
+    runs["ep2"] = (tmp / "ep2", _resume(tmp / "ep2", tmp / "one", 5, ep=2))
+    runs["ep1"] = (tmp / "ep1", _resume(tmp / "ep1", tmp / "ep2", 7, ep=1))
+    runs["tp2"] = (tmp / "tp2", _launch(2, small_args(
+        tmp / "tp2", 3, "--set", "parallel.tensor=2", "--set", "parallel.sequence_parallel=true"
+    )).stdout)
     script = tmp / "logits.py"
     script.write_text(LOGITS)
     logits = {}
     for nproc, loads in LOADS.items():
         args = [str(script)]
         for name, ep, tp in loads:
-            args += [str(tmp / name / "ckpt"), str(ep), str(tp), str(tmp / f"{name}_{ep}_{tp}.pt")]
+            ckpt = tmp / name / "ckpt" / ("iter_0000005" if name == "ep2" else "iter_0000003")
+            args += [str(ckpt), str(ep), str(tp), str(tmp / f"{name}_{ep}_{tp}.pt")]
         _launch(nproc, args)
         for name, ep, tp in loads:
             logits[name, ep, tp] = torch.load(tmp / f"{name}_{ep}_{tp}.pt", weights_only=True)
@@ -66,21 +80,18 @@ def saved(tmp_path_factory):
 
 
 @pytest.mark.parametrize("save_ep, load_ep", [(1, 2), (2, 1)])
-def test_outputs_equal_across_expert_parallel_sizes(tmp_path, saved, save_ep, load_ep):
+def test_outputs_equal_across_expert_parallel_sizes(saved, save_ep, load_ep):
     runs, logits = saved
     name = "one" if save_ep == 1 else "ep2"
     before, after = logits[name, save_ep, 1], logits[name, load_ep, 1]
     assert before.shape == after.shape
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
 
-    # Training continues at the new size from the same step, optimizer state included
-    # (in a copy: the saved run serves the other tests).
-    shutil.copytree(runs[name][0] / "ckpt", tmp_path / "ckpt")
-    args = small_args(tmp_path, 5, "--set", f"parallel.expert={load_ep}",
-                      "--set", "checkpoint.allow_config_change=true")  # 3 -> 5 steps
-    proc = _launch(load_ep, args)
-    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
-    assert "step 5/5" in proc.stdout
+    # Training continued at the new size from the same step, optimizer state included.
+    out = runs["ep2" if load_ep == 2 else "ep1"][1]
+    steps = 5 if load_ep == 2 else 7
+    assert f"ep={load_ep}" in out and RESUMED in out and f"at step {steps - 2}" in out, out[-2000:]
+    assert f"step {steps}/{steps}" in out
 
 
 def test_tensor_parallel_matches_and_reshards(saved):
