@@ -5,6 +5,8 @@ gradients stay local and megatron sums the router's over TP): the per-step LM lo
 aux loss and the grad norm equal one process's, from the same initial weights and data, with
 gradient accumulation (4 micro-batches per step at DP=1, 2 at DP=2). The coefficient is 1 (the
 paper's 0.02 x 50) so that the balancing gradient weighs in the grad norm and the later losses.
+The parallel runs start from the one-process run's step-1 checkpoint (weights, optimizer state
+and data position, resharded on resume): the same starting point, and no separate run to make it.
 
 Tolerance: 1e-4 absolute on the losses (~6 and ~2) and 1e-4 relative on the grad norm (fp32;
 only the order of reductions differs: DP and TP all-reduces, the expert split).
@@ -13,6 +15,7 @@ only the order of reductions differs: DP and TP all-reduces, the expert split).
 from __future__ import annotations
 
 import json
+import shutil
 
 from tests.conftest import run_cli, set_args, torchrun
 
@@ -33,30 +36,35 @@ def _records(run_dir) -> list[dict]:
 
 
 def test_all_layers_loss_under_ep_dp_and_tp_sp(tmp_path):
-    init = run_cli(["pretrain_moe.py", *COMMON, "--set", "train.train_steps=1",
-                    "--set", f"checkpoint.save={tmp_path}/init",
-                    "--set", f"logging.output_dir={tmp_path}/r0"])
-    assert init.returncode == 0, init.stderr[-3000:]
-    steps = ["--set", f"train.train_steps={STEPS}", "--set", f"checkpoint.load={tmp_path}/init",
-             "--set", "checkpoint.save=null"]
-    one = run_cli(["pretrain_moe.py", *COMMON, *steps,
+    one = run_cli(["pretrain_moe.py", *COMMON, "--set", f"train.train_steps={STEPS + 1}",
+                   "--set", f"checkpoint.save={tmp_path}/one/ckpt",
+                   "--set", "checkpoint.save_interval=1",  # step 1's is the one used
+                   "--set", f"checkpoint.keep_last={STEPS + 1}",
                    "--set", f"logging.output_dir={tmp_path}/one"])
     assert one.returncode == 0, one.stderr[-3000:]
     layouts = {"ep": ["parallel.expert=2"],
                "tp": ["parallel.tensor=2", "parallel.sequence_parallel=true"]}
     runs = {}
     for name, sets in layouts.items():
-        proc = torchrun(2, ["pretrain_moe.py", *COMMON, *steps, *set_args(*sets),
+        ckpt = tmp_path / name / "ckpt"
+        shutil.copytree(tmp_path / "one/ckpt/iter_0000001", ckpt / "iter_0000001")
+        (ckpt / "latest").write_text("iter_0000001\n")
+        proc = torchrun(2, ["pretrain_moe.py", *COMMON, *set_args(*sets),
+                            "--set", f"train.train_steps={STEPS + 1}",
+                            "--set", f"checkpoint.save={ckpt}",
+                            "--set", "checkpoint.allow_config_change=true",
                             "--set", f"logging.output_dir={tmp_path}/{name}"])
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "at step 1" in proc.stdout, proc.stdout[-3000:]
         runs[name] = _records(tmp_path / name)
-    ref = _records(tmp_path / "one")
+    ref = _records(tmp_path / "one")[1:]  # steps 2 .. STEPS + 1
     assert len(ref) == STEPS and ref[0]["loss"] != ref[-1]["loss"]
     assert all(abs(r["aux_loss"] - 2.0) < 0.5 for r in ref)  # top_k at balance: the definition
     for name, recs in runs.items():
         assert len(recs) == STEPS, name
         for a, b in zip(ref, recs, strict=True):
             what = (name, a["step"])
+            assert a["step"] == b["step"], what
             assert abs(a["loss"] - b["loss"]) <= 1e-4, (what, a["loss"], b["loss"])
             assert abs(a["aux_loss"] - b["aux_loss"]) <= 1e-4, (what, a["aux_loss"], b["aux_loss"])
             assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], what

@@ -2,14 +2,14 @@
 
 From one Drop-Upcycled checkpoint (moe-upcycle, mcore output) loaded with
 ``checkpoint.load`` as the initial weights, every pipeline layout trains with the losses of one
-process at PP=1: 1F1B with an uneven split (PP=2, 1 + 3 layers), interleaved (PP=2 x 2 chunks),
-PP=2 x EP=2 with the distributed optimizer, PP=2 x TP=2 with sequence parallelism. The step
+process at PP=1: interleaved (PP=2 x 2 chunks), PP=2 x EP=2 with the distributed optimizer,
+1F1B with an uneven split (PP=2, 1 + 3 layers) x TP=2 with sequence parallelism. The step
 loss, LM-loss validation, the MoE load-balancing and z-losses, the grad norm (clipping sees
 every stage) and per-layer expert load of every stage's layers are compared; a NaN step is
-skipped by every rank at PP=2 x TP=2. A checkpoint saved at PP=2 resumes at PP=1, and one saved
-at PP=1 resumes interleaved at PP=2, model and optimizer state: the next losses equal the
-uninterrupted PP=1 run's. (Bad layouts: tests/unit/test_pipeline_config.py; kill -9 at PP=2:
-tests/distributed/test_preemption.py.)
+skipped by every rank at PP=2 x TP=2. A checkpoint saved at PP=2 x TP=2 resumes at PP=1, and
+one saved at PP=1 resumes interleaved at PP=2, model and optimizer state: the next losses equal
+the uninterrupted PP=1 run's. (Bad layouts: tests/unit/test_pipeline_config.py; kill -9 at
+PP=2: tests/distributed/test_preemption.py.)
 
 Tolerance: 2e-5 absolute on losses of about 6 (fp32). A pipeline adds only reductions whose
 order differs from one process (the loss summed over stages, the grad norm's squares summed per
@@ -85,18 +85,10 @@ def _assert_same(got: dict[int, dict], want: dict[int, dict], steps, what: str) 
             assert abs(got[step][k] - want[step][k]) <= TOL, (what, step, k)
 
 
-@pytest.mark.slow  # 7 CLI runs (2-4 processes each): ~150 s on 2 shared cores
+@pytest.mark.slow  # 6 CLI runs (1-4 processes each): ~130 s on 2 shared cores
 def test_pipeline_layouts_match_one_process_and_reshard(tmp_path: Path, upcycled: Path) -> None:
     ref, _ = _train(tmp_path, "ref", 1, 5, load=upcycled)
     assert ref[1]["loss"] != ref[5]["loss"]  # it really trained
-    # Saved at PP=2 (uneven: the first stage holds 1 layer, the last 3) -> resumed at PP=1.
-    pp2, out = _train(tmp_path, "pp2", 2, 3, "--set", "parallel.pipeline=2",
-                      "--set", "parallel.first_stage_layers=1", load=upcycled)
-    assert "pp=2" in out and f"initial weights from {upcycled}" in out
-    _assert_same(pp2, ref, (1, 2, 3), "pp2 uneven")
-    resumed, out = _train(tmp_path, "pp2", 1, 5, "--set", "checkpoint.allow_config_change=true")
-    assert "at step 3" in out
-    _assert_same(resumed, ref, (4, 5), "pp2 -> pp1 resume")
     # Saved at PP=1 (the reference's step-3 checkpoint) -> resumed interleaved at PP=2.
     three = tmp_path / "from_ref"
     three.mkdir()
@@ -109,15 +101,25 @@ def test_pipeline_layouts_match_one_process_and_reshard(tmp_path: Path, upcycled
     ep, out = _train(tmp_path, "ep", 4, 3, "--set", "parallel.pipeline=2",
                      "--set", "parallel.expert=2", "--set", "parallel.distributed_optimizer=true",
                      load=upcycled)
-    assert "pp=2 ep=2 dp=2" in out
+    assert "pp=2 ep=2 dp=2" in out and f"initial weights from {upcycled}" in out
     _assert_same(ep, ref, (1, 2, 3), "pp2 x ep2")
-    # Step 4's loss is made NaN (every stage's output): every rank skips it, none hangs.
+    # PP=2 (uneven: the first stage holds 1 layer, the last 3) x TP=2. Step 4's loss is made
+    # NaN (every stage's output): every rank skips it, none hangs.
     tp, out = _train(tmp_path, "tp", 4, 4, "--set", "parallel.pipeline=2",
-                     "--set", "parallel.tensor=2", "--set", "parallel.sequence_parallel=true",
-                     load=upcycled, nan_steps="4")
+                     "--set", "parallel.first_stage_layers=1", "--set", "parallel.tensor=2",
+                     "--set", "parallel.sequence_parallel=true", load=upcycled, nan_steps="4")
     assert "tp=2 pp=2" in out and "| skipped 1 |" in out.splitlines()[-1]
-    _assert_same(tp, ref, (1, 2, 3), "pp2 x tp2")
+    _assert_same(tp, ref, (1, 2, 3), "pp2 uneven x tp2")
     assert tp[4]["loss"] == "nan"
+    # Its step-3 checkpoint (before the NaN) resumes at one process.
+    back = tmp_path / "from_tp"
+    back.mkdir()
+    shutil.copytree(tmp_path / "tp/ckpt/iter_0000003", back / "iter_0000003")
+    (back / "latest").write_text("iter_0000003\n")
+    resumed, out = _train(tmp_path, "back", 1, 5, "--set", "checkpoint.allow_config_change=true",
+                          ckpt=back)
+    assert "at step 3" in out
+    _assert_same(resumed, ref, (4, 5), "pp2 uneven x tp2 -> pp1 resume")
 
 
 @pytest.mark.slow  # one 2-process run and one conversion: ~30 s

@@ -1,13 +1,19 @@
 """A checkpoint saved at one expert-parallel size gives the same model outputs at another,
-and training resumes across the change (model and optimizer state reshard)."""
+and training resumes across the change (model and optimizer state reshard).
 
+One module fixture does every launch once: a 3-step run at EP=1 (= TP=1) that resumes at EP=2
+to step 5, which resumes at EP=1 to step 7 (each resume from the other size's checkpoint); a
+3-step run at TP=2; the logits of every checkpoint at every layout, in two launches (one
+process, two processes: ``load_model`` replaces the layout between checkpoints)."""
+
+import shutil
 import textwrap
 
 import pytest
 import torch
 
 from tests.conftest import run_cli, torchrun
-from tests.resilience import small_args
+from tests.resilience import losses_by_step, small_args
 
 LOGITS = textwrap.dedent("""
     import sys, torch
@@ -15,62 +21,85 @@ LOGITS = textwrap.dedent("""
     from megatron_ext.checkpoint.load_model import load_model
     from megatron_ext.model.inference import logits
     from megatron_ext.platform.dist import shutdown
-    ckpt, ep, tp, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    cfg, model = load_model(ckpt, expert_parallel=ep, tensor_parallel=tp)
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_length),
-                           generator=torch.Generator().manual_seed(0))
-    result = logits(model, tokens)
-    if dist.get_rank() == 0:
-        torch.save(result, out)
+    # Arguments: (checkpoint, ep, tp, output) four at a time, ep * tp = the world size.
+    jobs = sys.argv[1:]
+    for i in range(0, len(jobs), 4):
+        ckpt, ep, tp, out = jobs[i], int(jobs[i + 1]), int(jobs[i + 2]), jobs[i + 3]
+        cfg, model = load_model(ckpt, expert_parallel=ep, tensor_parallel=tp)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_length),
+                               generator=torch.Generator().manual_seed(0))
+        result = logits(model, tokens)
+        if dist.get_rank() == 0:
+            torch.save(result, out)
     shutdown()
 """)
+# (saved run, ep, tp) per logits launch: one process, then two. "ep2" is the EP=1 run resumed
+# at EP=2: its checkpoint was saved at EP=2.
+LOADS = {1: [("one", 1, 1), ("ep2", 1, 1)], 2: [("one", 2, 1), ("ep2", 2, 1), ("one", 1, 2)]}
+RESUMED = "resumed from"
 
 
-def _logits(tmp, ckpt, ep, tp=1):
+def _launch(nproc: int, args: list[str]):
+    proc = run_cli(args) if nproc == 1 else torchrun(nproc, args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _resume(tmp, src, steps: int, ep: int) -> str:
+    """Continue the run saved under ``src`` at EP=``ep`` to ``steps`` in ``tmp`` (a copy: the
+    saved checkpoint stays as it was for the logits); returns stdout."""
+    shutil.copytree(src / "ckpt", tmp / "ckpt")
+    return _launch(ep, small_args(tmp, steps, "--set", f"parallel.expert={ep}",
+                                  "--set", "checkpoint.allow_config_change=true")).stdout
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{run: (dir, stdout)} of "one" (EP=1), "ep2" (it resumed at EP=2), "ep1" (that resumed
+    at EP=1) and "tp2" (TP=2 with sequence parallelism), and {(run, ep, tp): logits of its
+    checkpoint at that layout}."""
+    tmp = tmp_path_factory.mktemp("reshard")
+    runs = {"one": (tmp / "one", _launch(1, small_args(tmp / "one", 3)).stdout)}
+    runs["ep2"] = (tmp / "ep2", _resume(tmp / "ep2", tmp / "one", 5, ep=2))
+    runs["ep1"] = (tmp / "ep1", _resume(tmp / "ep1", tmp / "ep2", 7, ep=1))
+    runs["tp2"] = (tmp / "tp2", _launch(2, small_args(
+        tmp / "tp2", 3, "--set", "parallel.tensor=2", "--set", "parallel.sequence_parallel=true"
+    )).stdout)
     script = tmp / "logits.py"
     script.write_text(LOGITS)
-    out = tmp / f"logits_ep{ep}_tp{tp}.pt"
-    args = [str(script), str(ckpt), str(ep), str(tp), str(out)]
-    proc = run_cli(args) if ep * tp == 1 else torchrun(ep * tp, args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    logits = {}
+    for nproc, loads in LOADS.items():
+        args = [str(script)]
+        for name, ep, tp in loads:
+            ckpt = tmp / name / "ckpt" / ("iter_0000005" if name == "ep2" else "iter_0000003")
+            args += [str(ckpt), str(ep), str(tp), str(tmp / f"{name}_{ep}_{tp}.pt")]
+        _launch(nproc, args)
+        for name, ep, tp in loads:
+            logits[name, ep, tp] = torch.load(tmp / f"{name}_{ep}_{tp}.pt", weights_only=True)
+    return runs, logits
 
 
 @pytest.mark.parametrize("save_ep, load_ep", [(1, 2), (2, 1)])
-def test_outputs_equal_across_expert_parallel_sizes(tmp_path, save_ep, load_ep):
-    args = small_args(tmp_path, 3, "--set", f"parallel.expert={save_ep}")
-    proc = run_cli(args) if save_ep == 1 else torchrun(save_ep, args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = tmp_path / "ckpt"
-    before = _logits(tmp_path, ckpt, save_ep)
-    after = _logits(tmp_path, ckpt, load_ep)
+def test_outputs_equal_across_expert_parallel_sizes(saved, save_ep, load_ep):
+    runs, logits = saved
+    name = "one" if save_ep == 1 else "ep2"
+    before, after = logits[name, save_ep, 1], logits[name, load_ep, 1]
     assert before.shape == after.shape
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
 
-    # Training continues at the new size from the same step, optimizer state included.
-    args = small_args(tmp_path, 5, "--set", f"parallel.expert={load_ep}",
-                      "--set", "checkpoint.allow_config_change=true")  # 3 -> 5 steps
-    proc = run_cli(args) if load_ep == 1 else torchrun(load_ep, args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
-    assert "step 5/5" in proc.stdout
+    # Training continued at the new size from the same step, optimizer state included.
+    out = runs["ep2" if load_ep == 2 else "ep1"][1]
+    steps = 5 if load_ep == 2 else 7
+    assert f"ep={load_ep}" in out and RESUMED in out and f"at step {steps - 2}" in out, out[-2000:]
+    assert f"step {steps}/{steps}" in out
 
 
-def test_tensor_parallel_matches_and_reshards(tmp_path):
+def test_tensor_parallel_matches_and_reshards(saved):
     """TP=2 (with sequence parallelism, our RMSNorm) trains with the same losses as TP=1 from the
     same CPU-initialized weights, and a TP=1 checkpoint gives the same logits at TP=2."""
-    base = small_args(tmp_path / "a", 3, "--set", "checkpoint.save_interval=3")
-    one = run_cli(base)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, small_args(tmp_path / "b", 3, "--set", "parallel.tensor=2",
-                                 "--set", "parallel.sequence_parallel=true"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "tp=2" in two.stdout
-    from tests.resilience import losses_by_step
-
-    a, b = losses_by_step(tmp_path / "a/run"), losses_by_step(tmp_path / "b/run")
+    runs, logits = saved
+    assert "tp=2" in runs["tp2"][1]
+    a, b = losses_by_step(runs["one"][0] / "run"), losses_by_step(runs["tp2"][0] / "run")
     for step in (1, 2, 3):
         assert abs(a[step] - b[step]) <= 1e-5, (a, b)
-    before = _logits(tmp_path, tmp_path / "a/ckpt", 1, 1)
-    after = _logits(tmp_path, tmp_path / "a/ckpt", 1, 2)
-    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits["one", 1, 2], logits["one", 1, 1], rtol=0, atol=1e-5)
