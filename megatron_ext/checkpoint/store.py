@@ -346,6 +346,16 @@ def load(path: Path, meta: dict, model, optimizer, layout: dict
     sharded = dict(model_sd)
     same_layout = meta["layout"] == layout
     if optimizer is not None and meta.get("has_optimizer"):
+        saved_dist = meta["layout"].get("distributed_optimizer")
+        if saved_dist is not None and saved_dist != layout.get("distributed_optimizer"):
+            # megatron's distributed and plain optimizers keep different state dicts (param
+            # groups, main-param shards): loading one into the other fails deep in megatron
+            raise CheckpointError(
+                f"{path}: optimizer state was saved with parallel.distributed_optimizer="
+                f"{str(saved_dist).lower()} and cannot be loaded into this run's "
+                f"{str(layout.get('distributed_optimizer')).lower()}; resume with "
+                f"--set parallel.distributed_optimizer={str(saved_dist).lower()}, or start "
+                f"from its weights with checkpoint.load")
         if not same_layout and layout.get("distributed_optimizer") and not meta.get(
                 "optimizer_fully_reshardable"):
             raise CheckpointError(
