@@ -26,6 +26,7 @@ import json, os, runpy, sys, traceback
 from pathlib import Path
 
 calls, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+envs = json.loads(Path(sys.argv[3]).read_text())
 import torch, megatron.core, transformers  # noqa: E401,F401  the seconds every tool spends first
 import megatron.core.models.gpt, megatron.core.dist_checkpointing  # noqa: E401,F401
 
@@ -38,6 +39,7 @@ for i, argv in enumerate(calls):
         code = 1
         try:
             os.setpgid(0, 0)
+            os.environ.update(envs[i])
             for fd, name in ((1, "out"), (2, "err")):
                 f = os.open(out / f"{i}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                 os.dup2(f, fd)
@@ -67,16 +69,19 @@ for i, argv in enumerate(calls):
 """
 
 
-def run_clis(calls: list[list[str]], tmp: Path, timeout: int = 900,
-             env: dict | None = None) -> list[subprocess.CompletedProcess]:
+def run_clis(calls: list[list[str]], tmp: Path, timeout: int = 900, env: dict | None = None,
+             envs: list[dict] | None = None) -> list[subprocess.CompletedProcess]:
     """``run_cli(args)`` for each of ``calls``, in order, one process each, forked from one
     driver that imported the heavy packages once. ``tmp``: an empty directory for the calls'
-    outputs. The calls share ``env`` (it is the driver's) and the working directory."""
+    outputs. The calls share ``env`` (the driver's, there at import time) and the working
+    directory; ``envs[i]`` is added to call i's environment as it starts (variables read at
+    run time only)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "calls.json").write_text(json.dumps([[str(a) for a in c] for c in calls]))
+    (tmp / "envs.json").write_text(json.dumps(envs or [{} for _ in calls]))
     (tmp / "driver.py").write_text(DRIVER)
-    driver = run_cli([str(tmp / "driver.py"), str(tmp / "calls.json"), str(tmp)],
-                     timeout=timeout, env=env)
+    driver = run_cli([str(tmp / "driver.py"), str(tmp / "calls.json"), str(tmp),
+                      str(tmp / "envs.json")], timeout=timeout, env=env)
     assert driver.returncode == 0, driver.stderr[-3000:]
     codes = json.loads((tmp / "codes.json").read_text())
     return [subprocess.CompletedProcess([sys.executable, *c], code,
