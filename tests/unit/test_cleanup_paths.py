@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.forkrun import run_clis
 from tests.resilience import popen, small_args, wait_for_line
 from tests.unit.test_outputs_vs_inputs import OFFLINE, build_world
 from tests.unit.test_run_lock import _make_lock
@@ -155,11 +156,23 @@ def _tool_args(tool: str, r: dict[str, Path], out: Path) -> list[str]:
     }[tool]
 
 
-@pytest.mark.parametrize("tool", ["generate", "routing", "mcore_to_hf", "lm_eval",
-                                  "upcycle from mcore", "training checkpoint.load"])
-def test_every_tool_warns_once_when_it_falls_back(roots, tool, tmp_path):
+FALLBACK_TOOLS = ["generate", "routing", "mcore_to_hf", "lm_eval", "upcycle from mcore",
+                  "training checkpoint.load"]
+
+
+@pytest.fixture(scope="module")
+def fallback_runs(roots, tmp_path_factory) -> dict:
+    """Each tool once, forked from one driver (tests.forkrun): one import of torch and
+    megatron for the six; each tool still its own process, its warn-once memory its own."""
+    tmp = tmp_path_factory.mktemp("fallback_runs")
+    calls = [_tool_args(tool, roots, tmp / f"out{i}") for i, tool in enumerate(FALLBACK_TOOLS)]
+    return dict(zip(FALLBACK_TOOLS, run_clis(calls, tmp / "runs", env=OFFLINE)))
+
+
+@pytest.mark.parametrize("tool", FALLBACK_TOOLS)
+def test_every_tool_warns_once_when_it_falls_back(roots, fallback_runs, tool):
     root = roots["dense" if tool == "upcycle from mcore" else "moe"]
-    proc = run_cli(_tool_args(tool, roots, tmp_path / "out"), env=OFFLINE)
+    proc = fallback_runs[tool]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     _no_traceback(proc.stderr)
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING:")]
