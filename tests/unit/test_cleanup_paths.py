@@ -94,15 +94,28 @@ def test_save_dir_made_read_only_mid_run_is_one_line(tmp_path):
 
 
 # --- a stale lock with fields no process can have -----------------------------------------------
-@pytest.mark.parametrize("kind", ["pid=1e400", "pid=-5", "start_time=NaN", "binary"])
-def test_malformed_stale_lock_is_one_line(tmp_path, kind):
-    (tmp_path / "ckpt").mkdir()
-    _make_lock(tmp_path / "ckpt", kind)
-    proc = run_cli(small_args(tmp_path, 4))
+LOCK_KINDS = ["pid=1e400", "pid=-5", "start_time=NaN", "binary"]
+
+
+@pytest.fixture(scope="module")
+def lock_runs(tmp_path_factory) -> dict:
+    """A run per malformed lock, forked from one driver (tests.forkrun)."""
+    tmp = tmp_path_factory.mktemp("locks")
+    for i, kind in enumerate(LOCK_KINDS):
+        (tmp / f"r{i}" / "ckpt").mkdir(parents=True)
+        _make_lock(tmp / f"r{i}" / "ckpt", kind)
+    procs = run_clis([small_args(tmp / f"r{i}", 4) for i in range(len(LOCK_KINDS))],
+                     tmp / "driver")
+    return {kind: (tmp / f"r{i}", proc) for i, (kind, proc) in enumerate(zip(LOCK_KINDS, procs))}
+
+
+@pytest.mark.parametrize("kind", LOCK_KINDS)
+def test_malformed_stale_lock_is_one_line(lock_runs, kind):
+    run, proc = lock_runs[kind]
     _no_traceback(proc.stderr)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith(f"error: checkpoint.save {tmp_path}/ckpt is in use by another "
-                                  f"run (lock {tmp_path}/ckpt/.lock is unreadable or malformed")
+    assert proc.stderr.startswith(f"error: checkpoint.save {run}/ckpt is in use by another "
+                                  f"run (lock {run}/ckpt/.lock is unreadable or malformed")
 
 
 # --- a damaged newest checkpoint behind a root ----------------------------------------------------
