@@ -20,6 +20,7 @@ from megatron_ext.checkpoint import manifest
 from megatron_ext.checkpoint import store as ckpt
 from megatron_ext.checkpoint.store import CheckpointError, find_resumable, verify
 from tests.conftest import REPO, run_cli, torchrun
+from tests.forkrun import run_clis
 from tests.resilience import env, small_args
 
 STEPS = 6
@@ -207,15 +208,51 @@ def test_prune_counts_only_checkpoints_that_verify(root):
     assert [p.name for p in root.glob("iter_*")] == ["iter_0000006"]
 
 
-def test_cli_save_after_damage_keeps_the_good_older_checkpoint(run):
-    """keep_last=2, checkpoints 2 and 4 on disk, 4 damaged; the run resumes from 2 and saves 6:
-    2 must survive (4 does not count). One warning names the damaged file; no traceback."""
+def _prepare_save_after_damage(run):
     root = run / "ckpt"
     shutil.rmtree(root / "iter_0000006")
     (root / "latest").write_text("iter_0000004\n")
     _garbage(root / "iter_0000004" / "common.pt")
-    proc = run_cli(small_args(run, STEPS, "--set", "checkpoint.keep_last=2",
-                              "--set", "checkpoint.save_interval=0"))
+    return small_args(run, STEPS, "--set", "checkpoint.keep_last=2",
+                      "--set", "checkpoint.save_interval=0")
+
+
+def _prepare_nothing_verifies(run):
+    for d in (run / "ckpt").glob("iter_*"):
+        _garbage(d / "rng/rank_00000.pt")
+    return small_args(run, STEPS, *ARGS)
+
+
+def _prepare_converter(run):
+    _meta_edit(_lie_about_checksum)(run / "ckpt" / "iter_0000006")
+    args = ["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(run / "ckpt" / "iter_0000006"),
+            "--skip-validation"]
+    return ([*args, "--output", str(run / "refused")],
+            [*args, "--output", str(run / "hf"), "--no-verify-checksums"])
+
+
+@pytest.fixture(scope="module")
+def cli_runs(saved, tmp_path_factory):
+    """The CLI cases below, each on its own damaged copy of ``saved``, forked from one driver
+    (tests.forkrun): one import of torch and megatron for the four runs."""
+    tmp = tmp_path_factory.mktemp("cli_runs")
+    runs = {}
+    for name in ("save after damage", "nothing verifies", "converter"):
+        shutil.copytree(saved, tmp / name)
+        runs[name] = tmp / name
+    calls = [_prepare_save_after_damage(runs["save after damage"]),
+             _prepare_nothing_verifies(runs["nothing verifies"]),
+             *_prepare_converter(runs["converter"])]
+    procs = run_clis(calls, tmp / "driver")
+    keys = ("save after damage", "nothing verifies", "converter refused", "converter sizes")
+    return runs, dict(zip(keys, procs))
+
+
+def test_cli_save_after_damage_keeps_the_good_older_checkpoint(cli_runs):
+    """keep_last=2, checkpoints 2 and 4 on disk, 4 damaged; the run resumes from 2 and saves 6:
+    2 must survive (4 does not count). One warning names the damaged file; no traceback."""
+    root = cli_runs[0]["save after damage"] / "ckpt"
+    proc = cli_runs[1]["save after damage"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("WARNING:")
                 and "iter_0000004" in ln]
@@ -226,32 +263,26 @@ def test_cli_save_after_damage_keeps_the_good_older_checkpoint(run):
     verify(root / "iter_0000006")
 
 
-def test_cli_nothing_verifies_exits_2_with_one_line(run):
-    for d in (run / "ckpt").glob("iter_*"):
-        _garbage(d / "rng/rank_00000.pt")
-    proc = run_cli(small_args(run, STEPS, *ARGS))
+def test_cli_nothing_verifies_exits_2_with_one_line(cli_runs):
+    proc = cli_runs[1]["nothing verifies"]
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
     assert len(errors) == 1 and "no usable checkpoint" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
 
 
-def test_converter_verifies_its_input_unless_told_not_to(root, tmp_path):
+def test_converter_verifies_its_input_unless_told_not_to(cli_runs):
     """meta.json lies about a shard's checksum: refused with one line (exit 2); with
     --no-verify-checksums only sizes are checked (one warning) and the conversion goes on."""
-    d = root / "iter_0000006"
-    _meta_edit(_lie_about_checksum)(d)
-    args = ["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(d),
-            "--output", str(tmp_path / "hf"), "--skip-validation"]
-    proc = run_cli(args)
+    proc = cli_runs[1]["converter refused"]
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "__0_0.distcp does not match its checksum" in lines[0], lines
-    assert not (tmp_path / "hf").exists()
-    proc = run_cli([*args, "--no-verify-checksums"])
+    assert not list(cli_runs[0]["converter"].glob("*refused*"))
+    proc = cli_runs[1]["converter sizes"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("content is not verified") == 1, proc.stderr[-3000:]
-    assert (tmp_path / "hf" / "config.json").is_file()
+    assert (cli_runs[0]["converter"] / "hf" / "config.json").is_file()
 
 
 def _run_with_file_size_limit(args, limit):
@@ -320,12 +351,24 @@ def test_full_disk_is_announced_then_one_line(small_disk):
         verify(root / d)
 
 
+TWO_RANK_ARGS = ("--set", "parallel.expert=2", "--set", "checkpoint.save_interval=2",
+                 "--set", "checkpoint.async_save=true")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One 2-rank run (expert parallel, async saves) with checkpoints at steps 2 and 4, shared
+    by the two tests below (each damages a copy): one torchrun, not three."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    first = torchrun(2, small_args(tmp, 4, *TWO_RANK_ARGS))
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    return tmp
+
+
 @pytest.mark.slow
-def test_async_two_rank_checksums_come_from_the_background_writers(tmp_path):
-    proc = torchrun(2, small_args(tmp_path, 3, "--set", "parallel.expert=2",
-                                  "--set", "checkpoint.async_save=true"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    d = tmp_path / "ckpt" / "iter_0000003"
+def test_async_two_rank_checksums_come_from_the_background_writers(two_ranks, tmp_path):
+    shutil.copytree(two_ranks, tmp_path / "r")
+    d = tmp_path / "r" / "ckpt" / "iter_0000004"
     files = verify(d)["files"]
     for rank in (0, 1):  # each rank's shards and rng file, recorded with a checksum
         assert any(f.startswith(f"__{rank}_") for f in files), files
@@ -356,21 +399,19 @@ def test_saved_config_that_does_not_parse_is_damage(root, content):
 
 
 @pytest.mark.slow
-def test_two_ranks_fall_back_together_on_rank0s_verdict(tmp_path):
+def test_two_ranks_fall_back_together_on_rank0s_verdict(two_ranks, tmp_path):
     """Rank 0 alone reads the checksums (once per job, not once per rank) and every rank
     resumes the checkpoint it chose: a damaged shard of rank 1 in the newest checkpoint makes
     both ranks resume the older one, with one warning naming the shard."""
-    args = small_args(tmp_path, 4, "--set", "parallel.expert=2",
-                      "--set", "checkpoint.save_interval=2")
-    first = torchrun(2, args)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    newest = tmp_path / "ckpt" / "iter_0000004"
+    shutil.copytree(two_ranks, tmp_path / "r")
+    run = tmp_path / "r"
+    newest = run / "ckpt" / "iter_0000004"
     shard = sorted(newest.glob("__1_*.distcp"))[0]
     _garbage(shard)
-    second = torchrun(2, args)
+    second = torchrun(2, small_args(run, 4, *TWO_RANK_ARGS))
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
-    assert f"resumed from {tmp_path / 'ckpt' / 'iter_0000002'} at step 2" in out
+    assert f"resumed from {run / 'ckpt' / 'iter_0000002'} at step 2" in out
     warnings = [line for line in out.splitlines()
                 if line.startswith("WARNING") and shard.name in line]
     assert len(warnings) == 1, out[-4000:]

@@ -5,7 +5,8 @@ samples; the losses are reduced over ranks)."""
 
 import json
 
-from tests.conftest import run_cli, set_args, torchrun
+from tests.conftest import set_args, torchrun
+from tests.forkrun import run_clis
 
 COMMON = ["--config", "configs/tiny-cpu.yaml", *set_args(
     "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -21,14 +22,16 @@ def _records(run_dir, kind: str) -> list[dict]:
 
 def test_ep2_two_processes_match_ep1_one_process(tmp_path):
     # Shared starting point: a checkpoint after 1 step, loaded as initial weights by both runs.
-    init = run_cli(["pretrain_moe.py", *COMMON, "--set", "train.train_steps=1",
-                    "--set", "train.eval_interval=0", "--set", f"checkpoint.save={tmp_path}/init",
-                    "--set", f"logging.output_dir={tmp_path}/r0"])
-    assert init.returncode == 0, init.stderr[-3000:]
+    # It and the EP=1 run, one after the other, forked from one driver (tests.forkrun).
     steps = ["--set", "train.train_steps=4", "--set", f"checkpoint.load={tmp_path}/init",
              "--set", "checkpoint.save=null"]
-    one = run_cli(["pretrain_moe.py", *COMMON, *steps, "--set", "parallel.expert=1",
-                   "--set", f"logging.output_dir={tmp_path}/r1"])
+    init, one = run_clis([
+        ["pretrain_moe.py", *COMMON, "--set", "train.train_steps=1", "--set",
+         "train.eval_interval=0", "--set", f"checkpoint.save={tmp_path}/init",
+         "--set", f"logging.output_dir={tmp_path}/r0"],
+        ["pretrain_moe.py", *COMMON, *steps, "--set", "parallel.expert=1",
+         "--set", f"logging.output_dir={tmp_path}/r1"]], tmp_path / "driver")
+    assert init.returncode == 0, init.stderr[-3000:]
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun(2, ["pretrain_moe.py", *COMMON, *steps, "--set", "parallel.expert=2",
                        "--set", f"logging.output_dir={tmp_path}/r2"])

@@ -33,6 +33,7 @@ import torch
 from megatron_ext.checkpoint import manifest, safe_pickle
 from megatron_ext.checkpoint import store as ckpt
 from tests.conftest import run_cli
+from tests.forkrun import run_clis
 from tests.resilience import small_args
 
 ITER2, ITER4 = "iter_0000002", "iter_0000004"
@@ -287,8 +288,9 @@ def test_tools_and_checkpoint_load_exit_2(root: Path, tmp_path: Path) -> None:
         "routing": ["-m", "megatron_ext.cli.routing", "--checkpoint", str(bad), "--text",
                     f"en={bad / 'config.yaml'}", "--output", str(tmp_path / "routing")],
     }
-    for what, args in runs.items():
-        line = _one_error_line(run_cli(args))
+    # one driver for the three (tests.forkrun): one import of torch and megatron
+    for what, proc in zip(runs, run_clis(list(runs.values()), tmp_path / "driver")):
+        line = _one_error_line(proc)
         assert f"refusing to unpickle {DOTTED}" in line and ".metadata" in line, (what, line)
     assert not _executed(marker)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "routing").exists()

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.forkrun import run_clis
 from tests.resilience import popen, small_args, wait_for_line
 from tests.unit.test_outputs_vs_inputs import OFFLINE, build_world
 from tests.unit.test_run_lock import _make_lock
@@ -93,15 +94,28 @@ def test_save_dir_made_read_only_mid_run_is_one_line(tmp_path):
 
 
 # --- a stale lock with fields no process can have -----------------------------------------------
-@pytest.mark.parametrize("kind", ["pid=1e400", "pid=-5", "start_time=NaN", "binary"])
-def test_malformed_stale_lock_is_one_line(tmp_path, kind):
-    (tmp_path / "ckpt").mkdir()
-    _make_lock(tmp_path / "ckpt", kind)
-    proc = run_cli(small_args(tmp_path, 4))
+LOCK_KINDS = ["pid=1e400", "pid=-5", "start_time=NaN", "binary"]
+
+
+@pytest.fixture(scope="module")
+def lock_runs(tmp_path_factory) -> dict:
+    """A run per malformed lock, forked from one driver (tests.forkrun)."""
+    tmp = tmp_path_factory.mktemp("locks")
+    for i, kind in enumerate(LOCK_KINDS):
+        (tmp / f"r{i}" / "ckpt").mkdir(parents=True)
+        _make_lock(tmp / f"r{i}" / "ckpt", kind)
+    procs = run_clis([small_args(tmp / f"r{i}", 4) for i in range(len(LOCK_KINDS))],
+                     tmp / "driver")
+    return {kind: (tmp / f"r{i}", proc) for i, (kind, proc) in enumerate(zip(LOCK_KINDS, procs))}
+
+
+@pytest.mark.parametrize("kind", LOCK_KINDS)
+def test_malformed_stale_lock_is_one_line(lock_runs, kind):
+    run, proc = lock_runs[kind]
     _no_traceback(proc.stderr)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith(f"error: checkpoint.save {tmp_path}/ckpt is in use by another "
-                                  f"run (lock {tmp_path}/ckpt/.lock is unreadable or malformed")
+    assert proc.stderr.startswith(f"error: checkpoint.save {run}/ckpt is in use by another "
+                                  f"run (lock {run}/ckpt/.lock is unreadable or malformed")
 
 
 # --- a damaged newest checkpoint behind a root ----------------------------------------------------
@@ -155,11 +169,23 @@ def _tool_args(tool: str, r: dict[str, Path], out: Path) -> list[str]:
     }[tool]
 
 
-@pytest.mark.parametrize("tool", ["generate", "routing", "mcore_to_hf", "lm_eval",
-                                  "upcycle from mcore", "training checkpoint.load"])
-def test_every_tool_warns_once_when_it_falls_back(roots, tool, tmp_path):
+FALLBACK_TOOLS = ["generate", "routing", "mcore_to_hf", "lm_eval", "upcycle from mcore",
+                  "training checkpoint.load"]
+
+
+@pytest.fixture(scope="module")
+def fallback_runs(roots, tmp_path_factory) -> dict:
+    """Each tool once, forked from one driver (tests.forkrun): one import of torch and
+    megatron for the six; each tool still its own process, its warn-once memory its own."""
+    tmp = tmp_path_factory.mktemp("fallback_runs")
+    calls = [_tool_args(tool, roots, tmp / f"out{i}") for i, tool in enumerate(FALLBACK_TOOLS)]
+    return dict(zip(FALLBACK_TOOLS, run_clis(calls, tmp / "runs", env=OFFLINE)))
+
+
+@pytest.mark.parametrize("tool", FALLBACK_TOOLS)
+def test_every_tool_warns_once_when_it_falls_back(roots, fallback_runs, tool):
     root = roots["dense" if tool == "upcycle from mcore" else "moe"]
-    proc = run_cli(_tool_args(tool, roots, tmp_path / "out"), env=OFFLINE)
+    proc = fallback_runs[tool]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     _no_traceback(proc.stderr)
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING:")]

@@ -21,6 +21,7 @@ from megatron_ext.checkpoint import manifest
 from megatron_ext.checkpoint.store import CheckpointError, find_resumable
 from megatron_ext.config.loader import MAX_EXPANDED, ConfigError, check_expansion, load_config
 from tests.conftest import run_cli
+from tests.forkrun import run_clis
 from tests.resilience import small_args
 
 MAX_LINE = 300  # characters a message may add to the paths it names
@@ -221,18 +222,34 @@ def test_ten_megabyte_saved_config_is_not_read(trained, tmp_path):
         quickly(checkpoint_config, d)
 
 
-@pytest.mark.parametrize("tool, field, value, needle", [
-    ("generate", "train.seed", BOMB, "aliases expand it past"),
-    ("generate", "model.hidden_size", "1048576", "model.hidden_size: must be <= 65536"),
-    ("mcore_to_hf", "model.rotary_base", ".nan", "must be a finite number"),
-], ids=["generate-bomb", "generate-huge", "mcore_to_hf-nan"])
-def test_real_tools_refuse_a_strangers_checkpoint(trained, tmp_path, tool, field, value, needle):
-    d = stranger(trained, tmp_path, field, value)
-    args = (["--checkpoint", str(d), "--prompt", "a"] if "generate" in tool
-            else ["--input", str(d), "--output", str(tmp_path / "out")])
-    line = one_line_exit_2(run_cli([tool, *args], timeout=TOOL_S), d / "config.yaml")
-    assert "saved config: <path>: " in line and needle in line, line
-    assert not (tmp_path / "out").exists()
+STRANGERS = {  # id: (tool, field, value, what the one line says)
+    "generate-bomb": ("generate", "train.seed", BOMB, "aliases expand it past"),
+    "generate-huge": ("generate", "model.hidden_size", "1048576",
+                      "model.hidden_size: must be <= 65536"),
+    "mcore_to_hf-nan": ("mcore_to_hf", "model.rotary_base", ".nan", "must be a finite number"),
+}
+
+
+@pytest.fixture(scope="module")
+def stranger_runs(trained, tmp_path_factory) -> dict:
+    """Each real tool on its stranger's checkpoint, forked from one driver (tests.forkrun)."""
+    tmp, calls, dirs = tmp_path_factory.mktemp("strangers"), [], {}
+    for case, (tool, field, value, _) in STRANGERS.items():
+        d = stranger(trained, tmp / case, field, value)
+        args = (["--checkpoint", str(d), "--prompt", "a"] if tool == "generate"
+                else ["--input", str(d), "--output", str(tmp / case / "out")])
+        calls.append(["-m", f"megatron_ext.cli.{tool}", *args])
+        dirs[case] = (tmp / case, d)
+    return dict(zip(STRANGERS, zip(dirs.values(), run_clis(calls, tmp / "driver",
+                                                           timeout=TOOL_S))))
+
+
+@pytest.mark.parametrize("case", list(STRANGERS))
+def test_real_tools_refuse_a_strangers_checkpoint(stranger_runs, case):
+    (tmp, d), proc = stranger_runs[case]
+    line = one_line_exit_2(proc, d / "config.yaml")
+    assert "saved config: <path>: " in line and STRANGERS[case][3] in line, line
+    assert not (tmp / "out").exists()
 
 
 # --- the tools' number flags -----------------------------------------------------------------

@@ -1,8 +1,10 @@
 """moe-hf-to-mcore and moe-mcore-to-hf (megatron_ext.cli) end to end on tiny fp32 models.
 
-Every conversion runs in a subprocess (it owns a gloo world of one); the module fixture converts
-Llama, Mixtral and a mixed dense/MoE model both ways once, with validation on, and the tests
-inspect the results. Vocab 250 is not a multiple of 128: the mcore side pads it to 256.
+Every conversion runs in a process of its own (it owns a gloo world of one); the module fixture
+converts Llama, Mixtral and a mixed dense/MoE model both ways once, with validation on, and the
+tests inspect the results. The tools run forked from one driver (tests.forkrun): two drivers
+for the module, not twenty-odd interpreters that each import torch and megatron.
+Vocab 250 is not a multiple of 128: the mcore side pads it to 256.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.forkrun import run_clis
 
 HF_TO_MCORE = ["-m", "megatron_ext.cli.hf_to_mcore"]
 MCORE_TO_HF = ["-m", "megatron_ext.cli.mcore_to_hf"]
@@ -44,12 +46,6 @@ def _make_hf(root: Path) -> dict[str, Path]:
     return {k: root / k for k in KINDS}
 
 
-def _ok(args: list[str]) -> str:
-    r = run_cli(args)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout
-
-
 def _max_diff(stdout: str) -> float:
     m = re.search(r"validation: max \|logit diff\| = (\S+) .*PASS", stdout)
     assert m, stdout
@@ -59,14 +55,20 @@ def _max_diff(stdout: str) -> float:
 @pytest.fixture(scope="module")
 def conv(tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("convert_mcore")
-    out = {}
+    out, calls = {}, []
     for kind, hf in _make_hf(root).items():
         mc, back = root / f"{kind}_mcore", root / f"{kind}_back"
         # One validation of the mixed model (load_moe) is enough: save a few seconds.
         skip = ["--skip-validation"] if kind == "mixed" else []
-        fwd = _ok([*HF_TO_MCORE, "--input", str(hf), "--output", str(mc), *skip])
-        rev = _ok([*MCORE_TO_HF, "--input", str(mc), "--output", str(back)])
-        out[kind] = {"hf": hf, "mcore": mc, "back": back, "fwd": fwd, "rev": rev}
+        calls += [[*HF_TO_MCORE, "--input", str(hf), "--output", str(mc), *skip],
+                  [*MCORE_TO_HF, "--input", str(mc), "--output", str(back)]]
+        out[kind] = {"hf": hf, "mcore": mc, "back": back}
+    # The six conversions in one driver: one import of torch and megatron, not six.
+    runs = run_clis(calls, root / "runs")
+    for i, kind in enumerate(KINDS):
+        for key, r in zip(("fwd", "rev"), runs[2 * i:2 * i + 2]):
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+            out[kind][key] = r.stdout
     return out
 
 
@@ -115,35 +117,6 @@ LOGITS = textwrap.dedent("""
             print(cls.__name__, (got[..., :250] - ref).abs().max().item(),
                   got[..., 250:].abs().max().item())
 """)
-
-
-def test_mcore_logits_equal_transformers(conv, tmp_path: Path) -> None:
-    script = tmp_path / "logits.py"
-    script.write_text(LOGITS)
-    out = _ok([str(script), str(conv["llama"]["hf"]), str(conv["llama"]["mcore"]),
-               str(conv["mixtral"]["hf"]), str(conv["mixtral"]["mcore"])])
-    lines = dict(line.split(" ", 1) for line in out.strip().splitlines()[-2:])
-    for cls in ("LlamaForCausalLM", "MixtralForCausalLM"):
-        diff, padded = map(float, lines[cls].split())
-        assert diff <= 1e-4, (cls, diff)
-        assert padded == 0.0  # zero-filled padding rows give zero logits
-
-
-def test_pretrain_starts_from_converted_mixtral(conv, tmp_path: Path) -> None:
-    root = conv["mixtral"]["mcore"]
-    out = _ok(["pretrain_moe.py", "--config", str(root / "config.yaml"),
-               "--set", f"checkpoint.load={root}", "--set", "data.mock=true",
-               "--set", "train.train_steps=2", "--set", "schedule.warmup_steps=1",
-               "--set", "data.seq_length=32", "--set", f"logging.output_dir={tmp_path}/run"])
-    assert "initial weights from" in out and "step 2/2" in out and out.startswith("MOCK DATA")
-
-
-def test_upcycle_to_mcore_naive_keeps_the_dense_function(conv, tmp_path: Path) -> None:
-    out = _ok([*UPCYCLE, "--input", str(conv["llama"]["hf"]), "--output", str(tmp_path / "moe"),
-               "--method", "naive", "--num-experts", "4", "--top-k", "2",
-               "--output-format", "mcore"])
-    assert _max_diff(out) <= 1e-5
-    assert (tmp_path / "moe" / "latest").is_file() and (tmp_path / "moe" / "config.yaml").is_file()
 
 
 def test_config_from_hf(conv) -> None:
@@ -202,36 +175,6 @@ STRICT = textwrap.dedent("""
 """)
 
 
-def test_write_is_strict_and_read_returns_the_stream(conv, tmp_path: Path) -> None:
-    script = tmp_path / "strict.py"
-    script.write_text(STRICT)
-    out = _ok([str(script), str(conv["mixed"]["hf"]), str(tmp_path)]).strip().splitlines()
-    got = {line.split(" ", 1)[0]: line for line in out}
-    for case, match in (("missing", "missing tensor output_layer.weight"),
-                        ("twice", "given twice"), ("extra", "unexpected tensor bogus.weight"),
-                        ("shape", "has shape")):
-        assert got[case].startswith(f"{case} False") and match in got[case], got[case]
-    assert "read back ok" in out and out[-1] == "vfail 1 False 0"
-
-
-def test_upcycle_from_mcore_equals_upcycle_from_hf(conv, tmp_path: Path) -> None:
-    from megatron_ext.upcycling.convert import upcycle_checkpoint
-    from megatron_ext.upcycling.spec import UpcycleSpec
-
-    recipe = dict(method="drop", ratio=0.5, num_experts=4, seed=7)
-    upcycle_checkpoint(conv["llama"]["hf"], tmp_path / "from_hf", UpcycleSpec(**recipe),
-                       validate=False, log=lambda _: None)
-    _ok([*UPCYCLE, "--input", str(conv["llama"]["mcore"]), "--output", str(tmp_path / "from_mc"),
-         "--method", "drop", "--ratio", "0.5", "--num-experts", "4", "--seed", "7",
-         "--output-format", "hf", "--skip-validation"])
-    assert_bit_exact(tmp_path / "from_hf", tmp_path / "from_mc")
-    # Without --output-format the output keeps the input's format (a megatron checkpoint here).
-    _ok([*UPCYCLE, "--input", str(conv["llama"]["mcore"]), "--output", str(tmp_path / "same"),
-         "--method", "naive", "--num-experts", "2", "--skip-validation"])
-    assert (tmp_path / "same" / "latest").is_file()
-    assert (tmp_path / "from_mc" / "tokenizer.json").is_file()  # from the mcore root's hf/
-
-
 def _bad_inputs(conv, root: Path) -> dict[str, tuple[str, list[str], str]]:
     truncated_hf = root / "truncated_hf"
     shutil.copytree(conv["llama"]["hf"], truncated_hf)
@@ -261,13 +204,100 @@ def _bad_inputs(conv, root: Path) -> dict[str, tuple[str, list[str], str]]:
     }
 
 
-def test_bad_inputs_exit_2_with_one_line(conv, tmp_path: Path) -> None:
-    for case, (cli, args, match) in _bad_inputs(conv, tmp_path).items():
-        out = tmp_path / "out"
-        if "--output" not in args:
-            args = [*args, "--output", str(out)]
-        r = run_cli([*cli, *args])
+def _tool_calls(conv, root: Path) -> dict[str, list[str]]:
+    llama, mixtral, mixed = (conv[k] for k in KINDS)
+    (root / "logits.py").write_text(LOGITS)
+    (root / "strict.py").write_text(STRICT)
+    return {
+        "logits": [str(root / "logits.py"), str(llama["hf"]), str(llama["mcore"]),
+                   str(mixtral["hf"]), str(mixtral["mcore"])],
+        "pretrain": ["pretrain_moe.py", "--config", str(mixtral["mcore"] / "config.yaml"),
+                     "--set", f"checkpoint.load={mixtral['mcore']}", "--set", "data.mock=true",
+                     "--set", "train.train_steps=2", "--set", "schedule.warmup_steps=1",
+                     "--set", "data.seq_length=32", "--set", f"logging.output_dir={root}/run"],
+        "naive": [*UPCYCLE, "--input", str(llama["hf"]), "--output", str(root / "moe"),
+                  "--method", "naive", "--num-experts", "4", "--top-k", "2",
+                  "--output-format", "mcore"],
+        "strict": [str(root / "strict.py"), str(mixed["hf"]), str(root / "strict")],
+        "from_mc": [*UPCYCLE, "--input", str(llama["mcore"]), "--output", str(root / "from_mc"),
+                    "--method", "drop", "--ratio", "0.5", "--num-experts", "4", "--seed", "7",
+                    "--output-format", "hf", "--skip-validation"],
+        # Without --output-format the output keeps the input's format (a megatron checkpoint).
+        "same": [*UPCYCLE, "--input", str(llama["mcore"]), "--output", str(root / "same"),
+                 "--method", "naive", "--num-experts", "2", "--skip-validation"],
+    }
+
+
+@pytest.fixture(scope="module")
+def tools(conv, tmp_path_factory) -> dict:
+    """Every tool run below (and each bad input, with its own --output) in one driver."""
+    root = tmp_path_factory.mktemp("tools")
+    (root / "strict").mkdir()
+    calls = _tool_calls(conv, root)
+    bad = _bad_inputs(conv, root / "bad")
+    for n, (case, (cli, args, _)) in enumerate(bad.items()):
+        out = root / "bad" / f"out{n}"
+        calls[case] = [*cli, *args] if "--output" in args else [*cli, *args, "--output", str(out)]
+    runs = dict(zip(calls, run_clis(list(calls.values()), root / "runs")))
+    return {"root": root, "runs": runs, "bad": bad}
+
+
+def _out(tools: dict, name: str) -> str:
+    r = tools["runs"][name]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_mcore_logits_equal_transformers(tools) -> None:
+    out = _out(tools, "logits")
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines()[-2:])
+    for cls in ("LlamaForCausalLM", "MixtralForCausalLM"):
+        diff, padded = map(float, lines[cls].split())
+        assert diff <= 1e-4, (cls, diff)
+        assert padded == 0.0  # zero-filled padding rows give zero logits
+
+
+def test_pretrain_starts_from_converted_mixtral(tools) -> None:
+    out = _out(tools, "pretrain")
+    assert "initial weights from" in out and "step 2/2" in out and out.startswith("MOCK DATA")
+
+
+def test_upcycle_to_mcore_naive_keeps_the_dense_function(tools) -> None:
+    out, moe = _out(tools, "naive"), tools["root"] / "moe"
+    assert _max_diff(out) <= 1e-5
+    assert (moe / "latest").is_file() and (moe / "config.yaml").is_file()
+
+
+def test_write_is_strict_and_read_returns_the_stream(tools) -> None:
+    out = _out(tools, "strict").strip().splitlines()
+    got = {line.split(" ", 1)[0]: line for line in out}
+    for case, match in (("missing", "missing tensor output_layer.weight"),
+                        ("twice", "given twice"), ("extra", "unexpected tensor bogus.weight"),
+                        ("shape", "has shape")):
+        assert got[case].startswith(f"{case} False") and match in got[case], got[case]
+    assert "read back ok" in out and out[-1] == "vfail 1 False 0"
+
+
+def test_upcycle_from_mcore_equals_upcycle_from_hf(conv, tools, tmp_path: Path) -> None:
+    from megatron_ext.upcycling.convert import upcycle_checkpoint
+    from megatron_ext.upcycling.spec import UpcycleSpec
+
+    recipe = dict(method="drop", ratio=0.5, num_experts=4, seed=7)
+    upcycle_checkpoint(conv["llama"]["hf"], tmp_path / "from_hf", UpcycleSpec(**recipe),
+                       validate=False, log=lambda _: None)
+    _out(tools, "from_mc")
+    root = tools["root"]
+    assert_bit_exact(tmp_path / "from_hf", root / "from_mc")
+    _out(tools, "same")
+    assert (root / "same" / "latest").is_file()
+    assert (root / "from_mc" / "tokenizer.json").is_file()  # from the mcore root's hf/
+
+
+def test_bad_inputs_exit_2_with_one_line(tools) -> None:
+    bad_dir = tools["root"] / "bad"
+    for case, (_, _, match) in tools["bad"].items():
+        r = tools["runs"][case]
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and match in lines[0], (case, r.stderr)
-        assert not out.exists() and not list(tmp_path.glob(".out*")), case
-    assert [p.name for p in (tmp_path / "existing").iterdir()] == ["keep"]
+    assert not list(bad_dir.glob("out*")) and not list(bad_dir.glob(".out*"))
+    assert [p.name for p in (bad_dir / "existing").iterdir()] == ["keep"]
