@@ -1,6 +1,8 @@
 """The paper recipe on the real test cluster: ``sbatch scripts/slurm/8x152M.sh`` with a dense base
 named by Hugging Face repo id, found offline in a local Hub cache, upcycles it (the recipe step)
 and then trains from the upcycled weights; submitted again, it upcycles nothing and resumes.
+The trained model then leaves as anyone takes it: exported with its tokenizer, loaded and
+generated from by transformers' Auto classes, scored by moe-lm-eval with no extra flag.
 
 The tiny shapes come from configs/tiny-cpu.yaml through the launcher's MOE_CONFIG, as in
 test_sbatch.py; the dense base is a tiny Llama of that shape in HF_HOME's cache layout.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.conftest import run_cli
 from tests.slurm.test_sbatch import LOSS_LINE, _finished, _log, _submit
 from tests.unit.test_recipe import REPO_ID, hub_cache, offline
 
@@ -49,3 +52,26 @@ def test_sbatch_upcycles_the_hub_dense_base_then_trains_from_it(slurm_cluster, t
     assert "nothing to upcycle" in again, again
     assert "run already complete: step 2 of 2" in again, again  # resumed at its last step
     assert "moe-recipe: wrote" not in again, again
+
+    _export_loads_generates_and_evaluates(tmp_path)
+
+
+def _export_loads_generates_and_evaluates(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    hf = tmp_path / "hf"
+    proc = run_cli(["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp_path / "ckpt"),
+                    "--output", str(hf)])
+    assert proc.returncode == 0 and "tokenizer: " in proc.stdout, proc.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    generate = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    text = generate("To be, or not", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert text.startswith("To be, or not") and len(text) > len("To be, or not")
+    proc = run_cli(["-m", "megatron_ext.cli.lm_eval", "--checkpoint", str(hf), "--tasks",
+                    "demo_en_mc", "--limit", "4", "--output", str(tmp_path / "eval")],
+                   env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert any(k.startswith("acc") for k in results["results"]["demo_en_mc"]), results
