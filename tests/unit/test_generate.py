@@ -13,7 +13,7 @@
   ends in one stderr line and exit 2.
 
 The module fixture trains a tiny MoE with the real pretrain_moe.py on the demo corpus, exports
-it with moe-mcore-to-hf and runs one probe process over both models.
+it with moe-mcore-to-hf and runs one probe process over both models and the CLI's main.
 """
 
 from __future__ import annotations
@@ -92,6 +92,15 @@ PROBE = textwrap.dedent("""
         x = torch.tensor([[tok.eod] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         out["hf_batch8"] = [row[width:] for row in hf_gen(x, mask).tolist()]
+        # The CLI's main in this process too (one model load less than a process of its own);
+        # test_cli_bad_inputs_exit_2_with_one_line runs the CLI as a real process.
+        import contextlib, io
+        from megatron_ext.cli.generate import main
+        cli_out = io.StringIO()
+        with contextlib.redirect_stdout(cli_out):
+            code = main(["--checkpoint", ckpt, "--prompts", sys.argv[4], "--max-new-tokens",
+                         str(new), "--json"])
+        out["cli"] = {"code": code, "stdout": cli_out.getvalue()}
         print("PROBE " + json.dumps(out))
 """)
 
@@ -115,7 +124,10 @@ def ckpt(tmp_path_factory) -> Path:
 def probe(ckpt: Path) -> dict:
     script = ckpt / "probe.py"
     script.write_text(PROBE)
-    out = _ok([str(script), str(ckpt / "ckpt"), str(ckpt / "hf"), json.dumps(PROMPTS)])
+    prompts = ckpt / "prompts.txt"  # for the CLI; blank lines are not prompts
+    prompts.write_text("\n".join([PROMPTS[0], "", *PROMPTS[1:3], "  "]) + "\n", encoding="utf-8")
+    out = _ok([str(script), str(ckpt / "ckpt"), str(ckpt / "hf"), json.dumps(PROMPTS),
+               str(prompts)])
     line = next(line for line in out.splitlines() if line.startswith("PROBE "))
     return json.loads(line[len("PROBE "):])
 
@@ -194,12 +206,11 @@ def test_prompts_are_checked() -> None:
 
 
 @pytest.mark.slow
-def test_cli_prints_each_completion(ckpt: Path, probe: dict, capsys) -> None:
-    prompts = ckpt / "prompts.txt"  # blank lines are not prompts
-    prompts.write_text("\n".join([PROMPTS[0], "", *PROMPTS[1:3], "  "]) + "\n", encoding="utf-8")
-    out = _ok(["-m", "megatron_ext.cli.generate", "--checkpoint", str(ckpt / "ckpt"),
-               "--prompts", str(prompts), "--max-new-tokens", str(NEW), "--json"])
-    records = [json.loads(line) for line in out.splitlines()]
+def test_cli_prints_each_completion(probe: dict, capsys) -> None:
+    # The CLI ran in the probe process on prompts.txt (the first three prompts, blank lines
+    # between them, which are not prompts), after the library's own generations there.
+    assert probe["cli"]["code"] == 0, probe["cli"]["stdout"][-3000:]
+    records = [json.loads(line) for line in probe["cli"]["stdout"].splitlines()]
     assert [r["prompt"] for r in records] == PROMPTS[:3]
     assert [r["prompt_ids"] for r in records] == probe["prompts"][:3]
     assert [r["completion_ids"] for r in records] == probe["batched"][:3]

@@ -111,34 +111,55 @@ def _appended_to_training_wandb_run(run_dir: Path) -> None:
     assert b"lm_eval/demo_en_mc/acc" in runs[-1].read_bytes()
 
 
-def _fails(args: list[str], *needles: str) -> None:
-    proc = run_cli([*TOOL, *args], env=OFFLINE, timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+def _fails(args: list[str], capsys, *needles: str) -> None:
+    """In this process (each fault is found before any model exists): the CLI's main gives 2
+    and one stderr line. test_bad_input_is_one_line_exit_2_as_a_user_sees_it runs one real
+    process for the exit status and stderr exactly as a user sees them."""
+    from megatron_ext.cli.lm_eval import main
+
+    capsys.readouterr()
+    assert main([*args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for needle in needles:
         assert needle in lines[0], lines[0]
 
 
-def test_bad_input_found_before_loading_is_one_line_exit_2(tmp_path):
+@pytest.fixture
+def offline(monkeypatch) -> None:
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_bad_input_is_one_line_exit_2_as_a_user_sees_it(tmp_path):
     missing = tmp_path / "nowhere"
-    _fails(["--checkpoint", str(missing), "--tasks", "demo_en_mc"], str(missing), "not found")
-    _fails(["--checkpoint", str(tmp_path), "--tasks", ","], "no task")
+    proc = run_cli([*TOOL, "--checkpoint", str(missing), "--tasks", "demo_en_mc"], env=OFFLINE,
+                   timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr == f"error: {missing}: checkpoint not found\n", proc.stderr
+
+
+def test_bad_input_found_before_loading_is_one_line_exit_2(tmp_path, offline, capsys):
+    missing = tmp_path / "nowhere"
+    _fails(["--checkpoint", str(missing), "--tasks", "demo_en_mc"], capsys, str(missing),
+           "not found")
+    _fails(["--checkpoint", str(tmp_path), "--tasks", ","], capsys, "no task")
     _fails(["--checkpoint", str(tmp_path), "--tasks", "demo_en_mc", "--wandb-run-dir",
-            str(tmp_path)], "no W&B run", "wandb_run_id")
+            str(tmp_path)], capsys, "no W&B run", "wandb_run_id")
 
 
-@pytest.mark.slow  # three runs that import lm-eval and megatron; one indexes lm-eval's 15k tasks
-def test_bad_checkpoint_or_task_is_one_line_exit_2(tmp_path):
+@pytest.mark.slow  # imports lm-eval and megatron, and indexes lm-eval's 15k tasks
+def test_bad_checkpoint_or_task_is_one_line_exit_2(tmp_path, offline, capsys):
     (tmp_path / "empty").mkdir()
-    _fails(["--checkpoint", str(tmp_path / "empty"), "--tasks", "demo_en_mc"],
+    _fails(["--checkpoint", str(tmp_path / "empty"), "--tasks", "demo_en_mc"], capsys,
            str(tmp_path / "empty"), "no checkpoint found")
     hf = tmp_path / "hf_no_tokenizer"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
-    _fails(["--checkpoint", str(hf), "--tasks", "demo_en_mc"], "no tokenizer", "--tokenizer")
+    _fails(["--checkpoint", str(hf), "--tasks", "demo_en_mc"], capsys, "no tokenizer",
+           "--tokenizer")
     _fails(["--checkpoint", str(tmp_path), "--tasks", "demo_en_mc,demo_ja_mcq,hellaswog"],
-           "demo_ja_mcq", "did you mean demo_ja_mc", "hellaswog", "hellaswag")
+           capsys, "demo_ja_mcq", "did you mean demo_ja_mc", "hellaswog", "hellaswag")
 
 
 def test_shipped_task_data_is_what_the_builder_writes():
