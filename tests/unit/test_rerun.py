@@ -96,6 +96,20 @@ def test_opt_in_resumes_with_the_changes_as_a_warning(copy):
     assert "summary: completed | steps 6" in proc.stdout
 
 
+def test_other_optimizer_kind_is_refused_in_one_line(copy):
+    """megatron's distributed and plain optimizers keep different state dicts: a resume that
+    switches parallel.distributed_optimizer is refused in one line, not a traceback from
+    megatron's load, even with checkpoint.allow_config_change (the field is a layout choice)."""
+    before = _snapshot(copy)
+    proc = run_cli(small_args(copy, 6, "--set", "parallel.distributed_optimizer=true",
+                              "--set", "checkpoint.allow_config_change=true"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _error_line(proc.stderr)
+    assert "saved with parallel.distributed_optimizer=false" in line, line
+    assert "--set parallel.distributed_optimizer=false" in line and "Traceback" not in proc.stderr
+    assert _snapshot(copy) == before and _no_locks(copy / "ckpt", copy / "run")
+
+
 @pytest.mark.slow
 def test_second_run_is_refused_until_the_first_ends_on_sigterm(tmp_path):
     """Two runs on one checkpoint dir, then on one output dir; SIGTERM frees both locks, and a
