@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -168,6 +169,9 @@ def single_process(cfg: Config | None) -> Iterator[None]:
         # Reusing a caller's groups would silently build a sharded model.
         raise ConversionError("torch.distributed is already initialized in this process; "
                               "run conversions in a process of their own")
+    # init_distributed picks a free MASTER_PORT into os.environ: put the caller's back, so that
+    # nothing started from this process later (a job, a tool) inherits a port it never chose
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     try:
         if cfg is not None:
             one = copy.deepcopy(cfg)
@@ -177,6 +181,11 @@ def single_process(cfg: Config | None) -> Iterator[None]:
         yield
     finally:
         shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # --- writing ----------------------------------------------------------------------------------

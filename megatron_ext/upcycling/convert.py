@@ -208,11 +208,12 @@ def logit_check_need(arch: Arch, spec: UpcycleSpec) -> int:
 
 def default_logit_budget() -> int:
     """Half the RAM available now, what the logit check may take without crowding the node, and
-    never more than an address-space limit (ulimit -v) leaves."""
+    never more than half of what an address-space limit (ulimit -v) leaves: the estimate counts
+    parameters, not the shards' mmaps or the allocator's per-thread arenas, which count too."""
     budget = psutil.virtual_memory().available // 2
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     if limit != resource.RLIM_INFINITY:
-        budget = min(budget, max(0, limit - psutil.Process().memory_info().vms))
+        budget = min(budget, max(0, limit - psutil.Process().memory_info().vms) // 2)
     return budget
 
 

@@ -132,8 +132,10 @@ trap forward_usr1 USR1
 # starts. A rerun or requeue finds that upcycle verified, or a checkpoint to resume, and skips
 # it. A USR1 meanwhile is handled once the step returns (bash runs traps between commands).
 log "recipe: python -m megatron_ext.cli.recipe --config $config"
+# (without MASTER_ADDR/PORT: a shell may carry them from another run, and the step's world of
+# one takes a free port of its own)
 srun --nodes=1 --ntasks=1 "${container_args[@]}" \
-    python -m megatron_ext.cli.recipe --config "$config" "$@"
+    env -u MASTER_ADDR -u MASTER_PORT python -m megatron_ext.cli.recipe --config "$config" "$@"
 status=$?
 if [ "$preempted" -eq 1 ]; then requeue "$status"; fi
 if [ "$status" -ne 0 ]; then
