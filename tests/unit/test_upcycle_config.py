@@ -13,7 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 
 from megatron_ext.config.loader import load_config
@@ -33,15 +32,9 @@ DROP = {"method": "drop", "ratio": 0.75, "seed": 11, "index_sharing": "per_proje
 
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("upcycle_config") / "dense"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, vocab_size=256)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    return path
+def dense(hf_llama: Path) -> Path:
+    """The shared tiny HF Llama (tests/conftest.py)."""
+    return hf_llama
 
 
 def _config(tmp_path: Path, moe: dict, upcycling: dict, **model) -> Path:
