@@ -214,17 +214,18 @@ def _schema_problem(meta: Any) -> str | None:
         return problem
     world = meta["layout"].get("world_size")
     if not _is_int(world, 1) or world > len(meta["files"]):  # one rng file per rank at least
-        return f"layout.world_size is {world!r} for {len(meta['files'])} files"
+        return f"layout.world_size is {short_repr(world)} for {len(meta['files'])} files"
     legacy = "format" not in meta
     if not legacy and (meta["format"] != FORMAT or meta.get("checksum") != ALGO):
-        return f"format {meta['format']!r} / checksum {meta.get('checksum')!r} not supported"
+        return (f"format {short_repr(meta['format'])} / checksum "
+                f"{short_repr(meta.get('checksum'))} not supported")
     for rel, entry in meta["files"].items():
         if rel.startswith("/") or ".." in rel.split("/") or rel == "meta.json":
-            return f"file name {rel!r} not allowed"
+            return f"file name {short_repr(rel)} not allowed"
         ok = (_is_int(entry) if legacy else isinstance(entry, dict) and _is_int(
             entry.get("size")) and isinstance(entry.get(ALGO), str) and _HEX.match(entry[ALGO]))
         if not ok:
-            return f"entry of {rel} is {entry!r}"
+            return f"entry of {clip(rel)} is {short_repr(entry)}"
     return None
 
 

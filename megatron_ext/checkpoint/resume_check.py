@@ -112,7 +112,8 @@ def check_resume(path: Path, cfg: Config) -> list[str]:
     diffs = differences(saved, to_dict(cfg))
     if not diffs[RUN]:
         return []
-    fields = "; ".join(f"{f}: checkpoint {a!r}, config {b!r}" for f, a, b in diffs[RUN])
+    fields = "; ".join(f"{f}: checkpoint {short_repr(a)}, config {short_repr(b)}"
+                      for f, a, b in diffs[RUN])
     if not cfg.checkpoint.allow_config_change:
         raise CheckpointError(
             f"resuming {path} with a config that changes the run: {fields} (use the checkpoint's "

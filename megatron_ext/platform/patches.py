@@ -100,6 +100,25 @@ PATCHES: tuple[Patch, ...] = (
                     "layers (transformers' load_balancing_loss_func)",
     ),
     Patch(
+        "lazy-jit-fuser", "megatron_ext.platform.mcore_import",
+        # torch.compile is a stand-in while megatron.core's own import runs, so
+        # megatron.core.jit.jit_fuser keeps it; nothing of megatron's is assigned (no targets),
+        # and if upstream renames jit_fuser the hook only loses its saving
+        targets=(),
+        upstream="megatron.core.jit.disable_jit_fuser (no compilation at all)",
+        remove_when="megatron-core defers torch.compile (and its torch._dynamo import) to a "
+                    "fusion's first call",
+    ),
+    Patch(
+        "megatron-without-loggers", "megatron_ext.platform.mcore_import",
+        # megatron.core.timers (wandb, SummaryWriter) and inference.contexts.dynamic_context
+        # (HAVE_WANDB) see neither logger (their ImportError fallbacks); we use neither the
+        # timers' writers nor megatron's inference engine
+        targets=(),
+        upstream="",
+        remove_when="megatron-core imports wandb and tensorboard where it logs, not at import",
+    ),
+    Patch(
         "fused-lm-loss", "megatron_ext.model.lm_loss",
         targets=("megatron.core.models.gpt.GPTModel._postprocess",),
         upstream="GPTModel's output_layer + tensor_parallel.vocab_parallel_cross_entropy "
