@@ -62,6 +62,8 @@ def have_te() -> bool:
 
 
 def resolve_backends(cfg: Config, cuda: bool | None = None) -> Backends:
+    """The backends for ``cfg`` (the root config: its model, moe, parallel and train sections
+    all decide one)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     precision = cfg.train.precision
     if precision == "auto":
@@ -236,7 +238,9 @@ def build_model_chunks(cfg: Config, backends: Backends, derived: Derived) -> lis
     """This rank's model chunks (parallel state must be initialized): one per virtual pipeline
     stage, in order. Each holds its own layers, numbered globally (megatron's layer offset), so
     checkpoints and metrics name a layer the same way at any pipeline layout; the first chunk
-    of the first stage holds the embedding, the last chunk of the last stage the LM head."""
+    of the first stage holds the embedding, the last chunk of the last stage the LM head.
+    Reads the model, moe, parallel and train sections of ``cfg``, and ``derived``'s MoE layer
+    pattern and padded vocabulary."""
     _reset_moe_globals()
     m, moe = cfg.model, cfg.moe
     config = transformer_config(m, moe, cfg.parallel, cfg.train, derived.moe_layer_pattern,
