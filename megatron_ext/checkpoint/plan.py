@@ -148,8 +148,9 @@ def resolve_load(path: str | Path, checksums: bool) -> tuple[Path, dict, list[st
     return path, verify_shared(path, checksums), []
 
 
-def make_plan(cfg: Config) -> ResumePlan:
-    """The job's plan for ``cfg`` (every rank calls it; see the module docstring). Raises
+def make_plan(cfg: Config, total_steps: int) -> ResumePlan:
+    """The job's plan for ``cfg``, a run of ``total_steps`` (``Derived.total_steps``; every rank
+    calls it; see the module docstring). Raises
     CheckpointError, the same on every rank, when the checkpoints are unusable or the config
     may not resume or load them."""
     ck, checksums = cfg.checkpoint, cfg.checkpoint.verify_checksums
@@ -158,7 +159,7 @@ def make_plan(cfg: Config) -> ResumePlan:
         if path is not None:
             def decide() -> tuple[list[str], str | None]:
                 changes = resume_check.check_resume(path, cfg)
-                return changes, resume_check.complete_message(path, cfg, meta)
+                return changes, resume_check.complete_message(path, total_steps, meta)
 
             changes, message = on_rank0(decide)
             return ResumePlan(COMPLETE if message else RESUME, str(path), meta,

@@ -24,7 +24,6 @@ from megatron_ext.checkpoint.store import CheckpointError, saved_config, verify
 from megatron_ext.config.fields import ARCH, FREE, RUN, leaves, short_repr
 from megatron_ext.config.loader import to_dict
 from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import total_steps
 
 # Declared with each field in config/schema.py (``setting(..., resume=...)``, else the policy
 # of its section). Longest matching dotted prefix wins (a mapping field's entries take its
@@ -121,10 +120,10 @@ def check_resume(path: Path, cfg: Config) -> list[str]:
     return [f"resuming {path} with config changes (checkpoint.allow_config_change): {fields}"]
 
 
-def complete_message(path: Path, cfg: Config, meta: dict | None = None) -> str | None:
+def complete_message(path: Path, total: int, meta: dict | None = None) -> str | None:
     """The line to print when ``path`` (with manifest ``meta``, verified; None: verify it now)
-    already holds the run's last step, else None."""
-    step, total = int((meta or verify(path))["step"]), total_steps(cfg)
+    already holds the run's last step (``total``: the run's total steps), else None."""
+    step = int((meta or verify(path))["step"])
     if step < total:
         return None
     return f"run already complete: step {step} of {total} in {path}; nothing to do"

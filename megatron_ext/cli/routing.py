@@ -129,10 +129,9 @@ def analyze(args: argparse.Namespace) -> int:
     from megatron_ext.analysis import routing as R
     from megatron_ext.checkpoint.load_model import checkpoint_config, load_model
     from megatron_ext.checkpoint.store import CheckpointError
-    from megatron_ext.config.validate import moe_layer_pattern
+    from megatron_ext.config.derived import moe_layer_pattern, padded_vocab
     from megatron_ext.data.run_tokenizer import tokenizer_path
     from megatron_ext.data.tokenizer import load_tokenizer
-    from megatron_ext.model.params import padded_vocab
     from megatron_ext.platform.dist import shutdown
 
     texts = parse_texts(args.text)
@@ -142,7 +141,7 @@ def analyze(args: argparse.Namespace) -> int:
         ckpt, cfg = checkpoint_config(args.checkpoint)
     except CheckpointError as err:
         raise DataError(f"checkpoint: {err}") from err
-    moe_layers = [i for i, moe in enumerate(moe_layer_pattern(cfg)) if moe]
+    moe_layers = [i for i, moe in enumerate(moe_layer_pattern(cfg.model, cfg.moe)) if moe]
     if not moe_layers:
         raise DataError(f"{ckpt}: a dense model has no routers to analyze")
     layers = parse_layers(args.layers, moe_layers)
@@ -155,9 +154,10 @@ def analyze(args: argparse.Namespace) -> int:
     tokenizer_file = tokenizer_path(cfg, args.tokenizer)
     check_inputs(args.output, args, ("--checkpoint", str(ckpt)), ("tokenizer", tokenizer_file))
     tokenizer = load_tokenizer(tokenizer_file)
-    if tokenizer.vocab_size > padded_vocab(cfg):
+    rows = padded_vocab(cfg.model)
+    if tokenizer.vocab_size > rows:
         raise DataError(f"tokenizer {tokenizer_file} has {tokenizer.vocab_size} tokens, more "
-                        f"than the model's vocabulary ({padded_vocab(cfg)}): wrong tokenizer?")
+                        f"than the model's vocabulary ({rows}): wrong tokenizer?")
     streams = {label: R.read_token_stream(path, tokenizer, args.max_tokens)
                for label, path in texts.items()}
 

@@ -9,21 +9,11 @@ import math
 import tempfile
 from pathlib import Path
 
+from megatron_ext.config.derived import active_valid_sets, names_demo_corpus, total_steps
 from megatron_ext.config.fields import clip, short_repr
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.ranges import check_ranges, check_sizes
 from megatron_ext.config.schema import Config
-
-
-def moe_layer_pattern(cfg: Config) -> list[int]:
-    """1 for MoE layers, 0 for dense ones (all 0 for a dense model)."""
-    L = cfg.model.num_layers
-    if cfg.moe.num_experts == 0:
-        return [0] * L
-    freq = cfg.moe.layer_freq
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(L)]
-    return [int(x) for x in freq]
 
 
 def planned_world_size(cfg: Config, launched: int = 1) -> int:
@@ -121,24 +111,6 @@ def _check_layout(cfg: Config, world: int) -> int:
     return dp
 
 
-def pipeline_stage_layers(cfg: Config) -> list[int]:
-    """Transformer layers per pipeline stage (megatron's split: ``first_stage_layers`` and
-    ``last_stage_layers`` when set, the rest evenly over the other stages). Assumes a layout
-    that ``validate`` accepted."""
-    par, n = cfg.parallel, cfg.model.num_layers
-    first, last = par.first_stage_layers, par.last_stage_layers
-    if par.pipeline == 1:
-        return [n]
-    middle = par.pipeline - (first is not None) - (last is not None)
-    each = (n - (first or 0) - (last or 0)) // max(middle, 1)
-    stages = [each] * par.pipeline
-    if first is not None:
-        stages[0] = first
-    if last is not None:
-        stages[-1] = last
-    return stages
-
-
 def _check_pipeline(cfg: Config) -> None:
     """Stages and virtual stages (model chunks) each get a whole number of layers, at least
     one (megatron's split; the first/last stage may be set apart from the even rest)."""
@@ -183,7 +155,7 @@ def _check_batch_and_schedule(cfg: Config, dp: int) -> int:
            "give train_steps or train_tokens")
     _check(opt.min_lr <= opt.lr, "optimizer.min_lr",
            f"need 0 <= min_lr ({opt.min_lr}) <= lr ({opt.lr})")
-    steps = total_steps(cfg)
+    steps = total_steps(tr, cfg.data.seq_length)
     decay = cfg.schedule.decay_steps or steps
     # megatron's scheduler needs the decay to extend past the warmup.
     _check(cfg.schedule.warmup_steps == 0 or 0 < cfg.schedule.warmup_steps < decay,
@@ -238,26 +210,10 @@ def _check_eval(cfg: Config) -> None:
            "(evaluate a checkpoint with moe-lm-eval instead)")
 
 
-DEMO_PREFIX = "demo:"  # data.valid_sets: a language of the demo corpus (demo:en, demo:ja)
-
-
-def names_demo_corpus(source: object) -> bool:
-    """Whether a data.valid_sets entry reads the demo corpus (``demo:<language>``)."""
-    items = source if isinstance(source, list) else [source]
-    return any(isinstance(x, str) and x.startswith(DEMO_PREFIX) for x in items)
-
-
-def active_valid_sets(cfg: Config) -> dict:
-    """The data.valid_sets this run evaluates: entries naming the demo corpus count only when
-    training on it (so a demo config switched to other data does not fail on them)."""
-    return {name: source for name, source in cfg.data.valid_sets.items()
-            if cfg.data.demo_corpus or not names_demo_corpus(source)}
-
-
 def _check_valid_sets(cfg: Config) -> None:
     # Names and sources are the field's declared bounds (schema.py), checked with its type.
     d = cfg.data
-    active = active_valid_sets(cfg)
+    active = active_valid_sets(d)
     if not active:
         return
     _check(not d.mock, "data.valid_sets",
@@ -364,11 +320,3 @@ def _check_writable_dir(field: str, path: Path) -> None:
     except OSError as e:
         raise ConfigError(f"{field}: {path} cannot be written ({base}: {e.strerror or e})"
                           ) from None
-
-
-def total_steps(cfg: Config) -> int:
-    tr = cfg.train
-    if tr.train_tokens is not None:
-        per_step = tr.global_batch_size * cfg.data.seq_length
-        return -(-tr.train_tokens // per_step)
-    return int(tr.train_steps)

@@ -35,9 +35,10 @@ import yaml
 from torch import Tensor
 
 from megatron_ext.checkpoint.manifest import CheckpointError
+from megatron_ext.config.derived import moe_layer_pattern
 from megatron_ext.config.loader import ConfigError, apply_overrides, to_dict
 from megatron_ext.config.schema import Config, DataConfig
-from megatron_ext.config.validate import moe_layer_pattern, validate
+from megatron_ext.config.validate import validate
 from megatron_ext.conversion.hf_config import check_hf_config, read_hf_config
 from megatron_ext.conversion.hf_io import TOKENIZER_FILES, staged_dir
 from megatron_ext.conversion.keymaps import (
@@ -118,7 +119,7 @@ def config_from_hf(hf_config: dict[str, Any], overrides: Mapping[str, Any] | Non
 
 def arch_from_config(cfg: Config) -> Arch:
     m = cfg.model
-    pattern = moe_layer_pattern(cfg)
+    pattern = moe_layer_pattern(cfg.model, cfg.moe)
     return Arch(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_heads=m.num_attention_heads,
         num_kv_heads=m.num_kv_heads or m.num_attention_heads,

@@ -12,6 +12,7 @@ the load-balancing loss (megatron's per layer, or ``model.load_balancing``'s ove
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +28,9 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_ext.config.derived import Derived, derive
 from megatron_ext.config.loader import ConfigError
-from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import moe_layer_pattern
+from megatron_ext.config.schema import Config, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 from megatron_ext.model import load_balancing, rope
 from megatron_ext.model.attention import HAVE_FLASH_ATTN, FlashAttention, SDPAttention
 from megatron_ext.model.dispatcher import use_local_dispatcher
@@ -37,7 +38,6 @@ from megatron_ext.model.experts import use_grouped_experts, use_router
 from megatron_ext.model.lm_loss import FusedLossGPTModel
 from megatron_ext.model.load_balancing import AllLayersRouter
 from megatron_ext.model.norm import RMSNorm
-from megatron_ext.model.params import padded_vocab
 from megatron_ext.platform.quiet import quiet_megatron
 
 
@@ -62,6 +62,8 @@ def have_te() -> bool:
 
 
 def resolve_backends(cfg: Config, cuda: bool | None = None) -> Backends:
+    """The backends for ``cfg`` (the root config: its model, moe, parallel and train sections
+    all decide one)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     precision = cfg.train.precision
     if precision == "auto":
@@ -95,8 +97,9 @@ def resolve_backends(cfg: Config, cuda: bool | None = None) -> Backends:
                     cfg.model.lm_loss, fusion)
 
 
-def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
-    m, moe, par = cfg.model, cfg.moe, cfg.parallel
+def transformer_config(m: ModelConfig, moe: MoEConfig, par: ParallelConfig, tr: TrainConfig,
+                       moe_layers: Sequence[int], backends: Backends) -> TransformerConfig:
+    """megatron-core's config of the model; ``moe_layers``: the run's ``moe_layer_pattern``."""
     bf16 = backends.precision == "bf16"
     kwargs = dict(
         num_layers=m.num_layers, hidden_size=m.hidden_size,
@@ -132,15 +135,15 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
         # TE's fused RoPE when installed, else ours (compiled) in megatron's slot for it.
         apply_rope_fusion=backends.fusion and rope.install(),
         gradient_accumulation_fusion=False, persist_layer_norm=False,
-        deterministic_mode=cfg.train.deterministic and not torch.cuda.is_available(),
+        deterministic_mode=tr.deterministic and not torch.cuda.is_available(),
         cross_entropy_loss_fusion=False,
     )
-    if cfg.train.recompute != "none":
-        kwargs["recompute_granularity"] = cfg.train.recompute
-        if cfg.train.recompute == "full":
+    if tr.recompute != "none":
+        kwargs["recompute_granularity"] = tr.recompute
+        if tr.recompute == "full":
             kwargs.update(recompute_method="uniform", recompute_num_layers=1)
         else:
-            kwargs["recompute_modules"] = list(cfg.train.recompute_modules)
+            kwargs["recompute_modules"] = list(tr.recompute_modules)
     if moe.num_experts > 0:
         kwargs.update(
             num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k,
@@ -148,8 +151,8 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
             # gradient to the router, so top-1 uses Switch's softmax over all experts.
             moe_router_pre_softmax=moe.top_k == 1,
             # all_layers: megatron's per-layer loss off; ours (model.load_balancing) instead.
-            moe_aux_loss_coeff=0.0 if all_layers_aux(cfg) else moe.aux_loss_coeff,
-            moe_router_load_balancing_type="none" if all_layers_aux(cfg) else "aux_loss",
+            moe_aux_loss_coeff=0.0 if all_layers_aux(moe) else moe.aux_loss_coeff,
+            moe_router_load_balancing_type="none" if all_layers_aux(moe) else "aux_loss",
             moe_z_loss_coeff=moe.z_loss_coeff, moe_router_dtype="fp32",
             # "local" replaces the allgather dispatcher after the build (build_model).
             moe_token_dispatcher_type=(
@@ -158,7 +161,7 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
             # then replace) and requires it for moe_act recompute, which ours implement too.
             moe_grouped_gemm=backends.experts == "te-grouped" or (
                 backends.experts == "grouped" and "moe_act" in kwargs.get("recompute_modules", [])),
-            moe_layer_freq=moe_layer_pattern(cfg),
+            moe_layer_freq=list(moe_layers),
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_token_drop_policy=moe.token_drop_policy,
             moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
@@ -167,9 +170,8 @@ def transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
-def all_layers_aux(cfg: Config) -> bool:
+def all_layers_aux(moe: MoEConfig) -> bool:
     """Whether the model carries the paper stack's load-balancing loss over all MoE layers."""
-    moe = cfg.moe
     return moe.num_experts > 0 and moe.aux_loss_scope == "all_layers" and moe.aux_loss_coeff > 0
 
 
@@ -223,41 +225,46 @@ def _reset_moe_globals() -> None:
 
 def build_model(cfg: Config, backends: Backends) -> GPTModel:
     """Build this rank's GPTModel (parallel state must be initialized): the whole model, or its
-    pipeline stage. With an interleaved pipeline use ``build_model_chunks``."""
-    chunks = build_model_chunks(cfg, backends)
+    pipeline stage; for tools that build a model outside a training run (a run builds its chunks
+    from the values it derived once: ``build_model_chunks``)."""
+    chunks = build_model_chunks(cfg, backends, derive(cfg))
     if len(chunks) != 1:
         raise ConfigError("parallel.virtual_pipeline: this tool needs one model chunk per rank "
                           "(set parallel.virtual_pipeline: null)")
     return chunks[0]
 
 
-def build_model_chunks(cfg: Config, backends: Backends) -> list[GPTModel]:
+def build_model_chunks(cfg: Config, backends: Backends, derived: Derived) -> list[GPTModel]:
     """This rank's model chunks (parallel state must be initialized): one per virtual pipeline
     stage, in order. Each holds its own layers, numbered globally (megatron's layer offset), so
     checkpoints and metrics name a layer the same way at any pipeline layout; the first chunk
-    of the first stage holds the embedding, the last chunk of the last stage the LM head."""
+    of the first stage holds the embedding, the last chunk of the last stage the LM head.
+    Reads the model, moe, parallel and train sections of ``cfg``, and ``derived``'s MoE layer
+    pattern and padded vocabulary."""
     _reset_moe_globals()
-    config = transformer_config(cfg, backends)  # one config: the schedule reads chunk 0's
+    m, moe = cfg.model, cfg.moe
+    config = transformer_config(m, moe, cfg.parallel, cfg.train, derived.moe_layer_pattern,
+                                backends)  # one config: the schedule reads chunk 0's
     vpp = config.virtual_pipeline_model_parallel_size
     model_class = FusedLossGPTModel if backends.lm_loss == "fused" else GPTModel
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
         model = model_class(
             config=config,
-            transformer_layer_spec=layer_specs(config, backends, vp_stage, all_layers_aux(cfg)),
-            vocab_size=padded_vocab(cfg),
-            max_sequence_length=cfg.model.max_position_embeddings,
+            transformer_layer_spec=layer_specs(config, backends, vp_stage, all_layers_aux(moe)),
+            vocab_size=derived.padded_vocab,
+            max_sequence_length=m.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
                                                                vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                                vp_stage=vp_stage),
             position_embedding_type="rope",
-            rotary_base=int(cfg.model.rotary_base),
+            rotary_base=int(m.rotary_base),
             share_embeddings_and_output_weights=False,
             vp_stage=vp_stage,
         )
         model.fuse_kernels = backends.fusion
-        load_balancing.install(model, cfg.moe.aux_loss_coeff)
+        load_balancing.install(model, moe.aux_loss_coeff)
         if backends.dispatcher == "local":
             use_local_dispatcher(model)
         chunks.append(model)

@@ -9,16 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import moe_layer_pattern, pipeline_stage_layers
-
-
-def padded_vocab(cfg: Config) -> int:
-    """Vocabulary rows of the embedding/output layer. Not scaled by the tensor-parallel size (as
-    megatron's training script does) so a checkpoint loads at any TP; validation checks that
-    ``vocab_multiple`` splits evenly over TP ranks."""
-    mult = cfg.model.vocab_multiple
-    return -(-cfg.model.vocab_size // mult) * mult
+from megatron_ext.config.derived import moe_layer_pattern, padded_vocab, pipeline_stage_layers
+from megatron_ext.config.schema import Config, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 
 
 @dataclass
@@ -35,21 +27,20 @@ class ParamCounts:
     moe_layers: int
 
 
-def count_params(cfg: Config) -> ParamCounts:
-    m = cfg.model
+def count_params(m: ModelConfig, moe: MoEConfig) -> ParamCounts:
     H, F, L = m.hidden_size, m.ffn_hidden_size, m.num_layers
     head_dim = H // m.num_attention_heads
     kv = m.num_kv_heads or m.num_attention_heads
-    V = padded_vocab(cfg)
+    V = padded_vocab(m)
     emb = 2 * V * H  # untied input embedding + output layer
     attn = L * (H * (m.num_attention_heads + 2 * kv) * head_dim
                 + m.num_attention_heads * head_dim * H)
     norms = L * 2 * H + H
-    pattern = moe_layer_pattern(cfg)
+    pattern = moe_layer_pattern(m, moe)
     n_moe = sum(pattern)
     n_dense = L - n_moe
     mlp = 3 * H * F
-    E, k = cfg.moe.num_experts, cfg.moe.top_k
+    E, k = moe.num_experts, moe.top_k
     experts_total = n_moe * E * mlp
     experts_active = n_moe * k * mlp
     router = n_moe * E * H
@@ -62,42 +53,43 @@ def count_params(cfg: Config) -> ParamCounts:
     )
 
 
-def flops_per_token(cfg: Config) -> float:
+def flops_per_token(m: ModelConfig, moe: MoEConfig, seq_length: int) -> float:
     """Training FLOPs per token: 6 x matmul params touched (LM head included) + attention scores.
 
     The attention term is 12 x layers x hidden x seq (forward QK^T and AV, times 3 for backward),
     the convention used in the project's benchmarks (REFERENCE section 5).
     """
-    return matmul_flops_per_token(cfg) + attention_flops_per_token(cfg)
+    return matmul_flops_per_token(m, moe) + attention_flops_per_token(m, seq_length)
 
 
-def matmul_flops_per_token(cfg: Config) -> float:
+def matmul_flops_per_token(m: ModelConfig, moe: MoEConfig) -> float:
     """6 x the matmul parameters a token touches (forward 2, backward 4), the LM head included."""
-    c = count_params(cfg)
+    c = count_params(m, moe)
     return 6.0 * (c.active - c.norms - c.embedding // 2)  # the input embedding is a lookup
 
 
-def attention_flops_per_token(cfg: Config) -> float:
+def attention_flops_per_token(m: ModelConfig, seq_length: int) -> float:
     """QK^T and AV for every position of the sequence, forward and backward (12 L h s)."""
-    m = cfg.model
-    return 12.0 * m.num_layers * m.hidden_size * cfg.data.seq_length
+    return 12.0 * m.num_layers * m.hidden_size * seq_length
 
 
 def memory_estimate_gb(cfg: Config, world_size: int, bf16: bool = True) -> dict[str, float]:
     """Rough per-GPU memory of the fullest pipeline stage (the first holds the embedding and the
     most micro-batches in flight, the last the LM head and its logits): weights, grads, optimizer
-    state (sharded if distributed), activations."""
+    state (sharded if distributed), activations. Takes the root config: it reads the model, MoE,
+    parallel, train and data sections (also for the planner's hypothetical layouts)."""
     last = cfg.parallel.pipeline - 1
     stages = [_stage_memory(cfg, world_size, bf16, stage) for stage in sorted({0, last})]
     return max(stages, key=lambda mem: mem["total"])
 
 
 def _stage_memory(cfg: Config, world_size: int, bf16: bool, stage: int) -> dict[str, float]:
-    c = count_params(cfg)
+    c = count_params(cfg.model, cfg.moe)
     par, m = cfg.parallel, cfg.model
     p = par.pipeline
     dp = max(1, world_size // (par.tensor * p))
-    share = pipeline_stage_layers(cfg)[stage] / m.num_layers
+    n_layers = pipeline_stage_layers(par, m.num_layers)[stage]
+    share = n_layers / m.num_layers
     # Layer parameters split by the stage's share of layers; each embedding table on its stage.
     table = c.embedding // 2
     layers_shared = c.total - c.experts_total - c.embedding
@@ -115,30 +107,28 @@ def _stage_memory(cfg: Config, world_size: int, bf16: bool, stage: int) -> dict[
     # recompute; Korthikanti et al. 2022) with MoE layers holding top_k copies of the MLP part.
     k = cfg.moe.top_k if cfg.moe.num_experts else 1
     act_layer = s * b * m.hidden_size * (18 + 16 * k) * (w_bytes / 2) / par.tensor
-    n_layers = pipeline_stage_layers(cfg)[stage]
     if cfg.train.recompute == "full":
         # Each layer keeps its input; backward rebuilds one layer's activations at a time.
         layers = n_layers * s * b * m.hidden_size * w_bytes / par.tensor
     else:  # selective recompute is not modelled: an upper bound
         layers = n_layers * act_layer
-    layers = layers * in_flight(cfg, world_size, stage)
+    layers = layers * in_flight(par, cfg.train, world_size, stage)
     layers += act_layer if cfg.train.recompute == "full" else 0
     # Logits for the loss (last stage, one micro-batch at a time): the fused loss keeps them in
     # the model dtype; megatron's path adds an fp32 copy (docs/benchmarks.md, LM head + loss).
     logit_bytes = w_bytes if cfg.model.lm_loss == "fused" else w_bytes + 4
-    logits = s * b * padded_vocab(cfg) * logit_bytes / par.tensor if stage == p - 1 else 0.0
+    logits = s * b * padded_vocab(m) * logit_bytes / par.tensor if stage == p - 1 else 0.0
     acts = layers + logits
     gb = 1024**3
     return {"weights": weights / gb, "grads": grads / gb, "optimizer": optim / gb,
             "activations": acts / gb, "total": (weights + grads + optim + acts) / gb}
 
 
-def in_flight(cfg: Config, world_size: int, stage: int) -> float:
+def in_flight(par: ParallelConfig, tr: TrainConfig, world_size: int, stage: int) -> float:
     """Micro-batches whose activations pipeline stage ``stage`` holds at once: 1F1B's warm-up
     leaves ``pipeline - stage`` of them (at most the micro-batches of a step); the interleaved
     schedule holds ``1 + (p - 1) / (p v)`` times more of its (v times smaller) chunks on the
     first stage (Narayanan et al. 2021)."""
-    par, tr = cfg.parallel, cfg.train
     p, v = par.pipeline, par.virtual_pipeline or 1
     if p == 1:
         return 1.0

@@ -13,6 +13,7 @@ where a run file goes (nothing is written through a link into a file elsewhere).
 
 from __future__ import annotations
 
+from megatron_ext.config.derived import DEMO_PREFIX
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
 from megatron_ext.platform.fs import check_io, check_run_files
@@ -22,14 +23,15 @@ METRICS_FILE = "metrics.jsonl"
 # Names a run creates in logging.output_dir and in checkpoint.save (besides iter dirs).
 OUTPUT_DIR_FILES = (CONFIG_FILE, METRICS_FILE, "tensorboard", "wandb", "wandb_run_id", ".lock")
 SAVE_DIR_FILES = ("latest", ".lock")
-_DEMO = "demo:"  # a demo corpus language (config.validate.DEMO_PREFIX), not a path
 
 
 def _prefix_files(field: str, sources: object) -> list[tuple[str, str]]:
     """The ``.bin`` and ``.idx`` files of the dataset prefixes in a blend (weights skipped)."""
     items = sources if isinstance(sources, list) else [sources]
+    # a demo corpus language (demo:en) names no files
     return [(field, f"{item}{ext}") for item in items
-            if isinstance(item, str) and not item.startswith(_DEMO) for ext in (".bin", ".idx")]
+            if isinstance(item, str) and not item.startswith(DEMO_PREFIX)
+            for ext in (".bin", ".idx")]
 
 
 def run_inputs(cfg: Config, config_file: str | None) -> list[tuple[str, str | None]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megatron_ext.config.args import int_arg
+from megatron_ext.config.derived import Derived, derive
 from megatron_ext.config.loader import ConfigError, load_config, to_yaml
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import check_paths, planned_world_size, validate
@@ -70,12 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train_main(cfg: Config, preempt: Preemption, extra_callbacks: Sequence[Factory] = ()) -> int:
+def train_main(cfg: Config, derived: Derived, preempt: Preemption,
+               extra_callbacks: Sequence[Factory] = ()) -> int:
     # Rank 0 alone holds the run's locks, from before anything is built until the very end;
     # taken before megatron is even imported, so a directory in use is refused in seconds.
     locks = RunLocks(_lock_targets(cfg) if is_rank0() else [])
     try:
-        stop, plan = _preflight(cfg, locks) if is_rank0() else (None, None)
+        stop, plan = _preflight(cfg, derived, locks) if is_rank0() else (None, None)
         if stop is not None and launch.world_size() == 1:
             return _stop(stop)  # before any process group: nobody else waits for this one
         # Here, after the locks: torch and megatron-core take seconds to import, and a run
@@ -92,7 +94,7 @@ def train_main(cfg: Config, preempt: Preemption, extra_callbacks: Sequence[Facto
             if stop is not None:
                 return _stop(stop)
             if plan is None:  # several ranks: they decide together, now that they can talk
-                plan = make_plan(cfg)
+                plan = make_plan(cfg, derived.total_steps)
                 for w in plan.warnings if layout.rank == 0 else ():
                     warn(w)
             if plan.action == COMPLETE:
@@ -101,7 +103,7 @@ def train_main(cfg: Config, preempt: Preemption, extra_callbacks: Sequence[Facto
             # (capture cannot use the default stream, and megatron's DDP keeps AccumulateGrad
             # nodes that belong to the stream they were made on).
             with step_stream(cfg.train.cuda_graph):
-                return session.train(cfg, layout, preempt, plan, extra_callbacks)
+                return session.train(cfg, derived, layout, preempt, plan, extra_callbacks)
         except ckpt.CheckpointError as e:
             preempt.check()  # e.g. a peer rank that left on a start-up signal
             if layout.rank == 0:
@@ -119,7 +121,8 @@ def _lock_targets(cfg: Config) -> list[tuple[str, str]]:
     return [(path, what) for path, what in targets if path]
 
 
-def _preflight(cfg: Config, locks: RunLocks) -> tuple[tuple[int, str | None] | None, Any]:
+def _preflight(cfg: Config, derived: Derived, locks: RunLocks
+               ) -> tuple[tuple[int, str | None] | None, Any]:
     """Rank 0, before anything is built: take the run's locks, then (a single process: it
     needs no peers) decide from the checkpoints what to start from. Returns (exit code and line
     to stop with, or None; the ``ResumePlan``, or None when the ranks make it together)."""
@@ -134,7 +137,7 @@ def _preflight(cfg: Config, locks: RunLocks) -> tuple[tuple[int, str | None] | N
     from megatron_ext.checkpoint.store import CheckpointError
 
     try:
-        made = plan.make_plan(cfg)
+        made = plan.make_plan(cfg, derived.total_steps)
     except (CheckpointError, OSError) as e:
         return (EXIT_CONFIG, f"error: {e}"), None
     for w in made.warnings:
@@ -190,6 +193,7 @@ def _main(argv: list[str] | None, preempt: Preemption, extra_callbacks: Sequence
         # training launch is checked against the processes it really has.
         launched = launch.world_size()
         validate(cfg, world_size=planned_world_size(cfg, launched) if info_only else launched)
+        derived = derive(cfg)  # once: the run's layers take these instead of recomputing them
         if cfg.logging.wandb.name is None and args.config:
             cfg.logging.wandb.name = Path(args.config).stem
         if cfg.logging.output_dir is None:  # per config: two configs never share metrics.jsonl
@@ -212,7 +216,7 @@ def _main(argv: list[str] | None, preempt: Preemption, extra_callbacks: Sequence
 
     try:  # the plan takes the policy from cfg; the writer's pruning from here
         with content_checks(cfg.checkpoint.verify_checksums):
-            return train_main(cfg, preempt, extra_callbacks)
+            return train_main(cfg, derived, preempt, extra_callbacks)
     except UserError as e:  # found while building (backend, tokenizer, data) or capturing
         return _fail(f"error: {e}")
     except Exception:  # noqa: BLE001 - report, then a distinct exit code for the launcher

@@ -11,17 +11,13 @@ from __future__ import annotations
 import copy
 import sys
 
+from megatron_ext.config.derived import derive
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import planned_world_size, total_steps
+from megatron_ext.config.validate import planned_world_size
 from megatron_ext.data.errors import DataError
 from megatron_ext.errors import UserError
-from megatron_ext.model.params import (
-    count_params,
-    flops_per_token,
-    memory_estimate_gb,
-    padded_vocab,
-)
+from megatron_ext.model.params import count_params, flops_per_token, memory_estimate_gb
 from megatron_ext.model.planner.report import plan_text, step_line
 from megatron_ext.model.planner.step import predict
 from megatron_ext.platform import launch
@@ -69,19 +65,21 @@ def _fail(line: str, code: int, rank0: bool) -> int:
 
 
 def dry_run(cfg: Config) -> str:
-    c = count_params(cfg)
+    derived = derive(cfg)  # here, not in main: a failure is the report's one line
+    c = count_params(cfg.model, cfg.moe)
+    flops = flops_per_token(cfg.model, cfg.moe, cfg.data.seq_length)
     world = planned_world_size(cfg, launch.world_size())
     par = cfg.parallel
     dp = world // (par.tensor * par.pipeline)
     mem = memory_estimate_gb(cfg, world, bf16=cfg.train.precision != "fp32")
-    steps = total_steps(cfg)
+    steps = derived.total_steps
     lines = [
         f"parameters: total {c.total / 1e9:.3f}B ({c.total:,}), "
         f"active per token {c.active / 1e9:.3f}B ({c.active:,})",
         f"  embedding+output {c.embedding:,} | attention {c.attention:,} | experts "
         f"{c.experts_total:,} ({c.moe_layers} MoE layers) | dense MLP {c.dense_mlp:,} | "
         f"router {c.router:,} | norms {c.norms:,}",
-        f"vocab: {cfg.model.vocab_size} padded to {padded_vocab(cfg)}",
+        f"vocab: {cfg.model.vocab_size} padded to {derived.padded_vocab}",
         f"layout: world {world} = tp {par.tensor} x pp {par.pipeline} x dp {dp}; "
         f"ep {par.expert} (experts per rank {cfg.moe.num_experts // par.expert})",
         f"batch: global {cfg.train.global_batch_size} x seq {cfg.data.seq_length} = "
@@ -89,7 +87,7 @@ def dry_run(cfg: Config) -> str:
         f"micro {cfg.train.micro_batch_size}, grad accumulation "
         f"{cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)}",
         f"steps: {steps:,} ({steps * cfg.train.global_batch_size * cfg.data.seq_length / 1e9:.1f}B "
-        f"tokens), {flops_per_token(cfg) / 1e9:.2f} GFLOP/token",
+        f"tokens), {flops / 1e9:.2f} GFLOP/token",
         "memory per GPU (estimate, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items())
         + {"full": " (full recompute)", "selective": " (selective recompute not modelled: "
            "activations are an upper bound)"}.get(cfg.train.recompute, ""),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from megatron_ext.checkpoint import store as ckpt
 from megatron_ext.checkpoint.plan import LOAD, RESUME, ResumePlan
+from megatron_ext.config.derived import Derived
 from megatron_ext.config.loader import to_dict, to_yaml
 from megatron_ext.config.schema import Config
 from megatron_ext.platform import patches
@@ -23,10 +24,11 @@ from megatron_ext.training.signals import Preemption
 from megatron_ext.training.trainer import Summary, Trainer
 
 
-def train(cfg: Config, layout: Layout, preempt: Preemption, plan: ResumePlan,
+def train(cfg: Config, derived: Derived, layout: Layout, preempt: Preemption, plan: ResumePlan,
           extra_callbacks: Sequence[callbacks.Factory] = ()) -> int:
     """Build, resume or initialise as ``plan`` says (``checkpoint.plan.make_plan``, already
-    verified), train; returns the exit code. ``extra_callbacks``: factories of callbacks beyond
+    verified), train; returns the exit code. ``derived``: ``derive(cfg)``, made once after
+    validation. ``extra_callbacks``: factories of callbacks beyond
     the standard list (``callbacks.build``)."""
     patches.check()  # our patches of megatron-core internals hold for the installed version
     rank0 = layout.rank == 0
@@ -34,16 +36,16 @@ def train(cfg: Config, layout: Layout, preempt: Preemption, plan: ResumePlan,
         log(mock_banner(cfg.model.vocab_size))
         mark_lines(MOCK_MARK)
     try:
-        return _train(cfg, layout, preempt, plan, extra_callbacks, rank0)
+        return _train(cfg, derived, layout, preempt, plan, extra_callbacks, rank0)
     finally:
         mark_lines(None)
 
 
-def _train(cfg: Config, layout: Layout, preempt: Preemption, plan: ResumePlan,
+def _train(cfg: Config, derived: Derived, layout: Layout, preempt: Preemption, plan: ResumePlan,
            extra_callbacks: Sequence[callbacks.Factory], rank0: bool) -> int:
     if rank0:  # before building: a log line that says start-up reached the data and model
         log(f"layout: {layout.describe()}")
-    run = build_run(cfg, layout)
+    run = build_run(cfg, derived, layout)
     if rank0:
         log(f"backends: {run.backends.describe()}")
     out = run_dir(cfg)

@@ -14,15 +14,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 from torch.utils.data import Dataset
 
+from megatron_ext.config.derived import DEMO_PREFIX, Derived
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import DEMO_PREFIX, active_valid_sets, total_steps
 from megatron_ext.data import datasets as D
 from megatron_ext.data.demo import ensure_demo_data
 from megatron_ext.data.tokenizer import load_tokenizer
 from megatron_ext.model.builder import Backends, build_model_chunks, resolve_backends
 from megatron_ext.model.chunks import as_model
-from megatron_ext.model.params import padded_vocab
 from megatron_ext.platform.dist import Layout
 from megatron_ext.training.optim import build_optimizer, build_scheduler
 
@@ -32,6 +31,7 @@ class Run:
     """Everything a training run is made of, built by ``build_run``."""
 
     cfg: Config
+    derived: Derived  # what cfg implies (total steps, MoE layers, ...), computed once
     layout: Layout
     backends: Backends
     # DDP(Float16Module (bf16 only)(GPTModel)): this rank's model or pipeline stage; with an
@@ -42,7 +42,6 @@ class Run:
     train_ds: Dataset
     valid_ds: Dataset | None  # the training blend's held-out split
     valid_sets: dict[str, Dataset]  # data.valid_sets
-    total_steps: int
     distributed_optimizer: bool
 
 
@@ -62,15 +61,15 @@ def use_distributed_optimizer(cfg: Config) -> bool:
     return torch.cuda.is_available()
 
 
-def build_run(cfg: Config, layout: Layout) -> Run:
-    steps = total_steps(cfg)
+def build_run(cfg: Config, derived: Derived, layout: Layout) -> Run:
+    """``derived``: ``config.derived.derive(cfg)``, made once after validation."""
     # Data first: a damaged or mismatched dataset is reported in seconds, not after a large model
     # is allocated (building datasets draws no torch random numbers: the model init is unchanged).
-    data = build_datasets(cfg, steps)
+    data = build_datasets(cfg, derived)
     backends = resolve_backends(cfg)
     distributed = use_distributed_optimizer(cfg)
     chunks = [_wrap(layout, chunk, backends, distributed, index)
-              for index, chunk in enumerate(build_model_chunks(cfg, backends))]
+              for index, chunk in enumerate(build_model_chunks(cfg, backends, derived))]
     tconfig = chunks[0].config
     # The schedule calls these between micro-batches and after the last backward (megatron
     # takes one no_sync per chunk with an interleaved pipeline).
@@ -79,9 +78,9 @@ def build_run(cfg: Config, layout: Layout) -> Run:
     tconfig.finalize_model_grads_func = finalize_model_grads
     model = as_model(chunks)
     optimizer = build_optimizer(cfg, chunks, backends.precision == "bf16", distributed)
-    scheduler = build_scheduler(cfg, optimizer, steps)
-    return Run(cfg, layout, backends, model, optimizer, scheduler, data.train, data.valid,
-               data.valid_sets, steps, distributed)
+    scheduler = build_scheduler(cfg, optimizer, derived.total_steps)
+    return Run(cfg, derived, layout, backends, model, optimizer, scheduler, data.train,
+               data.valid, data.valid_sets, distributed)
 
 
 def _wrap(layout: Layout, model: torch.nn.Module, backends: Backends, distributed: bool,
@@ -123,12 +122,13 @@ class Datasets:
     valid_sets: dict[str, Dataset]  # data.valid_sets, each its sources' held-out split
 
 
-def build_datasets(cfg: Config, steps: int) -> Datasets:
-    """Training data and the validation sets. Validation reads the same ``eval_iters`` global
-    batches at every ``eval_interval``, so its curve moves only with the weights."""
+def build_datasets(cfg: Config, derived: Derived) -> Datasets:
+    """Training data for ``derived.total_steps`` and the validation sets. Validation reads the
+    same ``eval_iters`` global batches at every ``eval_interval``, so its curve moves only with
+    the weights."""
     d, tr = cfg.data, cfg.train
     n_eval = tr.eval_iters * tr.global_batch_size if tr.eval_interval else 0
-    num_samples = (steps * tr.global_batch_size, n_eval, 0)
+    num_samples = (derived.total_steps * tr.global_batch_size, n_eval, 0)
     if d.mock:
         train, valid, _ = D.build_mock_datasets(d.seq_length, tr.seed, num_samples,
                                                 cfg.model.vocab_size, d.split)
@@ -147,12 +147,12 @@ def build_datasets(cfg: Config, steps: int) -> Datasets:
         # Scanning the token ids catches data made with another tokenizer: every token of a
         # small .bin, evenly spaced windows of a cluster-sized one (datasets.build_gpt_datasets).
         return D.build_gpt_datasets(sources, d.split, d.seq_length, tr.seed, samples, tok,
-                                    cache_dir, model_vocab_size=padded_vocab(cfg),
+                                    cache_dir, model_vocab_size=derived.padded_vocab,
                                     scan_max_token=True)
 
     train, valid, _ = build(blend, num_samples)
     named = {}
-    for name, source in active_valid_sets(cfg).items():
+    for name, source in derived.valid_sets.items():
         sources = _demo_sources(f"data.valid_sets.{name}",
                                 source if isinstance(source, list) else [source], demo)
         # Only the held-out split is read: a one-sample training split is all megatron needs.

@@ -79,7 +79,7 @@ class Trainer:
     @property
     def is_log_step(self) -> bool:
         return (self.is_step(self.run.cfg.train.log_interval)
-                or self.state.step == self.run.total_steps)
+                or self.state.step == self.run.derived.total_steps)
 
     @contextlib.contextmanager
     def excluded(self, what: str) -> Iterator[None]:
@@ -111,7 +111,7 @@ class Trainer:
         """Train from ``state`` to the end or a stop; returns (exit code, summary)."""
         try:
             self.emit("on_start")
-            while self.status is None and self.state.step < self.run.total_steps:
+            while self.status is None and self.state.step < self.run.derived.total_steps:
                 self.last = self._step()
                 if self._guard(self.last):
                     self._advance(self.last)

@@ -5,8 +5,8 @@ upcycle the same way for the same config."""
 
 from __future__ import annotations
 
+from megatron_ext.config.derived import moe_layer_pattern
 from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import moe_layer_pattern
 from megatron_ext.conversion.keymaps import Arch
 from megatron_ext.conversion.mcore_io import arch_from_config
 from megatron_ext.upcycling.spec import UpcycleSpec
@@ -20,7 +20,7 @@ SHAPE_FIELDS = {"num_layers": "model.num_layers", "hidden_size": "model.hidden_s
 
 def config_values(cfg: Config) -> dict:
     """The UpcycleSpec fields the config supplies (moe-upcycle's flags of the same names)."""
-    u, pattern = cfg.upcycling, moe_layer_pattern(cfg)
+    u, pattern = cfg.upcycling, moe_layer_pattern(cfg.model, cfg.moe)
     return {"method": u.method, "ratio": u.ratio, "seed": u.seed,
             "index_sharing": u.index_sharing, "router_init": u.router_init,
             "noise_std": u.noise_std, "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,

@@ -63,6 +63,7 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
 
     from megatron_ext.checkpoint import plan
     from megatron_ext.checkpoint.load_model import _config
+    from megatron_ext.config.derived import derive
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -74,7 +75,8 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
     # 1. An intact checkpoint: the same plan everywhere, each file opened by one rank only
     # (rank 0 also reads meta.json, the pickles, the configs).
     opened = _counting_opens(root_p / "iter_0000004")
-    made = plan.make_plan(cfg)
+    steps = derive(cfg).total_steps
+    made = plan.make_plan(cfg, steps)
     result["plan"] = [made.action, made.path, made.warnings, made.message]
     result["opened"] = list(opened)
     result["share"] = manifest.share(made.meta, rank, WORLD)
@@ -95,7 +97,7 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
     result["victim"] = victim
 
     # 3. The same damage on resume: every rank passes over it to iter 2, with one warning.
-    fallback = plan.make_plan(cfg)
+    fallback = plan.make_plan(cfg, steps)
     result["fallback"] = [fallback.action, fallback.path, fallback.warnings]
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

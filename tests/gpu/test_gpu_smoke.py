@@ -46,6 +46,7 @@ def train_steps(config_path: str, overrides: list[str], steps: int) -> SmokeResu
     """Build the run as pretrain_moe.py does and take ``steps`` optimizer steps."""
     from megatron.core.transformer.moe import moe_utils
 
+    from megatron_ext.config.derived import derive
     from megatron_ext.config.loader import load_config
     from megatron_ext.config.validate import validate
     from megatron_ext.platform.dist import init_distributed
@@ -57,7 +58,7 @@ def train_steps(config_path: str, overrides: list[str], steps: int) -> SmokeResu
     cfg = load_config(config_path, overrides)
     validate(cfg, world_size=1)
     layout = init_distributed(cfg)
-    run = build_run(cfg, layout)
+    run = build_run(cfg, derive(cfg), layout)
     # megatron-core 0.16.1's router reads moe_utils.te_general_gemm, a name that only exists
     # when Transformer Engine imports; init_distributed (platform.compat) must have defined it.
     defined = getattr(moe_utils, "HAVE_TE", False) or hasattr(moe_utils, "te_general_gemm")

@@ -128,7 +128,8 @@ def test_print_config_is_resolved_yaml(tmp_path):
     ("8x152M", 0.42, 0.19), ("8x1.5B", 8.96, 2.62), ("8x3.7B", 18.6, 5.90),
 ])
 def test_paper_parameter_counts(name, total_b, active_b):
-    c = count_params(load_config(REPO / f"configs/{name}.yaml"))
+    cfg = load_config(REPO / f"configs/{name}.yaml")
+    c = count_params(cfg.model, cfg.moe)
     assert c.total / 1e9 == pytest.approx(total_b, rel=0.02)
     assert c.active / 1e9 == pytest.approx(active_b, rel=0.02)
 

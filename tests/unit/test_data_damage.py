@@ -306,6 +306,7 @@ def test_build_run_opens_the_data_before_building_the_model(
     sound: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A probe, not a fake failure: the damage is real, and building a model would be reported."""
+    from megatron_ext.config.derived import derive
     from megatron_ext.config.loader import load_config
     from megatron_ext.training import setup
 
@@ -317,7 +318,7 @@ def test_build_run_opens_the_data_before_building_the_model(
     os.truncate(prefix + ".bin", 100)
     cfg = load_config(str(REPO / "configs" / "tiny-cpu.yaml"), _overrides(sound, prefix, tmp_path))
     with pytest.raises(DataError, match=f"{prefix}.bin is 100 bytes"):
-        setup.build_run(cfg, layout=None)
+        setup.build_run(cfg, derive(cfg), layout=None)
 
 
 def _train(sound: dict, prefix: str, tmp_path: Path):

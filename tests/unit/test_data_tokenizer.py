@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from megatron_ext.config.derived import padded_vocab
 from megatron_ext.config.loader import ConfigError, load_config
 from megatron_ext.config.ranges import check_ranges
 from megatron_ext.data.errors import DataError
 from megatron_ext.data.tokenizer import load_tokenizer
 from megatron_ext.data.tokenizer_training import EOD_TOKEN, PAD_TOKEN, train_bpe_tokenizer
-from megatron_ext.model.params import padded_vocab
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "corpus"
@@ -88,7 +88,7 @@ def test_sentencepiece_model(small_corpus: list[str], tmp_path: Path) -> None:
     assert tok.encode_batch([text]) == [sp.encode(text)]
 
 
-# The one padding rule (model.params.padded_vocab): up to a multiple of model.vocab_multiple,
+# The one padding rule (config.derived.padded_vocab): up to a multiple of model.vocab_multiple,
 # independent of the tensor-parallel size, so a checkpoint loads at any TP.
 @pytest.mark.parametrize(
     "vocab, multiple, tp, expected",
@@ -98,7 +98,7 @@ def test_sentencepiece_model(small_corpus: list[str], tmp_path: Path) -> None:
 def test_padded_vocab_size(vocab: int, multiple: int, tp: int, expected: int) -> None:
     cfg = load_config(None, [f"model.vocab_size={vocab}", f"model.vocab_multiple={multiple}",
                              f"parallel.tensor={tp}"])
-    assert padded_vocab(cfg) == expected
+    assert padded_vocab(cfg.model) == expected
 
 
 def test_padded_vocab_size_rejects_nonpositive() -> None:

@@ -18,12 +18,12 @@ from tests.conftest import cpu_megatron_module, single_process_megatron
 
 pytestmark = cpu_megatron_module()
 
+from megatron_ext.config.derived import derive, padded_vocab  # noqa: E402
 from megatron_ext.config.loader import load_config  # noqa: E402
 from megatron_ext.conversion.hf_io import HFCheckpoint  # noqa: E402
 from megatron_ext.conversion.keymaps import hf_config_for, hf_to_mcore  # noqa: E402
 from megatron_ext.conversion.mcore_io import _fill, arch_from_config  # noqa: E402
 from megatron_ext.model.builder import build_model, resolve_backends  # noqa: E402
-from megatron_ext.model.params import padded_vocab  # noqa: E402
 from megatron_ext.platform.dist import Layout  # noqa: E402
 from megatron_ext.training.optim import clip_threshold  # noqa: E402
 from megatron_ext.training.setup import build_run  # noqa: E402
@@ -67,7 +67,8 @@ def _pair(cfg, tmp_path):
     theirs.save_pretrained(tmp_path, safe_serialization=True)
     ours = build_model(cfg, resolve_backends(cfg, cuda=False)).train()
     ckpt = HFCheckpoint(tmp_path)
-    _fill(ours, hf_to_mcore(ckpt.get, arch, keys=ckpt.keys(), padded_vocab_size=padded_vocab(cfg)),
+    rows = padded_vocab(cfg.model)
+    _fill(ours, hf_to_mcore(ckpt.get, arch, keys=ckpt.keys(), padded_vocab_size=rows),
           arch.vocab_size)
     return theirs, ours
 
@@ -126,7 +127,7 @@ def test_megatrons_per_layer_loss_gives_other_router_gradients(tmp_path):
 def _run(cfg):
     layout = Layout(rank=0, world_size=1, local_rank=0, tensor=1, pipeline=1, expert=1, data=1,
                     device=torch.device("cpu"), backend="gloo")
-    return build_run(cfg, layout)
+    return build_run(cfg, derive(cfg), layout)
 
 
 @pytest.mark.parametrize("scope", ["all", "exclude_1d"])

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from megatron_ext.config.derived import pipeline_stage_layers
 from megatron_ext.config.loader import ConfigError, load_config
-from megatron_ext.config.validate import pipeline_stage_layers, validate
+from megatron_ext.config.validate import validate
 from tests.conftest import REPO, run_cli
 
 TINY = REPO / "configs/tiny-cpu.yaml"  # 4 layers, global batch 16, micro-batch 8
@@ -33,7 +34,7 @@ def _cfg(*overrides: str):
 def test_pipeline_layouts_that_work(overrides, stages):
     cfg = _cfg(*overrides)
     validate(cfg)
-    assert pipeline_stage_layers(cfg) == stages
+    assert pipeline_stage_layers(cfg.parallel, cfg.model.num_layers) == stages
 
 
 @pytest.mark.parametrize("overrides, message", [

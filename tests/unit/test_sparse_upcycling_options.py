@@ -3,8 +3,8 @@
 import json
 import textwrap
 
+from megatron_ext.config.derived import moe_layer_pattern
 from megatron_ext.config.loader import load_config
-from megatron_ext.config.validate import moe_layer_pattern
 from megatron_ext.model.params import count_params
 from tests.conftest import REPO, run_cli
 from tests.resilience import small_args
@@ -12,15 +12,16 @@ from tests.resilience import small_args
 
 def test_layer_freq_patterns_and_param_counts():
     cfg = load_config(REPO / "configs/8x152M.yaml", ["moe.layer_freq=2"])
-    assert moe_layer_pattern(cfg) == [1, 0] * 6
-    full = count_params(load_config(REPO / "configs/8x152M.yaml"))
-    half = count_params(cfg)
+    assert moe_layer_pattern(cfg.model, cfg.moe) == [1, 0] * 6
+    full_cfg = load_config(REPO / "configs/8x152M.yaml")
+    full = count_params(full_cfg.model, full_cfg.moe)
+    half = count_params(cfg.model, cfg.moe)
     mlp = 3 * 512 * 2048
     assert half.moe_layers == 6 and half.dense_mlp == 6 * mlp
     assert full.total - half.total == 6 * (8 * mlp + 8 * 512) - 6 * mlp
     assert full.active - half.active == 6 * (2 * mlp + 8 * 512) - 6 * mlp
     explicit = load_config(REPO / "configs/8x152M.yaml", [f"moe.layer_freq={[0, 1] * 6}"])
-    assert moe_layer_pattern(explicit) == [0, 1] * 6
+    assert moe_layer_pattern(explicit.model, explicit.moe) == [0, 1] * 6
 
 
 def test_four_layers_every_second_moe_trains(tmp_path):

@@ -14,6 +14,7 @@ from tests.conftest import cpu_megatron_module, single_process_megatron
 pytestmark = cpu_megatron_module()
 
 from megatron_ext.checkpoint.store import TrainState  # noqa: E402
+from megatron_ext.config.derived import derive  # noqa: E402
 from megatron_ext.config.loader import load_config  # noqa: E402
 from megatron_ext.platform.dist import Layout  # noqa: E402
 from megatron_ext.training.callbacks import Callback, MetricsLogger, Throughput  # noqa: E402
@@ -71,7 +72,7 @@ def _trainer(tmp_path, recorder: Recorder) -> tuple[Trainer, MetricsWriter]:
     cfg = load_config(None, CONFIG + [f"logging.output_dir={tmp_path}"])
     layout = Layout(rank=0, world_size=1, local_rank=0, tensor=1, pipeline=1, expert=1, data=1,
                     device=torch.device("cpu"), backend="gloo")
-    run = build_run(cfg, layout)
+    run = build_run(cfg, derive(cfg), layout)
     writer = MetricsWriter(cfg.logging, tmp_path, {}, "test", enabled=True)
     callbacks = [Throughput(run), recorder, MetricsLogger(writer), Validation(run)]
     return Trainer(run, TrainState(), callbacks, StepRunner()), writer

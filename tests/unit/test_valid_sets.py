@@ -14,6 +14,7 @@ from tests.conftest import REPO, cpu_megatron_module, run_cli, single_process_me
 
 pytestmark = cpu_megatron_module()
 
+from megatron_ext.config.derived import derive  # noqa: E402
 from megatron_ext.config.loader import load_config  # noqa: E402
 from megatron_ext.platform.dist import Layout  # noqa: E402
 from megatron_ext.training.callbacks.validation import evaluate  # noqa: E402
@@ -37,7 +38,7 @@ def _indices(dataset) -> set[int]:
 
 def test_named_sets_are_held_out_documents_of_their_language():
     cfg = load_config(TINY, SMALL)
-    data = build_datasets(cfg, 10)
+    data = build_datasets(cfg, derive(cfg))  # SMALL: 10 steps
     assert sorted(data.valid_sets) == ["code", "english", "japanese"]
     # The training blend holds one GPTDataset per language; each named set is its language's
     # validation split: the same documents as the blend's held-out part, none of its training ones.
@@ -54,7 +55,7 @@ def test_the_same_samples_every_time_and_per_language_losses(tmp_path):
     cfg = load_config(TINY, SMALL + [f"logging.output_dir={tmp_path}"])
     layout = Layout(rank=0, world_size=1, local_rank=0, tensor=1, pipeline=1, expert=1, data=1,
                     device=torch.device("cpu"), backend="gloo")
-    run = build_run(cfg, layout)
+    run = build_run(cfg, derive(cfg), layout)
     first = {name: evaluate(run, ds) for name, ds in run.valid_sets.items()}
     again = {name: evaluate(run, ds) for name, ds in run.valid_sets.items()}
     assert first == again  # same weights, same samples: the curve moves only with the weights
@@ -66,7 +67,7 @@ def test_the_same_samples_every_time_and_per_language_losses(tmp_path):
     (["demo:en"], ["en"]), ([1, "demo:ja", 3, "demo:code"], ["code", "ja"])])
 def test_a_blend_of_demo_languages_trains_on_those_only(blend, languages):
     cfg = load_config(TINY, SMALL + [f"data.blend={blend}"])
-    train = build_datasets(cfg, 10).train
+    train = build_datasets(cfg, derive(cfg)).train
     parts = getattr(train, "datasets", [train])  # one language: megatron's plain GPTDataset
     assert sorted(d.dataset_path.rsplit("/", 1)[-1] for d in parts) == languages
 

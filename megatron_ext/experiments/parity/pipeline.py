@@ -21,14 +21,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from megatron_ext.config.derived import derive, moe_layer_pattern
 from megatron_ext.config.loader import ConfigError, load_config
 from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import moe_layer_pattern, validate
+from megatron_ext.config.validate import validate
 from megatron_ext.conversion.hf_io import HFCheckpoint
 from megatron_ext.conversion.keymaps import hf_config_for
 from megatron_ext.conversion.mcore_io import arch_from_config
@@ -92,7 +93,7 @@ def _check_representable(cfg: Config) -> None:
     m, moe, par = cfg.model, cfg.moe, cfg.parallel
     problems = [
         (moe.num_experts == 0, "moe.num_experts is 0 (a dense model)"),
-        (not all(moe_layer_pattern(cfg)), "moe.layer_freq: Mixtral has MoE in every layer"),
+        (not all(moe_layer_pattern(m, moe)), "moe.layer_freq: Mixtral has MoE in every layer"),
         (moe.capacity_factor is not None, "moe.capacity_factor: Mixtral drops no tokens"),
         (moe.top_k == 1, "moe.top_k=1: megatron's top-1 is Switch's gate, Mixtral's is not"),
         (moe.z_loss_coeff is not None, "moe.z_loss_coeff: the paper's stack has no z-loss"),
@@ -215,7 +216,7 @@ def our_micro_batches(cfg: Config, steps: int):
     from megatron_ext.training.setup import build_datasets
 
     before = _index_files(cfg)
-    train = build_datasets(cfg, steps).train
+    train = build_datasets(cfg, replace(derive(cfg), total_steps=steps)).train
     hashes = _description_hashes(train)
     used = {f: t for f, t in _index_files(cfg).items() if any(h in Path(f).name for h in hashes)}
     if not used or any(before.get(f) != t for f, t in used.items()):

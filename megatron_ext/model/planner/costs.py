@@ -32,13 +32,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_ext.config.derived import padded_vocab, pipeline_stage_layers
 from megatron_ext.config.schema import ClusterConfig, Config
-from megatron_ext.config.validate import pipeline_stage_layers
 from megatron_ext.model.params import (
     attention_flops_per_token,
     count_params,
     matmul_flops_per_token,
-    padded_vocab,
 )
 
 # --- calibration (docs/benchmarks.md, one H100, issue 7; fitted as docs/scaling.md says) ---
@@ -95,13 +94,14 @@ def compute_time(cfg: Config, cl: ClusterConfig, lay: Layout, layers: int, head:
     m, moe = cfg.model, cfg.moe
     L, H = m.num_layers, m.hidden_size
     tokens = cfg.data.seq_length * lay.micro_batch
-    V = padded_vocab(cfg)
+    V = padded_vocab(m)
     head_flops = 6.0 * V * H
-    layer_flops = (matmul_flops_per_token(cfg) - head_flops) / L
+    layer_flops = (matmul_flops_per_token(m, moe) - head_flops) / L
     gemm = tokens * (layers * layer_flops + head * head_flops) / lay.tensor
     # attention_flops_per_token is 12 L h s: 3 x the forward's 4 h s per token and layer.
     # FlashAttention computes the causal half (2 h s) forward and 2.5x that backward.
-    attn = tokens * layers * 7.0 / 12.0 * attention_flops_per_token(cfg) / L / lay.tensor
+    attn_flops = attention_flops_per_token(m, cfg.data.seq_length)
+    attn = tokens * layers * 7.0 / 12.0 * attn_flops / L / lay.tensor
     peak = cl.peak_tflops * 1e12
     k = moe.top_k if moe.num_experts else 1
     per_byte = tokens * ACT_BYTES / lay.tensor / (cl.hbm_gbs * 1e9)
@@ -121,8 +121,8 @@ def compute_time(cfg: Config, cl: ClusterConfig, lay: Layout, layers: int, head:
 
 def rank_params(cfg: Config, lay: Layout) -> tuple[float, float]:
     """(dense, expert) parameters one rank of the largest stage holds."""
-    c = count_params(cfg)
-    share = max(pipeline_stage_layers(cfg)) / cfg.model.num_layers
+    c = count_params(cfg.model, cfg.moe)
+    share = max(pipeline_stage_layers(cfg.parallel, cfg.model.num_layers)) / cfg.model.num_layers
     tables = c.embedding / min(lay.pipeline, 2)  # both tables on one stage, or one on each end
     # Norms and routers are whole on every tensor-parallel rank (sequence-parallel weights).
     whole = (c.norms + c.router) * share

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_ext.config.derived import derive
 from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import moe_layer_pattern, pipeline_stage_layers, total_steps
 from megatron_ext.model.params import flops_per_token
 from megatron_ext.model.planner.comm import Traffic, seconds, traffic
 from megatron_ext.model.planner.costs import (
@@ -59,8 +59,9 @@ def predict(cfg: Config, world: int, adam_bytes: float = ADAM_BYTES_PER_PARAM) -
     cl, lay = cfg.cluster, Layout.of(cfg, world)
     fp32 = cfg.train.precision == "fp32"  # (CPU runs: the tests count their messages)
     act, param = (4, 4) if fp32 else (ACT_BYTES, PARAM_BYTES)
-    stages = pipeline_stage_layers(cfg)
-    pattern, start, slowest = moe_layer_pattern(cfg), 0, None
+    derived = derive(cfg)  # the layout's view of the config, which search.py validated
+    stages = derived.stage_layers
+    pattern, start, slowest = derived.moe_layer_pattern, 0, None
     for i, layers in enumerate(stages):
         first, last = i == 0, i == len(stages) - 1
         moe = sum(pattern[start:start + layers])
@@ -80,8 +81,8 @@ def predict(cfg: Config, world: int, adam_bytes: float = ADAM_BYTES_PER_PARAM) -
         layout=lay, world=world, compute=micro * lay.micro_batches, bubble=bubble,
         comm=per_dim, optimizer=optimizer_time(cfg, cl, lay, adam_bytes), traffic=msgs,
         tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_length,
-        flops_per_token=flops_per_token(cfg), peak_tflops=cl.peak_tflops,
-        steps=total_steps(cfg))
+        flops_per_token=flops_per_token(cfg.model, cfg.moe, cfg.data.seq_length),
+        peak_tflops=cl.peak_tflops, steps=derived.total_steps)
 
 
 def volumes(pred: Prediction) -> dict[str, float]:

@@ -32,7 +32,7 @@ class Checkpointing(Callback):
         if saver is not None and saver.pending:
             self._committed(trainer, saver.poll())
         stop = self.preempt.requested(self.run.layout.device)  # a collective: every step
-        final = trainer.state.step == self.run.total_steps
+        final = trainer.state.step == self.run.derived.total_steps
         if saver is not None and (stop or final
                                   or trainer.is_step(self.run.cfg.checkpoint.save_interval)):
             with trainer.excluded("save"):

@@ -24,7 +24,7 @@ class MetricsLogger(Callback):
             return
         metrics = trainer.log_metrics()  # a collective where callbacks reduce over ranks
         if trainer.rank0:
-            log(format_line(trainer.state.step, trainer.run.total_steps, metrics))
+            log(format_line(trainer.state.step, trainer.run.derived.total_steps, metrics))
         self.writer.write(trainer.state.step, metrics)
 
     def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:

@@ -22,7 +22,8 @@ PHASES = ("forward_backward", "optimizer", "data")
 
 class Throughput(Callback):
     def __init__(self, run: Run):
-        self.flops_per_token = flops_per_token(run.cfg)
+        cfg = run.cfg
+        self.flops_per_token = flops_per_token(cfg.model, cfg.moe, cfg.data.seq_length)
         self._reset(None)
 
     def _reset(self, trainer: Trainer | None) -> None:
@@ -48,7 +49,7 @@ class Throughput(Callback):
         tflops = self.flops_per_token * tokens_per_s / run.layout.world_size / 1e12
         metrics.update({
             "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / cfg.train.peak_tflops,
-            "eta_s": (run.total_steps - trainer.state.step) * elapsed / n,
+            "eta_s": (run.derived.total_steps - trainer.state.step) * elapsed / n,
             "time/step_s": elapsed / n,
             **{f"time/{phase}_s": self.phase_s[phase] / n for phase in PHASES},
             "time/eval_s": excluded.get("eval", 0.0), "time/save_s": excluded.get("save", 0.0),

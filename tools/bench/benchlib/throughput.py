@@ -38,10 +38,11 @@ from typing import Any
 
 import torch
 
+from megatron_ext.config.derived import padded_vocab
 from megatron_ext.config.loader import load_config
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import validate
-from megatron_ext.model.params import flops_per_token, padded_vocab
+from megatron_ext.model.params import flops_per_token
 from megatron_ext.platform.launch import free_port
 
 from . import report
@@ -192,7 +193,7 @@ def build_hf(cfg: Config, dev: torch.device) -> Workload:
 
     m, moe = cfg.model, cfg.moe
     hf_cfg = MixtralConfig(
-        vocab_size=padded_vocab(cfg),  # same padded rows as megatron: same LM-head FLOPs
+        vocab_size=padded_vocab(cfg.model),  # same padded rows as megatron: same LM-head FLOPs
         hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_kv_heads or m.num_attention_heads,
@@ -319,7 +320,7 @@ def measure_variant(name: str, cfg: Config, opts: BenchOptions, batch: dict,
     peak = report.peak_memory_gib()
     tokens = cfg.train.micro_batch_size * cfg.data.seq_length
     tok_s = tokens * len(times) / sum(times)
-    tflops = tok_s * flops_per_token(cfg) / 1e12
+    tflops = tok_s * flops_per_token(cfg.model, cfg.moe, cfg.data.seq_length) / 1e12
     result = {
         "status": "ok",
         "includes": VARIANT_NOTES[base].format(**w.info) + "".join(f"; {e}" for e in extra)
@@ -400,7 +401,7 @@ def run_benchmark(opts: BenchOptions, out_dir: Path | None = None,
                 f"{r['model_tflops']:.3g} TFLOP/s, peak {r['peak_memory_gib']:.2f} GiB")
         else:
             log(f"[bench] {name}: FAILED {r['error']}")
-    meta = report.environment(cfg, opts, flops_per_token(cfg))
+    meta = report.environment(cfg, opts, flops_per_token(cfg.model, cfg.moe, cfg.data.seq_length))
     return {
         "meta": meta,
         "step": STEP_NOTE,
