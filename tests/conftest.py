@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatron_ext.platform.launch import free_port  # noqa: F401 (the tests' one helper)
+from tests.scheduling import order_longest_first
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -44,6 +45,10 @@ def torchrun(nproc: int, args: list[str], timeout: int = 600,
              env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                     *args], timeout=timeout, env=env)
+
+
+def pytest_collection_modifyitems(config, items):
+    order_longest_first(items)  # with --no-loadscope-reorder: the two workers finish together
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from pathlib import Path
 
 calls, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 envs = json.loads(Path(sys.argv[3]).read_text())
+import megatron_ext  # noqa: F401  first, as every tool: it hooks megatron-core's import
 import torch, megatron.core, transformers  # noqa: E401,F401  the seconds every tool spends first
 import megatron.core.models.gpt, megatron.core.dist_checkpointing  # noqa: E401,F401
 
