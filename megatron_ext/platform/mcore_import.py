@@ -11,7 +11,8 @@ that: each training, each tool, each torchrun rank and each of megatron's checkp
 megatron-core through our package) adds a one-shot import hook: while ``megatron.core`` itself
 executes, ``torch.compile`` is a lazy stand-in, so ``megatron.core.jit.jit_fuser`` becomes a
 decorator that calls the real ``torch.compile`` with the same arguments on a function's first
-call (what torch.compile does anyway: it compiles on the first call), and importing either logger
+call (what torch.compile does anyway: it compiles on the first call) where CUDA runs it, and
+leaves the function eager without CUDA (``_compiles``), and importing either logger
 fails inside megatron-core (its ImportError fallback) unless it was already loaded. Both are
 restored when megatron.core's own import ends; later imports (our W&B and TensorBoard sinks)
 load the real modules. Records: ``platform.patches`` ("lazy-jit-fuser",
@@ -31,8 +32,10 @@ _TARGET = "megatron.core"
 _HIDDEN = ("wandb", "torch.utils.tensorboard")  # megatron-core's optional loggers
 
 
-def lazy_compile(real: Callable) -> Callable:
-    """A stand-in for ``torch.compile`` that defers the call of ``real`` to the first use."""
+def lazy_compile(real: Callable, compiles: Callable[[], bool] | None = None) -> Callable:
+    """A stand-in for ``torch.compile`` that defers the call of ``real`` to the first use, and
+    makes it only if ``compiles()`` (default: CUDA is available) says so then."""
+    compiles = compiles or _compiles
 
     def stand_in(model: Callable | None = None, **kwargs: Any) -> Callable:
         if model is None:  # used as ``@torch.compile(dynamic=True)``
@@ -43,13 +46,22 @@ def lazy_compile(real: Callable) -> Callable:
         def first_call_compiles(*args, **kw):
             nonlocal compiled
             if compiled is None:
-                compiled = real(model, **kwargs)
+                compiled = real(model, **kwargs) if compiles() else model
             return compiled(*args, **kw)
 
         first_call_compiles.lazy_compile_of = model  # what it wraps, for tests and debugging
         return first_call_compiles
 
     return stand_in
+
+
+def _compiles() -> bool:
+    """megatron's fusions are GPU kernels: without CUDA they run eagerly, the same math. (On CPU
+    the one our runs reach, the router's ``_apply_expert_bias``, a no-op unless expert bias is on,
+    cost an import of torch._inductor, ~1.5 s of CPU, per process.)"""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class _Loader(importlib.abc.Loader):

@@ -1,8 +1,9 @@
 """megatron-core imported through our package skips torch._dynamo and wandb (platform/mcore_import).
 
 The saving is ~3 s of CPU per process (every tool, rank and checkpoint worker); what must not
-change is what megatron-core computes: its fusions are still torch.compile'd, on first call,
-with the arguments they were decorated with, and wandb and tensorboard still load for our sinks.
+change is what megatron-core computes: its fusions are still torch.compile'd on a CUDA machine,
+on first call, with the arguments they were decorated with (eager without CUDA: the same
+functions), and wandb and tensorboard still load for our sinks.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def test_the_stand_in_compiles_on_first_call_with_the_decoration_arguments():
         calls.append((fn.__name__, kwargs))
         return lambda *a: 2 * fn(*a)
 
-    stand_in = lazy_compile(real)
+    stand_in = lazy_compile(real, compiles=lambda: True)  # as on a CUDA machine
 
     @stand_in
     def plain(x):
@@ -64,3 +65,10 @@ def test_the_stand_in_compiles_on_first_call_with_the_decoration_arguments():
     assert with_kwargs(2) == 12
     assert calls == [("plain", {}), ("with_kwargs", {"dynamic": True})]
     assert plain.__name__ == "plain" and plain.lazy_compile_of(1) == 2
+
+
+def test_without_cuda_the_function_runs_eagerly_and_nothing_is_compiled():
+    calls = []
+    stand_in = lazy_compile(lambda fn, **kw: calls.append(fn), compiles=lambda: False)
+    double = stand_in(lambda x: 2 * x)
+    assert double(4) == 8 and double(5) == 10 and calls == []
