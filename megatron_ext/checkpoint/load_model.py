@@ -33,13 +33,11 @@ class Verified:
 
     path: Path
     config: Config
-    stats: dict
+    stats: dict | None
 
     def unchanged(self) -> bool:
-        try:
-            return manifest.stats(self.path) == self.stats
-        except OSError:  # gone or unreadable: verify again, which says what is wrong
-            return False
+        """(None, e.g. a file gone: verify again, which says what is wrong)"""
+        return self.stats is not None and manifest.stats_or_none(self.path) == self.stats
 
 
 def checkpoint_config(path: str | Path) -> Verified:
@@ -49,13 +47,13 @@ def checkpoint_config(path: str | Path) -> Verified:
     if not path.exists():
         raise CheckpointError(f"{path}: not found")
     if (path / "meta.json").exists():
-        before = manifest.stats(path)  # before any byte is read: a change meanwhile shows
+        before = manifest.stats_or_none(path)  # before any byte is read: a change meanwhile shows
         verify(path)
     else:
         found = warned(find_resumable(path))  # verified; a fallback past a damaged one says so
         if found is None:
             raise CheckpointError(f"{path}: no checkpoint found")
-        path, before = found, manifest.stats(found)
+        path, before = found, manifest.stats_or_none(found)
     return Verified(path, _config(path), before)
 
 

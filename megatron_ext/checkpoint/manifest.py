@@ -342,6 +342,15 @@ def _sizes(path: Path) -> dict[str, int]:
             for p in path.rglob("*") if p.is_file()}
 
 
+def stats_or_none(path: Path) -> dict[str, tuple] | None:
+    """``stats``, or None where a file cannot be listed (the verification that follows says
+    what is wrong; nothing is known of it)."""
+    try:
+        return stats(path)
+    except OSError:
+        return None
+
+
 def stats(path: Path) -> dict[str, tuple]:
     """(size, inode, mtime, ctime) of every file under ``path``, by relative name: what a
     writer compares to know a checkpoint it verified is unchanged (``store._prune``)."""

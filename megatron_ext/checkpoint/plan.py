@@ -118,11 +118,11 @@ def verify_shared(path: str | Path, checksums: bool, seen: Known | None = None) 
     manifest on every rank, or raises the same CheckpointError on every rank. ``seen``: where
     rank 0 records the verdict (``store.Known``, by name)."""
     path = Path(path)
-    before: list[dict] = []
+    before: list[dict | None] = [None]
 
     def structure() -> dict:
         if seen is not None:  # before any byte is read: a change meanwhile shows in pruning
-            before.append(manifest.stats(path))
+            before[0] = manifest.stats_or_none(path)
         return _structure(path, checksums)
 
     try:
@@ -132,10 +132,10 @@ def verify_shared(path: str | Path, checksums: bool, seen: Known | None = None) 
             raise CheckpointError(problem)
         on_rank0(lambda: _parse(path))
     except CheckpointError:
-        if before:
+        if before[0] is not None:
             seen[path.name] = (False, before[0])
         raise
-    if before:
+    if before[0] is not None:
         seen[path.name] = (True, before[0])
     return meta
 

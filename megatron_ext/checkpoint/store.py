@@ -227,9 +227,8 @@ def _prune(root: Path, keep_last: int, known: Known | None = None) -> None:
     for cand in done:
         if len(good) == keep_last:
             break
-        try:
-            now = manifest.stats(cand)
-        except OSError:
+        now = manifest.stats_or_none(cand)
+        if now is None:  # not counted
             known.pop(cand.name, None)
             continue
         if cand.name not in known or known[cand.name][1] != now:
