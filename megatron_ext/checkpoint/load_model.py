@@ -7,13 +7,15 @@ reshards on load. Running the loaded model is model-side: ``megatron_ext.model.i
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_ext.checkpoint import plan
+from megatron_ext.checkpoint import manifest, plan, store
 from megatron_ext.checkpoint.store import CheckpointError, find_resumable, saved_config, verify
 from megatron_ext.config.loader import ConfigError, apply_overrides, config_from_dict
 from megatron_ext.config.schema import Config
@@ -22,18 +24,37 @@ from megatron_ext.platform.cli import warned
 from megatron_ext.platform.dist import init_distributed
 
 
-def checkpoint_config(path: str | Path) -> tuple[Path, Config]:
-    """Resolve ``path`` (a checkpoint dir, or a save root with ``latest``) and read its config."""
+@dataclass(frozen=True)
+class Verified:
+    """A checkpoint this process verified (``checkpoint_config``): its directory, saved config
+    and the ``manifest.stats`` of its files when the verification began. ``load_model`` takes
+    it and reads no byte of it again while those are unchanged (a tool hashes a checkpoint
+    once, not once to read its config and again to load it)."""
+
+    path: Path
+    config: Config
+    stats: dict | None
+
+    def unchanged(self) -> bool:
+        """(None, e.g. a file gone: verify again, which says what is wrong)"""
+        return self.stats is not None and manifest.stats_or_none(self.path) == self.stats
+
+
+def checkpoint_config(path: str | Path) -> Verified:
+    """Resolve ``path`` (a checkpoint dir, or a save root with ``latest``), verify it and read
+    its config."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: not found")
-    if not (path / "meta.json").exists():
-        found = warned(find_resumable(path))  # a fallback past a damaged one says so
+    if (path / "meta.json").exists():
+        before = manifest.stats_or_none(path)  # before any byte is read: a change meanwhile shows
+        verify(path)
+    else:
+        found = warned(find_resumable(path))  # verified; a fallback past a damaged one says so
         if found is None:
             raise CheckpointError(f"{path}: no checkpoint found")
-        path = found
-    verify(path)
-    return path, _config(path)
+        path, before = found, manifest.stats_or_none(found)
+    return Verified(path, _config(path), before)
 
 
 def _config(path: Path) -> Config:
@@ -43,21 +64,26 @@ def _config(path: Path) -> Config:
         raise CheckpointError(f"{path / 'config.yaml'}: {' '.join(str(e).split())}") from None
 
 
-def load_model(path: str | Path, expert_parallel: int = 1, tensor_parallel: int = 1,
+def load_model(source: str | Path | Verified, expert_parallel: int = 1, tensor_parallel: int = 1,
                overrides: Mapping[str, Any] | None = None):
-    """Initialize (if needed) distributed state, build the model of ``path`` and load it.
+    """Initialize (if needed) distributed state, build the model of ``source`` and load it.
 
     The model computes every token (``moe.capacity_factor`` off): token dropping is a training
     device, and with it a token's output would depend on the other tokens of its batch, unlike
     the exported HF model's. ``overrides``: dotted config fields, type-checked by the config
-    loader, applied after that. Returns (config, model in eval mode). Call
-    ``megatron_ext.platform.dist.shutdown()`` after.
+    loader, applied after that. ``source``: a checkpoint directory (verified here, by the ranks
+    together), a save root (this process finds and verifies its newest usable checkpoint) or
+    what ``checkpoint_config`` returned (not verified again unless a file changed since).
+    Returns (config, model in eval mode). Call ``megatron_ext.platform.dist.shutdown()`` after.
     """
-    path = Path(path)
-    if (path / "meta.json").is_file():  # verified below, by the ranks together
-        cfg = _config(path)
-    else:  # a save root: this process finds (and verifies) its newest usable checkpoint
-        path, cfg = checkpoint_config(path)
+    if isinstance(source, Verified):
+        verified = source
+    elif (Path(source) / "meta.json").is_file():
+        verified = None  # verified below, by the ranks together
+    else:
+        verified = checkpoint_config(source)
+    path = verified.path if verified else Path(source)
+    cfg = copy.deepcopy(verified.config) if verified else _config(path)  # (changed below)
     cfg.parallel.expert = expert_parallel
     cfg.parallel.tensor = tensor_parallel
     # The whole model on each rank, whatever pipeline layout the checkpoint was saved at.
@@ -72,6 +98,9 @@ def load_model(path: str | Path, expert_parallel: int = 1, tensor_parallel: int 
     model = build_model(cfg, resolve_backends(cfg))
     if torch.cuda.is_available():
         model.cuda()
-    plan.load_weights(path, model)  # each rank hashes its share; rank 0 reads the pickles
+    if verified is not None and plan.on_rank0(verified.unchanged):  # the ranks agree
+        store.load_weights(path, model)
+    else:  # each rank hashes its share; rank 0 reads the pickles
+        plan.load_weights(path, model)
     model.eval()
     return cfg, model

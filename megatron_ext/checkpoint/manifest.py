@@ -9,9 +9,10 @@ in the temporary directory; rank 0 merges those at commit, hashes the coordinato
 ``check`` costs a full read of the checkpoint (xxh3-128, ~GB/s per core, see
 docs/benchmarks.md); a job verifies the checkpoint it starts from once, each rank hashing its
 ``share`` (``checkpoint.plan``), and the training loop's writer remembers the checkpoints it
-wrote (``stats``), so pruning does not re-read them. ``content_checks(False)``
-(``checkpoint.verify_checksums: false``, converters' ``--no-verify-checksums``) checks sizes
-only.
+wrote and the plan's verdicts (``stats``), so pruning does not re-read them; a tool loads the
+checkpoint it verified without verifying it again (``load_model.Verified``).
+``content_checks(False)`` (``checkpoint.verify_checksums: false``, converters'
+``--no-verify-checksums``) checks sizes only.
 """
 
 from __future__ import annotations
@@ -340,6 +341,15 @@ def announce(path: Path, meta: dict, content: bool) -> None:
 def _sizes(path: Path) -> dict[str, int]:
     return {p.relative_to(path).as_posix(): p.stat().st_size
             for p in path.rglob("*") if p.is_file()}
+
+
+def stats_or_none(path: Path) -> dict[str, tuple] | None:
+    """``stats``, or None where a file cannot be listed (the verification that follows says
+    what is wrong; nothing is known of it)."""
+    try:
+        return stats(path)
+    except OSError:
+        return None
 
 
 def stats(path: Path) -> dict[str, tuple]:

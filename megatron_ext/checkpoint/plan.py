@@ -28,7 +28,7 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_ext.checkpoint import manifest, resume_check, safe_pickle, store
-from megatron_ext.checkpoint.store import CheckpointError
+from megatron_ext.checkpoint.store import CheckpointError, Known
 from megatron_ext.config.schema import Config
 from megatron_ext.platform.cli import warned
 
@@ -40,13 +40,16 @@ class ResumePlan:
     """What the job starts from. ``action``: ``fresh``, ``resume`` (``path`` is a checkpoint of
     ``checkpoint.save``), ``load`` (initial weights from ``path``) or ``complete`` (``message``
     says the run is finished; nothing to do). ``meta``: the path's verified manifest;
-    ``warnings``: the lines rank 0 prints (checkpoints passed over, allowed config changes)."""
+    ``warnings``: the lines rank 0 prints (checkpoints passed over, allowed config changes);
+    ``verified``: on rank 0, the verdicts on ``checkpoint.save``'s checkpoints it reached, for
+    the writer's pruning (``store.Known``: not hashed again while unchanged)."""
 
     action: str = FRESH
     path: str | None = None
     meta: dict | None = None
     warnings: list[str] = field(default_factory=list)
     message: str | None = None
+    verified: Known = field(default_factory=dict)
 
 
 def _rank() -> int:
@@ -110,25 +113,41 @@ def _parse(path: Path) -> None:
         store.saved_config(path)
 
 
-def verify_shared(path: str | Path, checksums: bool) -> dict:
+def verify_shared(path: str | Path, checksums: bool, seen: Known | None = None) -> dict:
     """``store.verify`` done by the job together (see the module docstring); returns the
-    manifest on every rank, or raises the same CheckpointError on every rank."""
+    manifest on every rank, or raises the same CheckpointError on every rank. ``seen``: where
+    rank 0 records the verdict (``store.Known``, by name)."""
     path = Path(path)
-    meta = on_rank0(lambda: _structure(path, checksums))
-    problem = _content_verdict(path, meta, checksums)
-    if problem is not None:
-        raise CheckpointError(problem)
-    on_rank0(lambda: _parse(path))
+    before: list[dict | None] = [None]
+
+    def structure() -> dict:
+        if seen is not None:  # before any byte is read: a change meanwhile shows in pruning
+            before[0] = manifest.stats_or_none(path)
+        return _structure(path, checksums)
+
+    try:
+        meta = on_rank0(structure)
+        problem = _content_verdict(path, meta, checksums)
+        if problem is not None:
+            raise CheckpointError(problem)
+        on_rank0(lambda: _parse(path))
+    except CheckpointError:
+        if before[0] is not None:
+            seen[path.name] = (False, before[0])
+        raise
+    if before[0] is not None:
+        seen[path.name] = (True, before[0])
     return meta
 
 
-def find_shared(root: str | Path, checksums: bool) -> tuple[Path | None, dict | None, list[str]]:
+def find_shared(root: str | Path, checksums: bool, seen: Known | None = None
+                ) -> tuple[Path | None, dict | None, list[str]]:
     """``store.find_resumable`` decided by the job together: (checkpoint, its manifest,
-    warnings), the same on every rank."""
+    warnings), the same on every rank; ``seen``: as ``verify_shared``'s."""
     candidates, problems = on_rank0(lambda: store.candidates_of(root))
     for cand in candidates:
         try:
-            meta = verify_shared(cand, checksums)
+            meta = verify_shared(cand, checksums, seen)
         except CheckpointError as e:
             problems.append(str(e))
             continue
@@ -154,8 +173,9 @@ def make_plan(cfg: Config, total_steps: int) -> ResumePlan:
     CheckpointError, the same on every rank, when the checkpoints are unusable or the config
     may not resume or load them."""
     ck, checksums = cfg.checkpoint, cfg.checkpoint.verify_checksums
+    seen: Known = {}
     if ck.save:
-        path, meta, warnings = find_shared(ck.save, checksums)
+        path, meta, warnings = find_shared(ck.save, checksums, seen)
         if path is not None:
             def decide() -> tuple[list[str], str | None]:
                 changes = resume_check.check_resume(path, cfg)
@@ -163,9 +183,9 @@ def make_plan(cfg: Config, total_steps: int) -> ResumePlan:
 
             changes, message = on_rank0(decide)
             return ResumePlan(COMPLETE if message else RESUME, str(path), meta,
-                              warnings + changes, message)
+                              warnings + changes, message, seen)
         if not ck.load:
-            return ResumePlan(warnings=warnings)
+            return ResumePlan(warnings=warnings, verified=seen)
     if ck.load:
         path, meta, warnings = resolve_load(ck.load, checksums)
 

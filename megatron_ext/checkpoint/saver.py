@@ -52,12 +52,13 @@ class Saver:
     """
 
     def __init__(self, root: str | Path, keep_last: int, fully_reshardable: bool,
-                 async_save: bool):
+                 async_save: bool, known: Known | None = None):
         self.root, self.keep_last, self.fully_reshardable = Path(root), keep_last, fully_reshardable
         self.queue = AsyncCallsQueue() if async_save else None
         self.in_flight: list[tuple[Path, float]] = []  # (checkpoint, monotonic start time)
-        # What rank 0 wrote or verified, so pruning re-reads none of it (store._prune).
-        self.known: Known = {}
+        # What rank 0 wrote or verified (``known``: the resume plan's verdicts, ``ResumePlan.
+        # verified``), so pruning re-reads none of it (store._prune).
+        self.known: Known = dict(known or {})
         logging.getLogger(_WRITER_LOG).setLevel(logging.CRITICAL)
 
     @property

@@ -42,7 +42,9 @@ from megatron_ext.model.chunks import model_chunks
 from megatron_ext.platform.fs import atomic_write
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
-Known = dict[str, dict]  # checkpoint name -> manifest.stats when its writer last verified it
+# checkpoint name -> (verified?, manifest.stats when its verification began): the verdicts of
+# the job (the resume plan's and the writer's) that pruning reuses while the files are unchanged
+Known = dict[str, tuple[bool, dict]]
 
 
 @dataclass
@@ -202,7 +204,7 @@ def _commit(root: Path, tmp: Path, final: Path, meta: dict, config: dict,
     if final.exists():  # a re-save of the same step (e.g. after a restart)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    known[final.name] = manifest.stats(final)  # its sums were computed from what was written
+    known[final.name] = (True, manifest.stats(final))  # its sums are of what was written
     atomic_write(root / "latest", final.name + "\n")
     _prune(root, keep_last, known)
 
@@ -213,9 +215,10 @@ def _prune(root: Path, keep_last: int, known: Known | None = None) -> None:
     Only checkpoints that verify count, so a damaged one never pushes a good one out. A damaged
     checkpoint newer than the oldest kept one is left in place (not counted, skipped by resume
     with a warning) for inspection: it ages out like any other once ``keep_last`` newer good ones
-    exist. Verifying costs a full read of each kept checkpoint, but once per writer: those in
-    ``known`` (written or verified by it, by name -> ``manifest.stats``) whose files are
-    unchanged are not re-read.
+    exist. Verifying costs a full read of each checkpoint it looks at, but once per job: the
+    verdicts in ``known`` (the writer's own checkpoints, those the resume plan verified or
+    passed over, those verified here before) stand while the files' ``manifest.stats`` are
+    unchanged.
     """
     known = {} if known is None else known
     done = sorted((p for p in root.iterdir() if p.is_dir() and ITER_RE.match(p.name)),
@@ -224,13 +227,18 @@ def _prune(root: Path, keep_last: int, known: Known | None = None) -> None:
     for cand in done:
         if len(good) == keep_last:
             break
-        try:
-            if known.get(cand.name) != manifest.stats(cand):
-                verify(cand)  # checksums: the content_checks policy of the run
-                known[cand.name] = manifest.stats(cand)
-            good.append(cand)
-        except (CheckpointError, OSError):
+        now = manifest.stats_or_none(cand)
+        if now is None:  # not counted
             known.pop(cand.name, None)
+            continue
+        if cand.name not in known or known[cand.name][1] != now:
+            try:
+                verify(cand)  # checksums: the content_checks policy of the run
+                known[cand.name] = (True, now)  # (stats from before: a change meanwhile shows)
+            except (CheckpointError, OSError):
+                known[cand.name] = (False, now)  # not counted: it keeps more, never fewer
+        if known[cand.name][0]:
+            good.append(cand)
     if len(good) == keep_last:
         for old in done[done.index(good[-1]) + 1:]:
             known.pop(old.name, None)

@@ -119,7 +119,8 @@ def _main(argv: Sequence[str] | None) -> int:
     from megatron_ext.platform.dist import shutdown
 
     check_sampling(args.temperature, args.top_p)
-    ckpt, cfg = checkpoint_config(args.checkpoint)
+    verified = checkpoint_config(args.checkpoint)
+    cfg = verified.config
     tokenizer = checkpoint_tokenizer(cfg, args.tokenizer)
     prompt_ids = tokenizer.encode_batch(prompts)
     max_length = cfg.model.max_position_embeddings
@@ -128,7 +129,7 @@ def _main(argv: Sequence[str] | None) -> int:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     start = time.perf_counter()
     try:
-        cfg, model = load_model(ckpt)
+        cfg, model = load_model(verified)  # not hashed again
         outs = generate(model, prompt_ids, args.max_new_tokens, eos_id=tokenizer.eod,
                         vocab_size=min(tokenizer.vocab_size, cfg.model.vocab_size),
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -140,7 +141,7 @@ def _main(argv: Sequence[str] | None) -> int:
     show(records, args.json)
     new = sum(len(ids) for ids in outs)
     print(f"generate: {len(prompts)} prompt(s), {new} new tokens in "
-          f"{time.perf_counter() - start:.1f} s ({ckpt})", file=sys.stderr)
+          f"{time.perf_counter() - start:.1f} s ({verified.path})", file=sys.stderr)
     return 0
 
 

@@ -138,9 +138,10 @@ def analyze(args: argparse.Namespace) -> int:
     if args.max_tokens < 1 or args.batch_size < 1:
         raise DataError("--max-tokens and --batch-size must be positive")
     try:
-        ckpt, cfg = checkpoint_config(args.checkpoint)
+        verified = checkpoint_config(args.checkpoint)
     except CheckpointError as err:
         raise DataError(f"checkpoint: {err}") from err
+    ckpt, cfg = verified.path, verified.config
     moe_layers = [i for i, moe in enumerate(moe_layer_pattern(cfg.model, cfg.moe)) if moe]
     if not moe_layers:
         raise DataError(f"{ckpt}: a dense model has no routers to analyze")
@@ -165,7 +166,7 @@ def analyze(args: argparse.Namespace) -> int:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     try:
         # dropless (load_model): count the router's choices, not what capacity kept
-        cfg, model = load_model(ckpt)
+        cfg, model = load_model(verified)  # not hashed again
         counts = R.collect_routing(model, streams, seq_length, cfg.moe.top_k, layers,
                                    args.batch_size)
     except CheckpointError as err:

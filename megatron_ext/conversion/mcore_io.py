@@ -305,13 +305,15 @@ def read_mcore_checkpoint(path: str | Path, dtype: torch.dtype | None = None
     from megatron_ext.model.experts import grouped_to_sequential_state
 
     try:  # bad paths and damaged files fail here, before any process group exists
-        ckpt_dir, cfg = checkpoint_config(path)
+        verified = checkpoint_config(path)
     except (CheckpointError, ConfigError, yaml.YAMLError, OSError) as e:
         raise ConversionError(" ".join(str(e).split())) from None
+    ckpt_dir, cfg = verified.path, verified.config
     arch = arch_from_config(cfg)
     with single_process(None):
-        try:  # verified above; refused now only if a file changed since (one line, exit 2)
-            _, model = load_model(ckpt_dir, expert_parallel=1)
+        try:  # verified above; verified again (and refused: one line, exit 2) only if a file
+            # changed since
+            _, model = load_model(verified, expert_parallel=1)
         except CheckpointError as e:
             raise ConversionError(" ".join(str(e).split())) from None
         state = {k: v.detach() for k, v in model.state_dict().items()

@@ -57,8 +57,8 @@ def _train(cfg: Config, derived: Derived, layout: Layout, preempt: Preemption, p
                            enabled=rank0)
     try:
         runner = step_runner(cfg.train.cuda_graph, warn if rank0 else lambda line: None)
-        trainer = Trainer(run, state, callbacks.build(run, writer, preempt, extra_callbacks),
-                          runner)
+        trainer = Trainer(run, state, callbacks.build(run, writer, preempt, extra_callbacks,
+                                                      plan.verified), runner)
         preempt.start_training(layout.device)  # signals from here on: finish the step and save
         code, summary = trainer.fit()
     finally:

@@ -60,10 +60,10 @@ PROBE = textwrap.dedent("""
 
     if __name__ == "__main__":
         ckpt, hf_dir, texts, new = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), 32
-        _, cfg = checkpoint_config(ckpt)
-        tok = checkpoint_tokenizer(cfg)
+        verified = checkpoint_config(ckpt)
+        tok = checkpoint_tokenizer(verified.config)
         prompts = tok.encode_batch(texts)
-        cfg, model = load_model(ckpt)
+        cfg, model = load_model(verified)
         gen = lambda **kw: generate(model, prompts, kw.pop("n", new), eos_id=kw.pop("eos", tok.eod),
                                     vocab_size=cfg.model.vocab_size, **kw)
         out = {"prompts": prompts, "eod": tok.eod, "batched": gen(batch_size=3),

@@ -152,7 +152,7 @@ def _bench(argv: list[str] | None) -> int:
         from megatron_ext.checkpoint.load_model import checkpoint_config
         from megatron_ext.data.run_tokenizer import tokenizer_path
 
-        tokenizer = a.tokenizer or tokenizer_path(checkpoint_config(ckpt)[1])
+        tokenizer = a.tokenizer or tokenizer_path(checkpoint_config(ckpt).config)
         by_backend = measure(ckpt, hf, tasks, a, tokenizer)
     finally:
         if not a.workdir:

@@ -2,7 +2,11 @@
 
 1. Unless ``--root`` already holds one, saves a checkpoint with ``pretrain_moe.py`` (mock data,
    1 step, ``MODEL``: ~280 MB with the optimizer state) from ``--save-world`` processes (each
-   writes its own shards and rng file, as a job's ranks do).
+   writes its own shards and rng file, as a job's ranks do). With more than one, the optimizer
+   state is sharded over them (``parallel.distributed_optimizer``, on by default on GPUs) in
+   the dp_reshardable format (``checkpoint.fully_reshardable_optimizer=false``), so each rank
+   writes its share of the files (8 ranks: 16 shard files, ~378 MB). Otherwise rank 0 writes
+   every tensor: a replica in plain DP, and, on gloo, the fully reshardable optimizer state too.
 2. For each world size, spawns that many gloo processes which decide the resume of ``--root``
    the way a job's ranks do before megatron loads the tensors, and reports, per rank, the bytes
    passed to ``read()`` (``/proc/self/io`` rchar: load-independent, page cache or not) and the
@@ -15,6 +19,7 @@ tensor load that follows (megatron reads each rank's shards) is the same code in
 not included. Prints one JSON line per world size.
 
     python tools/bench/resume_reads.py --root /tmp/resume_bench/ckpt --worlds 1 2 4 8
+    python tools/bench/resume_reads.py --root /tmp/rb8/ckpt --save-world 8 --worlds 1 2 4 8
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ def _save(root: Path, world: int) -> None:
               f"train.global_batch_size={2 * world}", "train.micro_batch_size=2",
               "train.train_steps=1",
               "schedule.warmup_steps=0", "train.eval_interval=0", f"checkpoint.save={root}",
-              f"logging.output_dir={root.parent / 'run'}"]:
+              f"logging.output_dir={root.parent / 'run'}",
+              f"parallel.distributed_optimizer={str(world > 1).lower()}",
+              f"checkpoint.fully_reshardable_optimizer={str(world == 1).lower()}"]:
         args += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = ([] if world == 1 else

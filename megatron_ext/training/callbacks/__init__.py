@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from megatron_ext.checkpoint.store import Known
 from megatron_ext.training.callbacks.base import Callback
 from megatron_ext.training.callbacks.checkpointing import Checkpointing
 from megatron_ext.training.callbacks.expert_similarity import ExpertSimilarity
@@ -37,7 +38,8 @@ Factory = Callable[[Run], Callback]
 
 
 def build(run: Run, writer: MetricsWriter, preempt: Preemption,
-          extra: Sequence[Factory] = ()) -> list[Callback]:
+          extra: Sequence[Factory] = (), verified: Known | None = None) -> list[Callback]:
+    """``verified``: the resume plan's checkpoint verdicts (``Checkpointing``)."""
     moe = [RouterMetrics(run), ExpertSimilarity(run)] if run.cfg.moe.num_experts else []
     return [
         Throughput(run),       # first: it accumulates the step's times before anyone reads them
@@ -46,7 +48,7 @@ def build(run: Run, writer: MetricsWriter, preempt: Preemption,
         Validation(run),
         *_downstream(run),
         *(factory(run) for factory in extra),
-        Checkpointing(run, preempt),  # last: a preemption stops the run after its save
+        Checkpointing(run, preempt, verified),  # last: a preemption stops the run after its save
     ]
 
 

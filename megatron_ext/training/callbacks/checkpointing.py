@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from megatron_ext.checkpoint.saver import Saver
+from megatron_ext.checkpoint.store import Known
 from megatron_ext.config.loader import to_dict
 from megatron_ext.training import exit_codes
 from megatron_ext.training.callbacks.base import Callback
@@ -20,11 +21,13 @@ if TYPE_CHECKING:  # annotations only (the trainer is a layer below the callback
 
 
 class Checkpointing(Callback):
-    def __init__(self, run: Run, preempt: Preemption):
+    def __init__(self, run: Run, preempt: Preemption, verified: Known | None = None):
+        """``verified``: the resume plan's verdicts on ``checkpoint.save``'s checkpoints
+        (``ResumePlan.verified``): pruning after the first save does not hash them again."""
         ck = run.cfg.checkpoint
         self.run, self.preempt = run, preempt
-        self.saver = (Saver(ck.save, ck.keep_last, ck.fully_reshardable_optimizer, ck.async_save)
-                      if ck.save else None)
+        self.saver = (Saver(ck.save, ck.keep_last, ck.fully_reshardable_optimizer, ck.async_save,
+                            verified) if ck.save else None)
         self.resolved, self.layout = to_dict(run.cfg), layout_dict(run)
 
     def on_step_end(self, trainer: Trainer) -> None:
