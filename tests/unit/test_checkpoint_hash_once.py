@@ -98,6 +98,7 @@ def test_pruning_after_a_resume_rehashes_nothing_the_plan_judged(converted, tmp_
     from megatron_ext.checkpoint.load_model import _config, load_model
     from megatron_ext.checkpoint.saver import Saver
     from megatron_ext.checkpoint.store import TrainState, _prune
+    from megatron_ext.config.derived import derive
     from megatron_ext.config.loader import to_dict
     from megatron_ext.conversion.mcore_io import single_process
 
@@ -107,7 +108,7 @@ def test_pruning_after_a_resume_rehashes_nothing_the_plan_judged(converted, tmp_
     _garbage(its[3] / "common.pt")
     cfg = _config(its[2])
     cfg.checkpoint.save, cfg.checkpoint.load = str(root), None
-    made = plan.make_plan(cfg)
+    made = plan.make_plan(cfg, derive(cfg).total_steps)
     assert (made.action, made.path) == (plan.RESUME, str(its[2]))
     assert {name: ok for name, (ok, _) in made.verified.items()} == {its[3].name: False,
                                                                      its[2].name: True}
