@@ -39,7 +39,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_ext.model.attention import SDPAttention
-from megatron_ext.model.experts import GroupedGemmExperts
+from megatron_ext.model.experts import GroupedGemmExperts, TokenGroups, grouped_linear
 
 # TransformerConfig fields and the only value the lean decoder implements.
 _CONFIG = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
@@ -142,14 +142,18 @@ class _Layer:
     router_EH: torch.Tensor | None  # None: dense
     top_k: int = 1
     pre_softmax: bool = False
+    fc1_EGH: torch.Tensor | None = None  # the stacked expert weights (GroupedGemmExperts)
+    fc2_EHF: torch.Tensor | None = None
 
 
 def _borrow(layer) -> _Layer:
     attention, mlp = layer.self_attention, layer.mlp
     if isinstance(mlp, MoELayer):
         experts = mlp.experts
-        if isinstance(experts, GroupedGemmExperts):
-            fc1, fc2 = list(experts.fc1_weight.unbind(0)), list(experts.fc2_weight.unbind(0))
+        stacked = (experts.fc1_weight, experts.fc2_weight) if isinstance(
+            experts, GroupedGemmExperts) else (None, None)
+        if stacked[0] is not None:
+            fc1, fc2 = list(stacked[0].unbind(0)), list(stacked[1].unbind(0))
         else:
             fc1 = [e.linear_fc1.weight for e in experts.local_experts]
             fc2 = [e.linear_fc2.weight for e in experts.local_experts]
@@ -157,7 +161,7 @@ def _borrow(layer) -> _Layer:
         return _Layer(layer.input_layernorm, attention.linear_qkv.weight,
                       attention.linear_proj.weight, attention.core_attention.softmax_scale,
                       layer.pre_mlp_layernorm, fc1, fc2, router.weight, router.topk,
-                      mlp.config.moe_router_pre_softmax)
+                      mlp.config.moe_router_pre_softmax, *stacked)
     return _Layer(layer.input_layernorm, attention.linear_qkv.weight,
                   attention.linear_proj.weight, attention.core_attention.softmax_scale,
                   layer.pre_mlp_layernorm, [mlp.linear_fc1.weight], [mlp.linear_fc2.weight],
@@ -272,16 +276,23 @@ class LeanCache:
                 out_1H = y_1H if out_1H is None else out_1H + y_1H
             return out_1H
         # Token-expert pairs by expert (then token, as megatron's dispatcher orders them).
-        k = layer.top_k
-        order_P = experts_TK.flatten().argsort(stable=True)
-        counts = torch.bincount(experts_TK.flatten(), minlength=len(layer.fc1)).tolist()
-        token_P = order_P // k
+        experts_P = experts_TK.flatten()
+        order_P = experts_P.argsort(stable=True)
+        counts_E = torch.bincount(experts_P, minlength=len(layer.fc1))
+        token_P = order_P // layer.top_k
         x_PH, p_P1 = x_TH.index_select(0, token_P), probs_TK.flatten()[order_P, None]
-        outs, first = [], 0
-        for e, count in enumerate(counts):
-            if count:
-                rows = slice(first, first + count)
-                a_CF = (_swiglu(x_PH[rows], layer.fc1[e]) * p_P1[rows]).to(x_TH.dtype)
-                outs.append(F.linear(a_CF, layer.fc2[e]))
-                first += count
-        return torch.zeros_like(x_TH).index_add_(0, token_P, torch.cat(outs))
+        if layer.fc1_EGH is not None:  # one grouped GEMM per projection (C++ loop on CPU)
+            groups = TokenGroups(counts_E, x_TH.device)
+            gate_PF, up_PF = grouped_linear(x_PH, layer.fc1_EGH, groups).chunk(2, dim=-1)
+            a_PF = (F.silu(gate_PF) * up_PF * p_P1).to(x_TH.dtype)
+            y_PH = grouped_linear(a_PF, layer.fc2_EHF, groups)
+        else:
+            outs, first = [], 0
+            for e, count in enumerate(counts_E.tolist()):
+                if count:
+                    rows = slice(first, first + count)
+                    a_CF = (_swiglu(x_PH[rows], layer.fc1[e]) * p_P1[rows]).to(x_TH.dtype)
+                    outs.append(F.linear(a_CF, layer.fc2[e]))
+                    first += count
+            y_PH = torch.cat(outs)
+        return torch.zeros_like(x_TH).index_add_(0, token_P, y_PH)
