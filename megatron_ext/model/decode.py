@@ -4,7 +4,7 @@ the model's own weights, with a KV cache of its own.
 Why: a one-token decode step of a small model is all host time, and megatron-core's layers
 spend most of theirs in Python around the math (on this project's CPU machine, per call:
 ``ColumnParallelLinear`` 45-90 us against 12 us for ``F.linear``, the router 60 us; see
-docs/benchmarks.md, issue 27.3). Here every layer is a dozen torch calls.
+docs/benchmarks.md, issue 27.3). Here a layer is a few dozen plain torch calls.
 
 What it runs is exactly what ``model.builder`` builds with megatron's local spec in one process
 (``unsupported`` says why a model is not, and ``model.inference`` then keeps megatron's path):
