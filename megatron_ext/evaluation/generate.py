@@ -22,7 +22,8 @@ The one library entry point (``moe-generate`` and lm-eval's ``generate_until`` c
   with ``seed`` (None: a random seed). The same seed, prompts and batch size give the same ids.
 
 Batching: ``batch_size`` prompts at a time, sorted by length so a batch pads little. A batch
-runs with a KV cache (``megatron_ext.model.inference``, megatron-core's static inference
+runs with a KV cache (``megatron_ext.model.inference.new_cache``: the lean decoder's of
+``megatron_ext.model.decode`` for single-process models, else megatron-core's static inference
 context): one prefill over the prompts, then one step per new token that runs only the newest
 token of each unfinished row against the cached keys and values; finished rows leave the
 cache. Prompts of different lengths are left-padded and masked when every core attention takes
@@ -44,7 +45,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megatron_ext.data.errors import DataError
-from megatron_ext.model.inference import KVCache, extend, padding_masks_supported
+from megatron_ext.model.inference import extend, new_cache, padding_masks_supported
 
 StopFn = Callable[[list[int]], bool]
 
@@ -119,8 +120,8 @@ def _generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id
     width = max(len(prompts[i]) for i in live)
     pad = {i: width - len(prompts[i]) if padded else 0 for i in live}
     rows = {i: [0] * pad[i] + list(prompts[i]) for i in live}  # padding id: any, it is masked
-    cache = KVCache(len(live), max(pad[i] + min(len(prompts[i]) + max_new_tokens, max_length)
-                                   for i in live), padded)
+    columns = max(pad[i] + min(len(prompts[i]) + max_new_tokens, max_length) for i in live)
+    cache = new_cache(model, len(live), columns, padded)
     first = width if padded else min(len(prompts[i]) for i in live)
     pad_BS = (torch.tensor([[c < pad[i] for c in range(first)] for i in live])
               if padded else None)

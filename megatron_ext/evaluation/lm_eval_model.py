@@ -57,7 +57,7 @@ from megatron_ext.data.errors import DataError
 from megatron_ext.data.run_tokenizer import checkpoint_tokenizer
 from megatron_ext.data.tokenizer import Tokenizer
 from megatron_ext.evaluation.generate import generate
-from megatron_ext.model.inference import KVCache, extend, padding_masks_supported
+from megatron_ext.model.inference import extend, new_cache, padding_masks_supported
 from megatron_ext.model.inference import logits as model_logits
 from megatron_ext.platform.progress import Progress
 
@@ -223,7 +223,7 @@ class MegatronLM(TemplateLM):
         conts = [pieces[i][1] for _, members in groups for i in members]
         width = max(len(p) for p in prefixes)
         longest = max(len(c) for c in conts) - 1  # the continuation tokens fed
-        cache = KVCache(len(prefixes), width + longest, padded=True)
+        cache = new_cache(self.model, len(prefixes), width + longest, padded=True)
         tokens_PS, pad_PS = self._padded(prefixes, width, left=True)
         first_RV = extend(self.model, tokens_PS, cache, pad_PS)[owner]
         tail_RTV = None

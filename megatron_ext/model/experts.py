@@ -82,7 +82,7 @@ def grouped_mm_supported(x_TK: torch.Tensor, w_ENK: torch.Tensor) -> bool:
     return ok
 
 
-class _TokenGroups:
+class TokenGroups:
     """tokens_per_expert in the two forms the GEMM paths need, each computed at most once."""
 
     def __init__(self, tokens_per_expert: torch.Tensor, device: torch.device):
@@ -101,7 +101,7 @@ class _TokenGroups:
 
 
 def grouped_linear(
-    x_TK: torch.Tensor, w_ENK: torch.Tensor, groups: _TokenGroups, backend: str = "auto"
+    x_TK: torch.Tensor, w_ENK: torch.Tensor, groups: TokenGroups, backend: str = "auto"
 ) -> torch.Tensor:
     """y_TN[rows of expert e] = x_TK[rows of expert e] @ w_ENK[e].T, for all experts."""
     if x_TK.shape[0] == 0:  # no tokens: skip kernels, keep zero weight grads for DDP hooks
@@ -236,7 +236,7 @@ class GroupedGemmExperts(MegatronModule):
             assert self.config.moe_router_topk == 1, "moe_apply_probs_on_input needs topk=1"
             x_TH = (probs_T1 * x_TH).to(x_TH.dtype)
             probs_T1 = torch.ones_like(probs_T1)
-        groups = _TokenGroups(tokens_per_expert, x_TH.device)
+        groups = TokenGroups(tokens_per_expert, x_TH.device)
         h_TG = grouped_linear(x_TH, self.fc1_weight, groups, self.backend)
         if self.activation_recompute:
             # fp8=None: megatron's default (False) takes a Transformer Engine code path.

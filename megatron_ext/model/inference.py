@@ -1,6 +1,11 @@
 """Run a built megatron model for evaluation: full-vocabulary logits of a token batch, and
 incremental decoding with a KV cache.
 
+Two caches with one interface, picked by ``new_cache``: the lean decoder's (``model.decode``:
+plain PyTorch on the model's weights, for single-process models of the architecture we build,
+SDPA attention) and megatron's own, for everything else (parallel layouts, Transformer Engine,
+megatron's unfused attention, GPU). ``extend`` runs either; what follows is megatron's.
+
 Loading a checkpoint into a model is the checkpoint layer's job
 (``megatron_ext.checkpoint.load_model``); this module only runs the model.
 
@@ -33,7 +38,9 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from megatron_ext.model import decode
 from megatron_ext.model.attention import SDPAttention
+from megatron_ext.model.decode import LeanCache, attention_mask
 from megatron_ext.platform import cpu
 
 # model -> (runs with the CPU function mode off?, honours padding masks?); see the helpers below.
@@ -59,7 +66,8 @@ def _native(model):
 
 
 def padding_masks_supported(model) -> bool:
-    """True if every core attention of ``model`` takes an explicit padding mask (ours)."""
+    """True if ``new_cache(model, ...)`` may be padded: every core attention of ``model`` takes
+    an explicit padding mask (ours), which the lean decoder also requires."""
     return _traits(model)[1]
 
 
@@ -108,20 +116,23 @@ class KVCache:
 
     def mask(self, s: int, device: torch.device) -> torch.Tensor | None:
         """The attention mask (True = masked) of ``s`` new columns after ``length``, or None
-        when unpadded: causal, and no padding key except a padding query's own column (so no
-        query is left with nothing to attend to)."""
+        when unpadded (megatron's causal/no-mask types then apply)."""
         if self.pad_BL is None:
             return None
-        start, end = self.length, self.length + s
-        keys_1K = torch.arange(end, device=device)[None, :]
-        queries_S1 = torch.arange(start, end, device=device)[:, None]
-        pad_B11K = self.pad_BL[:, None, None, :end].to(device)
-        return (keys_1K > queries_S1) | (pad_B11K & (keys_1K != queries_S1))
+        return attention_mask(self.pad_BL, self.length, s, device)
+
+
+def new_cache(model, batch: int, max_length: int, padded: bool = False) -> KVCache | LeanCache:
+    """The KV cache ``extend`` runs ``model`` with: the lean decoder's (``model.decode``) when
+    it implements the model, else megatron's static inference context."""
+    if decode.unsupported(model) is None:
+        return LeanCache(model, batch, max_length, padded)
+    return KVCache(batch, max_length, padded)
 
 
 @torch.no_grad()
-def extend(model, tokens_BS: torch.Tensor, cache: KVCache, pad_BS: torch.Tensor | None = None,
-           every_column: bool = False) -> torch.Tensor:
+def extend(model, tokens_BS: torch.Tensor, cache: KVCache | LeanCache,
+           pad_BS: torch.Tensor | None = None, every_column: bool = False) -> torch.Tensor:
     """Run ``tokens_BS`` after the columns already in ``cache`` (adding theirs) and return
     full-vocabulary logits (fp32): [b, vocab] of each row's last new column, or [b, s, vocab]
     of every new column with ``every_column``. ``pad_BS``: which new columns are padding (a
@@ -138,6 +149,9 @@ def extend(model, tokens_BS: torch.Tensor, cache: KVCache, pad_BS: torch.Tensor 
             raise ValueError("KVCache: padding given to an unpadded cache")
         cache.pad_BL[:, start:start + s] = pad_BS
     device = next(model.parameters()).device
+    if isinstance(cache, LeanCache):
+        with cpu.native_torch():  # plain torch calls, no CUDA device named
+            return cache.forward(tokens_BS.to(device), every_column)
     context = cache.context
     if start > 0 and s == 1:
         context.enable_decode_mode()

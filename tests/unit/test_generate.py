@@ -277,7 +277,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(ckpt: Path, tmp_path: Path, capsys)
 def test_throughput_bench_runs_and_compares_ids(ckpt: Path) -> None:
     out = _ok(["tools/bench/generate_throughput.py", "--checkpoint", str(ckpt / "ckpt"),
                "--hf", str(ckpt / "hf"), "--new-tokens", "4", "--prompts", "3",
-               "--batch-sizes", "1,3", "--repeats", "1"])
+               "--batch-sizes", "1,3", "--repeats", "1", "--clock", "cpu"])
     rows = [line.split("|") for line in out.splitlines() if line.startswith(f"| {ckpt}")]
     assert [r[2].strip() for r in rows] == ["1", "3"]
     assert all(r[-2].strip() == "yes" and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)

@@ -9,7 +9,8 @@ from the demo corpus: one prompt at a time (batch 1) and all of them in one batc
 transformers gets the batch left-padded with an attention mask, as its ``generate`` expects,
 and runs without megatron_ext's CPU-path function mode (its users never have it). The two
 backends alternate within each repeat (load changes hit both); tokens/s = generated tokens /
-wall time; reported: the best of the repeats per backend and their ratio, and the ratio per
+wall time (``--clock cpu``: this process's CPU time, steadier on a shared, loaded machine);
+reported: the best of the repeats per backend and their ratio, and the ratio per
 repeat (median, range). The greedy
 ids are compared token for token with transformers one prompt at a time.
 
@@ -93,13 +94,17 @@ class Transformers:
         return out[:, width:].tolist()
 
 
-def timed(backend, prompts: list[list[int]], new: int, batch: int) -> tuple[float, list]:
-    """(tokens/s, ids) of ``prompts`` generated ``batch`` at a time."""
-    start = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(backend, prompts: list[list[int]], new: int, batch: int,
+          clock=time.perf_counter) -> tuple[float, list]:
+    """(tokens/s, ids) of ``prompts`` generated ``batch`` at a time, timed by ``clock``."""
+    start = clock()
     ids = []
     for i in range(0, len(prompts), batch):
         ids += backend.run(prompts[i:i + batch], new)
-    return sum(len(x) for x in ids) / (time.perf_counter() - start), ids
+    return sum(len(x) for x in ids) / (clock() - start), ids
 
 
 def measure(shape: str, ckpt: Path, hf: Path, a) -> dict:
@@ -116,7 +121,7 @@ def measure(shape: str, ckpt: Path, hf: Path, a) -> dict:
     for _ in range(a.repeats):
         for batch in a.batch_sizes:
             for backend in (ours, theirs):
-                rate, out = timed(backend, prompts, a.new_tokens, batch)
+                rate, out = timed(backend, prompts, a.new_tokens, batch, CLOCKS[a.clock])
                 rows.setdefault((batch, backend.name), []).append(rate)
                 ids[(batch, backend.name)] = out
     reference = ids[(1, theirs.name)]
@@ -136,7 +141,8 @@ def render(results: list[dict], a, cmd: str) -> str:
     """Per shape and batch size: best tok/s of the repeats for each backend and their ratio
     (interference from other processes only slows a run down, so the best is the least
     disturbed), then the ratio per repeat: median and range."""
-    lines = [f"Device: {device_name()}, torch threads: {_threads()}. Command: `{cmd}`.", "",
+    lines = [f"Device: {device_name()}, torch threads: {_threads()}, clock: {a.clock}. "
+             f"Command: `{cmd}`.", "",
              "| shape | batch | ours tok/s (best) | transformers tok/s (best) | ours / "
              "transformers, best | per repeat: median (range) | same greedy ids |",
              "|---|---:|---:|---:|---:|---|---|"]
@@ -169,6 +175,10 @@ def _bench(argv: list[str] | None) -> int:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or this process's CPU time (both backends run single-"
+                        "threaded here: on a loaded machine it leaves out the time other "
+                        "processes hold the cores)")
     p.add_argument("--checkpoint", type=Path, help="our checkpoint (one shape; default: train)")
     p.add_argument("--hf", type=Path, help="its fp32 HF export (with --checkpoint)")
     p.add_argument("--workdir", type=Path,
