@@ -1,0 +1,62 @@
+"""Mean and std of any set of a matrix's neurons, from sums taken once per neuron.
+
+Drop-Upcycling re-initializes, per expert and projection, a random half of the dense matrix's
+neurons with the mean and std of exactly those neurons (REFERENCE.md section 1). The sets differ
+per expert, but they are all made of the same dense neurons: summing each neuron once per layer
+(one pass over the matrix) makes every set's statistics an O(k) sum instead of a pass over
+k x H values per expert and projection (a Welford ``torch.std_mean`` of the gathered slice, the
+upcycler's largest cost before). The streaming check judges the dropped neurons with the same
+sums.
+
+Precision: per-neuron sums in fp64, shifted by a reference value near the matrix's mean (so a
+mean far from 0 does not cancel the variance away), added over a set with ``math.fsum`` (exact,
+so the result does not depend on the order of the set or on the thread count). The fp32
+statistics the sampler takes are the fp64 ones rounded once, as ``torch.std_mean`` rounds its
+fp64 Welford accumulators once: the two agree unless the exact value lies within fp64 rounding
+error of an fp32 rounding boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_CHUNK = 256  # neurons per fp64 temporary: 256 x H x 8 bytes (6 MB at H = 3072)
+
+
+def as_fp32(x: float) -> float:
+    """``x`` rounded to the nearest fp32, as a Python float."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+class NeuronSums:
+    """Per-neuron sum and sum of squares of ``w - shift`` in fp64; neurons are the rows of ``w``
+    (``neuron_dim`` 0: gate/up [F, H]) or its columns (``neuron_dim`` 1: down [H, F])."""
+
+    def __init__(self, w: Tensor, neuron_dim: int) -> None:
+        rows = w if neuron_dim == 0 else w.t()
+        self.width = rows.shape[1]
+        # Any fixed value near the mean removes the cancellation; one neuron's mean is cheap and
+        # the same on every machine (one row is below torch's parallel grain).
+        self.shift = rows[0].double().mean().item() if rows.numel() else 0.0
+        self.s1 = torch.empty(rows.shape[0], dtype=torch.float64)
+        self.s2 = torch.empty(rows.shape[0], dtype=torch.float64)
+        for start in range(0, rows.shape[0], _CHUNK):
+            stop = start + _CHUNK
+            # a contiguous [chunk, H] block: each neuron is summed along its own weights
+            x = rows[start:stop].to(torch.float64, memory_format=torch.contiguous_format)
+            x -= self.shift
+            self.s1[start:stop] = x.sum(dim=1)
+            self.s2[start:stop] = x.square_().sum(dim=1)
+
+    def std_mean(self, neurons: Tensor) -> tuple[float, float]:
+        """Unbiased std and mean (fp64) of all weights of ``neurons`` (indices, no repeats)."""
+        n = neurons.numel() * self.width
+        s1 = math.fsum(self.s1[neurons].tolist())
+        if n < 2:
+            return 0.0, self.shift + s1
+        s2 = math.fsum(self.s2[neurons].tolist())
+        var = (s2 - s1 * s1 / n) / (n - 1)
+        return math.sqrt(max(var, 0.0)), self.shift + s1 / n
