@@ -36,20 +36,20 @@ class NeuronSums:
     (``neuron_dim`` 0: gate/up [F, H]) or its columns (``neuron_dim`` 1: down [H, F])."""
 
     def __init__(self, w: Tensor, neuron_dim: int) -> None:
-        rows = w if neuron_dim == 0 else w.t()
-        self.width = rows.shape[1]
+        neurons = w.shape[neuron_dim]
+        self.width = w.shape[1 - neuron_dim]
         # Any fixed value near the mean removes the cancellation; one neuron's mean is cheap and
-        # the same on every machine (one row is below torch's parallel grain).
-        self.shift = rows[0].double().mean().item() if rows.numel() else 0.0
-        self.s1 = torch.empty(rows.shape[0], dtype=torch.float64)
-        self.s2 = torch.empty(rows.shape[0], dtype=torch.float64)
-        for start in range(0, rows.shape[0], _CHUNK):
+        # the same on every machine (one neuron is below torch's parallel grain).
+        self.shift = w.select(neuron_dim, 0).double().mean().item() if w.numel() else 0.0
+        self.s1 = torch.empty(neurons, dtype=torch.float64)
+        self.s2 = torch.empty(neurons, dtype=torch.float64)
+        for start in range(0, neurons, _CHUNK):
             stop = start + _CHUNK
-            # a contiguous [chunk, H] block: each neuron is summed along its own weights
-            x = rows[start:stop].to(torch.float64, memory_format=torch.contiguous_format)
+            # a block of whole neurons, read in w's own memory order (down: a column block)
+            x = w.narrow(neuron_dim, start, min(_CHUNK, neurons - start)).double()
             x -= self.shift
-            self.s1[start:stop] = x.sum(dim=1)
-            self.s2[start:stop] = x.square_().sum(dim=1)
+            self.s1[start:stop] = x.sum(dim=1 - neuron_dim)
+            self.s2[start:stop] = x.square_().sum(dim=1 - neuron_dim)
 
     def std_mean(self, neurons: Tensor) -> tuple[float, float]:
         """Unbiased std and mean (fp64) of all weights of ``neurons`` (indices, no repeats)."""

@@ -104,8 +104,11 @@ class _DenseNeurons:
         cand = self.order[pos]
         hit = (self.sorted[pos] == prints).nonzero().squeeze(1)
         cand_hit = cand[hit]
-        same = (_bits(rows.index_select(0, hit)) == _bits(self.rows.index_select(0, cand_hit))
-                ).all(dim=1)
+        same = torch.empty(len(hit), dtype=torch.bool)
+        for start in range(0, len(hit), _FINGERPRINT_CHUNK):  # small temporaries, reused
+            part = slice(start, start + _FINGERPRINT_CHUNK)
+            same[part] = (_bits(rows.index_select(0, hit[part]))
+                          == _bits(self.rows.index_select(0, cand_hit[part]))).all(dim=1)
         out = torch.full((rows.shape[0],), -1, dtype=torch.long)
         out[hit[same]] = cand_hit[same]
         return out
@@ -114,11 +117,11 @@ class _DenseNeurons:
 def std_mean(values: Tensor) -> tuple[float, float]:
     """Unbiased std and mean in fp32: a mean, then the norm of the deviations, a third of the
     time of ``torch.std_mean`` (Welford) and as accurate as these tolerances need."""
-    x = values.float().reshape(-1)
+    x = values.to(torch.float32, copy=True).reshape(-1)  # ours: the deviations go in place
     mean = x.mean()
     if x.numel() < 2:
         return 0.0, mean.item()
-    return (torch.linalg.vector_norm(x - mean) / math.sqrt(x.numel() - 1)).item(), mean.item()
+    return (torch.linalg.vector_norm(x.sub_(mean)) / math.sqrt(x.numel() - 1)).item(), mean.item()
 
 
 def check_stats(name: str, values: Tensor, mean: float, std: float) -> None:
