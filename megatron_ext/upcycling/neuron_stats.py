@@ -60,3 +60,19 @@ class NeuronSums:
         s2 = math.fsum(self.s2[neurons].tolist())
         var = (s2 - s1 * s1 / n) / (n - 1)
         return math.sqrt(max(var, 0.0)), self.shift + s1 / n
+
+
+class Scratch:
+    """Reused temporaries (samples, gathered slices): a fresh 50 MB tensor per slice costs more in
+    page faults than ``normal_`` costs filling it. A buffer is valid until the next ``get`` of
+    its dtype; use one ``Scratch`` per thread."""
+
+    def __init__(self) -> None:
+        self._flat: dict[torch.dtype, Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        n = math.prod(shape)
+        flat = self._flat.get(dtype)
+        if flat is None or flat.numel() < n:
+            flat = self._flat[dtype] = torch.empty(n, dtype=dtype)
+        return flat[:n].view(shape)

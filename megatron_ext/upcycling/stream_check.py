@@ -37,7 +37,7 @@ from torch import Tensor
 from megatron_ext.conversion.keymaps import HF_DENSE_MLP, Arch, hf_shapes
 from megatron_ext.model.compare import ValidationError
 from megatron_ext.platform.background import consume_behind
-from megatron_ext.upcycling.neuron_stats import NeuronSums
+from megatron_ext.upcycling.neuron_stats import NeuronSums, Scratch
 from megatron_ext.upcycling.spec import UpcycleSpec
 
 Getter = Callable[[str], Tensor]
@@ -114,20 +114,23 @@ class _DenseNeurons:
         return out
 
 
-def std_mean(values: Tensor) -> tuple[float, float]:
+def std_mean(values: Tensor, scratch: Scratch | None = None) -> tuple[float, float]:
     """Unbiased std and mean in fp32: a mean, then the norm of the deviations, a third of the
     time of ``torch.std_mean`` (Welford) and as accurate as these tolerances need."""
-    x = values.to(torch.float32, copy=True).reshape(-1)  # ours: the deviations go in place
+    # our own copy (the deviations go in place), in ``scratch`` when given
+    x = (Scratch() if scratch is None else scratch).get((values.numel(),), torch.float32)
+    x.copy_(values.reshape(-1))
     mean = x.mean()
     if x.numel() < 2:
         return 0.0, mean.item()
     return (torch.linalg.vector_norm(x.sub_(mean)) / math.sqrt(x.numel() - 1)).item(), mean.item()
 
 
-def check_stats(name: str, values: Tensor, mean: float, std: float) -> None:
+def check_stats(name: str, values: Tensor, mean: float, std: float,
+                scratch: Scratch | None = None) -> None:
     """ValidationError unless ``values`` look drawn with this mean and std (module docstring)."""
     n = values.numel()
-    got_std, got_mean = std_mean(values)
+    got_std, got_mean = std_mean(values, scratch)
     mean_tol = std * (6 / math.sqrt(n) + _BF16_SLACK)
     std_tol = std * (10 / math.sqrt(n) + _BF16_SLACK)
     if not (math.isfinite(got_mean) and abs(got_mean - mean) <= mean_tol):
@@ -159,6 +162,7 @@ class StreamCheck:
         self._neurons: dict[str, _DenseNeurons] | None = None
         self._pending: dict[int, dict[str, Tensor]] = {}
         self._probe: tuple[Tensor, Tensor, Tensor] | None = None  # route_TE, out_TH, want_TH
+        self._scratch = Scratch()  # the checks run on one thread (``tap``)
 
     # --- the stream -----------------------------------------------------------------------
     def tap(self, stream: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
@@ -265,7 +269,9 @@ class StreamCheck:
         matched: dict[str, Tensor] = {}
         for role in ROLES:
             dense, name = neurons[role], names[role]
-            rows = _neurons(weights[role], role).contiguous()
+            w = _neurons(weights[role], role)
+            # down's neurons are columns: copied into rows once, into a reused buffer
+            rows = w if w.is_contiguous() else self._scratch.get(w.shape, w.dtype).copy_(w)
             idx = dense.match(rows)
             fresh = (idx < 0).nonzero().squeeze(1)
             if len(fresh) != self.k:
@@ -276,6 +282,7 @@ class StreamCheck:
             if dense.unique and used.unique().numel() != used.numel():
                 raise ValidationError(f"{name}: a dense neuron of {role}_proj appears twice")
             if self.k:
+                # (a copy: the statistics may reuse the scratch that holds ``rows`` in fp32)
                 self._check_fresh(name, rows.index_select(0, fresh), dense, used)
             matched[role] = idx
         for a, b in (("gate", "up"), ("gate", "down"), ("up", "down")):
@@ -295,7 +302,8 @@ class StreamCheck:
         std, mean = dense.sums.std_mean(dropped.nonzero().squeeze(1))
         if self.spec.method == "noise":
             std = math.sqrt(std ** 2 + self.spec.noise_std ** 2)
-        check_stats(f"{name} (the {len(fresh)} re-initialized neurons)", fresh, mean, std)
+        check_stats(f"{name} (the {len(fresh)} re-initialized neurons)", fresh, mean, std,
+                    self._scratch)
 
     # --- the dense layer ------------------------------------------------------------------
     def _dense_mlp(self, layer: int | None, source: int) -> dict[str, Tensor]:

@@ -63,7 +63,7 @@ from megatron_ext.conversion.keymaps import (
     mcore_shapes,
     mcore_to_hf,
 )
-from megatron_ext.upcycling.neuron_stats import NeuronSums, as_fp32
+from megatron_ext.upcycling.neuron_stats import NeuronSums, Scratch, as_fp32
 from megatron_ext.upcycling.spec import UpcycleSpec
 
 Getter = Callable[[str], Tensor]
@@ -144,12 +144,13 @@ def init_router(num_experts: int, hidden: int, how: str, g: torch.Generator) -> 
 
 def perturb_expert(
     mlp: dict[str, Tensor], spec: UpcycleSpec, g: torch.Generator,
-    sums: dict[str, NeuronSums] | None = None,
+    sums: dict[str, NeuronSums] | None = None, scratch: Scratch | None = None,
 ) -> dict[str, Tensor]:
     """One drop/noise expert from the dense MLP {gate [F,H], up [F,H], down [H,F]} (unchanged).
 
     drop: ``sums`` are the dense MLP's ``NeuronSums`` (``mlp_sums``), taken once per layer; a
-    slice's mean and std come from them, without reading the slice."""
+    slice's mean and std come from them, without reading the slice. ``scratch``: buffers kept
+    from expert to expert (the samples never leave this function)."""
     d_ff = mlp["gate"].shape[0]
     k = math.floor(spec.ratio * d_ff)
     perm = torch.randperm(d_ff, generator=g)
@@ -160,6 +161,7 @@ def perturb_expert(
     shared_idx = torch.randperm(d_ff, generator=g)[:k] if spec.index_sharing == "shared" else None
     if spec.method == "drop" and k and sums is None:
         sums = mlp_sums(mlp)
+    scratch = scratch or Scratch()
     for role in _DRAW_ROLES:
         idx = shared_idx if shared_idx is not None else torch.randperm(d_ff, generator=g)[:k]
         if k == 0:
@@ -170,11 +172,14 @@ def perturb_expert(
             # the selected slice is the dense neurons perm[idx]
             std, mean = sums[role].std_mean(perm[idx])
             shape = (k, w.shape[1]) if dim == 0 else (w.shape[0], k)
-            new = torch.normal(as_fp32(mean), as_fp32(std), shape, generator=g)
+            # normal_ on a contiguous fp32 tensor: the same draws and values as torch.normal
+            new = scratch.get(shape, torch.float32).normal_(as_fp32(mean), as_fp32(std),
+                                                             generator=g)
         else:
             sel = w.index_select(dim, idx).float()
             new = sel + torch.normal(0.0, spec.noise_std, tuple(sel.shape), generator=g)
-        w.index_copy_(dim, idx, new.to(w.dtype))
+        cast = new if new.dtype == w.dtype else scratch.get(new.shape, w.dtype).copy_(new)
+        w.index_copy_(dim, idx, cast)
     return out
 
 
@@ -190,6 +195,7 @@ class _Upcycler:
         self.sources: list[Getter] = [get_dense, *spec.btx_sources]
         self.shapes = hf_shapes(arch)
         self.g = torch.Generator(device="cpu").manual_seed(spec.seed)
+        self.scratch = Scratch()
 
     def _fetch(self, name: str, source: int = 0) -> Tensor:
         what = "dense checkpoint" if source == 0 else f"btx source {source}"
@@ -250,7 +256,7 @@ class _Upcycler:
                 mlp = {role: self._fetch(name, mlp_source).to(dtypes[role])
                        for role, name in names.items()}
             if self.spec.method in ("drop", "noise"):
-                weights = perturb_expert(mlp, self.spec, self.g, sums)
+                weights = perturb_expert(mlp, self.spec, self.g, sums, self.scratch)
             elif self.spec.method == "scratch":
                 weights = {role: self._random(names[role], mlp[role]) for role in _ROLES}
             else:  # naive, btx: exact copies
