@@ -9,11 +9,12 @@ upcycler's largest cost before). The streaming check judges the dropped neurons 
 sums.
 
 Precision: per-neuron sums in fp64, shifted by a reference value near the matrix's mean (so a
-mean far from 0 does not cancel the variance away), added over a set with ``math.fsum`` (exact,
-so the result does not depend on the order of the set or on the thread count). The fp32
-statistics the sampler takes are the fp64 ones rounded once, as ``torch.std_mean`` rounds its
-fp64 Welford accumulators once: the two agree unless the exact value lies within fp64 rounding
-error of an fp32 rounding boundary.
+mean far from 0 does not cancel the variance away), added over a set with ``math.fsum`` (exact:
+the order of the set does not matter). The fp32 statistics the sampler takes are the fp64 ones
+rounded once, as ``torch.std_mean`` rounds its fp64 Welford accumulators once: the two agree
+unless the exact value lies within fp64 rounding error of an fp32 rounding boundary (both are
+then off by one fp32 ulp at most; Welford's own result there depends on the thread count, which
+splits its sum). ``tests/unit/test_upcycling_neuron_stats.py`` replays the Welford algorithm.
 """
 
 from __future__ import annotations
