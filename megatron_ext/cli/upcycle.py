@@ -20,6 +20,7 @@ Exit codes: 0 ok, 1 validation or I/O failure, 2 bad input (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -149,6 +150,10 @@ def spec_from_args(args: argparse.Namespace) -> tuple[UpcycleSpec, DataConfig | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Every expert is a fresh tensor of tens of MB: in 4 KB pages its page faults cost more CPU
+    # than the gather that fills it (measured: 53 vs 13 ms per 50 MB expert). torch's allocator
+    # asks for transparent huge pages (madvise) when this is set, read at its large allocations.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     return run_cli(_convert, argv)
 
 

@@ -37,6 +37,7 @@ from torch import Tensor
 from megatron_ext.conversion.keymaps import HF_DENSE_MLP, Arch, hf_shapes
 from megatron_ext.model.compare import ValidationError
 from megatron_ext.platform.background import consume_behind
+from megatron_ext.upcycling.neuron_stats import NeuronSums, Scratch
 from megatron_ext.upcycling.spec import UpcycleSpec
 
 Getter = Callable[[str], Tensor]
@@ -48,7 +49,7 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _BF16_SLACK = 2.0 ** -8
 _PROBE_TOKENS = 4
 _PROBE_TOLERANCE = 1e-4  # relative to max(1, max |dense output|), as the logit check
-_FINGERPRINT_CHUNK = 1024  # neurons per fingerprint matmul: bounds the fp64 temporary
+_FINGERPRINT_CHUNK = 1024  # neurons per fingerprint product: bounds the int64 temporary
 
 
 def _bits(t: Tensor) -> Tensor:
@@ -61,16 +62,26 @@ def _neurons(w: Tensor, role: str) -> Tensor:
     return w.t() if role == "down" else w
 
 
+def fingerprint_weights(hidden: int, g: torch.Generator) -> Tensor:
+    """Random int64 weights for ``fingerprint``, small enough that no sum can overflow: a
+    neuron has at most 2 * hidden 32-bit words (fp64), each below 2^31 in magnitude."""
+    words = 2 * hidden
+    bits = 62 - 31 - math.ceil(math.log2(words))
+    return torch.randint(1, 2 ** bits, (words,), generator=g)
+
+
 def fingerprint(rows: Tensor, weights: Tensor) -> Tensor:
-    """An exact integer hash per row: the row's 16-bit words (as integers) dotted with random
-    integer weights in fp64. Every partial sum is an integer below 2^53 (|word| < 2^15, weight
-    < 2^20, at most 2^17 words), so the result does not depend on summation order: equal rows
-    always get equal prints."""
-    words = rows.contiguous().view(torch.int16)
-    out = torch.empty(words.shape[0], dtype=torch.float64)
+    """An exact integer hash per row: the row's 32-bit words (16-bit when a row's bytes are not
+    a multiple of 4) as integers, dotted with ``fingerprint_weights`` in int64. Integer sums
+    below 2^62 are exact, so equal rows always get equal prints (half the words and no fp64
+    copy: twice as fast as 16-bit words in fp64)."""
+    rows = rows.contiguous()
+    wide = rows.shape[1] * rows.element_size() % 4 == 0
+    words = rows.view(torch.int32 if wide else torch.int16)
+    out = torch.empty(words.shape[0], dtype=torch.int64)
     for start in range(0, words.shape[0], _FINGERPRINT_CHUNK):
         out[start:start + _FINGERPRINT_CHUNK] = (
-            words[start:start + _FINGERPRINT_CHUNK].double() @ weights[:words.shape[1]])
+            words[start:start + _FINGERPRINT_CHUNK].long() @ weights[:words.shape[1]])
     return out
 
 
@@ -80,37 +91,46 @@ class _DenseNeurons:
     def __init__(self, w: Tensor, role: str, weights: Tensor) -> None:
         self.rows = _neurons(w, role).contiguous()
         self.weights = weights
+        self.sums = NeuronSums(self.rows, 0)  # statistics of any set of dropped neurons
         prints = fingerprint(self.rows, weights)
         self.sorted, self.order = torch.sort(prints)
         self.unique = bool((self.sorted[1:] != self.sorted[:-1]).all())
 
-    def match(self, w: Tensor, role: str) -> Tensor:
-        """For each neuron of ``w``: the index of the bit-identical dense neuron, or -1."""
-        rows = _neurons(w, role).contiguous()
+    def match(self, rows: Tensor) -> Tensor:
+        """For each row of ``rows`` (contiguous neurons): the index of the bit-identical dense
+        neuron, or -1."""
         prints = fingerprint(rows, self.weights)
         pos = torch.searchsorted(self.sorted, prints).clamp(max=len(self.sorted) - 1)
         cand = self.order[pos]
-        hit = self.sorted[pos] == prints
-        same = (_bits(rows[hit]) == _bits(self.rows[cand[hit]])).all(dim=1)
+        hit = (self.sorted[pos] == prints).nonzero().squeeze(1)
+        cand_hit = cand[hit]
+        same = torch.empty(len(hit), dtype=torch.bool)
+        for start in range(0, len(hit), _FINGERPRINT_CHUNK):  # small temporaries, reused
+            part = slice(start, start + _FINGERPRINT_CHUNK)
+            same[part] = (_bits(rows.index_select(0, hit[part]))
+                          == _bits(self.rows.index_select(0, cand_hit[part]))).all(dim=1)
         out = torch.full((rows.shape[0],), -1, dtype=torch.long)
-        out[hit.nonzero().squeeze(1)[same]] = cand[hit][same]
+        out[hit[same]] = cand_hit[same]
         return out
 
 
-def std_mean(values: Tensor) -> tuple[float, float]:
+def std_mean(values: Tensor, scratch: Scratch | None = None) -> tuple[float, float]:
     """Unbiased std and mean in fp32: a mean, then the norm of the deviations, a third of the
     time of ``torch.std_mean`` (Welford) and as accurate as these tolerances need."""
-    x = values.float().reshape(-1)
+    # our own copy (the deviations go in place), in ``scratch`` when given
+    x = (Scratch() if scratch is None else scratch).get((values.numel(),), torch.float32)
+    x.copy_(values.reshape(-1))
     mean = x.mean()
     if x.numel() < 2:
         return 0.0, mean.item()
-    return (torch.linalg.vector_norm(x - mean) / math.sqrt(x.numel() - 1)).item(), mean.item()
+    return (torch.linalg.vector_norm(x.sub_(mean)) / math.sqrt(x.numel() - 1)).item(), mean.item()
 
 
-def check_stats(name: str, values: Tensor, mean: float, std: float) -> None:
+def check_stats(name: str, values: Tensor, mean: float, std: float,
+                scratch: Scratch | None = None) -> None:
     """ValidationError unless ``values`` look drawn with this mean and std (module docstring)."""
     n = values.numel()
-    got_std, got_mean = std_mean(values)
+    got_std, got_mean = std_mean(values, scratch)
     mean_tol = std * (6 / math.sqrt(n) + _BF16_SLACK)
     std_tol = std * (10 / math.sqrt(n) + _BF16_SLACK)
     if not (math.isfinite(got_mean) and abs(got_mean - mean) <= mean_tol):
@@ -131,8 +151,7 @@ class StreamCheck:
         self.moe_layers = spec.moe_arch(arch).moe_layers
         self.k = math.floor(spec.ratio * arch.ffn_hidden_size)
         g = torch.Generator().manual_seed(0)  # fixed: the checks do not depend on spec.seed
-        # a neuron has H weights: 2H 16-bit words at most (fp32)
-        self.weights = torch.randint(1, 2 ** 20, (2 * arch.hidden_size,), generator=g).double()
+        self.weights = fingerprint_weights(arch.hidden_size, g)
         self.probe_x = torch.randn(_PROBE_TOKENS, arch.hidden_size, generator=g)
         self.seen: set[str] = set()
         self.layers_checked = 0
@@ -143,6 +162,7 @@ class StreamCheck:
         self._neurons: dict[str, _DenseNeurons] | None = None
         self._pending: dict[int, dict[str, Tensor]] = {}
         self._probe: tuple[Tensor, Tensor, Tensor] | None = None  # route_TE, out_TH, want_TH
+        self._scratch = Scratch()  # the checks run on one thread (``tap``)
 
     # --- the stream -----------------------------------------------------------------------
     def tap(self, stream: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
@@ -249,7 +269,10 @@ class StreamCheck:
         matched: dict[str, Tensor] = {}
         for role in ROLES:
             dense, name = neurons[role], names[role]
-            idx = dense.match(weights[role], role)
+            w = _neurons(weights[role], role)
+            # down's neurons are columns: copied into rows once, into a reused buffer
+            rows = w if w.is_contiguous() else self._scratch.get(w.shape, w.dtype).copy_(w)
+            idx = dense.match(rows)
             fresh = (idx < 0).nonzero().squeeze(1)
             if len(fresh) != self.k:
                 raise ValidationError(
@@ -259,7 +282,8 @@ class StreamCheck:
             if dense.unique and used.unique().numel() != used.numel():
                 raise ValidationError(f"{name}: a dense neuron of {role}_proj appears twice")
             if self.k:
-                self._check_fresh(name, _neurons(weights[role], role)[fresh], dense, used)
+                # (a copy: the statistics may reuse the scratch that holds ``rows`` in fp32)
+                self._check_fresh(name, rows.index_select(0, fresh), dense, used)
             matched[role] = idx
         for a, b in (("gate", "up"), ("gate", "down"), ("up", "down")):
             both = (matched[a] >= 0) & (matched[b] >= 0)
@@ -275,10 +299,11 @@ class StreamCheck:
     def _check_fresh(self, name: str, fresh: Tensor, dense: _DenseNeurons, used: Tensor) -> None:
         dropped = torch.ones(dense.rows.shape[0], dtype=torch.bool)
         dropped[used] = False
-        std, mean = std_mean(dense.rows[dropped])
+        std, mean = dense.sums.std_mean(dropped.nonzero().squeeze(1))
         if self.spec.method == "noise":
             std = math.sqrt(std ** 2 + self.spec.noise_std ** 2)
-        check_stats(f"{name} (the {len(fresh)} re-initialized neurons)", fresh, mean, std)
+        check_stats(f"{name} (the {len(fresh)} re-initialized neurons)", fresh, mean, std,
+                    self._scratch)
 
     # --- the dense layer ------------------------------------------------------------------
     def _dense_mlp(self, layer: int | None, source: int) -> dict[str, Tensor]:

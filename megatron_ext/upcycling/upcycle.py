@@ -18,8 +18,9 @@ this order, which is a property of the function and not of how the caller stream
      this order (the reference's order): ``idx = randperm(F)[:k]`` and the slice's samples
      (``torch.normal``, slice shape: [k, H] for gate/up, [H, k] for down); with ``shared``:
      one ``idx = randperm(F)[:k]`` after ``perm``, then the samples for gate, down, up.
-     k = floor(r * F). drop samples ``Normal(mean, std)`` of the selected slice (stats in fp32,
-     unbiased std; the reference computes them in the model dtype); noise samples
+     k = floor(r * F). drop samples ``Normal(mean, std)`` of the selected slice (stats in fp64
+     from per-neuron sums, ``neuron_stats``, rounded to fp32; unbiased std; the reference
+     computes them in the model dtype); noise samples
      ``Normal(0, noise_std)`` and adds them (fp32, then cast).
    - scratch: ``torch.normal(0, init_std)`` for every non-norm tensor, in output order
      (experts: w1, w3, w2). Norm weights are ones.
@@ -62,6 +63,7 @@ from megatron_ext.conversion.keymaps import (
     mcore_shapes,
     mcore_to_hf,
 )
+from megatron_ext.upcycling.neuron_stats import NeuronSums, Scratch, as_fp32
 from megatron_ext.upcycling.spec import UpcycleSpec
 
 Getter = Callable[[str], Tensor]
@@ -141,29 +143,49 @@ def init_router(num_experts: int, hidden: int, how: str, g: torch.Generator) -> 
 
 
 def perturb_expert(
-    mlp: dict[str, Tensor], spec: UpcycleSpec, g: torch.Generator
+    mlp: dict[str, Tensor], spec: UpcycleSpec, g: torch.Generator,
+    sums: dict[str, NeuronSums] | None = None, scratch: Scratch | None = None,
 ) -> dict[str, Tensor]:
-    """One drop/noise expert from the dense MLP {gate [F,H], up [F,H], down [H,F]} (unchanged)."""
+    """One drop/noise expert from the dense MLP {gate [F,H], up [F,H], down [H,F]} (unchanged).
+
+    drop: ``sums`` are the dense MLP's ``NeuronSums`` (``mlp_sums``), taken once per layer; a
+    slice's mean and std come from them, without reading the slice. ``scratch``: buffers kept
+    from expert to expert (the samples never leave this function)."""
     d_ff = mlp["gate"].shape[0]
     k = math.floor(spec.ratio * d_ff)
     perm = torch.randperm(d_ff, generator=g)
     # Reordering neurons alone keeps the function: rows of gate/up, columns of down.
-    out = {"gate": mlp["gate"][perm], "up": mlp["up"][perm], "down": mlp["down"][:, perm]}
+    # (index_select: the same bytes as fancy indexing, 3x faster for down's columns.)
+    out = {"gate": mlp["gate"].index_select(0, perm), "up": mlp["up"].index_select(0, perm),
+           "down": mlp["down"].index_select(1, perm)}
     shared_idx = torch.randperm(d_ff, generator=g)[:k] if spec.index_sharing == "shared" else None
+    if spec.method == "drop" and k and sums is None:
+        sums = mlp_sums(mlp)
+    scratch = scratch or Scratch()
     for role in _DRAW_ROLES:
         idx = shared_idx if shared_idx is not None else torch.randperm(d_ff, generator=g)[:k]
         if k == 0:
             continue
         w = out[role]
         dim = 1 if role == "down" else 0  # the neuron axis
-        sel = w.index_select(dim, idx).float()
         if spec.method == "drop":
-            std, mean = torch.std_mean(sel) if sel.numel() > 1 else (torch.zeros(()), sel.mean())
-            new = torch.normal(mean.item(), std.item(), tuple(sel.shape), generator=g)
+            # the selected slice is the dense neurons perm[idx]
+            std, mean = sums[role].std_mean(perm[idx])
+            shape = (k, w.shape[1]) if dim == 0 else (w.shape[0], k)
+            # normal_ on a contiguous fp32 tensor: the same draws and values as torch.normal
+            new = scratch.get(shape, torch.float32).normal_(as_fp32(mean), as_fp32(std),
+                                                             generator=g)
         else:
+            sel = w.index_select(dim, idx).float()
             new = sel + torch.normal(0.0, spec.noise_std, tuple(sel.shape), generator=g)
-        w.index_copy_(dim, idx, new.to(w.dtype))
+        cast = new if new.dtype == w.dtype else scratch.get(new.shape, w.dtype).copy_(new)
+        w.index_copy_(dim, idx, cast)
     return out
+
+
+def mlp_sums(mlp: dict[str, Tensor]) -> dict[str, NeuronSums]:
+    """``NeuronSums`` of a dense MLP's three matrices (down's neurons are its columns)."""
+    return {role: NeuronSums(w, 1 if role == "down" else 0) for role, w in mlp.items()}
 
 
 class _Upcycler:
@@ -173,6 +195,7 @@ class _Upcycler:
         self.sources: list[Getter] = [get_dense, *spec.btx_sources]
         self.shapes = hf_shapes(arch)
         self.g = torch.Generator(device="cpu").manual_seed(spec.seed)
+        self.scratch = Scratch()
 
     def _fetch(self, name: str, source: int = 0) -> Tensor:
         what = "dense checkpoint" if source == 0 else f"btx source {source}"
@@ -222,6 +245,8 @@ class _Upcycler:
         mlp = {role: self._fetch(name) for role, name in names.items()}
         dtypes = {role: t.dtype for role, t in mlp.items()}
         yield HF_ROUTER.format(layer=layer), router_EH.to(dtypes["gate"])
+        # drop: each dense neuron summed once per layer, for every expert's statistics
+        sums = mlp_sums(mlp) if self.spec.method == "drop" and self.spec.ratio > 0 else None
         mlp_source = 0
         per_source = self.spec.num_experts // len(self.sources)
         for expert in range(self.spec.num_experts):
@@ -231,7 +256,7 @@ class _Upcycler:
                 mlp = {role: self._fetch(name, mlp_source).to(dtypes[role])
                        for role, name in names.items()}
             if self.spec.method in ("drop", "noise"):
-                weights = perturb_expert(mlp, self.spec, self.g)
+                weights = perturb_expert(mlp, self.spec, self.g, sums, self.scratch)
             elif self.spec.method == "scratch":
                 weights = {role: self._random(names[role], mlp[role]) for role in _ROLES}
             else:  # naive, btx: exact copies

@@ -1,0 +1,79 @@
+"""Mean and std of any set of a matrix's neurons, from sums taken once per neuron.
+
+Drop-Upcycling re-initializes, per expert and projection, a random half of the dense matrix's
+neurons with the mean and std of exactly those neurons (REFERENCE.md section 1). The sets differ
+per expert, but they are all made of the same dense neurons: summing each neuron once per layer
+(one pass over the matrix) makes every set's statistics an O(k) sum instead of a pass over
+k x H values per expert and projection (a Welford ``torch.std_mean`` of the gathered slice, the
+upcycler's largest cost before). The streaming check judges the dropped neurons with the same
+sums.
+
+Precision: per-neuron sums in fp64, shifted by a reference value near the matrix's mean (so a
+mean far from 0 does not cancel the variance away), added over a set with ``math.fsum`` (exact:
+the order of the set does not matter). The fp32 statistics the sampler takes are the fp64 ones
+rounded once, as ``torch.std_mean`` rounds its fp64 Welford accumulators once: the two agree
+unless the exact value lies within fp64 rounding error of an fp32 rounding boundary (both are
+then off by one fp32 ulp at most; Welford's own result there depends on the thread count, which
+splits its sum). ``tests/unit/test_upcycling_neuron_stats.py`` replays the Welford algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_CHUNK = 256  # neurons per fp64 temporary: 256 x H x 8 bytes (6 MB at H = 3072)
+
+
+def as_fp32(x: float) -> float:
+    """``x`` rounded to the nearest fp32, as a Python float."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+class NeuronSums:
+    """Per-neuron sum and sum of squares of ``w - shift`` in fp64; neurons are the rows of ``w``
+    (``neuron_dim`` 0: gate/up [F, H]) or its columns (``neuron_dim`` 1: down [H, F])."""
+
+    def __init__(self, w: Tensor, neuron_dim: int) -> None:
+        neurons = w.shape[neuron_dim]
+        self.width = w.shape[1 - neuron_dim]
+        # Any fixed value near the mean removes the cancellation; one neuron's mean is cheap and
+        # the same on every machine (one neuron is below torch's parallel grain).
+        self.shift = w.select(neuron_dim, 0).double().mean().item() if w.numel() else 0.0
+        self.s1 = torch.empty(neurons, dtype=torch.float64)
+        self.s2 = torch.empty(neurons, dtype=torch.float64)
+        for start in range(0, neurons, _CHUNK):
+            stop = start + _CHUNK
+            # a block of whole neurons, read in w's own memory order (down: a column block)
+            x = w.narrow(neuron_dim, start, min(_CHUNK, neurons - start)).double()
+            x -= self.shift
+            self.s1[start:stop] = x.sum(dim=1 - neuron_dim)
+            self.s2[start:stop] = x.square_().sum(dim=1 - neuron_dim)
+
+    def std_mean(self, neurons: Tensor) -> tuple[float, float]:
+        """Unbiased std and mean (fp64) of all weights of ``neurons`` (indices, no repeats)."""
+        n = neurons.numel() * self.width
+        s1 = math.fsum(self.s1[neurons].tolist())
+        if n < 2:
+            return 0.0, self.shift + s1
+        s2 = math.fsum(self.s2[neurons].tolist())
+        var = (s2 - s1 * s1 / n) / (n - 1)
+        return math.sqrt(max(var, 0.0)), self.shift + s1 / n
+
+
+class Scratch:
+    """Reused temporaries (samples, gathered slices): a fresh 50 MB tensor per slice costs more in
+    page faults than ``normal_`` costs filling it. A buffer is valid until the next ``get`` of
+    its dtype; use one ``Scratch`` per thread."""
+
+    def __init__(self) -> None:
+        self._flat: dict[torch.dtype, Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        n = math.prod(shape)
+        flat = self._flat.get(dtype)
+        if flat is None or flat.numel() < n:
+            flat = self._flat[dtype] = torch.empty(n, dtype=dtype)
+        return flat[:n].view(shape)

@@ -1,0 +1,58 @@
+"""Slice statistics from per-neuron sums (upcycling/neuron_stats.py): they equal torch.std_mean
+of the gathered slice, and drop's bytes equal a replay that gathers each slice and takes
+torch.std_mean of it (the upcycler's algorithm before the sums)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_ext.upcycling import UpcycleSpec
+from megatron_ext.upcycling.neuron_stats import NeuronSums, as_fp32
+from megatron_ext.upcycling.upcycle import perturb_expert
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("offset", [0.0, 3.0])  # a mean far from 0 must not cancel the variance
+def test_sums_equal_std_mean_of_the_slice(dtype, offset: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = (offset + 0.02 * torch.randn(96, 40, generator=g)).to(dtype)
+    idx = torch.randperm(96, generator=g)[:37]
+    for dim, sel in ((0, w.index_select(0, idx)), (1, w.t().contiguous().index_select(1, idx))):
+        std, mean = NeuronSums(w if dim == 0 else w.t().contiguous(), dim).std_mean(idx)
+        want_std, want_mean = torch.std_mean(sel.float())
+        assert as_fp32(mean) == want_mean.item() and as_fp32(std) == want_std.item()
+    assert NeuronSums(w, 0).std_mean(idx[:0]) == (0.0, NeuronSums(w, 0).shift)
+
+
+def _replay(mlp: dict, spec: UpcycleSpec, g: torch.Generator) -> dict:
+    """drop, the slice gathered and its torch.std_mean sampled from (REFERENCE.md section 1)."""
+    f = mlp["gate"].shape[0]
+    k = math.floor(spec.ratio * f)
+    perm = torch.randperm(f, generator=g)
+    out = {"gate": mlp["gate"][perm], "up": mlp["up"][perm], "down": mlp["down"][:, perm]}
+    for role in ("gate", "down", "up"):
+        idx = torch.randperm(f, generator=g)[:k]
+        dim = 1 if role == "down" else 0
+        sel = out[role].index_select(dim, idx).float()
+        std, mean = torch.std_mean(sel)
+        new = torch.normal(mean.item(), std.item(), tuple(sel.shape), generator=g)
+        out[role].index_copy_(dim, idx, new.to(out[role].dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_drop_bytes_equal_a_std_mean_replay(dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    mlp = {"gate": 0.02 * torch.randn(160, 48, generator=g),
+           "up": 0.5 + 0.02 * torch.randn(160, 48, generator=g),
+           "down": 0.02 * torch.randn(48, 160, generator=g)}
+    mlp = {r: t.to(dtype) for r, t in mlp.items()}
+    spec = UpcycleSpec(method="drop", ratio=0.5, num_experts=2)
+    ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(3):  # experts: the generator stays in step
+        got, want = perturb_expert(mlp, spec, ours), _replay(mlp, spec, theirs)
+        for role in got:
+            assert torch.equal(got[role].view(torch.uint8), want[role].view(torch.uint8)), role
