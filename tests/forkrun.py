@@ -31,7 +31,7 @@ from pathlib import Path
 from tests.conftest import run_cli
 
 DRIVER = r"""
-import json, os, runpy, signal, socket, sys, time, traceback
+import json, os, runpy, signal, sys, time, traceback
 from pathlib import Path
 
 calls, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
@@ -39,6 +39,7 @@ envs = json.loads(Path(sys.argv[3]).read_text())
 nprocs = json.loads(Path(sys.argv[4]).read_text())
 import torch, megatron.core, transformers  # noqa: E401,F401  the seconds every tool spends first
 import megatron.core.models.gpt, megatron.core.dist_checkpointing  # noqa: E401,F401
+from megatron_ext.platform.launch import free_port
 
 
 def child(argv, env, name):
@@ -70,12 +71,6 @@ def child(argv, env, name):
             sys.stderr.flush()
         finally:
             os._exit(code)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 codes = []
