@@ -13,7 +13,9 @@ a traceback.
   (``platform.cli.warned``), and goes on with the older one.
 * metrics.jsonl lines that are arrays, not UTF-8, have a string step, ... : the one reader
   (``analysis.metrics_log``) skips and counts them with one warning, for loss_curves and the
-  comparison's report alike; a file with nothing usable is one error line.
+  comparison's report alike; a file with nothing usable is one error line. (loss_curves' ``main``
+  runs in this process for these: what it prints does not depend on being a process of its
+  own; its subprocess is shown by the ASCII-terminal case.)
 * Text the terminal's encoding cannot show (``PYTHONIOENCODING=ascii``): escaped,
   exit 0 (``platform.cli.safe_console``, in the one CLI runner and in training's entry point).
 """
