@@ -19,7 +19,7 @@ import pytest
 from megatron_ext.checkpoint import manifest
 from megatron_ext.checkpoint import store as ckpt
 from megatron_ext.checkpoint.store import CheckpointError, find_resumable, verify
-from tests.conftest import REPO, run_cli, torchrun
+from tests.conftest import REPO, run_cli
 from tests.forkrun import run_clis
 from tests.resilience import env, small_args
 
@@ -358,9 +358,10 @@ TWO_RANK_ARGS = ("--set", "parallel.expert=2", "--set", "checkpoint.save_interva
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """One 2-rank run (expert parallel, async saves) with checkpoints at steps 2 and 4, shared
-    by the two tests below (each damages a copy): one torchrun, not three."""
+    by the two tests below (each damages a copy): one launch, not three. Both ranks are
+    forked from one driver (tests.forkrun), here and below, as torchrun would start them."""
     tmp = tmp_path_factory.mktemp("two_ranks")
-    first = torchrun(2, small_args(tmp, 4, *TWO_RANK_ARGS))
+    first, = run_clis([small_args(tmp, 4, *TWO_RANK_ARGS)], tmp / "driver", nprocs=[2])
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     return tmp
 
@@ -408,7 +409,7 @@ def test_two_ranks_fall_back_together_on_rank0s_verdict(two_ranks, tmp_path):
     newest = run / "ckpt" / "iter_0000004"
     shard = sorted(newest.glob("__1_*.distcp"))[0]
     _garbage(shard)
-    second = torchrun(2, small_args(run, 4, *TWO_RANK_ARGS))
+    second, = run_clis([small_args(run, 4, *TWO_RANK_ARGS)], tmp_path / "driver", nprocs=[2])
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert f"resumed from {run / 'ckpt' / 'iter_0000002'} at step 2" in out
