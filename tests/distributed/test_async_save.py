@@ -1,7 +1,11 @@
 """checkpoint.async_save: background writes (megatron's AsyncCallsQueue, one forked writer per
 rank) produce the same checkpoints as synchronous saves, and a writer that fails on one rank is
 one clear error on every rank that never becomes ``latest``. Two ranks with EP=2, so the
-finalize collectives and per-rank shards are exercised."""
+finalize collectives and per-rank shards are exercised.
+
+The two-rank runs are forked (tests.forkrun: one import of torch and megatron for the three of
+the module fixture, the rank-1 failure included); the kill -9 test's killed run is a real
+``python`` process."""
 
 import json
 import shutil
@@ -12,28 +16,30 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from megatron_ext.checkpoint import store as ckpt
-from tests.conftest import run_cli, torchrun
+from tests.conftest import run_cli
+from tests.forkrun import run_clis
 from tests.resilience import kill_job, popen, small_args, wait_for_line
 
 STEPS = 8
 ASYNC = ("--set", "checkpoint.async_save=true")
 
 
-def _train(tmp, *extra):
-    args = small_args(tmp, STEPS, "--set", "checkpoint.save_interval=2",
+def _args(tmp, *extra) -> list[str]:
+    return small_args(tmp, STEPS, "--set", "checkpoint.save_interval=2",
                       "--set", "parallel.expert=2", *extra)
-    return torchrun(2, args)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = {}
-    for mode, extra in (("sync", ()), ("async", ASYNC)):
-        tmp = tmp_path_factory.mktemp(mode)
-        proc = _train(tmp, *extra)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        out[mode] = (tmp / "ckpt", proc.stdout)
-    return out
+    """{mode: (checkpoint root, completed two-rank run)} of a sync run, an async run and an
+    async run whose rank 1 fails to write its step-4 checkpoint (FAILING_WRITER)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    script = tmp / "failing_writer.py"
+    script.write_text(FAILING_WRITER)
+    calls = {"sync": _args(tmp / "sync"), "async": _args(tmp / "async", *ASYNC),
+             "failing": [str(script), *_args(tmp / "failing", *ASYNC)[1:]]}
+    procs = run_clis(list(calls.values()), tmp / "driver", nprocs=[2] * len(calls))
+    return {mode: (tmp / mode / "ckpt", proc) for mode, proc in zip(calls, procs)}
 
 
 def _tensors(path, tmp) -> dict:
@@ -49,7 +55,10 @@ def _meta(path) -> dict:
 
 
 def test_async_checkpoints_equal_sync_ones(runs, tmp_path):
-    (sync_root, _), (async_root, out) = runs["sync"], runs["async"]
+    (sync_root, sync), (async_root, proc) = runs["sync"], runs["async"]
+    for run in (sync, proc):
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = proc.stdout
     names = sorted(p.name for p in async_root.iterdir() if p.is_dir())
     assert names == ["iter_0000002", "iter_0000004", "iter_0000006", "iter_0000008"]
     assert sorted(p.name for p in sync_root.iterdir() if p.is_dir()) == names
@@ -80,11 +89,12 @@ def test_async_run_resumes_like_a_sync_run(runs, tmp_path):
     """Restart the async run from its step-6 checkpoint: steps 7 and 8 have the losses of the
     uninterrupted sync run (which also stands for a resumed sync run: resuming is checked
     bit-identical in tests/distributed/test_preemption.py)."""
-    (_, sync_out), (async_root, _) = runs["sync"], runs["async"]
+    (_, sync), (async_root, _) = runs["sync"], runs["async"]
+    sync_out = sync.stdout
     root = tmp_path / "ckpt"
     shutil.copytree(async_root / "iter_0000006", root / "iter_0000006")
     (root / "latest").write_text("iter_0000006\n")
-    proc = _train(tmp_path, *ASYNC)
+    proc, = run_clis([_args(tmp_path, *ASYNC)], tmp_path / "driver", nprocs=[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "at step 6" in proc.stdout
 
@@ -135,18 +145,12 @@ FAILING_WRITER = textwrap.dedent("""
 """)
 
 
-def test_failed_background_write_is_one_error_and_never_latest(tmp_path):
-    script = tmp_path / "failing_writer.py"
-    script.write_text(FAILING_WRITER)
-    args = small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=2",
-                      "--set", "parallel.expert=2", *ASYNC)
-    args[0] = str(script)
-    proc = torchrun(2, args)
+def test_failed_background_write_is_one_error_and_never_latest(runs):
+    root, proc = runs["failing"]
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "iter_0000004" in errors[0] and "No space left on device" in errors[0], errors[0]
-    root = tmp_path / "ckpt"
     assert (root / "latest").read_text().strip() == "iter_0000002"
     # The failed write's directory is removed, not left half-written.
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["iter_0000002"]

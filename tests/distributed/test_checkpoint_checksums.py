@@ -19,7 +19,7 @@ import pytest
 from megatron_ext.checkpoint import manifest
 from megatron_ext.checkpoint import store as ckpt
 from megatron_ext.checkpoint.store import CheckpointError, find_resumable, verify
-from tests.conftest import REPO, run_cli, torchrun
+from tests.conftest import REPO, run_cli
 from tests.forkrun import run_clis
 from tests.resilience import env, small_args
 
@@ -28,12 +28,22 @@ ARGS = ("--set", "checkpoint.save_interval=2")
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def first_runs(tmp_path_factory):
+    """The module's two runs that need nothing before them, forked from one driver
+    (tests.forkrun): ``saved`` and ``two_ranks`` below."""
+    tmp = tmp_path_factory.mktemp("first")
+    procs = run_clis([small_args(tmp / "saved", STEPS, *ARGS),
+                      small_args(tmp / "two_ranks", 4, *TWO_RANK_ARGS)], tmp / "driver",
+                     nprocs=[1, 2])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return tmp / "saved", tmp / "two_ranks"
+
+
+@pytest.fixture(scope="module")
+def saved(first_runs):
     """One run with complete checkpoints at steps 2, 4 and 6 (copied per test)."""
-    tmp = tmp_path_factory.mktemp("saved")
-    proc = run_cli(small_args(tmp, STEPS, *ARGS))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp
+    return first_runs[0]
 
 
 @pytest.fixture
@@ -356,13 +366,11 @@ TWO_RANK_ARGS = ("--set", "parallel.expert=2", "--set", "checkpoint.save_interva
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def two_ranks(first_runs):
     """One 2-rank run (expert parallel, async saves) with checkpoints at steps 2 and 4, shared
-    by the two tests below (each damages a copy): one torchrun, not three."""
-    tmp = tmp_path_factory.mktemp("two_ranks")
-    first = torchrun(2, small_args(tmp, 4, *TWO_RANK_ARGS))
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    return tmp
+    by the two tests below (each damages a copy): one launch, not three. Both ranks are
+    forked from a driver (tests.forkrun), here and below, as torchrun would start them."""
+    return first_runs[1]
 
 
 @pytest.mark.slow
@@ -408,7 +416,7 @@ def test_two_ranks_fall_back_together_on_rank0s_verdict(two_ranks, tmp_path):
     newest = run / "ckpt" / "iter_0000004"
     shard = sorted(newest.glob("__1_*.distcp"))[0]
     _garbage(shard)
-    second = torchrun(2, small_args(run, 4, *TWO_RANK_ARGS))
+    second, = run_clis([small_args(run, 4, *TWO_RANK_ARGS)], tmp_path / "driver", nprocs=[2])
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert f"resumed from {run / 'ckpt' / 'iter_0000002'} at step 2" in out

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli, set_args, torchrun
+from tests.conftest import set_args
+from tests.forkrun import run_clis
 
 TOL = 2e-5
 COMMON = ["--config", "configs/tiny-cpu.yaml", *set_args(
@@ -38,40 +39,86 @@ COMMON = ["--config", "configs/tiny-cpu.yaml", *set_args(
 COMPARED = ("loss", "aux_loss", "z_loss", "grad_norm", "moe/expert_cos_mean")
 
 
+def _args(tmp: Path, name: str, steps: int, *extra: str, load: Path | None = None,
+          ckpt: Path | None = None, script: str = "pretrain_moe.py") -> list[str]:
+    return [script, *COMMON, "--set", f"train.train_steps={steps}",
+            "--set", f"logging.output_dir={tmp / name}",
+            "--set", f"checkpoint.save={ckpt or tmp / name / 'ckpt'}",
+            "--set", f"checkpoint.load={load}" if load else "checkpoint.load=null", *extra]
+
+
+def _records(run: Path) -> dict[int, dict]:
+    """{step: train record} (+ ``val_loss``) of a run's metrics.jsonl."""
+    records: dict[int, dict] = {}
+    for rec in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
+        records.setdefault(rec["step"], {}).update(
+            rec if rec["kind"] == "train" else {"val_loss": rec.get("val_loss")})
+    return records
+
+
+def _resumable(tmp: Path, name: str, run: str) -> Path:
+    """A checkpoint root holding only ``run``'s step-3 checkpoint (its newer ones left out)."""
+    root = tmp / name
+    shutil.copytree(tmp / run / "ckpt" / "iter_0000003", root / "iter_0000003")
+    (root / "latest").write_text("iter_0000003\n")
+    return root
+
+
 @pytest.fixture(scope="module")
-def upcycled(tmp_path_factory) -> Path:
-    """A 4-layer Drop-Upcycled 8-expert MoE checkpoint, the initial weights of every run."""
+def runs(tmp_path_factory) -> tuple[dict[str, tuple[dict[int, dict], str]], Path]:
+    """Every run of this module, ({name: (records, stdout)}, their directory; the upcycled
+    checkpoint is its ``moe``, the HF conversion its ``hf``), in two forked drivers
+    (tests.forkrun: one import of torch and megatron each, the multi-rank ones included).
+
+    First: a 4-layer Drop-Upcycled 8-expert MoE checkpoint (moe-upcycle, mcore output), the
+    initial weights of ``ref`` (one process, 5 steps), ``ep`` (PP=2 x EP=2, distributed
+    optimizer) and ``tp`` (PP=2 uneven, 1 + 3 layers, x TP=2; step 4's loss made NaN). Then,
+    from ref's and tp's step-3 checkpoints: ``vpp`` (resumed at PP=2 x 2 chunks) and ``back``
+    (resumed at one process); and ``mixed`` (PP=2 from a random init) converted to HF."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tmp = tmp_path_factory.mktemp("upcycled")
+    tmp = tmp_path_factory.mktemp("pipeline")
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=2, intermediate_size=128,
                                  vocab_size=512)).save_pretrained(tmp / "dense")
-    r = run_cli(["-m", "megatron_ext.cli.upcycle", "--input", str(tmp / "dense"),
-                 "--output", str(tmp / "moe"), "--output-format", "mcore", "--method", "drop",
-                 "--ratio", "0.5", "--num-experts", "8", "--top-k", "2", "--skip-validation"])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return tmp / "moe"
+    upcycled = tmp / "moe"
+    first = {
+        "upcycle": (["-m", "megatron_ext.cli.upcycle", "--input", str(tmp / "dense"),
+                     "--output", str(upcycled), "--output-format", "mcore", "--method", "drop",
+                     "--ratio", "0.5", "--num-experts", "8", "--top-k", "2",
+                     "--skip-validation"], 1, {}),
+        "ref": (_args(tmp, "ref", 5, load=upcycled), 1, {}),
+        "ep": (_args(tmp, "ep", 3, "--set", "parallel.pipeline=2", "--set", "parallel.expert=2",
+                     "--set", "parallel.distributed_optimizer=true", load=upcycled), 4, {}),
+        "tp": (_args(tmp, "tp", 4, "--set", "parallel.pipeline=2",
+                     "--set", "parallel.first_stage_layers=1", "--set", "parallel.tensor=2",
+                     "--set", "parallel.sequence_parallel=true", load=upcycled,
+                     script="tests/nan_injection.py"), 4, {"NAN_STEPS": "4"}),
+    }
+    procs = dict(zip(first, _drive(first, tmp / "driver1")))
+    second = {
+        "vpp": (_args(tmp, "vpp", 5, "--set", "parallel.pipeline=2",
+                      "--set", "parallel.virtual_pipeline=2",
+                      ckpt=_resumable(tmp, "from_ref", "ref")), 2, {}),
+        "back": (_args(tmp, "back", 5, "--set", "checkpoint.allow_config_change=true",
+                       ckpt=_resumable(tmp, "from_tp", "tp")), 1, {}),
+        "mixed": (_args(tmp, "mixed", 3, "--set", "parallel.pipeline=2",
+                        "--set", "moe.layer_freq=[0,1,0,1]", "--set", "moe.capacity_factor=1.0",
+                        "--set", "checkpoint.async_save=true"), 2, {}),
+        "hf": (["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp / "mixed" / "ckpt"),
+                "--output", str(tmp / "hf")], 1, {}),
+    }
+    procs.update(zip(second, _drive(second, tmp / "driver2")))
+    for name, proc in procs.items():
+        assert proc.returncode == 0, (name, proc.stdout[-2000:] + proc.stderr[-3000:])
+    return {name: (_records(tmp / name), procs[name].stdout)
+            for name in ("ref", "ep", "tp", "vpp", "back", "mixed")}, tmp
 
 
-def _train(tmp: Path, name: str, nproc: int, steps: int, *extra: str, load: Path | None = None,
-           ckpt: Path | None = None, nan_steps: str | None = None) -> tuple[dict[int, dict], str]:
-    """Run pretrain_moe.py (tests/nan_injection.py with ``nan_steps``); returns
-    {step: train record} (+ ``val_loss``) and stdout."""
-    script = "tests/nan_injection.py" if nan_steps else "pretrain_moe.py"
-    args = [script, *COMMON, "--set", f"train.train_steps={steps}",
-            "--set", f"logging.output_dir={tmp / name}",
-            "--set", f"checkpoint.save={ckpt or tmp / name / 'ckpt'}",
-            "--set", f"checkpoint.load={load}" if load else "checkpoint.load=null", *extra]
-    env = {"NAN_STEPS": nan_steps} if nan_steps else None
-    proc = run_cli(args, env=env) if nproc == 1 else torchrun(nproc, args, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    records: dict[int, dict] = {}
-    for rec in map(json.loads, (tmp / name / "metrics.jsonl").read_text().splitlines()):
-        records.setdefault(rec["step"], {}).update(
-            rec if rec["kind"] == "train" else {"val_loss": rec.get("val_loss")})
-    return records, proc.stdout
+def _drive(calls: dict, tmp: Path) -> list:
+    return run_clis([c for c, _, _ in calls.values()], tmp, envs=[e for _, _, e in calls.values()],
+                    nprocs=[n for _, n, _ in calls.values()])
 
 
 def _assert_same(got: dict[int, dict], want: dict[int, dict], steps, what: str) -> None:
@@ -85,57 +132,39 @@ def _assert_same(got: dict[int, dict], want: dict[int, dict], steps, what: str) 
             assert abs(got[step][k] - want[step][k]) <= TOL, (what, step, k)
 
 
-@pytest.mark.slow  # 6 CLI runs (1-4 processes each): ~130 s on 2 shared cores
-def test_pipeline_layouts_match_one_process_and_reshard(tmp_path: Path, upcycled: Path) -> None:
-    ref, _ = _train(tmp_path, "ref", 1, 5, load=upcycled)
+@pytest.mark.slow  # 6 CLI runs (1-4 processes each), forked from two drivers
+def test_pipeline_layouts_match_one_process_and_reshard(runs) -> None:
+    runs, tmp = runs
+    ref, upcycled = runs["ref"][0], tmp / "moe"
     assert ref[1]["loss"] != ref[5]["loss"]  # it really trained
     # Saved at PP=1 (the reference's step-3 checkpoint) -> resumed interleaved at PP=2.
-    three = tmp_path / "from_ref"
-    three.mkdir()
-    shutil.copytree(tmp_path / "ref/ckpt/iter_0000003", three / "iter_0000003")
-    (three / "latest").write_text("iter_0000003\n")
-    vpp, out = _train(tmp_path, "vpp", 2, 5, "--set", "parallel.pipeline=2",
-                      "--set", "parallel.virtual_pipeline=2", ckpt=three)
+    vpp, out = runs["vpp"]
     assert "pp=2 vpp=2" in out and "at step 3" in out
     _assert_same(vpp, ref, (4, 5), "pp1 -> pp2 x vpp2 resume")
-    ep, out = _train(tmp_path, "ep", 4, 3, "--set", "parallel.pipeline=2",
-                     "--set", "parallel.expert=2", "--set", "parallel.distributed_optimizer=true",
-                     load=upcycled)
+    ep, out = runs["ep"]
     assert "pp=2 ep=2 dp=2" in out and f"initial weights from {upcycled}" in out
     _assert_same(ep, ref, (1, 2, 3), "pp2 x ep2")
     # PP=2 (uneven: the first stage holds 1 layer, the last 3) x TP=2. Step 4's loss is made
     # NaN (every stage's output): every rank skips it, none hangs.
-    tp, out = _train(tmp_path, "tp", 4, 4, "--set", "parallel.pipeline=2",
-                     "--set", "parallel.first_stage_layers=1", "--set", "parallel.tensor=2",
-                     "--set", "parallel.sequence_parallel=true", load=upcycled, nan_steps="4")
+    tp, out = runs["tp"]
     assert "tp=2 pp=2" in out and "| skipped 1 |" in out.splitlines()[-1]
     _assert_same(tp, ref, (1, 2, 3), "pp2 uneven x tp2")
     assert tp[4]["loss"] == "nan"
     # Its step-3 checkpoint (before the NaN) resumes at one process.
-    back = tmp_path / "from_tp"
-    back.mkdir()
-    shutil.copytree(tmp_path / "tp/ckpt/iter_0000003", back / "iter_0000003")
-    (back / "latest").write_text("iter_0000003\n")
-    resumed, out = _train(tmp_path, "back", 1, 5, "--set", "checkpoint.allow_config_change=true",
-                          ckpt=back)
+    resumed, out = runs["back"]
     assert "at step 3" in out
     _assert_same(resumed, ref, (4, 5), "pp2 uneven x tp2 -> pp1 resume")
 
 
-@pytest.mark.slow  # one 2-process run and one conversion: ~30 s
-def test_pipeline_keeps_mixed_layers_capacity_async_saves_and_conversion(tmp_path: Path) -> None:
+@pytest.mark.slow  # one 2-process run and one conversion, in the module's second driver
+def test_pipeline_keeps_mixed_layers_capacity_async_saves_and_conversion(runs) -> None:
     """Features the parity test does not exercise, at PP=2 from a random init: dense and MoE
     layers interleaved (each stage gets one of each), token dropping by capacity factor, async
     saves; the checkpoint verifies and converts to HF (validated against transformers)."""
-    records, out = _train(tmp_path, "mixed", 2, 3, "--set", "parallel.pipeline=2",
-                          "--set", "moe.layer_freq=[0,1,0,1]", "--set", "moe.capacity_factor=1.0",
-                          "--set", "checkpoint.async_save=true")
+    records, out = runs[0]["mixed"]
     assert "pp=2" in out and "step 3/3 |" in out
     assert all(0 < records[s]["loss"] < 20 for s in (1, 2, 3))
     loads = sorted(k for k in records[3] if k.endswith("/load_e0"))
     assert loads == ["moe/layer1/load_e0", "moe/layer3/load_e0"]  # one MoE layer per stage
-    r = run_cli(["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp_path / "mixed" / "ckpt"),
-                 "--output", str(tmp_path / "hf")])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config = json.loads((runs[1] / "hf" / "config.json").read_text())
     assert config["mlp_only_layers"] == [0, 2]

@@ -4,7 +4,14 @@
 One job per layout and mode, three launches of the same command: killed with -9 after a save,
 resumed and signalled with SIGUSR1 (it saves its current step, maybe while a periodic
 background write is pending, and exits 0), resumed again to the end. Every step after the
-kill's checkpoint has the uninterrupted run's loss."""
+kill's checkpoint has the uninterrupted run's loss.
+
+Async saves are killed and signalled at PP=2 only: a single process's kill -9 during a
+background write is tests/distributed/test_async_save.py's
+``test_kill9_during_background_write_resumes_from_the_previous_one``, and the signal that waits
+for a pending write is the same code at any layout. The uninterrupted runs and each job's last
+launch (a plain resume) are forked (tests.forkrun); the killed and signalled launches are real
+``python`` / ``torchrun`` processes, since their launcher is what is tested."""
 
 import os
 import random
@@ -13,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.forkrun import run_clis
 from tests.resilience import kill_job, losses_by_step, popen, small_args, wait_for_line
 
 STEPS = 16  # the signalled launch resumes at step 4 or 8: steps left for the signal
@@ -24,35 +31,34 @@ PP2 = ("--set", "parallel.pipeline=2")
 TORCHRUN2 = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 
+def _nprocs(layout: tuple) -> int:
+    return 2 if layout == PP2 else 1
+
+
 def _launcher(layout: tuple) -> list[str]:
     """Python arguments that start a run of ``layout`` (two processes for PP=2)."""
     return TORCHRUN2 if layout == PP2 else []
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    """The uninterrupted run's losses per layout, computed once each when first asked for."""
-    done = {}
-
-    def get(layout: tuple = ()) -> dict[int, float]:
-        if layout not in done:
-            tmp = tmp_path_factory.mktemp("reference")
-            proc = run_cli([*_launcher(layout), *small_args(
-                tmp, STEPS, "--set", "checkpoint.save_interval=4", *layout)])
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            done[layout] = losses_by_step(tmp / "run")
-        return done[layout]
-
-    return get
+def references(tmp_path_factory) -> dict[tuple, dict[int, float]]:
+    """The uninterrupted run's losses per layout, both forked from one driver."""
+    tmp = tmp_path_factory.mktemp("reference")
+    layouts = [(), PP2]
+    procs = run_clis([small_args(tmp / f"r{i}", STEPS, "--set", "checkpoint.save_interval=4",
+                                 *layout) for i, layout in enumerate(layouts)],
+                     tmp / "driver", nprocs=[_nprocs(layout) for layout in layouts])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return {layout: losses_by_step(tmp / f"r{i}" / "run") for i, layout in enumerate(layouts)}
 
 
-@pytest.mark.parametrize("mode, layout", [(SYNC, ()), (ASYNC, ()), (ASYNC, PP2)],
-                         ids=["sync", "async", "async-pp2"])
+@pytest.mark.parametrize("mode, layout", [(SYNC, ()), (ASYNC, PP2)], ids=["sync", "async-pp2"])
 def test_kill9_then_sigusr1_each_resume_bit_identically(tmp_path, references, mode, layout):
-    reference = references(layout)
+    reference = references[layout]
     kill_at = random.Random().randint(5, 7)  # some step after the save at step 4
-    args = [*_launcher(layout), *small_args(tmp_path, STEPS, "--set",
-                                            "checkpoint.save_interval=4", *mode, *layout)]
+    run = small_args(tmp_path, STEPS, "--set", "checkpoint.save_interval=4", *mode, *layout)
+    args = [*_launcher(layout), *run]
     proc = popen(args)
     # A background save is committed (and logged) a few steps after it starts.
     seen = wait_for_line(proc, lambda line: line.startswith("saved checkpoint")
@@ -79,7 +85,7 @@ def test_kill9_then_sigusr1_each_resume_bit_identically(tmp_path, references, mo
     assert saved < stopped < STEPS, (saved, stopped)
     assert f"saved step {stopped}" in out
 
-    again = run_cli(args)  # and once more, to the end
+    again, = run_clis([run], tmp_path / "again", nprocs=[_nprocs(layout)])  # once more, to the end
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{latest} at step {stopped}" in again.stdout, again.stdout[-3000:]
     resumed = losses_by_step(tmp_path / "run")

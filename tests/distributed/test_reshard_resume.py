@@ -1,18 +1,19 @@
 """A checkpoint saved at one expert-parallel size gives the same model outputs at another,
 and training resumes across the change (model and optimizer state reshard).
 
-One module fixture does every launch once: a 3-step run at EP=1 (= TP=1) that resumes at EP=2
-to step 5, which resumes at EP=1 to step 7 (each resume from the other size's checkpoint); a
-3-step run at TP=2; the logits of every checkpoint at every layout, in two launches (one
-process, two processes: ``load_model`` replaces the layout between checkpoints)."""
+One module fixture does every launch once, all forked from one driver (tests.forkrun: one
+import of torch and megatron for the lot, two-rank launches included): a 3-step run at EP=1
+(= TP=1) that resumes at EP=2 to step 5, which resumes at EP=1 to step 7 (each resume from the
+other size's checkpoint; the three share one checkpoint root, which keeps all three); a 3-step
+run at TP=2; the logits of every checkpoint at every layout, in two launches (one process, two
+processes: ``load_model`` replaces the layout between checkpoints)."""
 
-import shutil
 import textwrap
 
 import pytest
 import torch
 
-from tests.conftest import run_cli, torchrun
+from tests.forkrun import run_clis
 from tests.resilience import losses_by_step, small_args
 
 LOGITS = textwrap.dedent("""
@@ -39,44 +40,35 @@ LOADS = {1: [("one", 1, 1), ("ep2", 1, 1)], 2: [("one", 2, 1), ("ep2", 2, 1), ("
 RESUMED = "resumed from"
 
 
-def _launch(nproc: int, args: list[str]):
-    proc = run_cli(args) if nproc == 1 else torchrun(nproc, args)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
-
-
-def _resume(tmp, src, steps: int, ep: int) -> str:
-    """Continue the run saved under ``src`` at EP=``ep`` to ``steps`` in ``tmp`` (a copy: the
-    saved checkpoint stays as it was for the logits); returns stdout."""
-    shutil.copytree(src / "ckpt", tmp / "ckpt")
-    return _launch(ep, small_args(tmp, steps, "--set", f"parallel.expert={ep}",
-                                  "--set", "checkpoint.allow_config_change=true")).stdout
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{run: (dir, stdout)} of "one" (EP=1), "ep2" (it resumed at EP=2), "ep1" (that resumed
     at EP=1) and "tp2" (TP=2 with sequence parallelism), and {(run, ep, tp): logits of its
     checkpoint at that layout}."""
     tmp = tmp_path_factory.mktemp("reshard")
-    runs = {"one": (tmp / "one", _launch(1, small_args(tmp / "one", 3)).stdout)}
-    runs["ep2"] = (tmp / "ep2", _resume(tmp / "ep2", tmp / "one", 5, ep=2))
-    runs["ep1"] = (tmp / "ep1", _resume(tmp / "ep1", tmp / "ep2", 7, ep=1))
-    runs["tp2"] = (tmp / "tp2", _launch(2, small_args(
-        tmp / "tp2", 3, "--set", "parallel.tensor=2", "--set", "parallel.sequence_parallel=true"
-    )).stdout)
+    root = ["--set", f"checkpoint.save={tmp}/ckpt"]  # one, ep2, ep1: iter_3, iter_5, iter_7
+    resume = ["--set", "checkpoint.allow_config_change=true"]
+    runs = {"one": (small_args(tmp / "one", 3, *root), 1),
+            "ep2": (small_args(tmp / "ep2", 5, *root, *resume, "--set", "parallel.expert=2"), 2),
+            "ep1": (small_args(tmp / "ep1", 7, *root, *resume, "--set", "parallel.expert=1"), 1),
+            "tp2": (small_args(tmp / "tp2", 3, "--set", "parallel.tensor=2",
+                               "--set", "parallel.sequence_parallel=true"), 2)}
     script = tmp / "logits.py"
     script.write_text(LOGITS)
-    logits = {}
+    calls = [(args, n) for args, n in runs.values()]
     for nproc, loads in LOADS.items():
         args = [str(script)]
         for name, ep, tp in loads:
-            ckpt = tmp / name / "ckpt" / ("iter_0000005" if name == "ep2" else "iter_0000003")
-            args += [str(ckpt), str(ep), str(tp), str(tmp / f"{name}_{ep}_{tp}.pt")]
-        _launch(nproc, args)
-        for name, ep, tp in loads:
-            logits[name, ep, tp] = torch.load(tmp / f"{name}_{ep}_{tp}.pt", weights_only=True)
-    return runs, logits
+            ckpt = tmp / "tp2" / "ckpt" if name == "tp2" else tmp / "ckpt"
+            args += [str(ckpt / ("iter_0000005" if name == "ep2" else "iter_0000003")), str(ep),
+                     str(tp), str(tmp / f"{name}_{ep}_{tp}.pt")]
+        calls.append((args, nproc))
+    procs = run_clis([c for c, _ in calls], tmp / "driver", nprocs=[n for _, n in calls])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    logits = {key: torch.load(tmp / "{}_{}_{}.pt".format(*key), weights_only=True)
+              for loads in LOADS.values() for key in loads}
+    return {name: (tmp / name, proc.stdout) for name, proc in zip(runs, procs)}, logits
 
 
 @pytest.mark.parametrize("save_ep, load_ep", [(1, 2), (2, 1)])

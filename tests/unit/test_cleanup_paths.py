@@ -13,7 +13,9 @@ a traceback.
   (``platform.cli.warned``), and goes on with the older one.
 * metrics.jsonl lines that are arrays, not UTF-8, have a string step, ... : the one reader
   (``analysis.metrics_log``) skips and counts them with one warning, for loss_curves and the
-  comparison's report alike; a file with nothing usable is one error line.
+  comparison's report alike; a file with nothing usable is one error line. (loss_curves' ``main``
+  runs in this process for these: what it prints does not depend on being a process of its
+  own; its subprocess is shown by the ASCII-terminal case.)
 * Text the terminal's encoding cannot show (``PYTHONIOENCODING=ascii``): escaped,
   exit 0 (``platform.cli.safe_console``, in the one CLI runner and in training's entry point).
 """
@@ -97,21 +99,9 @@ def test_save_dir_made_read_only_mid_run_is_one_line(tmp_path):
 LOCK_KINDS = ["pid=1e400", "pid=-5", "start_time=NaN", "binary"]
 
 
-@pytest.fixture(scope="module")
-def lock_runs(tmp_path_factory) -> dict:
-    """A run per malformed lock, forked from one driver (tests.forkrun)."""
-    tmp = tmp_path_factory.mktemp("locks")
-    for i, kind in enumerate(LOCK_KINDS):
-        (tmp / f"r{i}" / "ckpt").mkdir(parents=True)
-        _make_lock(tmp / f"r{i}" / "ckpt", kind)
-    procs = run_clis([small_args(tmp / f"r{i}", 4) for i in range(len(LOCK_KINDS))],
-                     tmp / "driver")
-    return {kind: (tmp / f"r{i}", proc) for i, (kind, proc) in enumerate(zip(LOCK_KINDS, procs))}
-
-
 @pytest.mark.parametrize("kind", LOCK_KINDS)
-def test_malformed_stale_lock_is_one_line(lock_runs, kind):
-    run, proc = lock_runs[kind]
+def test_malformed_stale_lock_is_one_line(forked, kind):
+    run, proc = forked[kind]
     _no_traceback(proc.stderr)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"error: checkpoint.save {run}/ckpt is in use by another "
@@ -174,18 +164,26 @@ FALLBACK_TOOLS = ["generate", "routing", "mcore_to_hf", "lm_eval", "upcycle from
 
 
 @pytest.fixture(scope="module")
-def fallback_runs(roots, tmp_path_factory) -> dict:
-    """Each tool once, forked from one driver (tests.forkrun): one import of torch and
-    megatron for the six; each tool still its own process, its warn-once memory its own."""
-    tmp = tmp_path_factory.mktemp("fallback_runs")
+def forked(roots, tmp_path_factory) -> dict:
+    """Each tool once ({tool: run}) and a training run per malformed lock ({kind: (run dir,
+    run)}), forked from one driver (tests.forkrun): one import of torch and megatron for the
+    ten; each still its own process, its warn-once memory its own."""
+    tmp = tmp_path_factory.mktemp("forked")
     calls = [_tool_args(tool, roots, tmp / f"out{i}") for i, tool in enumerate(FALLBACK_TOOLS)]
-    return dict(zip(FALLBACK_TOOLS, run_clis(calls, tmp / "runs", env=OFFLINE)))
+    for i, kind in enumerate(LOCK_KINDS):
+        (tmp / f"r{i}" / "ckpt").mkdir(parents=True)
+        _make_lock(tmp / f"r{i}" / "ckpt", kind)
+        calls.append(small_args(tmp / f"r{i}", 4))
+    procs = run_clis(calls, tmp / "runs", env=OFFLINE)
+    return {**dict(zip(FALLBACK_TOOLS, procs)),
+            **{kind: (tmp / f"r{i}", procs[len(FALLBACK_TOOLS) + i])
+               for i, kind in enumerate(LOCK_KINDS)}}
 
 
 @pytest.mark.parametrize("tool", FALLBACK_TOOLS)
-def test_every_tool_warns_once_when_it_falls_back(roots, fallback_runs, tool):
+def test_every_tool_warns_once_when_it_falls_back(roots, forked, tool):
     root = roots["dense" if tool == "upcycle from mcore" else "moe"]
-    proc = fallback_runs[tool]
+    proc = forked[tool]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     _no_traceback(proc.stderr)
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING:")]
@@ -227,12 +225,23 @@ def _metrics(run: Path, bad: bytes | None = None, extra: list[str] = ()) -> None
     (run / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
 
 
+def _loss_curves(capsys, tmp_path: Path) -> subprocess.CompletedProcess:
+    """loss_curves on ``tmp_path/run`` in this process (its ``main``: the exit code, stdout and
+    stderr a ``python -m`` run shows; the subprocess itself is shown on an ASCII terminal
+    below). Its file checks and reads never block, so a hang would be the bug shown."""
+    from megatron_ext.cli.loss_curves import main
+
+    capsys.readouterr()
+    code = main(["--run", f"a={tmp_path}/run", "--output", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess("loss_curves", code, out, err)
+
+
 @pytest.mark.parametrize("case", list(BAD_LINES))
-def test_loss_curves_skip_bad_lines_with_one_warning(tmp_path, case):
+def test_loss_curves_skip_bad_lines_with_one_warning(tmp_path, capsys, keep_sigterm, case):
     bad, why = BAD_LINES[case]
     _metrics(tmp_path / "run", bad)
-    proc = run_cli(["-m", "megatron_ext.cli.loss_curves", "--run", f"a={tmp_path}/run",
-                    "--output", str(tmp_path / "out")])
+    proc = _loss_curves(capsys, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [
         f"WARNING: a: {tmp_path}/run/metrics.jsonl: skipped 1 malformed line of 6; first "
@@ -240,13 +249,13 @@ def test_loss_curves_skip_bad_lines_with_one_warning(tmp_path, case):
     assert "| a | 400 | 2.0000 |" in (tmp_path / "out" / "loss_curves.md").read_text()
 
 
-def test_step_zero_and_non_finite_losses_are_records_not_crashes(tmp_path):
+def test_step_zero_and_non_finite_losses_are_records_not_crashes(tmp_path, capsys,
+                                                               keep_sigterm):
     """Step 0 (a record written before the first step) once divided by zero; losses logged as
     "nan" strings (skipped steps) are no points."""
     _metrics(tmp_path / "run", extra=[_record(0), _record(2, loss=3.5), json.dumps(
         {"kind": "train", "step": 2, "tokens": 200, "loss": "nan"})])
-    proc = run_cli(["-m", "megatron_ext.cli.loss_curves", "--run", f"a={tmp_path}/run",
-                    "--output", str(tmp_path / "out")])
+    proc = _loss_curves(capsys, tmp_path)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
     from megatron_ext.analysis.curves import read_run
 
@@ -255,11 +264,10 @@ def test_step_zero_and_non_finite_losses_are_records_not_crashes(tmp_path):
     assert curve.valid == [(300, 3.0)]
 
 
-def test_nothing_usable_is_one_error_line(tmp_path):
+def test_nothing_usable_is_one_error_line(tmp_path, capsys, keep_sigterm):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_bytes(b"[1]\n\xff\n")
-    proc = run_cli(["-m", "megatron_ext.cli.loss_curves", "--run", f"a={tmp_path}/run",
-                    "--output", str(tmp_path / "out")])
+    proc = _loss_curves(capsys, tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: a: {tmp_path}/run/metrics.jsonl has no training records (skipped 2 malformed "
         "lines of 2; first line 1: a JSON list, not an object)"], proc.stderr
@@ -267,14 +275,14 @@ def test_nothing_usable_is_one_error_line(tmp_path):
 
 
 @pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
-def test_a_metrics_file_that_never_ends_is_one_error_line(tmp_path, special):
+def test_a_metrics_file_that_never_ends_is_one_error_line(tmp_path, capsys, keep_sigterm,
+                                                         special):
     (tmp_path / "run").mkdir()
     if special == "fifo":
         os.mkfifo(tmp_path / "run" / "metrics.jsonl")
     else:
         (tmp_path / "run" / "metrics.jsonl").symlink_to("/dev/zero")
-    proc = run_cli(["-m", "megatron_ext.cli.loss_curves", "--run", f"a={tmp_path}/run",
-                    "--output", str(tmp_path / "out")], timeout=60)
+    proc = _loss_curves(capsys, tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: a: {tmp_path}/run/metrics.jsonl is not a regular file"], proc.stderr
 
@@ -296,27 +304,40 @@ def test_the_comparison_report_reads_through_the_same_reader(tmp_path, capsys):
 ASCII = {"PYTHONIOENCODING": "ascii"}
 
 
-def test_generate_prints_a_japanese_prompt_on_an_ascii_terminal(roots, tmp_path):
-    prompts = tmp_path / "prompts.txt"
+@pytest.fixture(scope="module")
+def ascii_runs(roots, tmp_path_factory) -> dict:
+    """generate with a Japanese prompt, loss_curves with a Japanese run label, training into a
+    Japanese directory: forked from one driver started on the ASCII terminal (the encoding is
+    the driver's, set as its interpreter starts; each call inherits it)."""
+    tmp = tmp_path_factory.mktemp("ascii")
+    prompts = tmp / "prompts.txt"
     prompts.write_text("吾輩は猫である\n", encoding="utf-8")
-    proc = run_cli(["-m", "megatron_ext.cli.generate",
-                    "--checkpoint", str(roots["moe"] / "iter_0000000"),
-                    "--prompts", str(prompts), "--tokenizer", str(roots["world"] / "data" / "tok"),
-                    "--max-new-tokens", "2"], env=ASCII)
+    _metrics(tmp / "run")
+    calls = {
+        "generate": ["-m", "megatron_ext.cli.generate",
+                     "--checkpoint", str(roots["moe"] / "iter_0000000"), "--prompts", str(prompts),
+                     "--tokenizer", str(roots["world"] / "data" / "tok"),
+                     "--max-new-tokens", "2"],
+        "loss_curves": ["-m", "megatron_ext.cli.loss_curves", "--run", f"猫={tmp}/run",
+                        "--output", str(tmp / "out")],
+        "training": small_args(tmp / "実験", 3),
+    }
+    return dict(zip(calls, run_clis(list(calls.values()), tmp / "driver", env=ASCII)))
+
+
+def test_generate_prints_a_japanese_prompt_on_an_ascii_terminal(ascii_runs):
+    proc = ascii_runs["generate"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     _no_traceback(proc.stderr)
     # backslash escapes: for --json output they are JSON's own, so records still parse
     assert "\\u543e\\u8f29\\u306f\\u732b" in proc.stdout, proc.stdout
 
 
-def test_tools_and_training_print_unicode_on_an_ascii_terminal(tmp_path):
+def test_tools_and_training_print_unicode_on_an_ascii_terminal(ascii_runs):
     """A Japanese run label in loss_curves' table; a Japanese directory in training's summary."""
-    _metrics(tmp_path / "run")
-    proc = run_cli(["-m", "megatron_ext.cli.loss_curves", "--run", f"猫={tmp_path}/run",
-                    "--output", str(tmp_path / "out")], env=ASCII)
+    proc = ascii_runs["loss_curves"]
     assert proc.returncode == 0 and "| \\u732b | 400 |" in proc.stdout, proc.stderr[-3000:]
-    run = tmp_path / "実験"
-    proc = run_cli(small_args(run, 3), env=ASCII)
+    proc = ascii_runs["training"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     _no_traceback(proc.stderr)
     assert "\\u5b9f\\u9a13/run/metrics.jsonl" in proc.stdout.splitlines()[-1]

@@ -20,7 +20,8 @@ import pytest
 
 from megatron_ext.config.loader import to_dict
 from megatron_ext.config.schema import Config
-from tests.conftest import REPO, run_cli, torchrun
+from tests.conftest import REPO, run_cli, set_args
+from tests.forkrun import run_clis
 from tests.resilience import kill_job, popen, small_args, wait_for_line
 from tests.unit.test_run_lock import HOLDER
 
@@ -42,24 +43,33 @@ def _error_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A run that completed its 4 steps (checkpoint at step 4, metrics.jsonl)."""
-    tmp = tmp_path_factory.mktemp("finished")
-    proc = run_cli(small_args(tmp, 4))
+def reruns(tmp_path_factory) -> dict[str, tuple[Path, dict, subprocess.CompletedProcess]]:
+    """A run that completed its 4 steps (checkpoint at step 4, metrics.jsonl), then one rerun
+    of it per test below, each on its own copy: {name: (copy, its files before, the rerun)}.
+    All forked (tests.forkrun): the finished run from one driver, the reruns from another."""
+    tmp = tmp_path_factory.mktemp("reruns")
+    proc, = run_clis([small_args(tmp / "finished", 4)], tmp / "driver1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _no_locks(tmp / "ckpt", tmp / "run")  # released on a normal exit
-    return tmp
+    assert _no_locks(tmp / "finished" / "ckpt", tmp / "finished" / "run")  # released at exit
+    sets = {
+        "nothing": ("train.log_interval=2",),  # a free change
+        "refused": ("optimizer.lr=0.01", "train.seed=7", "train.global_batch_size=16",
+                    "data.seq_length=64"),
+        "opt_in": ("optimizer.lr=0.001", "checkpoint.allow_config_change=true"),
+        "optimizer": ("parallel.distributed_optimizer=true", "checkpoint.allow_config_change=true"),
+    }
+    before = {}
+    for name in sets:
+        shutil.copytree(tmp / "finished", tmp / name)
+        before[name] = _snapshot(tmp / name)
+    procs = run_clis([small_args(tmp / name, 6 if name in ("opt_in", "optimizer") else 4,
+                                 *set_args(*extra)) for name, extra in sets.items()],
+                     tmp / "driver2")
+    return {name: (tmp / name, before[name], proc) for name, proc in zip(sets, procs)}
 
 
-@pytest.fixture
-def copy(finished, tmp_path) -> Path:
-    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
-    return tmp_path
-
-
-def test_finished_run_rerun_does_nothing(copy):
-    before = _snapshot(copy)
-    proc = run_cli(small_args(copy, 4, "--set", "train.log_interval=2"))  # a free change
+def test_finished_run_rerun_does_nothing(reruns):
+    copy, before, proc = reruns["nothing"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == (
         f"run already complete: step 4 of 4 in {copy}/ckpt/iter_0000004; nothing to do")
@@ -67,11 +77,8 @@ def test_finished_run_rerun_does_nothing(copy):
     assert _snapshot(copy) == before  # metrics.jsonl, config.yaml, checkpoints untouched
 
 
-def test_config_that_changes_the_run_is_refused_listing_every_field(copy):
-    before = _snapshot(copy)
-    proc = run_cli(small_args(copy, 4, "--set", "optimizer.lr=0.01", "--set", "train.seed=7",
-                              "--set", "train.global_batch_size=16",
-                              "--set", "data.seq_length=64"))
+def test_config_that_changes_the_run_is_refused_listing_every_field(reruns):
+    copy, before, proc = reruns["refused"]
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _error_line(proc.stderr)
     assert f"resuming {copy}/ckpt/iter_0000004 with a config that changes the run" in line
@@ -84,9 +91,8 @@ def test_config_that_changes_the_run_is_refused_listing_every_field(copy):
     assert _snapshot(copy) == before and _no_locks(copy / "ckpt", copy / "run")
 
 
-def test_opt_in_resumes_with_the_changes_as_a_warning(copy):
-    proc = run_cli(small_args(copy, 6, "--set", "optimizer.lr=0.001",
-                              "--set", "checkpoint.allow_config_change=true"))
+def test_opt_in_resumes_with_the_changes_as_a_warning(reruns):
+    copy, _, proc = reruns["opt_in"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if "allow_config_change" in line]
     assert len(warnings) == 1 and warnings[0].startswith("WARNING: resuming")
@@ -96,13 +102,11 @@ def test_opt_in_resumes_with_the_changes_as_a_warning(copy):
     assert "summary: completed | steps 6" in proc.stdout
 
 
-def test_other_optimizer_kind_is_refused_in_one_line(copy):
+def test_other_optimizer_kind_is_refused_in_one_line(reruns):
     """megatron's distributed and plain optimizers keep different state dicts: a resume that
     switches parallel.distributed_optimizer is refused in one line, not a traceback from
     megatron's load, even with checkpoint.allow_config_change (the field is a layout choice)."""
-    before = _snapshot(copy)
-    proc = run_cli(small_args(copy, 6, "--set", "parallel.distributed_optimizer=true",
-                              "--set", "checkpoint.allow_config_change=true"))
+    copy, before, proc = reruns["optimizer"]
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _error_line(proc.stderr)
     assert "saved with parallel.distributed_optimizer=false" in line, line
@@ -190,7 +194,9 @@ def test_torchrun_ranks_all_stop_when_rank0_is_refused(tmp_path):
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
         assert holder.stdout.readline().strip() == "held"
-        proc = torchrun(2, small_args(tmp_path, 5000), timeout=240)
+        # two ranks forked from one driver (tests.forkrun), as torchrun would start them
+        proc, = run_clis([small_args(tmp_path, 5000)], tmp_path / "driver", timeout=240,
+                         nprocs=[2])
     finally:
         holder.kill()
         holder.wait()
