@@ -149,6 +149,22 @@ def hf_llama(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def hf_dense(tmp_path_factory) -> Path:
+    """A dense HF Llama of the shape that the shortened comparison's config
+    (tests/unit/test_compare_inits.py) describes: a ``--dense`` base of moe-compare-inits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("hf") / "dense"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=4096, max_position_embeddings=256,
+        tie_word_embeddings=False)).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def keep_sigterm():
     """For a test calling a tool's ``main`` in process: run_cli installs its own SIGTERM handler

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.forkrun import run_clis
 from tests.slurm.test_sbatch import LOSS_LINE, _finished, _log, _submit
 from tests.unit.test_recipe import REPO_ID, hub_cache, offline
 
@@ -61,17 +61,20 @@ def _export_loads_generates_and_evaluates(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     hf = tmp_path / "hf"
-    proc = run_cli(["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp_path / "ckpt"),
-                    "--output", str(hf)])
-    assert proc.returncode == 0 and "tokenizer: " in proc.stdout, proc.stderr[-3000:]
+    # The export, then the evaluation of what it wrote, forked from one driver (one interpreter
+    # start-up for both); offline from the start: the Hub reads it as it is imported.
+    export, evaluate = run_clis(
+        [["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp_path / "ckpt"), "--output",
+          str(hf)],
+         ["-m", "megatron_ext.cli.lm_eval", "--checkpoint", str(hf), "--tasks", "demo_en_mc",
+          "--limit", "4", "--output", str(tmp_path / "eval")]],
+        tmp_path / "forkrun", env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert export.returncode == 0 and "tokenizer: " in export.stdout, export.stderr[-3000:]
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     tokenizer = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     generate = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
     text = generate("To be, or not", max_new_tokens=3, do_sample=False)[0]["generated_text"]
     assert text.startswith("To be, or not") and len(text) > len("To be, or not")
-    proc = run_cli(["-m", "megatron_ext.cli.lm_eval", "--checkpoint", str(hf), "--tasks",
-                    "demo_en_mc", "--limit", "4", "--output", str(tmp_path / "eval")],
-                   env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert any(k.startswith("acc") for k in results["results"]["demo_en_mc"]), results

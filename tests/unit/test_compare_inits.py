@@ -10,7 +10,8 @@ subprocess of our CLIs, and is resumable:
   to its whole process group) resumes that training from its newest checkpoint and skips what
   had finished;
 * btx trains one branch of the dense base per demo domain (on that domain alone) and mixes the
-  base and the branches into the MoE (its plan here; real runs: test_compare_bases.py);
+  base and the branches into the MoE (its plan; and run for real from the first run's dense
+  base, as the run whose training is stopped and resumed);
 * bad input (unknown or malformed method, a bad config, a stage whose own config fails, a dense
   base whose shape or kind does not match the config, an output dir holding something else) is
   one line and exit 2, with nothing touched.
@@ -25,8 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from megatron_ext.config.loader import load_config
 from megatron_ext.experiments.plan import Experiment, build_stages, parse_methods
+from megatron_ext.experiments.report import read_metrics
 from tests.conftest import run_cli
+from tests.forkrun import run_clis
 from tests.resilience import kill_job, popen, wait_for_line
 
 TOOL = ["-m", "megatron_ext.cli.compare_inits"]
@@ -110,40 +114,70 @@ def test_every_stage_runs_and_the_report_holds_every_number(run) -> None:
         assert (out / "heldout" / f"{domain}.txt").stat().st_size > 1000
 
 
-@pytest.mark.slow
-def test_rerun_skips_every_stage(run) -> None:
-    before = (out := run["out"]) / "report.json"
+@pytest.fixture(scope="module")
+def quick(run, tmp_path_factory) -> dict:
+    """The tool's quick runs on and beside the first run's output, forked from one driver
+    (tests/forkrun.py: one interpreter start-up for all): each refusal, then a rerun."""
+    out, tmp = run["out"], tmp_path_factory.mktemp("quick")
+    mine = tmp / "mine"  # a directory of the user's, not an experiment
+    mine.mkdir()
+    (mine / "keep.txt").write_text("the user's")
+    calls = {
+        "dense/shape": compare(tmp / "shape", "--set", "model.ffn_hidden_size=192",
+                               dense=["--dense", str(out / "dense" / "ckpt")]),
+        "dense/moe": compare(tmp / "moe", dense=["--dense", str(out / "init" / "naive")]),
+        "dense/missing": compare(tmp / "missing", dense=["--dense", str(tmp / "nowhere")]),
+        "other/tokens": compare(out, *RUN_EXTRA, steps=6),
+        "other/methods": compare(out, *RUN_EXTRA, methods="naive"),
+        "other/foreign": compare(mine),
+        "rerun": compare(out, *RUN_EXTRA),  # last: the refusals must find the first run as is
+    }
+    listing = {d: sorted(p.name for p in d.iterdir()) for d in (out, mine)}
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "train").rglob("*") if p.is_file()}
     start = time.monotonic()
-    proc = run_cli(compare(out, *RUN_EXTRA))
+    procs = run_clis(list(calls.values()), tmp / "forkrun")
+    return {"tmp": tmp, "mine": mine, "listing": listing, "mtimes": mtimes,
+            "wall": time.monotonic() - start, **dict(zip(calls, procs, strict=True))}
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_stage(run, quick) -> None:
+    out, proc = run["out"], quick["rerun"]
     assert proc.returncode == 0, proc.stderr[-2000:]
     stages = json.loads((out / "stages.json").read_text())["stages"]
     assert all(s["state"] == "skipped (verified)" for s in stages), stages
     assert all(s["wall_s"] > 0 for s in stages)  # the first run's times are kept
     assert "| step" not in proc.stdout  # nothing trained
+    mtimes = quick["mtimes"]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
-    assert json.loads(before.read_text())["methods"]["naive"]["final"]
-    assert time.monotonic() - start < 0.5 * run["wall"]
+    assert json.loads((out / "report.json").read_text())["methods"]["naive"]["final"]
+    # the rerun and the six refusals before it, together
+    assert quick["wall"] < 0.5 * run["wall"], (quick["wall"], run["wall"])
 
 
 @pytest.mark.slow
-def test_stopped_training_resumes_from_its_checkpoint(run, tmp_path: Path) -> None:
-    """One training stopped twice, as a user and as a scheduler stop it; each rerun resumes it
-    from its newest checkpoint (one chain of runs: every rerun costs process start-ups)."""
-    out = tmp_path / "cmp"  # scratch from the first run's dense base: train and routing only
-    args = compare(out, methods="scratch", steps=10,
+def test_btx_then_its_stopped_training_resumes_from_its_checkpoint(run, tmp_path: Path) -> None:
+    """btx from the first run's dense base (given: --dense of ours): a branch per demo domain,
+    each trained on its own domain only, mixed with the base by the upcycler; its training
+    stopped twice, as a user and as a scheduler stop it, and each rerun resumes it from its
+    newest checkpoint and skips what had finished (one chain of runs: each rerun costs process
+    start-ups, so the btx run and the resumed one are the same)."""
+    out = tmp_path / "cmp"
+    args = compare(out, "--btx-tokens", str(2 * TOKENS_PER_STEP), methods="btx", steps=10,
                    dense=["--dense", str(run["out"] / "dense" / "ckpt")])
-    ckpt = out / "train" / "scratch" / "ckpt"
+    ckpt = out / "train" / "btx" / "ckpt"
+    before = ["branch/code", "branch/en", "branch/ja", "init/btx"]  # the stages before it
 
     # scancel/Ctrl-C of the tool alone: the training it runs saves its step and stops.
     proc = popen(args)
-    wait_for_line(proc, lambda line: "| step 5/10" in line, timeout=600)
+    wait_for_line(proc, lambda line: "| step 5/10" in line, timeout=900)
     proc.send_signal(signal.SIGTERM)
     tail = proc.communicate(timeout=300)[0]
     assert proc.returncode == 143 and "error: terminated" in tail, tail[-2000:]
     termed = int(sorted(ckpt.glob("iter_*"))[-1].name[5:])
     assert termed >= 5
-    assert not (out / "stages.json").exists()  # no stage had finished
+    ledger = json.loads((out / "stages.json").read_text())["stages"]
+    assert [(s["name"], s["state"]) for s in ledger] == [(n, "ran") for n in before]
 
     # A scheduler's kill: everything dies at once, after the resumed run saved its next
     # checkpoint (checkpoint.save_interval=2) and went on; the rerun resumes from that one.
@@ -153,19 +187,27 @@ def test_stopped_training_resumes_from_its_checkpoint(run, tmp_path: Path) -> No
     kill_job(proc)
     killed = int(sorted(ckpt.glob("iter_*"))[-1].name[5:])
     assert termed < killed < 10
-    assert not (out / "stages.json").exists()
     again = run_cli(args)
     assert again.returncode == 0, again.stderr[-2000:]
     stages = json.loads((out / "stages.json").read_text())["stages"]
-    assert [(s["name"], s["state"]) for s in stages] == [("train/scratch", "ran"),
-                                                         ("routing/scratch", "ran")]
-    log = (out / "logs" / "train_scratch.log").read_text()  # every leg appends to it
+    assert [(s["name"], s["state"]) for s in stages] == [
+        *((n, "skipped (verified)") for n in before), ("train/btx", "ran"), ("routing/btx", "ran")]
+    log = (out / "logs" / "train_btx.log").read_text()  # every leg appends to it
     resumes = [line for line in log.splitlines() if f"resumed from {ckpt}" in line]
     assert [r.rsplit(" at step ", 1)[-1] for r in resumes] == [str(termed), str(killed)], \
         log[-2000:]  # each leg resumed from the newest save, not started over
     assert "| step 10/10" in again.stdout and f"| step {killed}/10" not in again.stdout
-    again = run_cli(args)  # and now everything is done
-    assert again.returncode == 0 and "| step" not in again.stdout
+    # That a finished experiment reruns nothing: test_rerun_skips_every_stage.
+
+    for domain in ("code", "en", "ja"):  # each branch trained on its own domain only
+        branch = out / "branch" / domain / "run"
+        assert load_config(branch / "config.yaml").data.blend == [f"demo:{domain}"]
+        assert read_metrics(branch / "metrics.jsonl")["train"][-1][0] == 2 * TOKENS_PER_STEP
+    recipe = json.loads((out / "init" / "btx" / "upcycling.json").read_text())
+    assert recipe["method"] == "btx" and len(recipe["btx_sources"]) == 3
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["methods"]["btx"]["final"]["english/loss"] < 20
+    assert "| btx |" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("methods, needle", [
@@ -181,36 +223,22 @@ def test_bad_method_is_one_line(tmp_path: Path, methods: str, needle: str) -> No
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["shape", "moe", "missing"])
-def test_mismatched_dense_base_is_one_line(run, tmp_path: Path, case: str) -> None:
-    out = run["out"]
-    dense, extra, needle = {
-        "shape": (out / "dense" / "ckpt", ["--set", "model.ffn_hidden_size=192"],
-                  "ffn_hidden_size 192 vs 128"),
-        "moe": (out / "init" / "naive", [], "an MoE checkpoint (8 experts)"),
-        "missing": (tmp_path / "nowhere", [], "nowhere"),
-    }[case]
-    proc = run_cli(compare(tmp_path / "cmp", *extra, dense=["--dense", str(dense)]))
-    line = one_error_line(proc)
+def test_mismatched_dense_base_is_one_line(quick, case: str) -> None:
+    needle = {"shape": "ffn_hidden_size 192 vs 128", "moe": "an MoE checkpoint (8 experts)",
+              "missing": "nowhere"}[case]
+    line = one_error_line(quick[f"dense/{case}"])
     assert needle in line and "--dense" in line, line
-    assert not (tmp_path / "cmp").exists()
+    assert not (quick["tmp"] / case).exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change", ["tokens", "methods", "foreign"])
-def test_output_of_another_experiment_is_refused(run, tmp_path: Path, change: str) -> None:
-    if change == "foreign":
-        out = tmp_path / "mine"
-        out.mkdir()
-        (out / "keep.txt").write_text("the user's")
-        args = compare(out)
-    else:
-        out = run["out"]
-        args = (compare(out, *RUN_EXTRA, steps=6) if change == "tokens"
-                else compare(out, *RUN_EXTRA, methods="naive"))
-    before = sorted(p.name for p in out.iterdir())
-    line = one_error_line(run_cli(args))
+def test_output_of_another_experiment_is_refused(run, quick, change: str) -> None:
+    out = quick["mine"] if change == "foreign" else run["out"]
+    line = one_error_line(quick[f"other/{change}"])
     assert f"--output {out}" in line and "--overwrite" in line, line
-    assert sorted(p.name for p in out.iterdir()) == before
+    # (the rerun after it adds no name either)
+    assert sorted(p.name for p in out.iterdir()) == quick["listing"][out]
 
 
 @pytest.mark.parametrize("extra, needle", [
