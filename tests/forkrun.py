@@ -31,7 +31,7 @@ from pathlib import Path
 from tests.conftest import run_cli
 
 DRIVER = r"""
-import json, os, runpy, signal, sys, time, traceback
+import atexit, json, os, runpy, signal, sys, time, traceback
 from pathlib import Path
 
 calls, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
@@ -68,6 +68,9 @@ def child(argv, env, name):
         traceback.print_exc()
     finally:
         try:
+            # What an interpreter's exit runs (os._exit skips it): multiprocessing's finalizers
+            # stop megatron's spawned write-results Manager, which would otherwise outlive us.
+            atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
