@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, cpu_megatron_module, single_process_megatron
+from tests.unit.cache_scenarios import left_padded_rows
 
 pytestmark = cpu_megatron_module()
 
@@ -92,35 +93,8 @@ def test_steps_after_a_prefill_give_the_full_forward_logits(models, backend: str
 
 
 def test_left_padded_rows_give_each_rows_own_logits(models) -> None:
-    model = models["sdpa"]
-    rows = [_tokens(n, seed=n).tolist() for n in (1, 6, 11)]
-    width = 11
-    tokens_BS = torch.zeros(3, width, dtype=torch.long)
-    pad_BS = torch.ones(3, width, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        tokens_BS[b, width - len(row):] = torch.tensor(row)
-        pad_BS[b, width - len(row):] = False
-    cache = KVCache(3, width + 8, padded=True)
-    last_BV = extend(model, tokens_BS, cache, pad_BS)
-    for b, row in enumerate(rows):
-        _close(last_BV[b], logits(model, torch.tensor([row]))[0, -1])
-    for step in range(3):  # one-token steps
-        new = _tokens(3, seed=10 + step)
-        step_BV = extend(model, new[:, None], cache)
-        for b in range(3):
-            rows[b].append(int(new[b]))
-            _close(step_BV[b], logits(model, torch.tensor([rows[b]]))[0, -1])
-    # Rows 2 and 0 again, row 2 twice: then a right-padded block of 4, 1 and 2 tokens.
-    cache.keep_rows([2, 0, 2])
-    rows = [rows[2], rows[0], list(rows[2])]
-    block = [_tokens(n, seed=20 + n).tolist() for n in (4, 1, 2)]
-    block_BS = torch.zeros(3, 4, dtype=torch.long)
-    for b, extra in enumerate(block):
-        block_BS[b, :len(extra)] = torch.tensor(extra)
-    every_BSV = extend(model, block_BS, cache, block_BS == 0, every_column=True)
-    for b, extra in enumerate(block):
-        want_SV = logits(model, torch.tensor([rows[b] + extra]))[0, -len(extra):]
-        _close(every_BSV[b, :len(extra)], want_SV)
+    left_padded_rows(models["sdpa"], lambda batch, length: KVCache(batch, length, padded=True),
+                     VOCAB)
 
 
 PROMPTS = [_tokens(n, seed=30 + n).tolist() for n in (1, 3, 4, 7, 9, 12, 15, 20, 26)]
