@@ -12,11 +12,17 @@ PIP_FLAGS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 
 install: $(STAMP)
 
+# Python caches a module's bytecode the first time it is imported, so only the modules a run uses are
+# compiled (pip would compile all ~19k files of the venv, ~1.5 min on 2 cores), even where the
+# environment asks Python not to write bytecode.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch first and pinned, so nothing can pull a multi-GB CUDA build instead.
-	$(PY) -m pip install -q $(PIP_FLAGS) torch==2.13.0
-	$(PY) -m pip install -q $(PIP_FLAGS) -e ".[dev]"
+	# torch first and pinned, by pip, which finds the CPU wheel in $(WHEELS), so nothing can pull a
+	# multi-GB CUDA build instead; uv then resolves and installs the rest (50 s instead of pip's 170 s).
+	$(PY) -m pip install -q --no-compile $(PIP_FLAGS) torch==2.13.0 uv==0.13.9
+	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[dev]"
 	touch $(STAMP)
 
 # A fresh run each time (runs/demo is replaced); the tokenizer and datasets stay cached in .cache.
