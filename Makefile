@@ -17,12 +17,12 @@ install: $(STAMP)
 # environment asks Python not to write bytecode.
 unexport PYTHONDONTWRITEBYTECODE
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned, by pip, which finds the CPU wheel in $(WHEELS), so nothing can pull a
 	# multi-GB CUDA build instead; uv then resolves and installs the rest (50 s instead of pip's 170 s).
 	$(PY) -m pip install -q --no-compile $(PIP_FLAGS) torch==2.13.0 uv==0.13.9
-	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[dev]"
+	$(VENV)/bin/uv pip install -q --python $(PY) --constraint constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 # A fresh run each time (runs/demo is replaced); the tokenizer and datasets stay cached in .cache.
