@@ -51,7 +51,8 @@ def _main(argv: list[str] | None) -> int:
     args, _ = build_parser().parse_known_args(argv)  # the rest belongs to pretrain_moe.py
     cfg = load_config(args.config, args.overrides)  # a config that does not load: one line
     quiet_process(all_from_internals=True)  # before megatron-core's import-time warnings
-    # why inside: torch, megatron-core and transformers load here (seconds); --help is instant
+    # why inside: --help is instant (the checks and the upcycle load torch and megatron-core
+    # only where they need them: a config without a dense base is checked in a second)
     from megatron_ext.experiments.recipe import plan, upcycle
 
     found = plan(cfg)

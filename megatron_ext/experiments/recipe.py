@@ -27,15 +27,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_ext.checkpoint.manifest import CheckpointError
-from megatron_ext.checkpoint.store import find_resumable
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import check_paths, planned_world_size, validate
 from megatron_ext.data.tokenizer import load_tokenizer
 from megatron_ext.errors import UserError, one_line
-from megatron_ext.upcycling.convert import INFO_FILE, open_dense, upcycle_checkpoint
-from megatron_ext.upcycling.from_config import shape_differences, spec_from_config
 
 # org/name or org/name@revision, as the Hub spells repo ids (a local path wins when it exists).
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -87,6 +83,11 @@ def plan(cfg: Config) -> Plan:
     u, load = cfg.upcycling, cfg.checkpoint.load
     if u.dense_base is None or load is None:  # (dense_base without load: a config problem)
         return Plan("none", "no upcycling.dense_base: nothing to upcycle", problems)
+    # why here: checkpoints and upcycling import torch and megatron-core (~5 s of CPU), which
+    # every SLURM job start without a dense base (the step above) does not need
+    from megatron_ext.upcycling.convert import open_dense
+    from megatron_ext.upcycling.from_config import shape_differences
+
     resume = _resumable(cfg.checkpoint.save)
     if resume is not None:
         return Plan("resume", f"training resumes from {resume}: nothing to upcycle", problems)
@@ -154,6 +155,9 @@ def data_problems(cfg: Config) -> list[str]:
 
 
 def _resumable(save: str | None) -> Path | None:
+    from megatron_ext.checkpoint.manifest import CheckpointError
+    from megatron_ext.checkpoint.store import find_resumable
+
     if save is None:
         return None
     try:
@@ -165,6 +169,11 @@ def _resumable(save: str | None) -> Path | None:
 def upcycled_problem(cfg: Config) -> str | None:
     """Why ``checkpoint.load`` is not this dense base upcycled with this config's recipe (None:
     it is, and it verifies)."""
+    from megatron_ext.checkpoint.manifest import CheckpointError
+    from megatron_ext.checkpoint.store import find_resumable
+    from megatron_ext.upcycling.convert import INFO_FILE
+    from megatron_ext.upcycling.from_config import spec_from_config
+
     load, u = Path(cfg.checkpoint.load), cfg.upcycling
     try:
         info = json.loads((load / INFO_FILE).read_text())
@@ -189,6 +198,9 @@ def upcycled_problem(cfg: Config) -> str | None:
 def upcycle(cfg: Config, dense: Path, log=print) -> None:
     """Write ``dense`` upcycled with the config's recipe into ``checkpoint.load`` (megatron
     format), validated against the dense model; nothing is left there if anything fails."""
+    from megatron_ext.upcycling.convert import upcycle_checkpoint
+    from megatron_ext.upcycling.from_config import spec_from_config
+
     upcycle_checkpoint(dense, Path(cfg.checkpoint.load), spec_from_config(cfg),
                        output_format="mcore", validate=True, log=log, data=cfg.data,
                        record={"dense_base": cfg.upcycling.dense_base})

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from megatron_ext.platform.launch import free_port
+from tests.conftest import set_args
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "scripts" / "slurm"
@@ -24,8 +25,16 @@ SCRIPTS = sorted(SLURM_DIR.glob("*.sh"))
 MODEL_SCRIPTS = {"8x152M": 2, "dense-152M": 2, "8x1.5B": 8, "8x3.7B": 16}  # name -> nodes
 TINY_CONFIG = "configs/tiny-cpu.yaml"
 # USR1 is sent at the first logged step; this leaves ample steps for it to land mid-training
-# while keeping the SLURM tests to a few minutes on 2 cores.
-REQUEUE_STEPS = 40
+# (it reaches the ranks within a step or two; SMALL_MODEL steps take 0.05-0.4 s, loaded).
+REQUEUE_STEPS = 60
+# The requeue test's model: the signal, save, requeue and resume are its subject, not the
+# shapes, and tiny-cpu's steps (~1 s each on 2 loaded cores) were most of its time. Mock tokens:
+# the demo corpus's tokenizer needs tiny-cpu's vocabulary.
+SMALL_MODEL = set_args(
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+    "model.vocab_size=512", "moe.num_experts=4", "data.demo_corpus=false", "data.mock=true",
+    "data.seq_length=32", "train.global_batch_size=8", "train.micro_batch_size=4",
+    "train.eval_interval=0")
 TERMINAL_STATES = {
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
     "PREEMPTED", "TIMEOUT",
@@ -90,6 +99,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     torchrun ranks of start-up.)"""
     job, ckpt = _submit(
         slurm_cluster, tmp_path,
+        *SMALL_MODEL,
         "--set", f"train.train_steps={REQUEUE_STEPS}",
         "--set", "train.log_interval=1",
         # No periodic checkpoint before the end: one that exists earlier is the preemption save.

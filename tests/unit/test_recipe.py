@@ -4,7 +4,8 @@ A tiny dense Llama of configs/tiny-cpu.yaml's shape is laid out as huggingface_h
 download (HF_HOME/hub/models--org--name/snapshots/<rev>/, refs/main) and named by repo id with
 HF_HUB_OFFLINE=1: the tool finds it there, upcycles it into checkpoint.load, skips a finished
 upcycle, refuses an output of another recipe, and reports every problem of a broken setup at
-once. Real subprocesses (huggingface_hub reads HF_HOME when first imported)."""
+once. Real subprocesses (huggingface_hub reads HF_HOME when first imported): those against
+the cached base forked from one driver that imported it with HF_HOME set."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli, set_args
+from tests.forkrun import run_clis
 
 CLI = ["-m", "megatron_ext.cli.recipe", "--config", "configs/tiny-cpu.yaml"]
 REPO_ID = "test-org/tiny-dense"
@@ -63,16 +65,33 @@ def hf_home(tmp_path_factory) -> Path:
     return home
 
 
-def recipe(tmp_path: Path, hf_home: Path, *settings: str, check: bool = False):
-    args = [*CLI, *set_args(f"upcycling.dense_base={REPO_ID}",
+def recipe_args(tmp_path: Path, *settings: str, check: bool = False) -> list[str]:
+    return [*CLI, *set_args(f"upcycling.dense_base={REPO_ID}",
                             f"checkpoint.load={tmp_path / 'upcycled'}",
                             f"checkpoint.save={tmp_path / 'ckpt'}",
-                            f"logging.output_dir={tmp_path / 'run'}", *settings)]
-    return run_cli([*args, *(["--check"] if check else [])], timeout=300, env=offline(hf_home))
+                            f"logging.output_dir={tmp_path / 'run'}", *settings),
+            *(["--check"] if check else [])]
 
 
-def test_hub_id_is_upcycled_once_then_skipped(hf_home: Path, tmp_path: Path) -> None:
-    r = recipe(tmp_path, hf_home)
+@pytest.fixture(scope="module")
+def cached_runs(hf_home: Path, tmp_path_factory) -> tuple[Path, Path, list]:
+    """The runs against the cached dense base, in order, forked from one driver started with
+    HF_HOME set (tests/forkrun.py): upcycle, the same again, another recipe (one directory),
+    then a broken setup checked (another). Returns the two directories and the results."""
+    once, broken = tmp_path_factory.mktemp("once"), tmp_path_factory.mktemp("broken")
+    tokenizer = write_tokenizer(broken / "tok", 5000)
+    missing = [broken / "data" / "en_text_document", broken / "data" / "ja_text_document"]
+    results = run_clis([
+        recipe_args(once), recipe_args(once), recipe_args(once, "upcycling.seed=5"),
+        recipe_args(broken, "data.demo_corpus=false", f"data.blend=[{missing[0]}, {missing[1]}]",
+                    "data.valid_sets={}", f"data.tokenizer={tokenizer}", "model.num_layers=2",
+                    check=True),
+    ], tmp_path_factory.mktemp("forkrun"), timeout=300, env=offline(hf_home))
+    return once, broken, results
+
+
+def test_hub_id_is_upcycled_once_then_skipped(hf_home: Path, cached_runs) -> None:
+    tmp_path, _, (r, again, other, _) = cached_runs
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     info = json.loads((tmp_path / "upcycled" / "upcycling.json").read_text())
     snapshot = hf_home / "hub" / "models--test-org--tiny-dense" / "snapshots" / REVISION
@@ -81,22 +100,20 @@ def test_hub_id_is_upcycled_once_then_skipped(hf_home: Path, tmp_path: Path) -> 
     assert (tmp_path / "upcycled" / "latest").is_file()
     assert "max |logit diff|" in r.stdout or "logit" in r.stdout, r.stdout  # validated
 
-    again = recipe(tmp_path, hf_home)  # a requeued job: the upcycle verifies, nothing is redone
+    # a requeued job: the upcycle verifies, nothing is redone
     assert again.returncode == 0, again.stderr
     assert "skipping the upcycle" in again.stdout, again.stdout
 
-    other = recipe(tmp_path, hf_home, "upcycling.seed=5")  # another recipe: refused, kept
+    # another recipe: refused, kept
     assert other.returncode == 2, other.stdout + other.stderr
     assert "upcycled with another recipe: seed 1234 (config: 5)" in other.stderr, other.stderr
     assert json.loads((tmp_path / "upcycled" / "upcycling.json").read_text()) == info
 
 
-def test_every_problem_is_named_at_once(hf_home: Path, tmp_path: Path) -> None:
-    tokenizer = write_tokenizer(tmp_path / "tok", 5000)
+def test_every_problem_is_named_at_once(cached_runs) -> None:
+    _, tmp_path, (*_, r) = cached_runs
+    tokenizer = tmp_path / "tok"
     missing = [tmp_path / "data" / "en_text_document", tmp_path / "data" / "ja_text_document"]
-    r = recipe(tmp_path, hf_home, "data.demo_corpus=false",
-               f"data.blend=[{missing[0]}, {missing[1]}]", "data.valid_sets={}",
-               f"data.tokenizer={tokenizer}", "model.num_layers=2", check=True)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "4 problems; nothing was started" in r.stderr, r.stderr
     for prefix in missing:
@@ -109,7 +126,9 @@ def test_every_problem_is_named_at_once(hf_home: Path, tmp_path: Path) -> None:
 
 
 def test_uncached_hub_id_offline_is_one_problem(tmp_path: Path) -> None:
-    r = recipe(tmp_path, tmp_path / "empty_home", check=True)
+    # its own process: huggingface_hub reads HF_HOME as it is imported
+    r = run_cli(recipe_args(tmp_path, check=True), timeout=300,
+                env=offline(tmp_path / "empty_home"))
     assert r.returncode == 2, r.stdout + r.stderr
     assert "1 problem;" in r.stderr and f"upcycling.dense_base: {REPO_ID} is not in the " \
         "Hugging Face cache" in r.stderr, r.stderr

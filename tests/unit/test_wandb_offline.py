@@ -20,6 +20,7 @@ import yaml
 
 from megatron_ext.training import wandb_sink
 from tests.conftest import REPO, run_cli
+from tests.forkrun import run_clis
 
 BLOCK = 32768  # LevelDB log block size
 CHUNK_HEADER = struct.Struct("<IHB")  # crc32, length, type
@@ -105,36 +106,66 @@ def no_credentials(tmp_path, monkeypatch) -> Path:
     return home
 
 
-def _train(tmp_path: Path, mode: str | None, steps: int, extra_env: dict | None = None,
-           config: str = "configs/tiny-cpu.yaml"):
+def _train_args(run: Path, mode: str | None, steps: int,
+                config: str = "configs/tiny-cpu.yaml") -> list[str]:
     """A tiny run; ``mode``/project set with --set unless ``mode`` is None (then the config
-    file and the WANDB_* variables in ``extra_env`` decide)."""
-    run = tmp_path / "run"
-    env = {"WANDB_BASE_URL": NOWHERE, "HTTP_PROXY": NOWHERE, "HTTPS_PROXY": NOWHERE,
-           **(extra_env or {})}
+    file and the WANDB_* variables of its environment decide)."""
     sets = [] if mode is None else ["--set", f"logging.wandb.mode={mode}",
                                     "--set", "logging.wandb.project=test"]
-    proc = run_cli(["pretrain_moe.py", "--config", config,
-                    "--set", f"train.train_steps={steps}", "--set", "schedule.warmup_steps=1",
-                    "--set", "train.log_interval=1", "--set", "train.eval_interval=0",
-                    # no checkpoint: the config's default save dir is in the repo (and resumes)
-                    "--set", "checkpoint.save=null", "--set", f"logging.output_dir={run}",
-                    *sets], env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc, run
+    return ["pretrain_moe.py", "--config", config,
+            "--set", f"train.train_steps={steps}", "--set", "schedule.warmup_steps=1",
+            "--set", "train.log_interval=1", "--set", "train.eval_interval=0",
+            # no checkpoint: the config's default save dir is in the repo (and resumes)
+            "--set", "checkpoint.save=null", "--set", f"logging.output_dir={run}", *sets]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple]:
+    """The three real runs of this file, forked from one driver that imported torch and
+    megatron once (tests/forkrun.py): {name: (completed process, its directory)}. Each has its
+    own empty HOME and its own W&B variables, set as it starts: wandb reads both at run time."""
+    root = tmp_path_factory.mktemp("wandb_runs")
+    config = root / "online.yaml"  # a config file asking for online W&B, as the paper configs
+    tree = yaml.safe_load((REPO / "configs/tiny-cpu.yaml").read_text())
+    tree.setdefault("logging", {})["wandb"] = {"mode": "online", "project": "from-file"}
+    config.write_text(yaml.safe_dump(tree))
+    calls = {
+        "offline": (_train_args(root / "offline" / "run", "offline", steps=3), {
+            "WANDB_MODE": "disabled", "WANDB_PROJECT": "env-project",
+            "WANDB_ENTITY": "env-entity", "WANDB_RUN_GROUP": "env-group",
+            "WANDB_DIR": str(root / "offline" / "wandb_dir")}),
+        "disabled": (_train_args(root / "disabled" / "run", None, steps=2, config=str(config)),
+                     {"WANDB_MODE": "disabled", "WANDB_DIR": str(root / "disabled" / "wandb_dir"),
+                      "WANDB_SILENT": "false"}),
+        # WANDB_SILENT off: any warning wandb itself printed would be counted too.
+        "online": (_train_args(root / "online" / "run", "online", steps=2),
+                   {"WANDB_SILENT": "false"}),
+    }
+    for name in calls:
+        (root / name / "home").mkdir(parents=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in CREDENTIAL_ENV:
+            mp.delenv(name, raising=False)
+        mp.setenv("HOME", str(root / "home"))
+        procs = run_clis([args for args, _ in calls.values()], root / "forkrun",
+                         env={"WANDB_BASE_URL": NOWHERE, "HTTP_PROXY": NOWHERE,
+                              "HTTPS_PROXY": NOWHERE},
+                         envs=[{**env, "HOME": str(root / name / "home")}
+                               for name, (_, env) in calls.items()])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return {name: (proc, root / name) for name, proc in zip(calls, procs)}
 
 
 # ----------------------------------------------------------------------------- real runs
 
 
 @pytest.mark.slow
-def test_offline_run_holds_metrics_and_config(tmp_path, no_credentials):
+def test_offline_run_holds_metrics_and_config(runs):
     """Also the precedence of W&B's variables: --set beats them (mode, project), they beat the
     config file and the defaults (entity, group, dir)."""
-    wandb_dir = tmp_path / "wandb_dir"
-    _, run = _train(tmp_path, "offline", steps=3, extra_env={
-        "WANDB_MODE": "disabled", "WANDB_PROJECT": "env-project", "WANDB_ENTITY": "env-entity",
-        "WANDB_RUN_GROUP": "env-group", "WANDB_DIR": str(wandb_dir)})
+    _, where = runs["offline"]
+    run, wandb_dir = where / "run", where / "wandb_dir"
     assert not (run / "wandb").exists()  # WANDB_DIR: W&B's files go there, not to output_dir
     run_dir = _only(sorted((wandb_dir / "wandb").glob("offline-run-*")))
     records = read_wandb_records(_only(sorted(run_dir.glob("run-*.wandb"))))
@@ -166,17 +197,11 @@ def test_offline_run_holds_metrics_and_config(tmp_path, no_credentials):
 
 
 @pytest.mark.slow
-def test_wandb_mode_disabled_beats_the_config_file(tmp_path, no_credentials):
+def test_wandb_mode_disabled_beats_the_config_file(runs):
     """A config file asking for online W&B (as the paper configs do) under WANDB_MODE=disabled:
     W&B is not started and nothing of it is written, neither in the run nor in WANDB_DIR."""
-    config = tmp_path / "online.yaml"
-    tree = yaml.safe_load((REPO / "configs/tiny-cpu.yaml").read_text())
-    tree.setdefault("logging", {})["wandb"] = {"mode": "online", "project": "from-file"}
-    config.write_text(yaml.safe_dump(tree))
-    wandb_dir = tmp_path / "wandb_dir"
-    proc, run = _train(tmp_path, None, steps=2, config=str(config),
-                       extra_env={"WANDB_MODE": "disabled", "WANDB_DIR": str(wandb_dir),
-                                  "WANDB_SILENT": "false"})
+    proc, where = runs["disabled"]
+    run, wandb_dir = where / "run", where / "wandb_dir"
     assert "WARNING" not in proc.stdout + proc.stderr  # not even the missing credentials
     assert (run / "metrics.jsonl").is_file()
     assert not (run / "wandb").exists() and not (run / "wandb_run_id").exists()
@@ -215,9 +240,9 @@ def test_wandb_variables_against_config_and_set(tmp_path, no_credentials):
 
 
 @pytest.mark.slow
-def test_online_without_credentials_falls_back_to_offline(tmp_path, no_credentials):
-    # WANDB_SILENT off: any warning wandb itself printed would be counted too.
-    proc, run = _train(tmp_path, "online", steps=2, extra_env={"WANDB_SILENT": "false"})
+def test_online_without_credentials_falls_back_to_offline(runs):
+    proc, where = runs["online"]
+    run = where / "run"
     warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "WARNING" in line]
     assert warnings == ["WARNING: logging.wandb.mode=online but no W&B credentials found; "
                         "logging offline (sync later with `wandb sync`)"], warnings
@@ -225,7 +250,7 @@ def test_online_without_credentials_falls_back_to_offline(tmp_path, no_credentia
     run_dir = _only(sorted((run / "wandb").glob("offline-run-*")))
     rows = history(read_wandb_records(_only(sorted(run_dir.glob("run-*.wandb")))))
     assert sorted(rows) == [1, 2] and "loss" in rows[2]
-    assert not list(no_credentials.glob("*netrc"))  # no login happened
+    assert not list((where / "home").glob("*netrc"))  # no login happened
 
 
 # ----------------------------------------------------------------------------- in process
