@@ -26,6 +26,12 @@ def set_args(*settings: str) -> list[str]:
 
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None,
             cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=cli_env(env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of a CLI run by a test: no rank variables of ours, ``env`` added."""
     # The repo first; keep what the caller's PYTHONPATH adds (e.g. wheels unpacked elsewhere).
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     full_env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1",
@@ -37,8 +43,7 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None,
     # (platform.dist); one chosen here could be taken during the seconds of start-up.
     full_env["MASTER_ADDR"] = "127.0.0.1"
     full_env.update(env or {})
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return full_env
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 600,

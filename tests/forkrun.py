@@ -24,11 +24,13 @@ calls; a test that needs them to differ between calls keeps ``tests.conftest.run
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, cli_env, run_cli
 
 DRIVER = r"""
 import atexit, json, os, runpy, signal, sys, time, traceback
@@ -37,6 +39,7 @@ from pathlib import Path
 calls, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 envs = json.loads(Path(sys.argv[3]).read_text())
 nprocs = json.loads(Path(sys.argv[4]).read_text())
+live = sys.argv[5:] == ["live"]  # start_clis: the ranks write to our stdout, gated calls
 import megatron_ext  # noqa: F401  first, as every tool: it hooks megatron-core's import
 import torch, megatron.core, transformers  # noqa: E401,F401  the seconds every tool spends first
 import megatron.core.models.gpt, megatron.core.dist_checkpointing  # noqa: E401,F401
@@ -48,7 +51,7 @@ def child(argv, env, name):
     try:
         os.setpgid(0, 0)
         os.environ.update(env)
-        for fd, stream in ((1, "out"), (2, "err")):
+        for fd, stream in () if live else ((1, "out"), (2, "err")):
             f = os.open(out / f"{name}.{stream}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(f, fd)
             os.close(f)
@@ -79,6 +82,8 @@ def child(argv, env, name):
 
 codes = []
 for i, argv in enumerate(calls):
+    if live and i:
+        sys.stdin.readline()  # the test's go-ahead (next_call)
     sys.stdout.flush()
     sys.stderr.flush()
     n = nprocs[i]
@@ -109,8 +114,26 @@ for i, argv in enumerate(calls):
             code = os.waitstatus_to_exitcode(status)
             deadline = time.monotonic() + 5
     codes.append(code)
+    if live:
+        print(f"{EXITED}{code}", flush=True)
 (out / "codes.json").write_text(json.dumps(codes))
 """
+
+
+EXITED = "forkrun: exit "  # start_clis' driver, after each call: this and the exit code
+DRIVER = DRIVER.replace("{EXITED}", EXITED)
+
+
+def _prepare(calls: list[list[str]], tmp: Path, envs: list[dict] | None,
+             nprocs: list[int]) -> list[str]:
+    """The driver's arguments, its script and inputs written to ``tmp``."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "calls.json").write_text(json.dumps([[str(a) for a in c] for c in calls]))
+    (tmp / "envs.json").write_text(json.dumps(envs or [{} for _ in calls]))
+    (tmp / "nprocs.json").write_text(json.dumps(nprocs))
+    (tmp / "driver.py").write_text(DRIVER)
+    return [str(tmp / "driver.py"), str(tmp / "calls.json"), str(tmp), str(tmp / "envs.json"),
+            str(tmp / "nprocs.json")]
 
 
 def run_clis(calls: list[list[str]], tmp: Path, timeout: int = 900, env: dict | None = None,
@@ -123,13 +146,7 @@ def run_clis(calls: list[list[str]], tmp: Path, timeout: int = 900, env: dict | 
     ``envs[i]`` is added to call i's environment as it starts (variables read at run time
     only)."""
     nprocs = nprocs or [1] * len(calls)
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "calls.json").write_text(json.dumps([[str(a) for a in c] for c in calls]))
-    (tmp / "envs.json").write_text(json.dumps(envs or [{} for _ in calls]))
-    (tmp / "nprocs.json").write_text(json.dumps(nprocs))
-    (tmp / "driver.py").write_text(DRIVER)
-    driver = run_cli([str(tmp / "driver.py"), str(tmp / "calls.json"), str(tmp),
-                      str(tmp / "envs.json"), str(tmp / "nprocs.json")], timeout=timeout, env=env)
+    driver = run_cli(_prepare(calls, tmp, envs, nprocs), timeout=timeout, env=env)
     assert driver.returncode == 0, driver.stderr[-3000:]
     codes = json.loads((tmp / "codes.json").read_text())
 
@@ -140,3 +157,62 @@ def run_clis(calls: list[list[str]], tmp: Path, timeout: int = 900, env: dict | 
     return [subprocess.CompletedProcess([sys.executable, *c], code, joined(i, "out"),
                                         joined(i, "err"))
             for i, (c, code) in enumerate(zip(calls, codes))]
+
+
+COPY_CHECKPOINT = r"""
+import shutil, sys
+from pathlib import Path
+src = Path(sys.argv[1])
+for root in map(Path, sys.argv[2:]):
+    shutil.copytree(src, root / src.name)
+    (root / "latest").write_text(src.name + "\n")
+"""
+
+
+def copy_checkpoint(tmp: Path, src: Path, *roots: Path) -> list[str]:
+    """A call that makes each of ``roots`` a checkpoint root holding a copy of ``src`` (an
+    ``iter_*`` directory an earlier call of the same driver saves) as its latest: the next
+    calls resume from it (its newer siblings left out). Its script is written to ``tmp``."""
+    script = tmp / "copy_checkpoint.py"
+    script.write_text(COPY_CHECKPOINT)
+    return [str(script), str(src), *map(str, roots)]
+
+
+def start_clis(calls: list[list[str]], tmp: Path, nprocs: list[int]) -> subprocess.Popen:
+    """``run_clis``' calls, started and not waited for: a job the test watches, signals or
+    kills, as it would a ``python`` or ``torchrun`` process, for one import. The ranks write to
+    the returned process's stdout (text, stderr joined); each call after the first starts when
+    ``next_call`` says so, and the driver prints ``EXITED`` and the code after each. The
+    running call's ranks are the driver's children (``ranks``), each leading a process group
+    that holds what it starts (``kill_ranks``)."""
+    return subprocess.Popen([sys.executable, *_prepare(calls, tmp, None, nprocs), "live"],
+                            cwd=REPO, env=cli_env(), text=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def ranks(driver: subprocess.Popen) -> list[int]:
+    return [int(pid) for pid in
+            Path(f"/proc/{driver.pid}/task/{driver.pid}/children").read_text().split()]
+
+
+def kill_ranks(driver: subprocess.Popen) -> None:
+    """SIGKILL to each rank's process group, as a scheduler ends a job: the trainer, its
+    checkpoint writers and the result-queue manager megatron's writer starts."""
+    for pid in ranks(driver):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone
+            pass
+
+
+def next_call(driver: subprocess.Popen) -> None:
+    driver.stdin.write("\n")
+    driver.stdin.flush()
+
+
+def stop_clis(driver: subprocess.Popen) -> None:
+    """The driver and whatever call it runs, ended (a test's ``finally``)."""
+    if driver.poll() is None:
+        kill_ranks(driver)
+        driver.kill()
+    driver.communicate()

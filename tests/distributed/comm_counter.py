@@ -1,5 +1,5 @@
-"""Run the real ``pretrain_moe.py`` with every torch.distributed collective counted (launched by
-torchrun from tests/distributed/test_comm_volumes.py).
+"""Run the real ``pretrain_moe.py`` with every torch.distributed collective counted (forked
+from one driver by tests/distributed/test_comm_volumes.py, or launched by torchrun).
 
 Each collective call of the ``COUNTED_STEP``-th optimizer step adds its message bytes (the
 tensor the caller hands over: all-gather output, reduce-scatter input, all-reduce buffer,
@@ -126,12 +126,15 @@ def _wrap_batch_p2p():
 
 
 def install() -> None:
-    """Wrap the collectives before megatron-core is imported (it may bind them at import)."""
-    for name in MESSAGE_ARG:
-        wrapped = _wrap(name)
-        setattr(dist, name, wrapped)
-        setattr(dist.distributed_c10d, name, wrapped)
-    dist.batch_isend_irecv = dist.distributed_c10d.batch_isend_irecv = _wrap_batch_p2p()
+    """Wrap the collectives, also where megatron bound them at import (param_and_grad_buffer's
+    ``dist_all_gather_func``...): forked from tests.forkrun's driver, it is imported already."""
+    wrapped = {id(getattr(dist, name)): _wrap(name) for name in MESSAGE_ARG}
+    wrapped[id(dist.batch_isend_irecv)] = _wrap_batch_p2p()
+    for module in [dist, dist.distributed_c10d] + [
+            m for name, m in list(sys.modules.items()) if name.startswith("megatron")]:
+        for attr, value in list(vars(module).items()):
+            if id(value) in wrapped:
+                setattr(module, attr, wrapped[id(value)])
 
     import megatron_ext.training.session  # noqa: F401 (first: the package's import order)
     from megatron_ext.training.trainer import Trainer

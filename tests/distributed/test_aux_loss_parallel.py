@@ -7,6 +7,8 @@ gradient accumulation (4 micro-batches per step at DP=1, 2 at DP=2). The coeffic
 paper's 0.02 x 50) so that the balancing gradient weighs in the grad norm and the later losses.
 The parallel runs start from the one-process run's step-1 checkpoint (weights, optimizer state
 and data position, resharded on resume): the same starting point, and no separate run to make it.
+The three runs (and the copy of that checkpoint between them) are forked from one driver
+(tests.forkrun: one import of torch and megatron for the five processes).
 
 Tolerance: 1e-4 absolute on the losses (~6 and ~2) and 1e-4 relative on the grad norm (fp32;
 only the order of reductions differs: DP and TP all-reduces, the expert split).
@@ -15,9 +17,9 @@ only the order of reductions differs: DP and TP all-reduces, the expert split).
 from __future__ import annotations
 
 import json
-import shutil
 
-from tests.conftest import run_cli, set_args, torchrun
+from tests.conftest import set_args
+from tests.forkrun import copy_checkpoint, run_clis
 
 COMMON = ["--config", "configs/tiny-cpu.yaml", *set_args(
     "data.demo_corpus=false", "data.mock=true", "model.num_layers=3", "model.hidden_size=64",
@@ -28,6 +30,8 @@ COMMON = ["--config", "configs/tiny-cpu.yaml", *set_args(
     "train.eval_interval=0", "train.log_interval=1", "logging.expert_load=false",
     "logging.expert_similarity=false", "schedule.warmup_steps=0")]
 STEPS = 3
+LAYOUTS = {"ep": ["parallel.expert=2"],
+           "tp": ["parallel.tensor=2", "parallel.sequence_parallel=true"]}
 
 
 def _records(run_dir) -> list[dict]:
@@ -36,25 +40,24 @@ def _records(run_dir) -> list[dict]:
 
 
 def test_all_layers_loss_under_ep_dp_and_tp_sp(tmp_path):
-    one = run_cli(["pretrain_moe.py", *COMMON, "--set", f"train.train_steps={STEPS + 1}",
-                   "--set", f"checkpoint.save={tmp_path}/one/ckpt",
-                   "--set", "checkpoint.save_interval=1",  # step 1's is the one used
-                   "--set", f"checkpoint.keep_last={STEPS + 1}",
-                   "--set", f"logging.output_dir={tmp_path}/one"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    layouts = {"ep": ["parallel.expert=2"],
-               "tp": ["parallel.tensor=2", "parallel.sequence_parallel=true"]}
-    runs = {}
-    for name, sets in layouts.items():
-        ckpt = tmp_path / name / "ckpt"
-        shutil.copytree(tmp_path / "one/ckpt/iter_0000001", ckpt / "iter_0000001")
-        (ckpt / "latest").write_text("iter_0000001\n")
-        proc = torchrun(2, ["pretrain_moe.py", *COMMON, *set_args(*sets),
-                            "--set", f"train.train_steps={STEPS + 1}",
-                            "--set", f"checkpoint.save={ckpt}",
-                            "--set", "checkpoint.allow_config_change=true",
-                            "--set", f"logging.output_dir={tmp_path}/{name}"])
+    one = ["pretrain_moe.py", *COMMON, "--set", f"train.train_steps={STEPS + 1}",
+           "--set", f"checkpoint.save={tmp_path}/one/ckpt",
+           "--set", "checkpoint.save_interval=1",  # step 1's is the one used
+           "--set", f"checkpoint.keep_last={STEPS + 1}",
+           "--set", f"logging.output_dir={tmp_path}/one"]
+    calls = [one, copy_checkpoint(tmp_path, tmp_path / "one/ckpt/iter_0000001",
+                                  *(tmp_path / name / "ckpt" for name in LAYOUTS))]
+    for name, sets in LAYOUTS.items():
+        calls.append(["pretrain_moe.py", *COMMON, *set_args(*sets),
+                      "--set", f"train.train_steps={STEPS + 1}",
+                      "--set", f"checkpoint.save={tmp_path / name / 'ckpt'}",
+                      "--set", "checkpoint.allow_config_change=true",
+                      "--set", f"logging.output_dir={tmp_path}/{name}"])
+    procs = run_clis(calls, tmp_path / "driver", nprocs=[1, 1, 2, 2])
+    for proc in procs:
         assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {}
+    for name, proc in zip(LAYOUTS, procs[2:]):
         assert "at step 1" in proc.stdout, proc.stdout[-3000:]
         runs[name] = _records(tmp_path / name)
     ref = _records(tmp_path / "one")[1:]  # steps 2 .. STEPS + 1

@@ -1,24 +1,30 @@
 """The planner's communication volumes are megatron-core's: real gloo runs of ``pretrain_moe.py``
 count the bytes every torch.distributed collective is handed in a steady step
-(tests/distributed/comm_counter.py), 4 processes each: TP=2 with sequence parallelism x DP=2
-with EP=2 over the data-parallel ranks (alltoall dispatcher, distributed optimizer), and PP=2 x
-DP=2 (1F1B, no distributed optimizer). Each kind of message the planner models (TP all-gather /
+(tests/distributed/comm_counter.py), 4 ranks each: TP=2 with sequence parallelism x DP=2 with
+EP=2 over the data-parallel ranks (alltoall dispatcher, distributed optimizer), and PP=2 x DP=2
+(1F1B, no distributed optimizer). Each kind of message the planner models (TP all-gather /
 reduce-scatter, EP all-to-all, DP gradient reduce-scatter and parameter all-gather or
 all-reduce, PP sends) must equal its formula, and every kind above 1% of the bytes must be one
 it models.
+
+Both runs are forked from one driver (tests.forkrun: one import of torch and megatron for the
+eight ranks). comm_counter wraps the collectives in each forked rank, after megatron's import:
+megatron looks them up on ``torch.distributed`` at call time, and a missed kind fails the test.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
 from megatron_ext.config.loader import load_config
 from megatron_ext.config.validate import validate
 from megatron_ext.model.planner.step import predict, volumes
-from tests.conftest import REPO, torchrun
+from tests.conftest import REPO
+from tests.forkrun import run_clis
 
 pytestmark = pytest.mark.slow
 
@@ -67,23 +73,40 @@ def _measured(out, world: int, tp: int, dp: int) -> tuple[dict[str, float], floa
     return per_kind, sum(per_kind.values())
 
 
+def _sets(tp: int, pp: int, dp: int, ep: int, dist: bool) -> list[str]:
+    return MODEL + [f"parallel.tensor={tp}", f"parallel.sequence_parallel={tp > 1}",
+                    f"parallel.pipeline={pp}", f"parallel.expert={ep}",
+                    f"parallel.distributed_optimizer={dist}",
+                    f"parallel.world_size={tp * pp * dp}"]
+
+
+@pytest.fixture(scope="module")
+def counts(tmp_path_factory) -> dict[str, Path]:
+    """{layout: the directory of its ranks' counts}, every layout's run in one driver."""
+    tmp = tmp_path_factory.mktemp("comm")
+    calls, envs, nprocs = [], [], []
+    for name, (tp, pp, dp, ep, dist) in LAYOUTS.items():
+        (tmp / name).mkdir()
+        args = [str(REPO / "tests/distributed/comm_counter.py"), "--config",
+                str(REPO / "configs/tiny-cpu.yaml"), "--set", "checkpoint.save=null",
+                "--set", f"logging.output_dir={tmp / name / 'run'}"]
+        for s in _sets(tp, pp, dp, ep, dist):
+            args += ["--set", s]
+        calls.append(args)
+        envs.append({"COMM_COUNT_DIR": str(tmp / name)})
+        nprocs.append(tp * pp * dp)
+    procs = run_clis(calls, tmp / "driver", envs=envs, nprocs=nprocs, timeout=600)
+    for name, proc in zip(LAYOUTS, procs):
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    return {name: tmp / name for name in LAYOUTS}
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_counted_collectives_match_the_planner(tmp_path, name):
+def test_counted_collectives_match_the_planner(counts, name):
     tp, pp, dp, ep, dist = LAYOUTS[name]
     world = tp * pp * dp
-    sets = MODEL + [f"parallel.tensor={tp}", f"parallel.sequence_parallel={tp > 1}",
-                    f"parallel.pipeline={pp}", f"parallel.expert={ep}",
-                    f"parallel.distributed_optimizer={dist}", f"parallel.world_size={world}"]
-    out = tmp_path / "counts"
-    out.mkdir()
-    args = [str(REPO / "tests/distributed/comm_counter.py"), "--config",
-            str(REPO / "configs/tiny-cpu.yaml"), "--set", "checkpoint.save=null",
-            "--set", f"logging.output_dir={tmp_path / 'run'}"]
-    for s in sets:
-        args += ["--set", s]
-    proc = torchrun(world, args, env={"COMM_COUNT_DIR": str(out)}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    measured, total = _measured(out, world, tp, dp)
+    sets = _sets(tp, pp, dp, ep, dist)
+    measured, total = _measured(counts[name], world, tp, dp)
     big = {kind: got for kind, got in measured.items() if got >= SMALL * total}
 
     cfg = load_config(str(REPO / "configs/tiny-cpu.yaml"), sets)

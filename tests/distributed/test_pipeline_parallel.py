@@ -19,14 +19,13 @@ stage first); EP and TP add their own (tests/distributed/test_ep_parity.py, test
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import set_args
-from tests.forkrun import run_clis
+from tests.forkrun import copy_checkpoint, run_clis
 
 TOL = 2e-5
 COMMON = ["--config", "configs/tiny-cpu.yaml", *set_args(
@@ -40,7 +39,7 @@ COMPARED = ("loss", "aux_loss", "z_loss", "grad_norm", "moe/expert_cos_mean")
 
 
 def _args(tmp: Path, name: str, steps: int, *extra: str, load: Path | None = None,
-          ckpt: Path | None = None, script: str = "pretrain_moe.py") -> list[str]:
+          ckpt: Path | str | None = None, script: str = "pretrain_moe.py") -> list[str]:
     return [script, *COMMON, "--set", f"train.train_steps={steps}",
             "--set", f"logging.output_dir={tmp / name}",
             "--set", f"checkpoint.save={ckpt or tmp / name / 'ckpt'}",
@@ -56,23 +55,16 @@ def _records(run: Path) -> dict[int, dict]:
     return records
 
 
-def _resumable(tmp: Path, name: str, run: str) -> Path:
-    """A checkpoint root holding only ``run``'s step-3 checkpoint (its newer ones left out)."""
-    root = tmp / name
-    shutil.copytree(tmp / run / "ckpt" / "iter_0000003", root / "iter_0000003")
-    (root / "latest").write_text("iter_0000003\n")
-    return root
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[dict[str, tuple[dict[int, dict], str]], Path]:
     """Every run of this module, ({name: (records, stdout)}, their directory; the upcycled
-    checkpoint is its ``moe``, the HF conversion its ``hf``), in two forked drivers
-    (tests.forkrun: one import of torch and megatron each, the multi-rank ones included).
+    checkpoint is its ``moe``, the HF conversion its ``hf``), all forked from one driver
+    (tests.forkrun: one import of torch and megatron, the multi-rank runs included).
 
     First: a 4-layer Drop-Upcycled 8-expert MoE checkpoint (moe-upcycle, mcore output), the
     initial weights of ``ref`` (one process, 5 steps), ``ep`` (PP=2 x EP=2, distributed
-    optimizer) and ``tp`` (PP=2 uneven, 1 + 3 layers, x TP=2; step 4's loss made NaN). Then,
+    optimizer; nothing saved) and ``tp`` (PP=2 uneven, 1 + 3 layers, x TP=2; step 4's loss
+    made NaN). Then,
     from ref's and tp's step-3 checkpoints: ``vpp`` (resumed at PP=2 x 2 chunks) and ``back``
     (resumed at one process); and ``mixed`` (PP=2 from a random init) converted to HF."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -83,42 +75,41 @@ def runs(tmp_path_factory) -> tuple[dict[str, tuple[dict[int, dict], str]], Path
                                  num_key_value_heads=2, intermediate_size=128,
                                  vocab_size=512)).save_pretrained(tmp / "dense")
     upcycled = tmp / "moe"
-    first = {
+    calls = {
         "upcycle": (["-m", "megatron_ext.cli.upcycle", "--input", str(tmp / "dense"),
                      "--output", str(upcycled), "--output-format", "mcore", "--method", "drop",
                      "--ratio", "0.5", "--num-experts", "8", "--top-k", "2",
                      "--skip-validation"], 1, {}),
         "ref": (_args(tmp, "ref", 5, load=upcycled), 1, {}),
         "ep": (_args(tmp, "ep", 3, "--set", "parallel.pipeline=2", "--set", "parallel.expert=2",
-                     "--set", "parallel.distributed_optimizer=true", load=upcycled), 4, {}),
+                     "--set", "parallel.distributed_optimizer=true", load=upcycled,
+                     ckpt="null"), 4, {}),
         "tp": (_args(tmp, "tp", 4, "--set", "parallel.pipeline=2",
                      "--set", "parallel.first_stage_layers=1", "--set", "parallel.tensor=2",
                      "--set", "parallel.sequence_parallel=true", load=upcycled,
                      script="tests/nan_injection.py"), 4, {"NAN_STEPS": "4"}),
     }
-    procs = dict(zip(first, _drive(first, tmp / "driver1")))
-    second = {
+    step3 = "ckpt/iter_0000003"  # ref's and tp's, resumed as the latest of a root of its own
+    calls.update({
+        "copy_ref": (copy_checkpoint(tmp, tmp / "ref" / step3, tmp / "from_ref"), 1, {}),
+        "copy_tp": (copy_checkpoint(tmp, tmp / "tp" / step3, tmp / "from_tp"), 1, {}),
         "vpp": (_args(tmp, "vpp", 5, "--set", "parallel.pipeline=2",
-                      "--set", "parallel.virtual_pipeline=2",
-                      ckpt=_resumable(tmp, "from_ref", "ref")), 2, {}),
+                      "--set", "parallel.virtual_pipeline=2", ckpt=tmp / "from_ref"), 2, {}),
         "back": (_args(tmp, "back", 5, "--set", "checkpoint.allow_config_change=true",
-                       ckpt=_resumable(tmp, "from_tp", "tp")), 1, {}),
+                       ckpt=tmp / "from_tp"), 1, {}),
         "mixed": (_args(tmp, "mixed", 3, "--set", "parallel.pipeline=2",
                         "--set", "moe.layer_freq=[0,1,0,1]", "--set", "moe.capacity_factor=1.0",
                         "--set", "checkpoint.async_save=true"), 2, {}),
         "hf": (["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp / "mixed" / "ckpt"),
                 "--output", str(tmp / "hf")], 1, {}),
-    }
-    procs.update(zip(second, _drive(second, tmp / "driver2")))
+    })
+    procs = dict(zip(calls, run_clis([c for c, _, _ in calls.values()], tmp / "driver",
+                                     envs=[e for _, _, e in calls.values()],
+                                     nprocs=[n for _, n, _ in calls.values()])))
     for name, proc in procs.items():
         assert proc.returncode == 0, (name, proc.stdout[-2000:] + proc.stderr[-3000:])
     return {name: (_records(tmp / name), procs[name].stdout)
             for name in ("ref", "ep", "tp", "vpp", "back", "mixed")}, tmp
-
-
-def _drive(calls: dict, tmp: Path) -> list:
-    return run_clis([c for c, _, _ in calls.values()], tmp, envs=[e for _, _, e in calls.values()],
-                    nprocs=[n for _, n, _ in calls.values()])
 
 
 def _assert_same(got: dict[int, dict], want: dict[int, dict], steps, what: str) -> None:
@@ -132,7 +123,7 @@ def _assert_same(got: dict[int, dict], want: dict[int, dict], steps, what: str) 
             assert abs(got[step][k] - want[step][k]) <= TOL, (what, step, k)
 
 
-@pytest.mark.slow  # 6 CLI runs (1-4 processes each), forked from two drivers
+@pytest.mark.slow  # 6 CLI runs (1-4 processes each), forked from one driver
 def test_pipeline_layouts_match_one_process_and_reshard(runs) -> None:
     runs, tmp = runs
     ref, upcycled = runs["ref"][0], tmp / "moe"
@@ -156,7 +147,7 @@ def test_pipeline_layouts_match_one_process_and_reshard(runs) -> None:
     _assert_same(resumed, ref, (4, 5), "pp2 uneven x tp2 -> pp1 resume")
 
 
-@pytest.mark.slow  # one 2-process run and one conversion, in the module's second driver
+@pytest.mark.slow  # one 2-process run and one conversion, in the module's driver
 def test_pipeline_keeps_mixed_layers_capacity_async_saves_and_conversion(runs) -> None:
     """Features the parity test does not exercise, at PP=2 from a random init: dense and MoE
     layers interleaved (each stage gets one of each), token dropping by capacity factor, async
