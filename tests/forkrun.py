@@ -24,13 +24,11 @@ calls; a test that needs them to differ between calls keeps ``tests.conftest.run
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, cli_env, run_cli
+from tests.conftest import run_cli
 
 DRIVER = r"""
 import atexit, json, os, runpy, signal, sys, time, traceback
@@ -39,7 +37,6 @@ from pathlib import Path
 calls, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 envs = json.loads(Path(sys.argv[3]).read_text())
 nprocs = json.loads(Path(sys.argv[4]).read_text())
-live = sys.argv[5:] == ["live"]  # start_clis: the ranks write to our stdout, gated calls
 import megatron_ext  # noqa: F401  first, as every tool: it hooks megatron-core's import
 import torch, megatron.core, transformers  # noqa: E401,F401  the seconds every tool spends first
 import megatron.core.models.gpt, megatron.core.dist_checkpointing  # noqa: E401,F401
@@ -51,7 +48,7 @@ def child(argv, env, name):
     try:
         os.setpgid(0, 0)
         os.environ.update(env)
-        for fd, stream in () if live else ((1, "out"), (2, "err")):
+        for fd, stream in ((1, "out"), (2, "err")):
             f = os.open(out / f"{name}.{stream}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(f, fd)
             os.close(f)
@@ -82,8 +79,6 @@ def child(argv, env, name):
 
 codes = []
 for i, argv in enumerate(calls):
-    if live and i:
-        sys.stdin.readline()  # the test's go-ahead (next_call)
     sys.stdout.flush()
     sys.stderr.flush()
     n = nprocs[i]
@@ -114,14 +109,8 @@ for i, argv in enumerate(calls):
             code = os.waitstatus_to_exitcode(status)
             deadline = time.monotonic() + 5
     codes.append(code)
-    if live:
-        print(f"{EXITED}{code}", flush=True)
 (out / "codes.json").write_text(json.dumps(codes))
 """
-
-
-EXITED = "forkrun: exit "  # start_clis' driver, after each call: this and the exit code
-DRIVER = DRIVER.replace("{EXITED}", EXITED)
 
 
 def _prepare(calls: list[list[str]], tmp: Path, envs: list[dict] | None,
@@ -176,43 +165,3 @@ def copy_checkpoint(tmp: Path, src: Path, *roots: Path) -> list[str]:
     script = tmp / "copy_checkpoint.py"
     script.write_text(COPY_CHECKPOINT)
     return [str(script), str(src), *map(str, roots)]
-
-
-def start_clis(calls: list[list[str]], tmp: Path, nprocs: list[int]) -> subprocess.Popen:
-    """``run_clis``' calls, started and not waited for: a job the test watches, signals or
-    kills, as it would a ``python`` or ``torchrun`` process, for one import. The ranks write to
-    the returned process's stdout (text, stderr joined); each call after the first starts when
-    ``next_call`` says so, and the driver prints ``EXITED`` and the code after each. The
-    running call's ranks are the driver's children (``ranks``), each leading a process group
-    that holds what it starts (``kill_ranks``)."""
-    return subprocess.Popen([sys.executable, *_prepare(calls, tmp, None, nprocs), "live"],
-                            cwd=REPO, env=cli_env(), text=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def ranks(driver: subprocess.Popen) -> list[int]:
-    return [int(pid) for pid in
-            Path(f"/proc/{driver.pid}/task/{driver.pid}/children").read_text().split()]
-
-
-def kill_ranks(driver: subprocess.Popen) -> None:
-    """SIGKILL to each rank's process group, as a scheduler ends a job: the trainer, its
-    checkpoint writers and the result-queue manager megatron's writer starts."""
-    for pid in ranks(driver):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:  # already gone
-            pass
-
-
-def next_call(driver: subprocess.Popen) -> None:
-    driver.stdin.write("\n")
-    driver.stdin.flush()
-
-
-def stop_clis(driver: subprocess.Popen) -> None:
-    """The driver and whatever call it runs, ended (a test's ``finally``)."""
-    if driver.poll() is None:
-        kill_ranks(driver)
-        driver.kill()
-    driver.communicate()
