@@ -32,7 +32,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
 from tests.forkrun import run_clis
 from tests.resilience import popen, small_args, wait_for_line
 from tests.unit.test_outputs_vs_inputs import OFFLINE, build_world
@@ -127,14 +126,20 @@ def damage_newest(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory) -> dict[str, Path]:
-    """The class-3 world, plus its dense model converted; both checkpoint roots damaged."""
+    """The class-3 world with its checkpoint root damaged; ``dense`` (its dense model converted)
+    is made and damaged by the first calls of ``forked``'s driver."""
     w = build_world(tmp_path_factory.mktemp("fallback"))
-    proc = run_cli(["-m", "megatron_ext.cli.hf_to_mcore", "--input", str(w / "dense"), "--output",
-                    str(w / "dense_mcore"), "--skip-validation"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for root in (w / "moe", w / "dense_mcore"):
-        damage_newest(root)
+    damage_newest(w / "moe")
     return {"world": w, "moe": w / "moe", "dense": w / "dense_mcore"}
+
+
+# Run by forked's driver right after the dense conversion (tests/ is on its PYTHONPATH).
+DAMAGE = """
+import sys
+from pathlib import Path
+from tests.unit.test_cleanup_paths import damage_newest
+damage_newest(Path(sys.argv[1]))
+"""
 
 
 def _tool_args(tool: str, r: dict[str, Path], out: Path) -> list[str]:
@@ -165,19 +170,33 @@ FALLBACK_TOOLS = ["generate", "routing", "mcore_to_hf", "lm_eval", "upcycle from
 
 @pytest.fixture(scope="module")
 def forked(roots, tmp_path_factory) -> dict:
-    """Each tool once ({tool: run}) and a training run per malformed lock ({kind: (run dir,
-    run)}), forked from one driver (tests.forkrun): one import of torch and megatron for the
-    ten; each still its own process, its warn-once memory its own."""
+    """Each tool once ({tool: run}), a training run per malformed lock ({kind: (run dir, run)})
+    and the ASCII-terminal runs ({"ascii " + name: run}), after the dense model's conversion,
+    forked from one driver (tests.forkrun): one import of torch and megatron for the
+    fifteen; each still its own process, its warn-once memory its own. The driver starts on
+    an ASCII terminal (PYTHONIOENCODING is read as an interpreter starts; each call inherits
+    it); the tools and lock cases print only ASCII (paths under pytest's tmp), so they show
+    the same there as on a UTF-8 one."""
     tmp = tmp_path_factory.mktemp("forked")
-    calls = [_tool_args(tool, roots, tmp / f"out{i}") for i, tool in enumerate(FALLBACK_TOOLS)]
+    (tmp / "damage.py").write_text(DAMAGE)
+    calls = [["-m", "megatron_ext.cli.hf_to_mcore", "--input", str(roots["world"] / "dense"),
+              "--output", str(roots["dense"]), "--skip-validation"],
+             [str(tmp / "damage.py"), str(roots["dense"])]]
+    calls += [_tool_args(tool, roots, tmp / f"out{i}") for i, tool in enumerate(FALLBACK_TOOLS)]
     for i, kind in enumerate(LOCK_KINDS):
         (tmp / f"r{i}" / "ckpt").mkdir(parents=True)
         _make_lock(tmp / f"r{i}" / "ckpt", kind)
         calls.append(small_args(tmp / f"r{i}", 4))
-    procs = run_clis(calls, tmp / "runs", env=OFFLINE)
+    ascii_calls = _ascii_calls(roots, tmp / "ascii")
+    procs = run_clis(calls + list(ascii_calls.values()), tmp / "runs", env={**OFFLINE, **ASCII})
+    for proc in procs[:2]:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    procs = procs[2:]
+    n = len(FALLBACK_TOOLS) + len(LOCK_KINDS)
     return {**dict(zip(FALLBACK_TOOLS, procs)),
             **{kind: (tmp / f"r{i}", procs[len(FALLBACK_TOOLS) + i])
-               for i, kind in enumerate(LOCK_KINDS)}}
+               for i, kind in enumerate(LOCK_KINDS)},
+            **{f"ascii {name}": proc for name, proc in zip(ascii_calls, procs[n:])}}
 
 
 @pytest.mark.parametrize("tool", FALLBACK_TOOLS)
@@ -304,16 +323,14 @@ def test_the_comparison_report_reads_through_the_same_reader(tmp_path, capsys):
 ASCII = {"PYTHONIOENCODING": "ascii"}
 
 
-@pytest.fixture(scope="module")
-def ascii_runs(roots, tmp_path_factory) -> dict:
+def _ascii_calls(roots: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
     """generate with a Japanese prompt, loss_curves with a Japanese run label, training into a
-    Japanese directory: forked from one driver started on the ASCII terminal (the encoding is
-    the driver's, set as its interpreter starts; each call inherits it)."""
-    tmp = tmp_path_factory.mktemp("ascii")
+    Japanese directory (run by ``forked``'s driver, on the ASCII terminal)."""
+    tmp.mkdir()
     prompts = tmp / "prompts.txt"
     prompts.write_text("吾輩は猫である\n", encoding="utf-8")
     _metrics(tmp / "run")
-    calls = {
+    return {
         "generate": ["-m", "megatron_ext.cli.generate",
                      "--checkpoint", str(roots["moe"] / "iter_0000000"), "--prompts", str(prompts),
                      "--tokenizer", str(roots["world"] / "data" / "tok"),
@@ -322,22 +339,21 @@ def ascii_runs(roots, tmp_path_factory) -> dict:
                         "--output", str(tmp / "out")],
         "training": small_args(tmp / "実験", 3),
     }
-    return dict(zip(calls, run_clis(list(calls.values()), tmp / "driver", env=ASCII)))
 
 
-def test_generate_prints_a_japanese_prompt_on_an_ascii_terminal(ascii_runs):
-    proc = ascii_runs["generate"]
+def test_generate_prints_a_japanese_prompt_on_an_ascii_terminal(forked):
+    proc = forked["ascii generate"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     _no_traceback(proc.stderr)
     # backslash escapes: for --json output they are JSON's own, so records still parse
     assert "\\u543e\\u8f29\\u306f\\u732b" in proc.stdout, proc.stdout
 
 
-def test_tools_and_training_print_unicode_on_an_ascii_terminal(ascii_runs):
+def test_tools_and_training_print_unicode_on_an_ascii_terminal(forked):
     """A Japanese run label in loss_curves' table; a Japanese directory in training's summary."""
-    proc = ascii_runs["loss_curves"]
+    proc = forked["ascii loss_curves"]
     assert proc.returncode == 0 and "| \\u732b | 400 |" in proc.stdout, proc.stderr[-3000:]
-    proc = ascii_runs["training"]
+    proc = forked["ascii training"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     _no_traceback(proc.stderr)
     assert "\\u5b9f\\u9a13/run/metrics.jsonl" in proc.stdout.splitlines()[-1]

@@ -2,7 +2,7 @@
 
 Every conversion runs in a process of its own (it owns a gloo world of one); the module fixture
 converts Llama, Mixtral and a mixed dense/MoE model both ways once, with validation on, and the
-tests inspect the results. The tools run forked from one driver (tests.forkrun): two drivers
+tests inspect the results. The tools run forked from one driver (tests.forkrun): one driver
 for the module, not twenty-odd interpreters that each import torch and megatron.
 Vocab 250 is not a multiple of 128: the mcore side pads it to 256.
 """
@@ -53,22 +53,46 @@ def _max_diff(stdout: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def conv(tmp_path_factory) -> dict[str, dict]:
+def forked(tmp_path_factory) -> dict:
+    """Every process of the module, in order, forked from one driver (tests.forkrun): the six
+    conversions, the truncated copy of a converted checkpoint (``PREP``), the tools and the bad
+    inputs that read them. {"conv": {kind: {hf, mcore, back, fwd, rev}}, "tools": {root, runs,
+    bad}}."""
     root = tmp_path_factory.mktemp("convert_mcore")
-    out, calls = {}, []
+    conv, calls = {}, []
     for kind, hf in _make_hf(root).items():
         mc, back = root / f"{kind}_mcore", root / f"{kind}_back"
         # One validation of the mixed model (load_moe) is enough: save a few seconds.
         skip = ["--skip-validation"] if kind == "mixed" else []
         calls += [[*HF_TO_MCORE, "--input", str(hf), "--output", str(mc), *skip],
                   [*MCORE_TO_HF, "--input", str(mc), "--output", str(back)]]
-        out[kind] = {"hf": hf, "mcore": mc, "back": back}
-    # The six conversions in one driver: one import of torch and megatron, not six.
-    runs = run_clis(calls, root / "runs")
+        conv[kind] = {"hf": hf, "mcore": mc, "back": back}
+    tools_root = root / "tools"
+    (tools_root / "strict").mkdir(parents=True)
+    (tools_root / "prep.py").write_text(PREP)
+    calls.append([str(tools_root / "prep.py"), str(conv["llama"]["mcore"]),
+                  str(tools_root / "bad" / "truncated_mcore")])
+    named = _tool_calls(conv, tools_root)
+    bad = _bad_inputs(conv, tools_root / "bad")
+    for n, (case, (cli, args, _)) in enumerate(bad.items()):
+        out = tools_root / "bad" / f"out{n}"
+        named[case] = [*cli, *args] if "--output" in args else [*cli, *args, "--output", str(out)]
+    runs = run_clis(calls + list(named.values()), root / "runs")
     for i, kind in enumerate(KINDS):
         for key, r in zip(("fwd", "rev"), runs[2 * i:2 * i + 2]):
-            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-            out[kind][key] = r.stdout
+            conv[kind][key] = r
+    assert runs[6].returncode == 0, runs[6].stderr[-3000:]
+    return {"conv": conv,
+            "tools": {"root": tools_root, "runs": dict(zip(named, runs[7:])), "bad": bad}}
+
+
+@pytest.fixture(scope="module")
+def conv(forked) -> dict[str, dict]:
+    out = {}
+    for kind, c in forked["conv"].items():
+        for key in ("fwd", "rev"):
+            assert c[key].returncode == 0, c[key].stdout[-2000:] + c[key].stderr[-3000:]
+        out[kind] = {**c, "fwd": c["fwd"].stdout, "rev": c["rev"].stdout}
     return out
 
 
@@ -175,15 +199,24 @@ STRICT = textwrap.dedent("""
 """)
 
 
+# Run in the driver once the llama conversion exists: a copy of it with one shard truncated.
+PREP = textwrap.dedent("""
+    import shutil, sys
+    from pathlib import Path
+
+    shutil.copytree(sys.argv[1], sys.argv[2])
+    shard = sorted((Path(sys.argv[2]) / "iter_0000000").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+""")
+
+
 def _bad_inputs(conv, root: Path) -> dict[str, tuple[str, list[str], str]]:
+    """The bad inputs; ``root/truncated_mcore`` is made by ``PREP`` in the driver."""
     truncated_hf = root / "truncated_hf"
     shutil.copytree(conv["llama"]["hf"], truncated_hf)
     weights = truncated_hf / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
     truncated_mc = root / "truncated_mcore"
-    shutil.copytree(conv["llama"]["mcore"], truncated_mc)
-    shard = sorted((truncated_mc / "iter_0000000").glob("*.distcp"))[0]
-    shard.write_bytes(shard.read_bytes()[:-100])
     existing = root / "existing"
     existing.mkdir()
     (existing / "keep").write_text("mine")
@@ -229,17 +262,9 @@ def _tool_calls(conv, root: Path) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def tools(conv, tmp_path_factory) -> dict:
-    """Every tool run below (and each bad input, with its own --output) in one driver."""
-    root = tmp_path_factory.mktemp("tools")
-    (root / "strict").mkdir()
-    calls = _tool_calls(conv, root)
-    bad = _bad_inputs(conv, root / "bad")
-    for n, (case, (cli, args, _)) in enumerate(bad.items()):
-        out = root / "bad" / f"out{n}"
-        calls[case] = [*cli, *args] if "--output" in args else [*cli, *args, "--output", str(out)]
-    runs = dict(zip(calls, run_clis(list(calls.values()), root / "runs")))
-    return {"root": root, "runs": runs, "bad": bad}
+def tools(conv, forked) -> dict:
+    """Every tool run below and each bad input (with its own --output): run by ``forked``."""
+    return forked["tools"]
 
 
 def _out(tools: dict, name: str) -> str:

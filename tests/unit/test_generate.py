@@ -13,7 +13,8 @@
   ends in one stderr line and exit 2.
 
 The module fixture trains a tiny MoE with the real pretrain_moe.py on the demo corpus, exports
-it with moe-mcore-to-hf and runs one probe process over both models and the CLI's main.
+it with moe-mcore-to-hf and runs one probe process over both models and the CLI's main; these,
+the bench and one bad-input CLI run are forked from one driver (tests.forkrun).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from megatron_ext.cli.generate import main as generate_main
 from megatron_ext.cli.generate import show
 from megatron_ext.data.errors import DataError
 from megatron_ext.evaluation.generate import check_prompts, check_sampling, next_tokens
-from tests.conftest import REPO, run_cli, set_args
+from tests.conftest import REPO, set_args
+from tests.forkrun import run_clis
 
 NEW = 32
 TRAIN = ["pretrain_moe.py", "--config", "configs/tiny-cpu.yaml", *set_args(
@@ -105,29 +107,50 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _ok(args: list[str]) -> str:
-    proc = run_cli(args)
+def _ok(proc) -> str:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
+def forked(tmp_path_factory) -> dict:
+    """The processes of this module's slow tests, forked in order from one driver
+    (tests.forkrun; one import of torch and megatron, not five): training, the export, the
+    probe, the throughput bench, and the CLI on a file with no prompts (a real process: the
+    exit status and stderr exactly as a user sees them)."""
     tmp = tmp_path_factory.mktemp("generate")
-    _ok([*TRAIN, "--set", f"checkpoint.save={tmp}/ckpt", "--set", f"logging.output_dir={tmp}/run"])
-    _ok(["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp / "ckpt"), "--output",
-         str(tmp / "hf"), "--dtype", "float32", "--skip-validation"])
-    return tmp
+    script, prompts, empty = tmp / "probe.py", tmp / "prompts.txt", tmp / "empty.txt"
+    script.write_text(PROBE)
+    # for the CLI; blank lines are not prompts
+    prompts.write_text("\n".join([PROMPTS[0], "", *PROMPTS[1:3], "  "]) + "\n", encoding="utf-8")
+    empty.write_text("\n  \n", encoding="utf-8")
+    calls = {
+        "train": [*TRAIN, "--set", f"checkpoint.save={tmp}/ckpt",
+                  "--set", f"logging.output_dir={tmp}/run"],
+        "export": ["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp / "ckpt"),
+                   "--output", str(tmp / "hf"), "--dtype", "float32", "--skip-validation"],
+        "probe": [str(script), str(tmp / "ckpt"), str(tmp / "hf"), json.dumps(PROMPTS),
+                  str(prompts)],
+        "bench": ["tools/bench/generate_throughput.py", "--checkpoint", str(tmp / "ckpt"),
+                  "--hf", str(tmp / "hf"), "--new-tokens", "4", "--prompts", "3",
+                  "--batch-sizes", "1,3", "--repeats", "1", "--clock", "cpu"],
+        "no prompts": ["-m", "megatron_ext.cli.generate", "--checkpoint", str(tmp / "ckpt"),
+                       "--prompts", str(empty)],
+    }
+    return {"tmp": tmp, "empty": empty,
+            **dict(zip(calls, run_clis(list(calls.values()), tmp / "driver")))}
 
 
 @pytest.fixture(scope="module")
-def probe(ckpt: Path) -> dict:
-    script = ckpt / "probe.py"
-    script.write_text(PROBE)
-    prompts = ckpt / "prompts.txt"  # for the CLI; blank lines are not prompts
-    prompts.write_text("\n".join([PROMPTS[0], "", *PROMPTS[1:3], "  "]) + "\n", encoding="utf-8")
-    out = _ok([str(script), str(ckpt / "ckpt"), str(ckpt / "hf"), json.dumps(PROMPTS),
-               str(prompts)])
+def ckpt(forked: dict) -> Path:
+    _ok(forked["train"])
+    _ok(forked["export"])
+    return forked["tmp"]
+
+
+@pytest.fixture(scope="module")
+def probe(ckpt: Path, forked: dict) -> dict:
+    out = _ok(forked["probe"])
     line = next(line for line in out.splitlines() if line.startswith("PROBE "))
     return json.loads(line[len("PROBE "):])
 
@@ -242,12 +265,12 @@ def _one_line_exit_2(argv: list[str], capsys, needle: str) -> None:
 
 
 @pytest.mark.slow
-def test_cli_bad_inputs_exit_2_with_one_line(ckpt: Path, tmp_path: Path, capsys) -> None:
+def test_cli_bad_inputs_exit_2_with_one_line(ckpt: Path, forked: dict, tmp_path: Path,
+                                             capsys) -> None:
     # In-process (each fault is found before any model or process group exists), plus one
-    # real process to show the exit status and stderr exactly as a user sees them.
-    good = str(ckpt / "ckpt")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n", encoding="utf-8")
+    # real process (forked["no prompts"]) to show the exit status and stderr exactly as a
+    # user sees them.
+    good, empty = str(ckpt / "ckpt"), forked["empty"]
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00abc\n")
     big_tokenizer = _tokenizer_larger_than_the_model(tmp_path)
@@ -267,17 +290,14 @@ def test_cli_bad_inputs_exit_2_with_one_line(ckpt: Path, tmp_path: Path, capsys)
     ]
     for argv, needle in cases:
         _one_line_exit_2(argv, capsys, needle)
-    proc = run_cli(["-m", "megatron_ext.cli.generate", "--checkpoint", good,
-                    "--prompts", str(empty)])
+    proc = forked["no prompts"]
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout
     assert proc.stderr == f"error: {empty}: no prompts (the file has no non-empty line)\n"
 
 
 @pytest.mark.slow
-def test_throughput_bench_runs_and_compares_ids(ckpt: Path) -> None:
-    out = _ok(["tools/bench/generate_throughput.py", "--checkpoint", str(ckpt / "ckpt"),
-               "--hf", str(ckpt / "hf"), "--new-tokens", "4", "--prompts", "3",
-               "--batch-sizes", "1,3", "--repeats", "1", "--clock", "cpu"])
+def test_throughput_bench_runs_and_compares_ids(ckpt: Path, forked: dict) -> None:
+    out = _ok(forked["bench"])
     rows = [line.split("|") for line in out.splitlines() if line.startswith(f"| {ckpt}")]
     assert [r[2].strip() for r in rows] == ["1", "3"]
     assert all(r[-2].strip() == "yes" and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)

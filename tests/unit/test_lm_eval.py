@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli, torchrun
+from tests.conftest import REPO, run_cli
+from tests.forkrun import run_clis
 from tests.resilience import SMALL
 
 TOOL = ["-m", "megatron_ext.cli.lm_eval"]
@@ -42,25 +43,39 @@ def _ok(proc) -> None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> tuple[Path, Path]:
-    """(our checkpoint, saved at expert-parallel 2 by two processes; its HF export, which holds
-    the demo tokenizer). The training run (logging.wandb offline) is the sibling ``run/``."""
+def runs(tmp_path_factory) -> dict:
+    """Every process the slow tests look at, forked in order from one driver (tests.forkrun;
+    one import of torch, megatron and transformers, not seven): the real pretrain_moe.py at
+    expert-parallel 2 in two ranks (logging.wandb offline, its run in ``run/``), its export by
+    mcore_to_hf (which carries the run's tokenizer: lm-eval needs no --tokenizer on it), the
+    evaluation of each, and the throughput bench on both. The driver is offline from its start
+    (huggingface_hub reads those variables as it is imported)."""
     tmp = tmp_path_factory.mktemp("lm_eval")
-    _ok(torchrun(2, ["pretrain_moe.py", *SMALL, *DEMO, "--set", "train.train_steps=20",
-                     "--set", "parallel.expert=2", "--set", "logging.wandb.mode=offline",
-                     "--set", f"checkpoint.save={tmp}/ckpt",
-                     "--set", f"logging.output_dir={tmp}/run"]))
-    # the export carries the run's tokenizer: lm-eval needs no --tokenizer on it
-    _ok(run_cli(["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(tmp / "ckpt"),
-                 "--output", str(tmp / "hf"), "--dtype", "float32"]))
-    return tmp / "ckpt", tmp / "hf"
+    ckpt, hf = tmp / "ckpt", tmp / "hf"
+
+    def evaluate(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+        return [*TOOL, "--checkpoint", str(checkpoint), "--tasks", ",".join(TASKS), "--limit",
+                "12", "--batch-size", "8", "--log-samples", "--output", str(out), *extra]
+
+    calls = {
+        "train": ["pretrain_moe.py", *SMALL, *DEMO, "--set", "train.train_steps=20",
+                  "--set", "parallel.expert=2", "--set", "logging.wandb.mode=offline",
+                  "--set", f"checkpoint.save={ckpt}", "--set", f"logging.output_dir={tmp}/run"],
+        "export": ["-m", "megatron_ext.cli.mcore_to_hf", "--input", str(ckpt), "--output",
+                   str(hf), "--dtype", "float32"],
+        "ours": evaluate(ckpt, tmp / "ours", "--wandb-run-dir", str(tmp / "run")),
+        "hf": evaluate(hf, tmp / "hf_eval"),
+        "bench": ["tools/bench/eval_throughput.py", "--checkpoint", str(ckpt), "--hf", str(hf),
+                  "--tasks", "demo_en_mc,demo_en_gen", "--limit", "2", "--repeats", "1"],
+    }
+    procs = run_clis(list(calls.values()), tmp / "driver", env=OFFLINE,
+                     nprocs=[2, 1, 1, 1, 1])
+    for name in ("train", "export"):
+        _ok(procs[list(calls).index(name)])
+    return {"ckpt": ckpt, "hf": hf, "tmp": tmp, **dict(zip(calls, procs))}
 
 
-def _evaluate(checkpoint: Path, out: Path, *extra: str):
-    proc = run_cli([*TOOL, "--checkpoint", str(checkpoint), "--tasks", ",".join(TASKS),
-                    "--limit", "12", "--batch-size", "8", "--log-samples",
-                    "--output", str(out), *extra], env=OFFLINE)
-    _ok(proc)
+def _results(out: Path):
     results = json.loads((out / "results.json").read_text())
     samples = {t: [json.loads(x) for x in (out / "samples" / f"{t}.jsonl").read_text().splitlines()]
                for t in TASKS}
@@ -72,13 +87,14 @@ def _responses(rows: list[dict]) -> dict[int, list]:
 
 
 @pytest.mark.slow
-def test_our_model_matches_lm_eval_hf_model(models, tmp_path):
-    ckpt, hf = models
+def test_our_model_matches_lm_eval_hf_model(runs):
+    ckpt, tmp = runs["ckpt"], runs["tmp"]
     meta = json.loads(next(ckpt.glob("iter_*/meta.json")).read_text())
-    assert meta["layout"]["expert"] == 2  # saved at EP=2, evaluated here in one process (EP=1)
-    ours, our_samples, table = _evaluate(ckpt, tmp_path / "ours",
-                                         "--wandb-run-dir", str(ckpt.parent / "run"))
-    ref, ref_samples, _ = _evaluate(hf, tmp_path / "hf")
+    assert meta["layout"]["expert"] == 2  # saved at EP=2, evaluated in one process (EP=1)
+    _ok(runs["ours"])
+    _ok(runs["hf"])
+    ours, our_samples, table = _results(tmp / "ours")
+    ref, ref_samples, _ = _results(tmp / "hf_eval")
     assert ref["config"]["model"] != ours["config"]["model"]  # really two different backends
     n_requests = 0
     for task in TASKS:
@@ -100,7 +116,7 @@ def test_our_model_matches_lm_eval_hf_model(models, tmp_path):
                 assert math.isclose(value, ref["results"][task][metric], rel_tol=1e-5), \
                     (task, metric)
     assert "demo_ja_mc" in table and "acc_norm" in table
-    _appended_to_training_wandb_run(ckpt.parent / "run")
+    _appended_to_training_wandb_run(tmp / "run")
 
 
 def _appended_to_training_wandb_run(run_dir: Path) -> None:
@@ -213,11 +229,8 @@ def test_batches_share_prefixes_only_where_it_saves_work():
 
 
 @pytest.mark.slow
-def test_throughput_bench_runs_both_backends(models):
-    ckpt, hf = models
-    proc = run_cli(["tools/bench/eval_throughput.py", "--checkpoint", str(ckpt), "--hf", str(hf),
-                    "--tasks", "demo_en_mc,demo_en_gen", "--limit", "2", "--repeats", "1"],
-                   env=OFFLINE)
+def test_throughput_bench_runs_both_backends(runs):
+    proc = runs["bench"]
     _ok(proc)
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert [line.split("|")[2].strip() for line in table[1:]] == ["10", "10"]  # 2x4 + 2
