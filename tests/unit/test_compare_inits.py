@@ -19,10 +19,13 @@ subprocess of our CLIs, and is resumable:
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import signal
 import subprocess
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -51,16 +54,31 @@ def compare(out: Path, *extra: str, methods: str = "naive,drop:0.5", steps: int 
             "--output", str(out), *extra]
 
 
-def in_process(args: list[str], capsys, monkeypatch) -> subprocess.CompletedProcess:
-    """The tool's ``main`` on ``compare(...)``'s arguments in this process, from the repository
-    root: bad input fails before the tool imports anything heavy, so a subprocess would spend
-    its time only starting up. (Callers use the keep_sigterm fixture: the tool sets its own.)"""
+def in_process(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """``run_cli(args)`` for the tool's own process, but in this one (its stages are still
+    subprocesses): its bad input fails before anything heavy is imported, and a run spends
+    seconds of its own only importing what this process has imported already. The environment,
+    directory and SIGTERM handler that run_cli's child would have, restored after. Not for a
+    --dense checkpoint of ours: checking it opens a process group (see runner.stage_env)."""
     from megatron_ext.cli.compare_inits import main
 
-    monkeypatch.chdir(REPO)
-    code = main([str(a) for a in args[len(TOOL):]])
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
+    saved, cwd, handler = dict(os.environ), os.getcwd(), signal.getsignal(signal.SIGTERM)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    os.environ.update({"PYTHONPATH": os.pathsep.join(p for p in (
+        str(REPO), saved.get("PYTHONPATH", "")) if p), "OMP_NUM_THREADS": "1",
+        "WANDB_SILENT": "true", "MASTER_ADDR": "127.0.0.1", **(env or {})})
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(REPO)
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main([str(a) for a in args[len(TOOL):]])
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(saved)
+        signal.signal(signal.SIGTERM, handler)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def one_error_line(proc) -> str:
@@ -77,7 +95,7 @@ def run(tmp_path_factory) -> dict:
     out.mkdir()
     (out / "foreign.txt").write_text("not an experiment")
     start = time.monotonic()
-    proc = run_cli(compare(out, "--overwrite", *RUN_EXTRA), timeout=900)
+    proc = in_process(compare(out, "--overwrite", *RUN_EXTRA))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"out": out, "wall": time.monotonic() - start}
 
@@ -225,9 +243,8 @@ def test_btx_then_its_stopped_training_resumes_from_its_checkpoint(run, tmp_path
     ("drop:1.5", "ratio must be a number in [0, 1]"), ("naive:0.5", "naive takes no ratio"),
     ("btx:2", "btx takes no ratio"), ("naive,naive", "given twice"), ("", "unknown method ''"),
 ])
-def test_bad_method_is_one_line(tmp_path: Path, methods: str, needle: str, capsys, monkeypatch,
-                                keep_sigterm) -> None:
-    proc = in_process(compare(tmp_path / "cmp", methods=methods), capsys, monkeypatch)
+def test_bad_method_is_one_line(tmp_path: Path, methods: str, needle: str) -> None:
+    proc = in_process(compare(tmp_path / "cmp", methods=methods))
     assert needle in one_error_line(proc)
     assert not (tmp_path / "cmp").exists()
 
@@ -259,9 +276,8 @@ def test_output_of_another_experiment_is_refused(run, quick, change: str) -> Non
     (["--tokens", "0"], "argument --tokens: must be >= 1"),
     (["--nproc-per-node", "3"], "not divisible"),  # 8 sequences a step over 3 processes
 ])
-def test_bad_config_is_one_line(tmp_path: Path, extra: list[str], needle: str, capsys,
-                                monkeypatch, keep_sigterm) -> None:
-    proc = in_process(compare(tmp_path / "cmp", *extra), capsys, monkeypatch)
+def test_bad_config_is_one_line(tmp_path: Path, extra: list[str], needle: str) -> None:
+    proc = in_process(compare(tmp_path / "cmp", *extra))
     assert needle in one_error_line(proc)
     assert not (tmp_path / "cmp").exists()
 
@@ -312,8 +328,7 @@ def test_btx_plan_branches_the_base_per_domain() -> None:
     (["--btx-tokens", str(TOKENS_PER_STEP)],  # one step: shorter than the warm-up
      "stage branch/code: schedule.warmup_steps: 1 must be 0 or less"),
 ])
-def test_bad_btx_request_is_one_line(tmp_path: Path, extra: list[str], needle: str, capsys,
-                                     monkeypatch, keep_sigterm) -> None:
-    proc = in_process(compare(tmp_path / "cmp", *extra, methods="btx"), capsys, monkeypatch)
+def test_bad_btx_request_is_one_line(tmp_path: Path, extra: list[str], needle: str) -> None:
+    proc = in_process(compare(tmp_path / "cmp", *extra, methods="btx"))
     assert needle in one_error_line(proc)
     assert not (tmp_path / "cmp").exists()
