@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
 from tests.forkrun import run_clis
 from tests.slurm.test_sbatch import TERMINAL_STATES
-from tests.unit.test_compare_inits import compare, one_error_line
+from tests.unit.test_compare_inits import compare, in_process, one_error_line
 
 SUBMITTED = re.compile(r"^compare: (\S+): job (\d+) \(dependency (\S+)\)$", re.MULTILINE)
 STAGES = ["init/naive", "train/naive", "routing/naive", "init/drop:0.5",
@@ -143,6 +142,6 @@ def test_the_jobs_run_the_comparison_and_write_the_report(slurm_cluster, hf_dens
 
     # Everything done: a resubmission submits nothing.
     before = _all_jobs(slurm_cluster)
-    proc = run_cli(_compare(hf_dense, out), env=_env(slurm_cluster))
+    proc = in_process(_compare(hf_dense, out), env=_env(slurm_cluster))  # nothing to start
     assert proc.returncode == 0 and "every stage is done" in proc.stdout, proc.stderr[-2000:]
     assert not SUBMITTED.search(proc.stdout) and _all_jobs(slurm_cluster) == before

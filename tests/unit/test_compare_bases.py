@@ -1,6 +1,7 @@
 """compare_inits.py from an HF dense base, end to end (real subprocesses, a tiny model, two
 steps): an HF directory as ``--dense`` (upcycled straight from safetensors), with the trainings
-launched by torchrun on two processes (``--nproc-per-node 2``).
+launched by torchrun on two processes (``--nproc-per-node 2``). The tool itself runs in this
+process (its stages are still subprocesses): in_process of test_compare_inits.py.
 
 (The shortened comparison with every report check is in test_compare_inits.py, and so is btx,
 from a dense base of ours; this runs in a file of its own so that the two pytest workers share
@@ -14,15 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
-from tests.unit.test_compare_inits import compare
+from tests.unit.test_compare_inits import compare, in_process
 
 pytestmark = pytest.mark.slow
 
 
 def test_hf_dense_base_with_trainings_under_torchrun(hf_dense: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    proc = run_cli(compare(out, "--nproc-per-node", "2", "--set", "train.micro_batch_size=4",
+    proc = in_process(compare(out, "--nproc-per-node", "2", "--set", "train.micro_batch_size=4",
                            methods="naive", steps=2, dense=["--dense", str(hf_dense)]))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     stages = {s["name"]: s for s in json.loads((out / "stages.json").read_text())["stages"]}
