@@ -15,6 +15,7 @@ truncated or overwritten file is found before megatron reads anything.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -34,6 +35,7 @@ from megatron.core.distributed import DistributedDataParallel
 from megatron_ext.checkpoint import (
     manifest,
     safe_pickle,  # importing it restricts megatron's reads
+    writer_queue,
 )
 from megatron_ext.checkpoint.manifest import CheckpointError  # noqa: F401 (re-exported: store.CheckpointError)
 from megatron_ext.config.loader import ConfigError, checked_config_tree
@@ -177,8 +179,9 @@ def save(root: str | Path, state: TrainState, model, optimizer, config: dict,
 
     # Always megatron's async request (its sync save is the same request run in-process), so
     # that the shard writer, forked or not, hashes what it wrote.
-    request = dist_checkpointing.save(sharded, str(tmp),  # wants an empty directory
-                                      async_sharded_save=True)
+    with writer_queue.in_process_results() if async_queue is None else contextlib.nullcontext():
+        request = dist_checkpointing.save(sharded, str(tmp),  # wants an empty directory
+                                          async_sharded_save=True)
     rng_rel = f"rng/rank_{_rank():05d}.pt"
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / rng_rel)

@@ -163,6 +163,16 @@ PATCHES: tuple[Patch, ...] = (
         remove_when="megatron-core's dist-checkpoint readers unpickle with an allow-list "
                     "(torch weights_only) everywhere",
     ),
+    Patch(
+        "sync-save-results-in-process", "megatron_ext.checkpoint.writer_queue",
+        targets=("megatron.core.dist_checkpointing.strategies.filesystem_async._results_queue",
+                 "megatron.core.dist_checkpointing.strategies.filesystem_async"
+                 "._get_write_results_queue"),
+        upstream="",
+        remove_when="megatron-core's synchronous save keeps its write results in the saving "
+                    "process (0.16.1 sends them through a spawned Manager, whose server "
+                    "imports torch to unpickle them)",
+    ),
 )
 
 
