@@ -42,9 +42,9 @@ compare-tiny: $(STAMP)
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a module's fixtures,
 # e.g. the SLURM daemons, on one worker), the longest files first (tests/scheduling.py).
-# Measured 2026-12-07 on a fresh clone, 2 cores: 23-24 min of pytest (1.7 cores busy), 25.5-26.7
-# min with creating the venv. Most of it is process start-up (~4 s of CPU per process importing
-# torch and megatron-core), which tests/forkrun.py pays once for several tool runs and ranks.
+# Measured 2026-12-07 on a fresh clone, 2 cores: 18 min of pytest (1.7 cores busy), 19 min with
+# creating the venv (docs/benchmarks.md). Most of it is process start-up (~4 s of CPU per process
+# importing torch and megatron-core), which tests/forkrun.py pays once for several tool runs and ranks.
 test: lint
 	$(PY) -m pytest -q -rs --timeout=900 -n 2 --dist loadfile --no-loadscope-reorder tests
 

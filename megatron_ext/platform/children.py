@@ -1,7 +1,8 @@
 """Helper processes end with the process that started them, even after ``kill -9``.
 
 Who starts helpers: megatron's async checkpointing forks a writer per rank (which forks more
-writers) and spawns a result-queue manager (``multiprocessing.Manager``); torchrun starts every
+writers) and, for an async save, spawns a result-queue manager (``multiprocessing.Manager``;
+``checkpoint.writer_queue`` keeps synchronous saves without one); torchrun starts every
 worker in a session of its own (``start_new_session``), so a SIGKILL of torchrun's process group
 misses them. None of them notices its parent's death: they would keep running, holding memory,
 files and ports (a worker would even go on training). Neither megatron nor torch offers a hook,
