@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned, by pip, which finds the CPU wheel in $(WHEELS), so nothing can pull a
 	# multi-GB CUDA build instead; uv then resolves and installs the rest (50 s instead of pip's 170 s).
 	$(PY) -m pip install -q --no-compile $(PIP_FLAGS) torch==2.13.0 uv==0.13.9
-	$(VENV)/bin/uv pip install -q --python $(PY) --constraint constraints.txt -e ".[dev]"
+	$(VENV)/bin/uv pip install -q --python $(PY) --constraint constraints.txt -e ".[dev]" \
+		|| $(PY) -m pip install -q $(PIP_FLAGS) --constraint constraints.txt -e ".[dev]"  # uv failed: pip
 	touch $(STAMP)
 
 # A fresh run each time (runs/demo is replaced); the tokenizer and datasets stay cached in .cache.
