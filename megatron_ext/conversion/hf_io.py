@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -39,6 +39,7 @@ from megatron_ext.conversion.hf_config import read_hf_config, read_index
 from megatron_ext.conversion.keymaps import ConversionError
 from megatron_ext.errors import one_line
 from megatron_ext.platform.background import consume_behind
+from megatron_ext.platform.direct_io import SequentialFile
 from megatron_ext.platform.fs import recover_interrupted, staging
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -238,7 +239,7 @@ class ShardedWriter:
             raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, like the reference
             self._headers[fname] = struct.pack("<Q", len(raw)) + raw
             self._remaining[fname] = len(shard)
-        self._open: dict[str, BinaryIO] = {}
+        self._open: dict[str, SequentialFile] = {}
         self._written: set[str] = set()
 
     def write(self, name: str, tensor: Tensor) -> None:
@@ -252,11 +253,11 @@ class ShardedWriter:
                                   f"planned {list(shape)} {dtype}")
         f = self._open.get(fname)
         if f is None:
-            f = self._open[fname] = open(self.out_dir / fname, "wb")
-            f.write(self._headers[fname])
-        f.seek(len(self._headers[fname]) + offset)
+            f = self._open[fname] = SequentialFile(self.out_dir / fname)
+            f.write_at(0, self._headers[fname])
         # Reinterpret as bytes without a copy (bf16 has no numpy dtype).
-        f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        f.write_at(len(self._headers[fname]) + offset,
+                   tensor.detach().contiguous().reshape(-1).view(torch.uint8))
         self._written.add(name)
         self._remaining[fname] -= 1
         if self._remaining[fname] == 0:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import replace
 
 import torch
@@ -63,12 +64,12 @@ from megatron_ext.conversion.keymaps import (
     mcore_shapes,
     mcore_to_hf,
 )
-from megatron_ext.upcycling.neuron_stats import NeuronSums, Scratch, as_fp32
+from megatron_ext.upcycling.neuron_stats import Recycler
+from megatron_ext.upcycling.perturb import draw_experts, mlp_sums
 from megatron_ext.upcycling.spec import UpcycleSpec
 
 Getter = Callable[[str], Tensor]
 _ROLES = ("gate", "up", "down")  # output order of an expert's matrices
-_DRAW_ROLES = ("gate", "down", "up")  # RNG order, as the reference (w1, w2, w3)
 _LAYER_TENSORS = (HF_INPUT_NORM, HF_Q, HF_K, HF_V, HF_O, HF_POST_ATTN_NORM)
 
 
@@ -142,52 +143,6 @@ def init_router(num_experts: int, hidden: int, how: str, g: torch.Generator) -> 
     return torch.normal(0.0, 0.02, (num_experts, hidden), generator=g)
 
 
-def perturb_expert(
-    mlp: dict[str, Tensor], spec: UpcycleSpec, g: torch.Generator,
-    sums: dict[str, NeuronSums] | None = None, scratch: Scratch | None = None,
-) -> dict[str, Tensor]:
-    """One drop/noise expert from the dense MLP {gate [F,H], up [F,H], down [H,F]} (unchanged).
-
-    drop: ``sums`` are the dense MLP's ``NeuronSums`` (``mlp_sums``), taken once per layer; a
-    slice's mean and std come from them, without reading the slice. ``scratch``: buffers kept
-    from expert to expert (the samples never leave this function)."""
-    d_ff = mlp["gate"].shape[0]
-    k = math.floor(spec.ratio * d_ff)
-    perm = torch.randperm(d_ff, generator=g)
-    # Reordering neurons alone keeps the function: rows of gate/up, columns of down.
-    # (index_select: the same bytes as fancy indexing, 3x faster for down's columns.)
-    out = {"gate": mlp["gate"].index_select(0, perm), "up": mlp["up"].index_select(0, perm),
-           "down": mlp["down"].index_select(1, perm)}
-    shared_idx = torch.randperm(d_ff, generator=g)[:k] if spec.index_sharing == "shared" else None
-    if spec.method == "drop" and k and sums is None:
-        sums = mlp_sums(mlp)
-    scratch = scratch or Scratch()
-    for role in _DRAW_ROLES:
-        idx = shared_idx if shared_idx is not None else torch.randperm(d_ff, generator=g)[:k]
-        if k == 0:
-            continue
-        w = out[role]
-        dim = 1 if role == "down" else 0  # the neuron axis
-        if spec.method == "drop":
-            # the selected slice is the dense neurons perm[idx]
-            std, mean = sums[role].std_mean(perm[idx])
-            shape = (k, w.shape[1]) if dim == 0 else (w.shape[0], k)
-            # normal_ on a contiguous fp32 tensor: the same draws and values as torch.normal
-            new = scratch.get(shape, torch.float32).normal_(as_fp32(mean), as_fp32(std),
-                                                             generator=g)
-        else:
-            sel = w.index_select(dim, idx).float()
-            new = sel + torch.normal(0.0, spec.noise_std, tuple(sel.shape), generator=g)
-        cast = new if new.dtype == w.dtype else scratch.get(new.shape, w.dtype).copy_(new)
-        w.index_copy_(dim, idx, cast)
-    return out
-
-
-def mlp_sums(mlp: dict[str, Tensor]) -> dict[str, NeuronSums]:
-    """``NeuronSums`` of a dense MLP's three matrices (down's neurons are its columns)."""
-    return {role: NeuronSums(w, 1 if role == "down" else 0) for role, w in mlp.items()}
-
-
 class _Upcycler:
     def __init__(self, get_dense: Getter, arch: Arch, spec: UpcycleSpec) -> None:
         self.arch, self.spec = arch, spec
@@ -195,7 +150,7 @@ class _Upcycler:
         self.sources: list[Getter] = [get_dense, *spec.btx_sources]
         self.shapes = hf_shapes(arch)
         self.g = torch.Generator(device="cpu").manual_seed(spec.seed)
-        self.scratch = Scratch()
+        self.outputs = Recycler()
 
     def _fetch(self, name: str, source: int = 0) -> Tensor:
         what = "dense checkpoint" if source == 0 else f"btx source {source}"
@@ -245,8 +200,22 @@ class _Upcycler:
         mlp = {role: self._fetch(name) for role, name in names.items()}
         dtypes = {role: t.dtype for role, t in mlp.items()}
         yield HF_ROUTER.format(layer=layer), router_EH.to(dtypes["gate"])
-        # drop: each dense neuron summed once per layer, for every expert's statistics
-        sums = mlp_sums(mlp) if self.spec.method == "drop" and self.spec.ratio > 0 else None
+        experts: Iterator[dict[str, Tensor]]
+        if self.spec.method in ("drop", "noise"):
+            # drop: each dense neuron summed once per layer, for every expert's statistics
+            sums = mlp_sums(mlp) if self.spec.method == "drop" and self.spec.ratio > 0 else None
+            experts = draw_experts(mlp, self.spec, self.g, sums, self.outputs,
+                                   self.spec.num_experts)
+        else:
+            experts = self._copied_experts(names, mlp, dtypes)
+        with closing(experts):  # a consumer that stops early stops the draws too
+            for expert, weights in enumerate(experts):
+                for role in _ROLES:
+                    yield HF_EXPERT[role].format(layer=layer, expert=expert), weights[role]
+
+    def _copied_experts(self, names: dict[str, str], mlp: dict[str, Tensor],
+                        dtypes: dict[str, torch.dtype]) -> Iterator[dict[str, Tensor]]:
+        """scratch, naive and btx experts, in order."""
         mlp_source = 0
         per_source = self.spec.num_experts // len(self.sources)
         for expert in range(self.spec.num_experts):
@@ -255,11 +224,7 @@ class _Upcycler:
                 mlp_source = expert // per_source
                 mlp = {role: self._fetch(name, mlp_source).to(dtypes[role])
                        for role, name in names.items()}
-            if self.spec.method in ("drop", "noise"):
-                weights = perturb_expert(mlp, self.spec, self.g, sums, self.scratch)
-            elif self.spec.method == "scratch":
-                weights = {role: self._random(names[role], mlp[role]) for role in _ROLES}
+            if self.spec.method == "scratch":
+                yield {role: self._random(names[role], mlp[role]) for role in _ROLES}
             else:  # naive, btx: exact copies
-                weights = {role: mlp[role].clone() for role in _ROLES}
-            for role in _ROLES:
-                yield HF_EXPERT[role].format(layer=layer, expert=expert), weights[role]
+                yield {role: mlp[role].clone() for role in _ROLES}

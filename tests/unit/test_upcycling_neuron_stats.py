@@ -11,7 +11,7 @@ import torch
 
 from megatron_ext.upcycling import UpcycleSpec
 from megatron_ext.upcycling.neuron_stats import NeuronSums, as_fp32
-from megatron_ext.upcycling.upcycle import perturb_expert
+from megatron_ext.upcycling.perturb import perturb_expert
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -1,0 +1,148 @@
+"""Write a file front to back without the page cache (O_DIRECT), or through it where that fails.
+
+Why: the converters write tens of GB that they never read back. Through the page cache every
+byte is copied into freshly allocated cache pages (on the upcycler, that copy alone took 16% of
+its CPU, measured with perf) and written back later by the kernel. With O_DIRECT the disk takes
+the bytes straight from one reused buffer.
+
+O_DIRECT wants offsets, lengths and memory aligned to the device's block. Bytes are gathered in
+a page-aligned buffer and written in whole blocks; the last block is padded and the file is then
+truncated to its real size. A write that does not continue where the last one ended, a file
+system that refuses O_DIRECT (tmpfs: EINVAL when opening or at the first write), or a platform
+without it make the file fall back to ordinary writes from that point on. The bytes on disk are
+the same either way.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ALIGN = 4096  # the largest logical block size in common use; a multiple of the smaller ones
+BLOCK = 16 * 2**20  # bytes per direct write: large enough to stream, small enough to keep
+
+
+class SequentialFile:
+    """A new file written with ``write_at``; fastest when each write starts where the last ended.
+
+    ``direct=False`` (or no ``os.O_DIRECT`` on this platform) always writes through the page
+    cache. Call ``close`` to flush the last block; the file then has exactly the bytes written.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], direct: bool = True) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._direct_fd: int | None = None
+        self._end = 0  # bytes of the file so far (the buffered ones included)
+        self._flushed = 0  # bytes on disk through the direct descriptor (a multiple of ALIGN)
+        self._buf: mmap.mmap | None = None
+        self._buf_t: Tensor | None = None
+        self._used = 0  # bytes in the buffer, which start at ``_flushed``
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    os.close(self._fd)
+                    raise
+            else:
+                self._buf = mmap.mmap(-1, BLOCK)  # anonymous maps are page-aligned
+                self._buf_t = torch.frombuffer(self._buf, dtype=torch.uint8)
+
+    @property
+    def direct(self) -> bool:
+        """Whether writes still bypass the page cache."""
+        return self._direct_fd is not None
+
+    def write_at(self, offset: int, data: Tensor) -> None:
+        """Write ``data`` (a contiguous uint8 tensor, or a bytes-like object) at ``offset``."""
+        if not isinstance(data, Tensor):
+            data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if self._direct_fd is not None and offset != self._end:
+            self._fall_back()
+        if self._direct_fd is None:
+            view = data.numpy().data
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], offset + done)
+        else:
+            assert self._buf_t is not None
+            done = 0
+            while done < data.numel():
+                n = min(BLOCK - self._used, data.numel() - done)
+                self._buf_t[self._used:self._used + n].copy_(data[done:done + n])
+                self._used += n
+                done += n
+                if self._used == BLOCK:
+                    self._flush_block(BLOCK)
+                    if self._direct_fd is None:  # the first direct write was refused
+                        self.write_at(offset + done, data[done:])
+                        return
+        self._end = max(self._end, offset + data.numel())
+
+    def _flush_block(self, length: int) -> None:
+        """Write the buffer's first ``length`` bytes (a multiple of ALIGN) at ``_flushed``."""
+        assert self._direct_fd is not None and self._buf_t is not None
+        try:
+            self._pwrite_buffer(self._direct_fd, length)
+            refused = False
+        except OSError as e:
+            if e.errno != errno.EINVAL or self._flushed:
+                raise
+            refused = True
+        if refused:  # at the first write: the buffered path takes the bytes (outside the
+            self._fall_back()  # except block, whose traceback may still view the buffer)
+            return
+        self._flushed += length
+        keep = self._used - length
+        if keep:
+            self._buf_t[:keep].copy_(self._buf_t[length:self._used])
+        self._used = keep
+
+    def _pwrite_buffer(self, fd: int, length: int) -> None:
+        view = memoryview(self._buf)[:length]
+        try:
+            done = 0
+            while done < length:
+                done += os.pwrite(fd, view[done:], self._flushed + done)
+        finally:
+            view.release()
+
+    def _fall_back(self) -> None:
+        """From here on, ordinary writes: the buffered bytes go through the page cache."""
+        if self._direct_fd is None:
+            return
+        if self._used:
+            self._pwrite_buffer(self._fd, self._used)
+        os.close(self._direct_fd)
+        self._direct_fd, self._used = None, 0
+        self._release_buffer()
+
+    def _release_buffer(self) -> None:
+        self._buf_t = None
+        if self._buf is not None:
+            self._buf.close()
+            self._buf = None
+
+    def close(self) -> None:
+        """Write what is buffered and close; the file is then exactly ``_end`` bytes long."""
+        try:
+            if self._direct_fd is not None and self._used:
+                tail = self._used
+                padded = -(-tail // ALIGN) * ALIGN
+                assert self._buf_t is not None
+                self._buf_t[tail:padded].zero_()
+                self._used = padded
+                self._flush_block(padded)
+            os.ftruncate(self._fd, self._end)  # the padding of the last block
+        finally:
+            if self._direct_fd is not None:
+                os.close(self._direct_fd)
+                self._direct_fd = None
+            self._release_buffer()
+            os.close(self._fd)

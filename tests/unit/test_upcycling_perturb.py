@@ -1,0 +1,84 @@
+"""upcycling.perturb: the layer's experts drawn on a worker thread (``draw_experts``) are the
+bytes one thread gives (``perturb_expert`` in a loop, itself replayed against the reference
+algorithm in test_upcycling_neuron_stats.py); neuron_stats.Recycler never hands out a tensor
+that something still holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_ext.upcycling import UpcycleSpec
+from megatron_ext.upcycling.neuron_stats import Recycler
+from megatron_ext.upcycling.perturb import draw_experts, mlp_sums, perturb_expert
+
+
+def _mlp(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    mlp = {"gate": 0.02 * torch.randn(96, 40, generator=g),
+           "up": 0.3 + 0.02 * torch.randn(96, 40, generator=g),
+           "down": 0.02 * torch.randn(40, 96, generator=g)}
+    return {r: t.to(dtype) for r, t in mlp.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method,ratio,sharing", [
+    ("drop", 0.5, "per_projection"), ("drop", 0.5, "shared"), ("drop", 0.0, "per_projection"),
+    ("drop", 1.0, "per_projection"), ("noise", 0.5, "per_projection"),
+])
+def test_experts_drawn_ahead_equal_one_thread(dtype, method: str, ratio: float,
+                                              sharing: str) -> None:
+    mlp = _mlp(dtype)
+    spec = UpcycleSpec(method=method, ratio=ratio, index_sharing=sharing, num_experts=4)
+    one, ahead = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    sums = mlp_sums(mlp) if method == "drop" and ratio > 0 else None
+    # held until the end: every expert must stay intact after later ones are made
+    got = list(draw_experts(mlp, spec, ahead, sums, Recycler(), spec.num_experts))
+    for expert in got:
+        want = perturb_expert(mlp, spec, one)
+        for role in want:
+            assert torch.equal(expert[role].view(torch.uint8), want[role].view(torch.uint8))
+    # and the generators end in step: nothing drawn ahead that the experts did not use
+    assert torch.equal(one.get_state(), ahead.get_state())
+
+
+def test_stopping_early_leaves_the_generator_where_the_draws_stopped() -> None:
+    mlp, spec = _mlp(torch.bfloat16), UpcycleSpec(method="drop", ratio=0.5, num_experts=8)
+    g = torch.Generator().manual_seed(5)
+    experts = draw_experts(mlp, spec, g, mlp_sums(mlp), Recycler(), 8)
+    next(experts)
+    experts.close()  # the worker stops; g is free again and was consumed for whole experts
+    state = g.get_state()
+    replay = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        perturb_expert(mlp, spec, replay)
+        if torch.equal(replay.get_state(), state):
+            break
+    assert torch.equal(replay.get_state(), state), "the generator stopped mid-expert"
+
+
+def test_recycler_reuses_only_what_nobody_holds() -> None:
+    r = Recycler(keep=8)
+    a = r.get((4, 4), torch.float32)
+    b = r.get((4, 4), torch.float32)
+    assert b is not a
+    b_id = id(b)
+    del b
+    assert id(r.get((4, 4), torch.float32)) == b_id  # free again: reused
+    assert r.get((4, 5), torch.float32) is not a and r.get((4, 4), torch.int32) is not a
+    view = a[1:]
+    del a
+    fresh = r.get((4, 4), torch.float32)
+    assert fresh.data_ptr() != view.data_ptr() - view.storage_offset() * 4  # a view holds it
+    held = {"t": fresh}
+    assert r.get((4, 4), torch.float32) is not fresh  # a Python reference holds it
+    array = held.pop("t").numpy()
+    del fresh
+    got = r.get((4, 4), torch.float32)
+    assert got.numpy().__array_interface__["data"][0] != array.__array_interface__["data"][0]
+
+
+def test_recycler_keeps_at_most_keep() -> None:
+    r = Recycler(keep=2)
+    held = [r.get((3,), torch.float32) for _ in range(5)]
+    assert len(r._kept) == 2 and len({id(t) for t in held}) == 5
