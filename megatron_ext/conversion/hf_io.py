@@ -14,7 +14,9 @@ per damaged file are all that streaming needs from us on top of the library.
 Writing: the full list of (name, shape, dtype) is known before the first tensor arrives (it
 follows from the architecture), so shards and headers are planned up front and each tensor is
 written straight to its offset, on a worker thread a few tensors behind the producer
-(``platform.background``). Memory stays at those few tensors, whatever the shard size.
+(``platform.background``). Memory stays at those few tensors, whatever the shard size. Tensors
+arriving in file order (every converter here) go to disk through O_DIRECT, without a copy in
+the page cache (``platform.direct_io``); anything else through ordinary writes.
 """
 
 from __future__ import annotations
