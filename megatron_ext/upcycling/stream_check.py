@@ -382,7 +382,7 @@ class StreamCheck:
             self._mlp_source = source
         return self._mlp
 
-    def _prints_for(self, w: Tensor) -> Prints:
+    def prints_for(self, w: Tensor) -> Prints:
         """The prints for neurons of ``w``'s dtype: short columns fixed per element size."""
         size = w.element_size()
         if size not in self._prints:
@@ -393,7 +393,7 @@ class StreamCheck:
     def _dense_neurons(self, layer: int) -> dict[str, _DenseNeurons]:
         if self._neurons is None:
             mlp = self._dense_mlp(layer, 0)
-            self._neurons = {r: _DenseNeurons(mlp[r], r, self._prints_for(mlp[r]))
+            self._neurons = {r: _DenseNeurons(mlp[r], r, self.prints_for(mlp[r]))
                              for r in ROLES}
         return self._neurons
 
