@@ -150,7 +150,8 @@ def test_dense_neurons_equal_at_the_short_print_words_are_still_matched_exactly(
     gates = {n: t for n, t in upcycle(twins.__getitem__, twins, ARCH, spec)
              if re.fullmatch(r".*layers\.0\..*\.w1\.weight", n)}
     name, rows = next((n, [int((t == r).all(dim=1).nonzero()) for r in twin_rows])
-                      for n, t in gates.items() if all((t == r).all(dim=1).any() for r in twin_rows))
+                      for n, t in gates.items()
+                      if all((t == r).all(dim=1).any() for r in twin_rows))
 
     def swap(t: torch.Tensor) -> torch.Tensor:
         t[rows[1]] = twin_rows[0]

@@ -24,8 +24,7 @@ import torch
 
 from megatron_ext.conversion.keymaps import HF_DENSE_MLP, HF_EXPERT, HF_ROUTER, Arch
 from megatron_ext.platform.cli import ArgumentParser, run_cli
-from megatron_ext.upcycling import UpcycleSpec
-from megatron_ext.upcycling import neuron_stats, stream_check
+from megatron_ext.upcycling import UpcycleSpec, neuron_stats, stream_check
 from megatron_ext.upcycling.upcycle import mlp_sums, perturb_expert
 
 HIDDEN, D_FF, EXPERTS, RATIO = 3072, 8192, 8, 0.5
@@ -82,16 +81,15 @@ def _install(timers: Timers) -> list[tuple[object, str, Callable]]:
 def make_layer() -> tuple[dict[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
     """The dense tensors (HF names, layer 0) and the drop layer's stream (router, experts)."""
     g = torch.Generator().manual_seed(0)
-    mlp = {"gate": torch.randn(D_FF, HIDDEN, generator=g), "up": torch.randn(D_FF, HIDDEN, generator=g),
-           "down": torch.randn(HIDDEN, D_FF, generator=g)}
-    mlp = {r: (w * 0.02).to(torch.bfloat16) for r, w in mlp.items()}
+    shapes = {"gate": (D_FF, HIDDEN), "up": (D_FF, HIDDEN), "down": (HIDDEN, D_FF)}
+    mlp = {r: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for r, s in shapes.items()}
     spec = UpcycleSpec(method="drop", ratio=RATIO, num_experts=EXPERTS)
     sums = mlp_sums(mlp)
     stream = [(HF_ROUTER.format(layer=0), (torch.randn(EXPERTS, HIDDEN, generator=g) * 0.02)
                .to(torch.bfloat16))]
     for e in range(EXPERTS):
         expert = perturb_expert(mlp, spec, g, sums)
-        stream += [(HF_EXPERT[r].format(layer=0, expert=e), expert[r]) for r in ("gate", "up", "down")]
+        stream += [(HF_EXPERT[r].format(layer=0, expert=e), expert[r]) for r in shapes]
     dense = {HF_DENSE_MLP[r].format(layer=0): w for r, w in mlp.items()}
     return dense, stream
 
@@ -130,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"streaming check, one 8x3.7B drop layer (H {HIDDEN}, d_ff {D_FF}, {EXPERTS} experts, "
           f"r {RATIO}, bf16), thread CPU s, best of {args.repeat}, torch threads "
           f"{torch.get_num_threads()}")
-    print(f"| part | CPU s |\n|---|---:|")
+    print("| part | CPU s |\n|---|---:|")
     for label, _, _ in PARTS:
         if label in parts:
             print(f"| {label} | {parts[label]:.3f} |")
