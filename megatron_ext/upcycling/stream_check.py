@@ -155,19 +155,21 @@ class _DenseNeurons:
         pos = torch.searchsorted(self.sorted, prints).clamp(max=len(self.sorted) - 1)
         cand = self.order[pos]
         same = self.sorted[pos] == prints
-        # every row against its candidate, chunk by chunk: one gather (the rows are in order)
-        # into small reused buffers, compared as wide integers; the rows' verdicts are the
-        # minima of the equality bytes (a uint8 reduction, 2x faster than a bool ``all``)
+        # the rows whose print hit, against their candidates, chunk by chunk: gathered into
+        # small reused buffers, compared as wide integers; the rows' verdicts are the minima of
+        # the equality bytes (a uint8 reduction, 2x faster than a bool ``all``)
         have, want = _words(self.rows), _words(rows)
+        hit = same.nonzero().squeeze(1)
         if self._buf is None:
-            self._buf = torch.empty(_COMPARE_CHUNK, have.shape[1], dtype=have.dtype)
+            self._buf = torch.empty(2, _COMPARE_CHUNK, have.shape[1], dtype=have.dtype)
             self._eq = torch.empty(_COMPARE_CHUNK, have.shape[1], dtype=torch.bool)
-        for start in range(0, len(cand), _COMPARE_CHUNK):
-            part = slice(start, start + _COMPARE_CHUNK)
-            n = len(cand[part])
-            got = torch.index_select(have, 0, cand[part], out=self._buf[:n])
-            eq = torch.eq(got, want[part], out=self._eq[:n])
-            same[part] &= eq.view(torch.uint8).amin(dim=1).bool()
+        for start in range(0, len(hit), _COMPARE_CHUNK):
+            rows_at = hit[start:start + _COMPARE_CHUNK]
+            n = len(rows_at)
+            got = torch.index_select(have, 0, cand[rows_at], out=self._buf[0, :n])
+            wanted = torch.index_select(want, 0, rows_at, out=self._buf[1, :n])
+            eq = torch.eq(got, wanted, out=self._eq[:n])
+            same[rows_at] = eq.view(torch.uint8).amin(dim=1).bool()
         return torch.where(same, cand, -1)
 
 
