@@ -51,6 +51,7 @@ _PROBE_TOKENS = 4
 _PROBE_TOLERANCE = 1e-4  # relative to max(1, max |dense output|), as the logit check
 _FINGERPRINT_CHUNK = 1024  # neurons per fingerprint product: bounds the int64 temporary
 _COMPARE_CHUNK = 256  # neurons per bit comparison: its buffers stay in cache
+_STATS_CHUNK = 1 << 20  # values per fp32 chunk of the statistics: 4 MB, stays in cache
 _ONE_PASS_MAX_MEAN = 0.25  # |mean| / std up to which ``std_mean`` sums squares in one pass
 _SHORT_WORDS = 16  # words per short print (class _DenseNeurons)
 
@@ -173,31 +174,55 @@ class _DenseNeurons:
         return torch.where(same, cand, -1)
 
 
-def std_mean(values: Tensor, scratch: Scratch | None = None) -> tuple[float, float]:
-    """Unbiased std and mean from an fp32 copy: its sum (a cascade sum, relative error ~1e-7)
-    and its norm (``vector_norm``: ~5e-4 at 12M values), combined in fp64; a quarter of the
-    time of ``torch.std_mean`` (Welford). The combination multiplies the norm's error by
-    1 + (mean / std)^2, so beyond |mean| = ``_ONE_PASS_MAX_MEAN`` std (error at most 1.06x the
-    norm's, as the deviations' norm has) a second pass takes the norm of the deviations."""
-    # our own fp32 copy (the deviations go in place), in ``scratch`` when given
-    x = (Scratch() if scratch is None else scratch).get((values.numel(),), torch.float32)
-    x.copy_(values.reshape(-1))
-    n = x.numel()
-    s1 = x.sum().item()
-    mean = s1 / n
+def _fp32_chunks(values: Tensor, rows: Tensor | None, scratch: Scratch) -> Iterator[Tensor]:
+    """``values`` (or its rows ``rows`` of a contiguous 2-D ``values``: gathered as wide
+    integers) in fp32, ``_STATS_CHUNK`` values at a time into one reused buffer."""
+    if rows is None:
+        flat = values.reshape(-1)
+        for start in range(0, flat.numel(), _STATS_CHUNK):
+            part = flat[start:start + _STATS_CHUNK]
+            yield scratch.get(tuple(part.shape), torch.float32).copy_(part)
+        return
+    words = _words(values)
+    step = max(1, _STATS_CHUNK // max(1, values.shape[1]))
+    for start in range(0, len(rows), step):
+        at = rows[start:start + step]
+        got = torch.index_select(words, 0, at,
+                                 out=scratch.get((len(at), words.shape[1]), words.dtype))
+        yield scratch.get((len(at), values.shape[1]), torch.float32).copy_(got.view(values.dtype))
+
+
+def std_mean(values: Tensor, scratch: Scratch | None = None,
+             rows: Tensor | None = None) -> tuple[float, float]:
+    """Unbiased std and mean of ``values`` (or of its ``rows``, indices into a contiguous 2-D
+    ``values``), converted to fp32 a cache-sized chunk at a time (2x faster than whole): each
+    chunk's sum and norm (``vector_norm``; error ~1e-4 of a 1M-value chunk), added in fp64.
+    The sums' combination multiplies the norms' error by 1 + (mean / std)^2, so beyond |mean| =
+    ``_ONE_PASS_MAX_MEAN`` std a second pass adds the norms of the deviations from the mean.
+    ``scratch``: the chunk buffers (its fp32 and integer buffers are overwritten)."""
+    scratch = Scratch() if scratch is None else scratch
+    n = values.numel() if rows is None else len(rows) * values.shape[1]
+    s1 = s2 = 0.0
+    for x in _fp32_chunks(values, rows, scratch):
+        s1 += x.sum().item()
+        s2 += torch.linalg.vector_norm(x).item() ** 2
+    mean = s1 / n if n else math.nan
     if n < 2:
         return 0.0, mean
-    var = (torch.linalg.vector_norm(x).item() ** 2 - s1 * s1 / n) / (n - 1)
+    var = (s2 - s1 * s1 / n) / (n - 1)
     if mean * mean <= _ONE_PASS_MAX_MEAN ** 2 * var:  # (false for NaN: the second pass says so)
         return math.sqrt(var), mean
-    return (torch.linalg.vector_norm(x.sub_(mean)) / math.sqrt(n - 1)).item(), mean
+    dev = sum(torch.linalg.vector_norm(x.sub_(mean)).item() ** 2
+              for x in _fp32_chunks(values, rows, scratch))
+    return math.sqrt(dev / (n - 1)), mean
 
 
 def check_stats(name: str, values: Tensor, mean: float, std: float,
-                scratch: Scratch | None = None) -> None:
-    """ValidationError unless ``values`` look drawn with this mean and std (module docstring)."""
-    n = values.numel()
-    got_std, got_mean = std_mean(values, scratch)
+                scratch: Scratch | None = None, rows: Tensor | None = None) -> None:
+    """ValidationError unless ``values`` (or its ``rows``, as ``std_mean``) look drawn with
+    this mean and std (module docstring)."""
+    n = values.numel() if rows is None else len(rows) * values.shape[1]
+    got_std, got_mean = std_mean(values, scratch, rows)
     mean_tol = std * (6 / math.sqrt(n) + _BF16_SLACK)
     std_tol = std * (10 / math.sqrt(n) + _BF16_SLACK)
     if not (math.isfinite(got_mean) and abs(got_mean - mean) <= mean_tol):
@@ -231,6 +256,7 @@ class StreamCheck:
         self._pending: dict[int, dict[str, Tensor]] = {}
         self._probe: tuple[Tensor, Tensor, Tensor] | None = None  # route_TE, out_TH, want_TH
         self._scratch = Scratch()  # the checks run on one thread (``tap``)
+        self._stats = Scratch()  # the statistics' chunks: never the buffer of down's rows
 
     # --- the stream -----------------------------------------------------------------------
     def tap(self, stream: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
@@ -276,7 +302,7 @@ class StreamCheck:
                 if not bool((t == 1).all()):
                     raise ValidationError(f"{name}: a norm weight that is not all ones (scratch)")
             else:
-                check_stats(name, t, 0.0, self.spec.init_std)
+                check_stats(name, t, 0.0, self.spec.init_std, self._stats)
             return
         want = self.sources[0](name)
         if self.spec.method == "btx":  # the upcycler's own formula: fp32 mean, cast back
@@ -291,7 +317,7 @@ class StreamCheck:
     def _router(self, name: str, t: Tensor) -> None:
         if not bool(torch.isfinite(t).all()):
             raise ValidationError(f"{name}: non-finite router weights")
-        check_stats(name, t, 0.0, 0.02)
+        check_stats(name, t, 0.0, 0.02, self._stats)
         if self.spec.function_preserving():
             logits_TE = self.probe_x @ t.float().t()
             top_w, top_i = torch.softmax(logits_TE, dim=-1).topk(self.spec.top_k, dim=-1)
@@ -320,7 +346,7 @@ class StreamCheck:
                                           f"{role}_proj (source {source}), expected an exact copy")
         elif spec.method == "scratch":
             for role in ROLES:
-                check_stats(names[role], weights[role], 0.0, spec.init_std)
+                check_stats(names[role], weights[role], 0.0, spec.init_std, self._stats)
         else:
             self._check_permuted(layer, weights, names)
         if self._probe is not None:
@@ -348,12 +374,7 @@ class StreamCheck:
             if dense.unique and used.unique().numel() != used.numel():
                 raise ValidationError(f"{name}: a dense neuron of {role}_proj appears twice")
             if self.k:
-                # gathered as wide integers (4x faster than bf16 rows) into a scratch of an
-                # integer dtype: neither ``rows``' scratch nor the statistics' fp32 one
-                words = _words(rows)
-                out = self._scratch.get((len(fresh), words.shape[1]), words.dtype)
-                got = torch.index_select(words, 0, fresh, out=out).view(rows.dtype)
-                self._check_fresh(name, got, dense, used)
+                self._check_fresh(name, rows, fresh, dense, used)
             matched[role] = idx
         for a, b in (("gate", "up"), ("gate", "down"), ("up", "down")):
             both = (matched[a] >= 0) & (matched[b] >= 0)
@@ -366,14 +387,15 @@ class StreamCheck:
                 raise ValidationError(f"{names[b]}: re-initialized neurons differ from {names[a]}"
                                       " (index_sharing shared: one set for all three)")
 
-    def _check_fresh(self, name: str, fresh: Tensor, dense: _DenseNeurons, used: Tensor) -> None:
+    def _check_fresh(self, name: str, rows: Tensor, fresh: Tensor, dense: _DenseNeurons,
+                     used: Tensor) -> None:
         dropped = torch.ones(dense.rows.shape[0], dtype=torch.bool)
         dropped[used] = False
         std, mean = dense.sums.std_mean(dropped.nonzero().squeeze(1))
         if self.spec.method == "noise":
             std = math.sqrt(std ** 2 + self.spec.noise_std ** 2)
-        check_stats(f"{name} (the {len(fresh)} re-initialized neurons)", fresh, mean, std,
-                    self._scratch)
+        check_stats(f"{name} (the {len(fresh)} re-initialized neurons)", rows, mean, std,
+                    self._stats, fresh)
 
     # --- the dense layer ------------------------------------------------------------------
     def _dense_mlp(self, layer: int | None, source: int) -> dict[str, Tensor]:
