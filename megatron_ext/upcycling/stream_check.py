@@ -9,12 +9,13 @@ What is checked, per method (E experts, F = d_ff neurons, k = floor(r * F)):
 - routers: shape [E, H], finite, mean 0 and std 0.02 (both inits).
 - naive / btx experts: bit-equal to the dense (btx: the source's) MLP.
 - drop / noise experts: the neurons (rows of gate/up, columns of down) are matched to the
-  dense ones by content (an exact integer fingerprint, then a bit-exact comparison): exactly
-  F - k match, each dense neuron at most once, and a position matched in two projections
-  maps to the same dense neuron (one permutation per expert; ``shared`` index sharing: the same
-  positions re-initialized in all three). The k new neurons are judged against the k dense
-  neurons nobody matched (the slice the upcycler drew from): drop, mean and std of that slice;
-  noise, its mean and sqrt(std^2 + noise_std^2).
+  dense ones by content (an exact integer fingerprint of a few words proposes a dense neuron,
+  ``_DenseNeurons``; a bit-exact comparison decides): exactly F - k match, each dense neuron
+  at most once, and a position matched in two projections maps to the same dense neuron (one
+  permutation per expert; ``shared`` index sharing: the same positions re-initialized in all
+  three). The k new neurons are judged against the k dense neurons nobody matched (the slice
+  the upcycler drew from): drop, mean and std of that slice; noise, its mean and
+  sqrt(std^2 + noise_std^2).
 - scratch experts: mean 0, std ``init_std``.
 - function-preserving recipes (naive, r = 0): a probe batch through each MoE layer (Mixtral
   routing: softmax, top-k, weights renormalized to 1) equals the dense MLP's output.
@@ -151,7 +152,9 @@ class _DenseNeurons:
 
     def match(self, rows: Tensor) -> Tensor:
         """For each row of ``rows`` (contiguous neurons): the index of the bit-identical dense
-        neuron, or -1."""
+        neuron, or -1 (all -1 when their dtype is not the dense one's: no bits can match)."""
+        if rows.dtype != self.rows.dtype:
+            return torch.full((rows.shape[0],), -1, dtype=torch.long)
         prints = self.prints(rows, self.short)
         pos = torch.searchsorted(self.sorted, prints).clamp(max=len(self.sorted) - 1)
         cand = self.order[pos]

@@ -161,6 +161,13 @@ def test_dense_neurons_equal_at_the_short_print_words_are_still_matched_exactly(
         _check(twins, spec, edit=_replace(name, swap))
 
 
+def test_an_expert_of_another_dtype_matches_no_dense_neuron(dense) -> None:
+    name = HF_EXPERT["up"].format(layer=1, expert=0)
+    spec = UpcycleSpec(method="drop", ratio=0.5, num_experts=4)
+    with pytest.raises(ValidationError, match=re.escape(name) + ".*128 of 128 neurons.*= 64"):
+        _check(dense, spec, edit=_replace(name, lambda t: t.float()))
+
+
 @pytest.mark.parametrize("mean", [0.0, 0.004, 10.0])  # one pass; one pass; two passes
 def test_std_mean_is_as_accurate_as_the_deviations_norm(mean: float) -> None:
     g = torch.Generator().manual_seed(0)
