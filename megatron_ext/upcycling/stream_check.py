@@ -9,12 +9,13 @@ What is checked, per method (E experts, F = d_ff neurons, k = floor(r * F)):
 - routers: shape [E, H], finite, mean 0 and std 0.02 (both inits).
 - naive / btx experts: bit-equal to the dense (btx: the source's) MLP.
 - drop / noise experts: the neurons (rows of gate/up, columns of down) are matched to the
-  dense ones by content (an exact integer fingerprint, then a bit-exact comparison): exactly
-  F - k match, each dense neuron at most once, and a position matched in two projections
-  maps to the same dense neuron (one permutation per expert; ``shared`` index sharing: the same
-  positions re-initialized in all three). The k new neurons are judged against the k dense
-  neurons nobody matched (the slice the upcycler drew from): drop, mean and std of that slice;
-  noise, its mean and sqrt(std^2 + noise_std^2).
+  dense ones by content (an exact integer fingerprint of a few words proposes a dense neuron,
+  ``_DenseNeurons``; a bit-exact comparison decides): exactly F - k match, each dense neuron
+  at most once, and a position matched in two projections maps to the same dense neuron (one
+  permutation per expert; ``shared`` index sharing: the same positions re-initialized in all
+  three). The k new neurons are judged against the k dense neurons nobody matched (the slice
+  the upcycler drew from): drop, mean and std of that slice; noise, its mean and
+  sqrt(std^2 + noise_std^2).
 - scratch experts: mean 0, std ``init_std``.
 - function-preserving recipes (naive, r = 0): a probe batch through each MoE layer (Mixtral
   routing: softmax, top-k, weights renormalized to 1) equals the dense MLP's output.
@@ -50,6 +51,10 @@ _BF16_SLACK = 2.0 ** -8
 _PROBE_TOKENS = 4
 _PROBE_TOLERANCE = 1e-4  # relative to max(1, max |dense output|), as the logit check
 _FINGERPRINT_CHUNK = 1024  # neurons per fingerprint product: bounds the int64 temporary
+_COMPARE_CHUNK = 256  # neurons per bit comparison: its buffers stay in cache
+_STATS_CHUNK = 1 << 20  # values per fp32 chunk of the statistics: 4 MB, stays in cache
+_ONE_PASS_MAX_MEAN = 0.25  # |mean| / std up to which ``std_mean`` sums squares in one pass
+_SHORT_WORDS = 16  # words per short print (class _DenseNeurons)
 
 
 def _bits(t: Tensor) -> Tensor:
@@ -62,22 +67,39 @@ def _neurons(w: Tensor, role: str) -> Tensor:
     return w.t() if role == "down" else w
 
 
-def fingerprint_weights(hidden: int, g: torch.Generator) -> Tensor:
-    """Random int64 weights for ``fingerprint``, small enough that no sum can overflow: a
-    neuron has at most 2 * hidden 32-bit words (fp64), each below 2^31 in magnitude."""
-    words = 2 * hidden
-    bits = 62 - 31 - math.ceil(math.log2(words))
+def _words(rows: Tensor) -> Tensor:
+    """Contiguous ``rows`` as integers of the widest width (64, 32 or 16 bits) that divides a
+    row: the same bits, fewer and wider elements to compare or gather."""
+    row_bytes = rows.shape[1] * rows.element_size()
+    wide = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)
+    return rows.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[wide])
+
+
+def _as_rows(w: Tensor, role: str, scratch: Scratch) -> Tensor:
+    """Contiguous [F, H] neurons of ``w``: down's columns copied into rows, in ``scratch`` (a
+    full transposing copy is 6x faster than comparing or gathering columns in place)."""
+    rows = _neurons(w, role)
+    return rows if rows.is_contiguous() else scratch.get(rows.shape, rows.dtype).copy_(rows)
+
+
+def fingerprint_weights(words: int, g: torch.Generator) -> Tensor:
+    """Random int64 weights for ``fingerprint`` of rows of ``words`` 32-bit words, small enough
+    that no sum can overflow: each word is below 2^31 in magnitude."""
+    bits = 62 - 31 - max(1, math.ceil(math.log2(words)))
     return torch.randint(1, 2 ** bits, (words,), generator=g)
 
 
-def fingerprint(rows: Tensor, weights: Tensor) -> Tensor:
+def fingerprint(rows: Tensor, weights: Tensor, columns: Tensor | None = None) -> Tensor:
     """An exact integer hash per row: the row's 32-bit words (16-bit when a row's bytes are not
     a multiple of 4) as integers, dotted with ``fingerprint_weights`` in int64. Integer sums
     below 2^62 are exact, so equal rows always get equal prints (half the words and no fp64
-    copy: twice as fast as 16-bit words in fp64)."""
+    copy: twice as fast as 16-bit words in fp64). ``columns``: only these words (a short print,
+    ``weights`` one per column)."""
     rows = rows.contiguous()
     wide = rows.shape[1] * rows.element_size() % 4 == 0
     words = rows.view(torch.int32 if wide else torch.int16)
+    if columns is not None:  # (a stack of column slices: 3x faster than index_select)
+        return torch.stack([words[:, c] for c in columns.tolist()], dim=1).long() @ weights
     out = torch.empty(words.shape[0], dtype=torch.int64)
     for start in range(0, words.shape[0], _FINGERPRINT_CHUNK):
         out[start:start + _FINGERPRINT_CHUNK] = (
@@ -85,52 +107,127 @@ def fingerprint(rows: Tensor, weights: Tensor) -> Tensor:
     return out
 
 
-class _DenseNeurons:
-    """One dense projection's neurons, indexed by fingerprint for content lookup."""
+class Prints:
+    """Fingerprints of neurons of ``width`` values of ``element_size`` bytes: full (every word,
+    the check's ``full_weights``) or short (``_SHORT_WORDS`` words at columns drawn from ``g``)."""
 
-    def __init__(self, w: Tensor, role: str, weights: Tensor) -> None:
+    def __init__(self, full_weights: Tensor, width: int, element_size: int,
+                 g: torch.Generator) -> None:
+        self.full = full_weights
+        words = width * element_size // (4 if width * element_size % 4 == 0 else 2)
+        self.columns = torch.randperm(words, generator=g)[:_SHORT_WORDS].sort().values
+        self.short = fingerprint_weights(len(self.columns), g)
+
+    def __call__(self, rows: Tensor, short: bool) -> Tensor:
+        return (fingerprint(rows, self.short, self.columns) if short
+                else fingerprint(rows, self.full))
+
+
+class _DenseNeurons:
+    """One dense projection's neurons, indexed by fingerprint for content lookup.
+
+    The print only proposes a CANDIDATE dense neuron per row; a bit-exact comparison with it
+    decides. Short prints (a few words per neuron) suffice when the dense neurons' short prints
+    are all distinct: a row that is a copy of dense neuron d has d's short print, and no other
+    dense neuron has it, so d is the candidate and the comparison confirms it; a row that is no
+    copy fails the comparison whatever its candidate. The result is the same as with full
+    prints, without widening and summing every word of every expert matrix. When two dense
+    neurons share a short print (duplicates, zero neurons, or neurons equal at the sampled
+    words), the projection uses full prints, as before: ``unique`` then says whether those are
+    distinct (when not, the rules that need distinct dense neurons are skipped)."""
+
+    def __init__(self, w: Tensor, role: str, prints: Prints) -> None:
         self.rows = _neurons(w, role).contiguous()
-        self.weights = weights
         self.sums = NeuronSums(self.rows, 0)  # statistics of any set of dropped neurons
-        prints = fingerprint(self.rows, weights)
-        self.sorted, self.order = torch.sort(prints)
+        self.prints = prints
+        self.short = True
+        self.sorted, self.order = torch.sort(prints(self.rows, short=True))
         self.unique = bool((self.sorted[1:] != self.sorted[:-1]).all())
+        if not self.unique:
+            self.short = False
+            self.sorted, self.order = torch.sort(prints(self.rows, short=False))
+            self.unique = bool((self.sorted[1:] != self.sorted[:-1]).all())
+        self._buf: Tensor | None = None  # a chunk of candidate rows and its equalities, reused
+        self._eq: Tensor | None = None
 
     def match(self, rows: Tensor) -> Tensor:
         """For each row of ``rows`` (contiguous neurons): the index of the bit-identical dense
-        neuron, or -1."""
-        prints = fingerprint(rows, self.weights)
+        neuron, or -1 (all -1 when their dtype is not the dense one's: no bits can match)."""
+        if rows.dtype != self.rows.dtype:
+            return torch.full((rows.shape[0],), -1, dtype=torch.long)
+        prints = self.prints(rows, self.short)
         pos = torch.searchsorted(self.sorted, prints).clamp(max=len(self.sorted) - 1)
         cand = self.order[pos]
-        hit = (self.sorted[pos] == prints).nonzero().squeeze(1)
-        cand_hit = cand[hit]
-        same = torch.empty(len(hit), dtype=torch.bool)
-        for start in range(0, len(hit), _FINGERPRINT_CHUNK):  # small temporaries, reused
-            part = slice(start, start + _FINGERPRINT_CHUNK)
-            same[part] = (_bits(rows.index_select(0, hit[part]))
-                          == _bits(self.rows.index_select(0, cand_hit[part]))).all(dim=1)
-        out = torch.full((rows.shape[0],), -1, dtype=torch.long)
-        out[hit[same]] = cand_hit[same]
-        return out
+        same = self.sorted[pos] == prints
+        # the rows whose print hit, against their candidates, chunk by chunk: gathered into
+        # small reused buffers, compared as wide integers; a chunk that is not equal as a whole
+        # gets a verdict per row, the minimum of its equality bytes (a uint8 reduction, 2x
+        # faster than a bool ``all``)
+        have, want = _words(self.rows), _words(rows)
+        hit = same.nonzero().squeeze(1)
+        if self._buf is None:
+            self._buf = torch.empty(2, _COMPARE_CHUNK, have.shape[1], dtype=have.dtype)
+            self._eq = torch.empty(_COMPARE_CHUNK, have.shape[1], dtype=torch.bool)
+        for start in range(0, len(hit), _COMPARE_CHUNK):
+            rows_at = hit[start:start + _COMPARE_CHUNK]
+            n = len(rows_at)
+            got = torch.index_select(have, 0, cand[rows_at], out=self._buf[0, :n])
+            wanted = torch.index_select(want, 0, rows_at, out=self._buf[1, :n])
+            if not torch.equal(got, wanted):  # (all equal, the rule: one memcmp confirms them)
+                eq = torch.eq(got, wanted, out=self._eq[:n])
+                same[rows_at] = eq.view(torch.uint8).amin(dim=1).bool()
+        return torch.where(same, cand, -1)
 
 
-def std_mean(values: Tensor, scratch: Scratch | None = None) -> tuple[float, float]:
-    """Unbiased std and mean in fp32: a mean, then the norm of the deviations, a third of the
-    time of ``torch.std_mean`` (Welford) and as accurate as these tolerances need."""
-    # our own copy (the deviations go in place), in ``scratch`` when given
-    x = (Scratch() if scratch is None else scratch).get((values.numel(),), torch.float32)
-    x.copy_(values.reshape(-1))
-    mean = x.mean()
-    if x.numel() < 2:
-        return 0.0, mean.item()
-    return (torch.linalg.vector_norm(x.sub_(mean)) / math.sqrt(x.numel() - 1)).item(), mean.item()
+def _fp32_chunks(values: Tensor, rows: Tensor | None, scratch: Scratch) -> Iterator[Tensor]:
+    """``values`` (or its rows ``rows`` of a contiguous 2-D ``values``: gathered as wide
+    integers) in fp32, ``_STATS_CHUNK`` values at a time into one reused buffer."""
+    if rows is None:
+        flat = values.reshape(-1)
+        for start in range(0, flat.numel(), _STATS_CHUNK):
+            part = flat[start:start + _STATS_CHUNK]
+            yield scratch.get(tuple(part.shape), torch.float32).copy_(part)
+        return
+    words = _words(values)
+    step = max(1, _STATS_CHUNK // max(1, values.shape[1]))
+    for start in range(0, len(rows), step):
+        at = rows[start:start + step]
+        got = torch.index_select(words, 0, at,
+                                 out=scratch.get((len(at), words.shape[1]), words.dtype))
+        yield scratch.get((len(at), values.shape[1]), torch.float32).copy_(got.view(values.dtype))
+
+
+def std_mean(values: Tensor, scratch: Scratch | None = None,
+             rows: Tensor | None = None) -> tuple[float, float]:
+    """Unbiased std and mean of ``values`` (or of its ``rows``, indices into a contiguous 2-D
+    ``values``), converted to fp32 a cache-sized chunk at a time (2x faster than whole): each
+    chunk's sum and norm (``vector_norm``; error ~1e-4 of a 1M-value chunk), added in fp64.
+    The sums' combination multiplies the norms' error by 1 + (mean / std)^2, so beyond |mean| =
+    ``_ONE_PASS_MAX_MEAN`` std a second pass adds the norms of the deviations from the mean.
+    ``scratch``: the chunk buffers (its fp32 and integer buffers are overwritten)."""
+    scratch = Scratch() if scratch is None else scratch
+    n = values.numel() if rows is None else len(rows) * values.shape[1]
+    s1 = s2 = 0.0
+    for x in _fp32_chunks(values, rows, scratch):
+        s1 += x.sum().item()
+        s2 += torch.linalg.vector_norm(x).item() ** 2
+    mean = s1 / n if n else math.nan
+    if n < 2:
+        return 0.0, mean
+    var = (s2 - s1 * s1 / n) / (n - 1)
+    if mean * mean <= _ONE_PASS_MAX_MEAN ** 2 * var:  # (false for NaN: the second pass says so)
+        return math.sqrt(var), mean
+    dev = sum(torch.linalg.vector_norm(x.sub_(mean)).item() ** 2
+              for x in _fp32_chunks(values, rows, scratch))
+    return math.sqrt(dev / (n - 1)), mean
 
 
 def check_stats(name: str, values: Tensor, mean: float, std: float,
-                scratch: Scratch | None = None) -> None:
-    """ValidationError unless ``values`` look drawn with this mean and std (module docstring)."""
-    n = values.numel()
-    got_std, got_mean = std_mean(values, scratch)
+                scratch: Scratch | None = None, rows: Tensor | None = None) -> None:
+    """ValidationError unless ``values`` (or its ``rows``, as ``std_mean``) look drawn with
+    this mean and std (module docstring)."""
+    n = values.numel() if rows is None else len(rows) * values.shape[1]
+    got_std, got_mean = std_mean(values, scratch, rows)
     mean_tol = std * (6 / math.sqrt(n) + _BF16_SLACK)
     std_tol = std * (10 / math.sqrt(n) + _BF16_SLACK)
     if not (math.isfinite(got_mean) and abs(got_mean - mean) <= mean_tol):
@@ -151,8 +248,9 @@ class StreamCheck:
         self.moe_layers = spec.moe_arch(arch).moe_layers
         self.k = math.floor(spec.ratio * arch.ffn_hidden_size)
         g = torch.Generator().manual_seed(0)  # fixed: the checks do not depend on spec.seed
-        self.weights = fingerprint_weights(arch.hidden_size, g)
+        self.weights = fingerprint_weights(2 * arch.hidden_size, g)  # fp64 rows: 2H words
         self.probe_x = torch.randn(_PROBE_TOKENS, arch.hidden_size, generator=g)
+        self._prints: dict[int, Prints] = {}  # per element size of the dense MLP
         self.seen: set[str] = set()
         self.layers_checked = 0
         self.experts_checked = 0
@@ -163,6 +261,7 @@ class StreamCheck:
         self._pending: dict[int, dict[str, Tensor]] = {}
         self._probe: tuple[Tensor, Tensor, Tensor] | None = None  # route_TE, out_TH, want_TH
         self._scratch = Scratch()  # the checks run on one thread (``tap``)
+        self._stats = Scratch()  # the statistics' chunks: never the buffer of down's rows
 
     # --- the stream -----------------------------------------------------------------------
     def tap(self, stream: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
@@ -208,7 +307,7 @@ class StreamCheck:
                 if not bool((t == 1).all()):
                     raise ValidationError(f"{name}: a norm weight that is not all ones (scratch)")
             else:
-                check_stats(name, t, 0.0, self.spec.init_std)
+                check_stats(name, t, 0.0, self.spec.init_std, self._stats)
             return
         want = self.sources[0](name)
         if self.spec.method == "btx":  # the upcycler's own formula: fp32 mean, cast back
@@ -223,7 +322,7 @@ class StreamCheck:
     def _router(self, name: str, t: Tensor) -> None:
         if not bool(torch.isfinite(t).all()):
             raise ValidationError(f"{name}: non-finite router weights")
-        check_stats(name, t, 0.0, 0.02)
+        check_stats(name, t, 0.0, 0.02, self._stats)
         if self.spec.function_preserving():
             logits_TE = self.probe_x @ t.float().t()
             top_w, top_i = torch.softmax(logits_TE, dim=-1).topk(self.spec.top_k, dim=-1)
@@ -252,7 +351,7 @@ class StreamCheck:
                                           f"{role}_proj (source {source}), expected an exact copy")
         elif spec.method == "scratch":
             for role in ROLES:
-                check_stats(names[role], weights[role], 0.0, spec.init_std)
+                check_stats(names[role], weights[role], 0.0, spec.init_std, self._stats)
         else:
             self._check_permuted(layer, weights, names)
         if self._probe is not None:
@@ -269,9 +368,7 @@ class StreamCheck:
         matched: dict[str, Tensor] = {}
         for role in ROLES:
             dense, name = neurons[role], names[role]
-            w = _neurons(weights[role], role)
-            # down's neurons are columns: copied into rows once, into a reused buffer
-            rows = w if w.is_contiguous() else self._scratch.get(w.shape, w.dtype).copy_(w)
+            rows = _as_rows(weights[role], role, self._scratch)
             idx = dense.match(rows)
             fresh = (idx < 0).nonzero().squeeze(1)
             if len(fresh) != self.k:
@@ -282,8 +379,7 @@ class StreamCheck:
             if dense.unique and used.unique().numel() != used.numel():
                 raise ValidationError(f"{name}: a dense neuron of {role}_proj appears twice")
             if self.k:
-                # (a copy: the statistics may reuse the scratch that holds ``rows`` in fp32)
-                self._check_fresh(name, rows.index_select(0, fresh), dense, used)
+                self._check_fresh(name, rows, fresh, dense, used)
             matched[role] = idx
         for a, b in (("gate", "up"), ("gate", "down"), ("up", "down")):
             both = (matched[a] >= 0) & (matched[b] >= 0)
@@ -296,14 +392,15 @@ class StreamCheck:
                 raise ValidationError(f"{names[b]}: re-initialized neurons differ from {names[a]}"
                                       " (index_sharing shared: one set for all three)")
 
-    def _check_fresh(self, name: str, fresh: Tensor, dense: _DenseNeurons, used: Tensor) -> None:
+    def _check_fresh(self, name: str, rows: Tensor, fresh: Tensor, dense: _DenseNeurons,
+                     used: Tensor) -> None:
         dropped = torch.ones(dense.rows.shape[0], dtype=torch.bool)
         dropped[used] = False
         std, mean = dense.sums.std_mean(dropped.nonzero().squeeze(1))
         if self.spec.method == "noise":
             std = math.sqrt(std ** 2 + self.spec.noise_std ** 2)
-        check_stats(f"{name} (the {len(fresh)} re-initialized neurons)", fresh, mean, std,
-                    self._scratch)
+        check_stats(f"{name} (the {len(fresh)} re-initialized neurons)", rows, mean, std,
+                    self._stats, fresh)
 
     # --- the dense layer ------------------------------------------------------------------
     def _dense_mlp(self, layer: int | None, source: int) -> dict[str, Tensor]:
@@ -314,10 +411,19 @@ class StreamCheck:
             self._mlp_source = source
         return self._mlp
 
+    def prints_for(self, w: Tensor) -> Prints:
+        """The prints for neurons of ``w``'s dtype: short columns fixed per element size."""
+        size = w.element_size()
+        if size not in self._prints:
+            g = torch.Generator().manual_seed(size)
+            self._prints[size] = Prints(self.weights, self.arch.hidden_size, size, g)
+        return self._prints[size]
+
     def _dense_neurons(self, layer: int) -> dict[str, _DenseNeurons]:
         if self._neurons is None:
             mlp = self._dense_mlp(layer, 0)
-            self._neurons = {r: _DenseNeurons(mlp[r], r, self.weights) for r in ROLES}
+            self._neurons = {r: _DenseNeurons(mlp[r], r, self.prints_for(mlp[r]))
+                             for r in ROLES}
         return self._neurons
 
     def _close_layer(self) -> None:

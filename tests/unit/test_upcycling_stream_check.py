@@ -18,7 +18,7 @@ import torch
 from megatron_ext.conversion.keymaps import HF_EXPERT, HF_Q, Arch, hf_shapes
 from megatron_ext.model.compare import ValidationError
 from megatron_ext.upcycling import UpcycleSpec, upcycle
-from megatron_ext.upcycling.stream_check import StreamCheck
+from megatron_ext.upcycling.stream_check import StreamCheck, _DenseNeurons, std_mean
 from tests.conftest import REPO
 
 ARCH = Arch(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -104,6 +104,81 @@ def test_permutation_must_be_shared_by_the_three_projections(dense) -> None:
     name = HF_EXPERT["down"].format(layer=0, expert=1)
     with pytest.raises(ValidationError, match=re.escape(name) + ".*permuted differently"):
         _check(dense, spec, edit=_replace(name, lambda t: t.roll(1, dims=1)))
+
+
+# --- the short prints, their fallback, and the one-pass statistics ----------------------------
+def _words_at(t: torch.Tensor, row: int, word: int) -> torch.Tensor:
+    """A one-element view of ``t``'s 32-bit word ``word`` of row ``row`` (bf16: 2 per word)."""
+    return t.view(torch.int32)[row, word:word + 1]
+
+
+def test_a_change_outside_the_short_print_words_is_caught(dense) -> None:
+    """Short prints only propose a dense neuron: the bit comparison still sees every word."""
+    name = HF_EXPERT["gate"].format(layer=0, expert=1)
+    mlp_gate = dense["model.layers.0.mlp.gate_proj.weight"]
+    spec = UpcycleSpec(method="drop", ratio=0.5, num_experts=4)
+    columns = StreamCheck([dense.__getitem__], ARCH, spec).prints_for(mlp_gate).columns.tolist()
+    word = next(w for w in range(ARCH.hidden_size // 2) if w not in columns)
+
+    def flip(t: torch.Tensor) -> torch.Tensor:
+        row = next(i for i in range(t.shape[0]) if (t[i] == mlp_gate).all(dim=1).any())
+        _words_at(t, row, word).bitwise_xor_(1 << 20)
+        return t
+
+    with pytest.raises(ValidationError, match=re.escape(name) + ".*65 of 128 neurons.*= 64"):
+        _check(dense, spec, edit=_replace(name, flip))
+
+
+def test_dense_neurons_equal_at_the_short_print_words_are_still_matched_exactly(dense) -> None:
+    """Dense gate neurons 0 and 1 agree on the sampled words and differ elsewhere: their short
+    prints collide, so gate is matched by full prints, and judged as exactly as before."""
+    spec = UpcycleSpec(method="drop", ratio=0.5, num_experts=4)
+    gate_name = "model.layers.0.mlp.gate_proj.weight"
+    twins = {**dense, gate_name: dense[gate_name].clone()}
+    columns = StreamCheck([dense.__getitem__], ARCH, spec).prints_for(twins[gate_name]).columns
+    words = twins[gate_name].view(torch.int32)
+    words[1, columns] = words[0, columns]
+    assert not torch.equal(words[0], words[1])
+    prints = StreamCheck([twins.__getitem__], ARCH, spec).prints_for(twins[gate_name])
+    assert not _DenseNeurons(twins[gate_name], "gate", prints).short  # the fallback
+    assert _DenseNeurons(dense[gate_name], "gate", prints).short
+
+    check = _check(twins, spec)  # every copy of neuron 0 or 1 found: the counts hold
+    assert check.experts_checked == 8 and "PASS" in check.summary()
+    # an expert with copies of both, whose copy of neuron 1 is replaced by neuron 0: 0 twice
+    twin_rows = twins[gate_name][:2]
+    gates = {n: t for n, t in upcycle(twins.__getitem__, twins, ARCH, spec)
+             if re.fullmatch(r".*layers\.0\..*\.w1\.weight", n)}
+    name, rows = next((n, [int((t == r).all(dim=1).nonzero()) for r in twin_rows])
+                      for n, t in gates.items()
+                      if all((t == r).all(dim=1).any() for r in twin_rows))
+
+    def swap(t: torch.Tensor) -> torch.Tensor:
+        t[rows[1]] = twin_rows[0]
+        return t
+
+    with pytest.raises(ValidationError, match=re.escape(name) + ": a dense neuron .* twice"):
+        _check(twins, spec, edit=_replace(name, swap))
+
+
+def test_an_expert_of_another_dtype_matches_no_dense_neuron(dense) -> None:
+    name = HF_EXPERT["up"].format(layer=1, expert=0)
+    spec = UpcycleSpec(method="drop", ratio=0.5, num_experts=4)
+    with pytest.raises(ValidationError, match=re.escape(name) + ".*128 of 128 neurons.*= 64"):
+        _check(dense, spec, edit=_replace(name, lambda t: t.float()))
+
+
+@pytest.mark.parametrize("mean", [0.0, 0.004, 10.0])  # one pass; one pass; two passes
+def test_std_mean_is_as_accurate_as_the_deviations_norm(mean: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    values = (torch.randn(3 << 20, generator=g) * 0.02 + mean).to(torch.bfloat16)
+    want_std, want_mean = (v.item() for v in torch.std_mean(values.double()))
+    # whole, and as rows gathered in any order (the re-initialized neurons' path)
+    rows_HW = values.view(-1, 3072)
+    for got_std, got_mean in (std_mean(values), std_mean(rows_HW, rows=torch.randperm(
+            rows_HW.shape[0], generator=g))):
+        assert got_mean == pytest.approx(want_mean, rel=1e-6, abs=1e-9)
+        assert got_std == pytest.approx(want_std, rel=2e-4)
 
 
 # --- memory: the validated default path under an address-space limit ------------------------
