@@ -26,6 +26,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.config.schema import Config
@@ -83,11 +84,7 @@ def plan(cfg: Config) -> Plan:
     u, load = cfg.upcycling, cfg.checkpoint.load
     if u.dense_base is None or load is None:  # (dense_base without load: a config problem)
         return Plan("none", "no upcycling.dense_base: nothing to upcycle", problems)
-    # why here: checkpoints and upcycling import torch and megatron-core (~5 s of CPU), which
-    # every SLURM job start without a dense base (the step above) does not need
-    from megatron_ext.upcycling.convert import open_dense
-    from megatron_ext.upcycling.from_config import shape_differences
-
+    lib = _torch_side()
     resume = _resumable(cfg.checkpoint.save)
     if resume is not None:
         return Plan("resume", f"training resumes from {resume}: nothing to upcycle", problems)
@@ -99,7 +96,7 @@ def plan(cfg: Config) -> Plan:
     dense = None
     try:
         dense = resolve_dense_base(u.dense_base)
-        diffs = shape_differences(cfg, open_dense(dense).arch)
+        diffs = lib.shape_differences(cfg, lib.open_dense(dense).arch)
         if diffs:
             problems.append(f"upcycling.dense_base {u.dense_base} ({dense}) does not have the "
                             f"config's shape (config vs dense): {', '.join(diffs)}")
@@ -154,43 +151,52 @@ def data_problems(cfg: Config) -> list[str]:
     return found
 
 
-def _resumable(save: str | None) -> Path | None:
+def _torch_side() -> SimpleNamespace:
+    """The checkpoint and upcycling functions the recipe uses, imported on first use: they
+    import torch and megatron-core (~5 s of CPU), which every SLURM job start without a dense
+    base (``plan``'s first return) does not need."""
     from megatron_ext.checkpoint.manifest import CheckpointError
     from megatron_ext.checkpoint.store import find_resumable
+    from megatron_ext.upcycling.convert import INFO_FILE, open_dense, upcycle_checkpoint
+    from megatron_ext.upcycling.from_config import shape_differences, spec_from_config
 
+    return SimpleNamespace(
+        CheckpointError=CheckpointError, find_resumable=find_resumable, INFO_FILE=INFO_FILE,
+        open_dense=open_dense, upcycle_checkpoint=upcycle_checkpoint,
+        shape_differences=shape_differences, spec_from_config=spec_from_config)
+
+
+def _resumable(save: str | None) -> Path | None:
+    lib = _torch_side()
     if save is None:
         return None
     try:
-        return find_resumable(save)[0]
-    except CheckpointError:
+        return lib.find_resumable(save)[0]
+    except lib.CheckpointError:
         return None  # damaged checkpoints only: training says so; the upcycled weights serve
 
 
 def upcycled_problem(cfg: Config) -> str | None:
     """Why ``checkpoint.load`` is not this dense base upcycled with this config's recipe (None:
     it is, and it verifies)."""
-    from megatron_ext.checkpoint.manifest import CheckpointError
-    from megatron_ext.checkpoint.store import find_resumable
-    from megatron_ext.upcycling.convert import INFO_FILE
-    from megatron_ext.upcycling.from_config import spec_from_config
-
+    lib = _torch_side()
     load, u = Path(cfg.checkpoint.load), cfg.upcycling
     try:
-        info = json.loads((load / INFO_FILE).read_text())
+        info = json.loads((load / lib.INFO_FILE).read_text())
     except (OSError, ValueError):
         info = None
     if not isinstance(info, dict):
-        return (f"checkpoint.load {load} exists but has no {INFO_FILE}: not an upcycled "
+        return (f"checkpoint.load {load} exists but has no {lib.INFO_FILE}: not an upcycled "
                 "checkpoint; move it away (the recipe writes there) or drop upcycling.dense_base")
-    want = {**spec_from_config(cfg).describe(), "dense_base": u.dense_base}
+    want = {**lib.spec_from_config(cfg).describe(), "dense_base": u.dense_base}
     diffs = [f"{k} {info.get(k)!r} (config: {v!r})" for k, v in want.items() if info.get(k) != v]
     if diffs:
         return (f"checkpoint.load {load} was upcycled with another recipe: {', '.join(diffs)}; "
                 "move it away to upcycle again, or restore the config")
     try:
-        if find_resumable(load)[0] is None:
+        if lib.find_resumable(load)[0] is None:
             return f"checkpoint.load {load}: no checkpoint in it; move it away to upcycle again"
-    except CheckpointError as e:
+    except lib.CheckpointError as e:
         return f"checkpoint.load {e}; move it away to upcycle again"
     return None
 
@@ -198,9 +204,7 @@ def upcycled_problem(cfg: Config) -> str | None:
 def upcycle(cfg: Config, dense: Path, log=print) -> None:
     """Write ``dense`` upcycled with the config's recipe into ``checkpoint.load`` (megatron
     format), validated against the dense model; nothing is left there if anything fails."""
-    from megatron_ext.upcycling.convert import upcycle_checkpoint
-    from megatron_ext.upcycling.from_config import spec_from_config
-
-    upcycle_checkpoint(dense, Path(cfg.checkpoint.load), spec_from_config(cfg),
-                       output_format="mcore", validate=True, log=log, data=cfg.data,
-                       record={"dense_base": cfg.upcycling.dense_base})
+    lib = _torch_side()
+    lib.upcycle_checkpoint(dense, Path(cfg.checkpoint.load), lib.spec_from_config(cfg),
+                           output_format="mcore", validate=True, log=log, data=cfg.data,
+                           record={"dense_base": cfg.upcycling.dense_base})

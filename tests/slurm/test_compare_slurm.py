@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.compare_runs import compare, in_process, one_error_line
 from tests.forkrun import run_clis
 from tests.slurm.test_sbatch import TERMINAL_STATES
-from tests.unit.test_compare_inits import compare, in_process, one_error_line
 
 SUBMITTED = re.compile(r"^compare: (\S+): job (\d+) \(dependency (\S+)\)$", re.MULTILINE)
 STAGES = ["init/naive", "train/naive", "routing/naive", "init/drop:0.5",

@@ -1,7 +1,7 @@
 """compare_inits.py from an HF dense base, end to end (real subprocesses, a tiny model, two
 steps): an HF directory as ``--dense`` (upcycled straight from safetensors), with the trainings
 launched by torchrun on two processes (``--nproc-per-node 2``). The tool itself runs in this
-process (its stages are still subprocesses): in_process of test_compare_inits.py.
+process (its stages are still subprocesses): in_process of tests/compare_runs.py.
 
 (The shortened comparison with every report check is in test_compare_inits.py, and so is btx,
 from a dense base of ours; this runs in a file of its own so that the two pytest workers share
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_compare_inits import compare, in_process
+from tests.compare_runs import compare, in_process
 
 pytestmark = pytest.mark.slow
 

@@ -19,13 +19,9 @@ subprocess of our CLIs, and is resumable:
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import signal
-import subprocess
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -33,59 +29,12 @@ import pytest
 from megatron_ext.config.loader import load_config
 from megatron_ext.experiments.plan import Experiment, build_stages, parse_methods
 from megatron_ext.experiments.report import read_metrics
-from tests.conftest import REPO, run_cli
+from tests.compare_runs import TINY, TOKENS_PER_STEP, compare, in_process, one_error_line
+from tests.conftest import run_cli
 from tests.forkrun import run_clis
 from tests.resilience import popen, wait_for_line
 
-TOOL = ["-m", "megatron_ext.cli.compare_inits"]
-TINY = ["--config", "configs/tiny-cpu.yaml", *[a for kv in (
-    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
-    "data.seq_length=32", "train.global_batch_size=8", "train.micro_batch_size=8",
-    "train.log_interval=1", "train.eval_interval=2", "schedule.warmup_steps=1",
-    "checkpoint.save_interval=2") for a in ("--set", kv)]]
-TOKENS_PER_STEP = 8 * 32
 RUN_EXTRA = ("--tasks", "demo_en_mc", "--eval-limit", "8")  # the shortened run's downstream task
-
-
-def compare(out: Path, *extra: str, methods: str = "naive,drop:0.5", steps: int = 4,
-            dense: list[str] | None = None) -> list[str]:
-    return [*TOOL, *TINY, "--methods", methods, "--tokens", str(steps * TOKENS_PER_STEP),
-            *(dense or ["--train-dense", str(2 * TOKENS_PER_STEP)]), "--routing-tokens", "1000",
-            "--output", str(out), *extra]
-
-
-def in_process(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    """``run_cli(args)`` for the tool's own process, but in this one (its stages are still
-    subprocesses): its bad input fails before anything heavy is imported, and a run spends
-    seconds of its own only importing what this process has imported already. The environment,
-    directory and SIGTERM handler that run_cli's child would have, restored after. Not for a
-    --dense checkpoint of ours: checking it opens a process group (see runner.stage_env)."""
-    from megatron_ext.cli.compare_inits import main
-
-    saved, cwd, handler = dict(os.environ), os.getcwd(), signal.getsignal(signal.SIGTERM)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        os.environ.pop(k, None)
-    os.environ.update({"PYTHONPATH": os.pathsep.join(p for p in (
-        str(REPO), saved.get("PYTHONPATH", "")) if p), "OMP_NUM_THREADS": "1",
-        "WANDB_SILENT": "true", "MASTER_ADDR": "127.0.0.1", **(env or {})})
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        os.chdir(REPO)
-        with redirect_stdout(out), redirect_stderr(err):
-            code = main([str(a) for a in args[len(TOOL):]])
-    finally:
-        os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(saved)
-        signal.signal(signal.SIGTERM, handler)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-def one_error_line(proc) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (
-        proc.returncode, proc.stderr[-2000:])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

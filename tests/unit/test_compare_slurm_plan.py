@@ -39,8 +39,8 @@ from megatron_ext.experiments.slurm import (
     plan_jobs,
     submit,
 )
+from tests.compare_runs import TINY, TOKENS_PER_STEP, compare, one_error_line
 from tests.conftest import REPO, run_cli
-from tests.unit.test_compare_inits import TINY, TOKENS_PER_STEP, compare, one_error_line
 
 ALL = ["dense", "init/naive", "train/naive", "routing/naive", "init/drop:0.5", "train/drop:0.5",
        "routing/drop:0.5", "train/scratch", "routing/scratch"]
