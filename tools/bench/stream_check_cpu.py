@@ -25,7 +25,7 @@ import torch
 from megatron_ext.conversion.keymaps import HF_DENSE_MLP, HF_EXPERT, HF_ROUTER, Arch
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 from megatron_ext.upcycling import UpcycleSpec, neuron_stats, stream_check
-from megatron_ext.upcycling.upcycle import mlp_sums, perturb_expert
+from megatron_ext.upcycling.perturb import mlp_sums, perturb_expert
 
 HIDDEN, D_FF, EXPERTS, RATIO = 3072, 8192, 8, 0.5
 # (label, owner, attribute): the parts timed, where the checked code has them (names differ
