@@ -123,21 +123,31 @@ def perturb_expert(
     return apply_draws(mlp, draws, spec, outputs, scratch)
 
 
+class Buffers:
+    """What ``draw_experts`` reuses from layer to layer: the experts' tensors (``outputs``),
+    the drawn values, and a scratch per thread (the draws' worker, the caller)."""
+
+    def __init__(self) -> None:
+        self.outputs, self.drawn = Recycler(), Recycler()
+        self.draw_scratch, self.apply_scratch = Scratch(), Scratch()
+
+
 def draw_experts(
     mlp: dict[str, Tensor], spec: UpcycleSpec, g: torch.Generator,
-    sums: dict[str, NeuronSums] | None, outputs: Recycler, num_experts: int,
+    sums: dict[str, NeuronSums] | None, buffers: Buffers, num_experts: int,
 ) -> Iterator[dict[str, Tensor]]:
     """``num_experts`` drop/noise experts of one layer, in order: their draws made on a worker
     thread up to two experts ahead (module docstring), each expert built here. ``g`` must not
-    be used elsewhere until the iterator is exhausted or closed."""
+    be used elsewhere until the iterator is exhausted or closed (the worker is joined then, so
+    the next layer's may use the same ``buffers``)."""
     shapes = {r: tuple(w.shape) for r, w in mlp.items()}
     dtypes = {r: w.dtype for r, w in mlp.items()}
-    scratch, drawn = Scratch(), Recycler()  # the worker's own: Scratch is per thread
+    b = buffers
 
     def draws() -> Iterator[ExpertDraws]:
         for _ in range(num_experts):
-            yield draw_expert(shapes, dtypes, spec, g, sums, scratch, drawn)
+            yield draw_expert(shapes, dtypes, spec, g, sums, b.draw_scratch, b.drawn)
 
-    down_rows, own = mlp["down"].t().contiguous(), Scratch()
+    down_rows = mlp["down"].t().contiguous()
     for d in produce_ahead(draws(), depth=2, name="draw"):
-        yield apply_draws(mlp, d, spec, outputs, own, down_rows)
+        yield apply_draws(mlp, d, spec, b.outputs, b.apply_scratch, down_rows)

@@ -330,6 +330,10 @@ class StreamCheck:
             route_TE.scatter_(1, top_i, top_w / top_w.sum(dim=-1, keepdim=True))
             want_TH = _mlp(self.probe_x, self._dense_mlp(self._layer, 0))
             self._probe = (route_TE, torch.zeros_like(want_TH), want_TH)
+        if self.spec.method in ("drop", "noise") and self._layer is not None:
+            # now, not at the first expert: the upcycler is still preparing the layer (its
+            # neuron sums, the first draws), so this thread would otherwise wait, then lag
+            self._dense_neurons(self._layer)
 
     # --- experts --------------------------------------------------------------------------
     def _expert_tensor(self, layer: int, expert: int, role: str, name: str, t: Tensor) -> None:

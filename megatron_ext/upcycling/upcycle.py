@@ -64,8 +64,7 @@ from megatron_ext.conversion.keymaps import (
     mcore_shapes,
     mcore_to_hf,
 )
-from megatron_ext.upcycling.neuron_stats import Recycler
-from megatron_ext.upcycling.perturb import draw_experts, mlp_sums
+from megatron_ext.upcycling.perturb import Buffers, draw_experts, mlp_sums
 from megatron_ext.upcycling.spec import UpcycleSpec
 
 Getter = Callable[[str], Tensor]
@@ -150,7 +149,7 @@ class _Upcycler:
         self.sources: list[Getter] = [get_dense, *spec.btx_sources]
         self.shapes = hf_shapes(arch)
         self.g = torch.Generator(device="cpu").manual_seed(spec.seed)
-        self.outputs = Recycler()
+        self.buffers = Buffers()  # reused from layer to layer
 
     def _fetch(self, name: str, source: int = 0) -> Tensor:
         what = "dense checkpoint" if source == 0 else f"btx source {source}"
@@ -204,7 +203,7 @@ class _Upcycler:
         if self.spec.method in ("drop", "noise"):
             # drop: each dense neuron summed once per layer, for every expert's statistics
             sums = mlp_sums(mlp) if self.spec.method == "drop" and self.spec.ratio > 0 else None
-            experts = draw_experts(mlp, self.spec, self.g, sums, self.outputs,
+            experts = draw_experts(mlp, self.spec, self.g, sums, self.buffers,
                                    self.spec.num_experts)
         else:
             experts = self._copied_experts(names, mlp, dtypes)

@@ -10,7 +10,7 @@ import torch
 
 from megatron_ext.upcycling import UpcycleSpec
 from megatron_ext.upcycling.neuron_stats import Recycler
-from megatron_ext.upcycling.perturb import draw_experts, mlp_sums, perturb_expert
+from megatron_ext.upcycling.perturb import Buffers, draw_experts, mlp_sums, perturb_expert
 
 
 def _mlp(dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -32,8 +32,11 @@ def test_experts_drawn_ahead_equal_one_thread(dtype, method: str, ratio: float,
     spec = UpcycleSpec(method=method, ratio=ratio, index_sharing=sharing, num_experts=4)
     one, ahead = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
     sums = mlp_sums(mlp) if method == "drop" and ratio > 0 else None
-    # held until the end: every expert must stay intact after later ones are made
-    got = list(draw_experts(mlp, spec, ahead, sums, Recycler(), spec.num_experts))
+    # two layers through the same buffers, every expert held until the end: each must stay
+    # intact while later ones are made
+    buffers = Buffers()
+    got = [e for _ in range(2)
+           for e in draw_experts(mlp, spec, ahead, sums, buffers, spec.num_experts)]
     for expert in got:
         want = perturb_expert(mlp, spec, one)
         for role in want:
@@ -45,7 +48,7 @@ def test_experts_drawn_ahead_equal_one_thread(dtype, method: str, ratio: float,
 def test_stopping_early_leaves_the_generator_where_the_draws_stopped() -> None:
     mlp, spec = _mlp(torch.bfloat16), UpcycleSpec(method="drop", ratio=0.5, num_experts=8)
     g = torch.Generator().manual_seed(5)
-    experts = draw_experts(mlp, spec, g, mlp_sums(mlp), Recycler(), 8)
+    experts = draw_experts(mlp, spec, g, mlp_sums(mlp), Buffers(), 8)
     next(experts)
     experts.close()  # the worker stops; g is free again and was consumed for whole experts
     state = g.get_state()
