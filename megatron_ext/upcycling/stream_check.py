@@ -10,7 +10,7 @@ What is checked, per method (E experts, F = d_ff neurons, k = floor(r * F)):
 - naive / btx experts: bit-equal to the dense (btx: the source's) MLP.
 - drop / noise experts: the neurons (rows of gate/up, columns of down) are matched to the
   dense ones by content (an exact integer fingerprint of a few words proposes a dense neuron,
-  ``_DenseNeurons``; a bit-exact comparison decides): exactly F - k match, each dense neuron
+  ``DenseNeurons``; a bit-exact comparison decides): exactly F - k match, each dense neuron
   at most once, and a position matched in two projections maps to the same dense neuron (one
   permutation per expert; ``shared`` index sharing: the same positions re-initialized in all
   three). The k new neurons are judged against the k dense neurons nobody matched (the slice
@@ -38,7 +38,15 @@ from torch import Tensor
 from megatron_ext.conversion.keymaps import HF_DENSE_MLP, Arch, hf_shapes
 from megatron_ext.model.compare import ValidationError
 from megatron_ext.platform.background import consume_behind
-from megatron_ext.upcycling.neuron_stats import NeuronSums, Scratch
+from megatron_ext.upcycling.neuron_match import (
+    DenseNeurons,
+    Prints,
+    as_bits,
+    as_rows,
+    as_words,
+    fingerprint_weights,
+)
+from megatron_ext.upcycling.neuron_stats import Scratch
 from megatron_ext.upcycling.spec import UpcycleSpec
 
 Getter = Callable[[str], Tensor]
@@ -50,133 +58,8 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _BF16_SLACK = 2.0 ** -8
 _PROBE_TOKENS = 4
 _PROBE_TOLERANCE = 1e-4  # relative to max(1, max |dense output|), as the logit check
-_FINGERPRINT_CHUNK = 1024  # neurons per fingerprint product: bounds the int64 temporary
-_COMPARE_CHUNK = 256  # neurons per bit comparison: its buffers stay in cache
 _STATS_CHUNK = 1 << 20  # values per fp32 chunk of the statistics: 4 MB, stays in cache
 _ONE_PASS_MAX_MEAN = 0.25  # |mean| / std up to which ``std_mean`` sums squares in one pass
-_SHORT_WORDS = 16  # words per short print (class _DenseNeurons)
-
-
-def _bits(t: Tensor) -> Tensor:
-    """``t`` reinterpreted as integers of its width: bit equality, NaN and -0.0 included."""
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}.get(t.element_size(), t.dtype))
-
-
-def _neurons(w: Tensor, role: str) -> Tensor:
-    """[F, H] view whose rows are the neurons (down stores them as columns)."""
-    return w.t() if role == "down" else w
-
-
-def _words(rows: Tensor) -> Tensor:
-    """Contiguous ``rows`` as integers of the widest width (64, 32 or 16 bits) that divides a
-    row: the same bits, fewer and wider elements to compare or gather."""
-    row_bytes = rows.shape[1] * rows.element_size()
-    wide = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)
-    return rows.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[wide])
-
-
-def _as_rows(w: Tensor, role: str, scratch: Scratch) -> Tensor:
-    """Contiguous [F, H] neurons of ``w``: down's columns copied into rows, in ``scratch`` (a
-    full transposing copy is 6x faster than comparing or gathering columns in place)."""
-    rows = _neurons(w, role)
-    return rows if rows.is_contiguous() else scratch.get(rows.shape, rows.dtype).copy_(rows)
-
-
-def fingerprint_weights(words: int, g: torch.Generator) -> Tensor:
-    """Random int64 weights for ``fingerprint`` of rows of ``words`` 32-bit words, small enough
-    that no sum can overflow: each word is below 2^31 in magnitude."""
-    bits = 62 - 31 - max(1, math.ceil(math.log2(words)))
-    return torch.randint(1, 2 ** bits, (words,), generator=g)
-
-
-def fingerprint(rows: Tensor, weights: Tensor, columns: Tensor | None = None) -> Tensor:
-    """An exact integer hash per row: the row's 32-bit words (16-bit when a row's bytes are not
-    a multiple of 4) as integers, dotted with ``fingerprint_weights`` in int64. Integer sums
-    below 2^62 are exact, so equal rows always get equal prints (half the words and no fp64
-    copy: twice as fast as 16-bit words in fp64). ``columns``: only these words (a short print,
-    ``weights`` one per column)."""
-    rows = rows.contiguous()
-    wide = rows.shape[1] * rows.element_size() % 4 == 0
-    words = rows.view(torch.int32 if wide else torch.int16)
-    if columns is not None:  # (a stack of column slices: 3x faster than index_select)
-        return torch.stack([words[:, c] for c in columns.tolist()], dim=1).long() @ weights
-    out = torch.empty(words.shape[0], dtype=torch.int64)
-    for start in range(0, words.shape[0], _FINGERPRINT_CHUNK):
-        out[start:start + _FINGERPRINT_CHUNK] = (
-            words[start:start + _FINGERPRINT_CHUNK].long() @ weights[:words.shape[1]])
-    return out
-
-
-class Prints:
-    """Fingerprints of neurons of ``width`` values of ``element_size`` bytes: full (every word,
-    the check's ``full_weights``) or short (``_SHORT_WORDS`` words at columns drawn from ``g``)."""
-
-    def __init__(self, full_weights: Tensor, width: int, element_size: int,
-                 g: torch.Generator) -> None:
-        self.full = full_weights
-        words = width * element_size // (4 if width * element_size % 4 == 0 else 2)
-        self.columns = torch.randperm(words, generator=g)[:_SHORT_WORDS].sort().values
-        self.short = fingerprint_weights(len(self.columns), g)
-
-    def __call__(self, rows: Tensor, short: bool) -> Tensor:
-        return (fingerprint(rows, self.short, self.columns) if short
-                else fingerprint(rows, self.full))
-
-
-class _DenseNeurons:
-    """One dense projection's neurons, indexed by fingerprint for content lookup.
-
-    The print only proposes a CANDIDATE dense neuron per row; a bit-exact comparison with it
-    decides. Short prints (a few words per neuron) suffice when the dense neurons' short prints
-    are all distinct: a row that is a copy of dense neuron d has d's short print, and no other
-    dense neuron has it, so d is the candidate and the comparison confirms it; a row that is no
-    copy fails the comparison whatever its candidate. The result is the same as with full
-    prints, without widening and summing every word of every expert matrix. When two dense
-    neurons share a short print (duplicates, zero neurons, or neurons equal at the sampled
-    words), the projection uses full prints, as before: ``unique`` then says whether those are
-    distinct (when not, the rules that need distinct dense neurons are skipped)."""
-
-    def __init__(self, w: Tensor, role: str, prints: Prints) -> None:
-        self.rows = _neurons(w, role).contiguous()
-        self.sums = NeuronSums(self.rows, 0)  # statistics of any set of dropped neurons
-        self.prints = prints
-        self.short = True
-        self.sorted, self.order = torch.sort(prints(self.rows, short=True))
-        self.unique = bool((self.sorted[1:] != self.sorted[:-1]).all())
-        if not self.unique:
-            self.short = False
-            self.sorted, self.order = torch.sort(prints(self.rows, short=False))
-            self.unique = bool((self.sorted[1:] != self.sorted[:-1]).all())
-        self._buf: Tensor | None = None  # a chunk of candidate rows and its equalities, reused
-        self._eq: Tensor | None = None
-
-    def match(self, rows: Tensor) -> Tensor:
-        """For each row of ``rows`` (contiguous neurons): the index of the bit-identical dense
-        neuron, or -1 (all -1 when their dtype is not the dense one's: no bits can match)."""
-        if rows.dtype != self.rows.dtype:
-            return torch.full((rows.shape[0],), -1, dtype=torch.long)
-        prints = self.prints(rows, self.short)
-        pos = torch.searchsorted(self.sorted, prints).clamp(max=len(self.sorted) - 1)
-        cand = self.order[pos]
-        same = self.sorted[pos] == prints
-        # the rows whose print hit, against their candidates, chunk by chunk: gathered into
-        # small reused buffers, compared as wide integers; a chunk that is not equal as a whole
-        # gets a verdict per row, the minimum of its equality bytes (a uint8 reduction, 2x
-        # faster than a bool ``all``)
-        have, want = _words(self.rows), _words(rows)
-        hit = same.nonzero().squeeze(1)
-        if self._buf is None:
-            self._buf = torch.empty(2, _COMPARE_CHUNK, have.shape[1], dtype=have.dtype)
-            self._eq = torch.empty(_COMPARE_CHUNK, have.shape[1], dtype=torch.bool)
-        for start in range(0, len(hit), _COMPARE_CHUNK):
-            rows_at = hit[start:start + _COMPARE_CHUNK]
-            n = len(rows_at)
-            got = torch.index_select(have, 0, cand[rows_at], out=self._buf[0, :n])
-            wanted = torch.index_select(want, 0, rows_at, out=self._buf[1, :n])
-            if not torch.equal(got, wanted):  # (all equal, the rule: one memcmp confirms them)
-                eq = torch.eq(got, wanted, out=self._eq[:n])
-                same[rows_at] = eq.view(torch.uint8).amin(dim=1).bool()
-        return torch.where(same, cand, -1)
 
 
 def _fp32_chunks(values: Tensor, rows: Tensor | None, scratch: Scratch) -> Iterator[Tensor]:
@@ -188,7 +71,7 @@ def _fp32_chunks(values: Tensor, rows: Tensor | None, scratch: Scratch) -> Itera
             part = flat[start:start + _STATS_CHUNK]
             yield scratch.get(tuple(part.shape), torch.float32).copy_(part)
         return
-    words = _words(values)
+    words = as_words(values)
     step = max(1, _STATS_CHUNK // max(1, values.shape[1]))
     for start in range(0, len(rows), step):
         at = rows[start:start + step]
@@ -257,7 +140,7 @@ class StreamCheck:
         self._layer: int | None = None
         self._mlp: dict[str, Tensor] | None = None  # the current layer's dense MLP
         self._mlp_source = 0
-        self._neurons: dict[str, _DenseNeurons] | None = None
+        self._neurons: dict[str, DenseNeurons] | None = None
         self._pending: dict[int, dict[str, Tensor]] = {}
         self._probe: tuple[Tensor, Tensor, Tensor] | None = None  # route_TE, out_TH, want_TH
         self._scratch = Scratch()  # the checks run on one thread (``tap``)
@@ -315,7 +198,7 @@ class StreamCheck:
             for source in self.sources[1:]:
                 acc += source(name).float()
             want = (acc / len(self.sources)).to(want.dtype)
-        if want.dtype != t.dtype or not torch.equal(_bits(t), _bits(want)):
+        if want.dtype != t.dtype or not torch.equal(as_bits(t), as_bits(want)):
             what = "the btx sources' mean" if self.spec.method == "btx" else "the dense tensor"
             raise ValidationError(f"{name}: differs from {what}")
 
@@ -350,7 +233,7 @@ class StreamCheck:
         if spec.method in ("naive", "btx"):
             dense = self._dense_mlp(layer, source)
             for role in ROLES:
-                if not torch.equal(_bits(weights[role]), _bits(dense[role])):
+                if not torch.equal(as_bits(weights[role]), as_bits(dense[role])):
                     raise ValidationError(f"{names[role]}: differs from the dense MLP's "
                                           f"{role}_proj (source {source}), expected an exact copy")
         elif spec.method == "scratch":
@@ -372,7 +255,7 @@ class StreamCheck:
         matched: dict[str, Tensor] = {}
         for role in ROLES:
             dense, name = neurons[role], names[role]
-            rows = _as_rows(weights[role], role, self._scratch)
+            rows = as_rows(weights[role], role, self._scratch)
             idx = dense.match(rows)
             fresh = (idx < 0).nonzero().squeeze(1)
             if len(fresh) != self.k:
@@ -396,7 +279,7 @@ class StreamCheck:
                 raise ValidationError(f"{names[b]}: re-initialized neurons differ from {names[a]}"
                                       " (index_sharing shared: one set for all three)")
 
-    def _check_fresh(self, name: str, rows: Tensor, fresh: Tensor, dense: _DenseNeurons,
+    def _check_fresh(self, name: str, rows: Tensor, fresh: Tensor, dense: DenseNeurons,
                      used: Tensor) -> None:
         dropped = torch.ones(dense.rows.shape[0], dtype=torch.bool)
         dropped[used] = False
@@ -423,10 +306,10 @@ class StreamCheck:
             self._prints[size] = Prints(self.weights, self.arch.hidden_size, size, g)
         return self._prints[size]
 
-    def _dense_neurons(self, layer: int) -> dict[str, _DenseNeurons]:
+    def _dense_neurons(self, layer: int) -> dict[str, DenseNeurons]:
         if self._neurons is None:
             mlp = self._dense_mlp(layer, 0)
-            self._neurons = {r: _DenseNeurons(mlp[r], r, self.prints_for(mlp[r]))
+            self._neurons = {r: DenseNeurons(mlp[r], r, self.prints_for(mlp[r]))
                              for r in ROLES}
         return self._neurons
 

@@ -18,7 +18,8 @@ import torch
 from megatron_ext.conversion.keymaps import HF_EXPERT, HF_Q, Arch, hf_shapes
 from megatron_ext.model.compare import ValidationError
 from megatron_ext.upcycling import UpcycleSpec, upcycle
-from megatron_ext.upcycling.stream_check import StreamCheck, _DenseNeurons, std_mean
+from megatron_ext.upcycling.neuron_match import DenseNeurons
+from megatron_ext.upcycling.stream_check import StreamCheck, std_mean
 from tests.conftest import REPO
 
 ARCH = Arch(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -140,8 +141,8 @@ def test_dense_neurons_equal_at_the_short_print_words_are_still_matched_exactly(
     words[1, columns] = words[0, columns]
     assert not torch.equal(words[0], words[1])
     prints = StreamCheck([twins.__getitem__], ARCH, spec).prints_for(twins[gate_name])
-    assert not _DenseNeurons(twins[gate_name], "gate", prints).short  # the fallback
-    assert _DenseNeurons(dense[gate_name], "gate", prints).short
+    assert not DenseNeurons(twins[gate_name], "gate", prints).short  # the fallback
+    assert DenseNeurons(dense[gate_name], "gate", prints).short
 
     check = _check(twins, spec)  # every copy of neuron 0 or 1 found: the counts hold
     assert check.experts_checked == 8 and "PASS" in check.summary()

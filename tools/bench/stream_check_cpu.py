@@ -24,7 +24,7 @@ import torch
 
 from megatron_ext.conversion.keymaps import HF_DENSE_MLP, HF_EXPERT, HF_ROUTER, Arch
 from megatron_ext.platform.cli import ArgumentParser, run_cli
-from megatron_ext.upcycling import UpcycleSpec, neuron_stats, stream_check
+from megatron_ext.upcycling import UpcycleSpec, neuron_match, neuron_stats, stream_check
 from megatron_ext.upcycling.perturb import mlp_sums, perturb_expert
 
 HIDDEN, D_FF, EXPERTS, RATIO = 3072, 8192, 8, 0.5
@@ -32,12 +32,14 @@ HIDDEN, D_FF, EXPERTS, RATIO = 3072, 8192, 8, 0.5
 # between revisions; a missing one is skipped)
 PARTS: list[tuple[str, object, str]] = [
     ("setup: NeuronSums", neuron_stats.NeuronSums, "__init__"),
-    ("setup: dense neurons (rest)", stream_check, "_DenseNeurons.__init__"),
+    ("setup: dense neurons (rest)", neuron_match, "DenseNeurons.__init__"),
+    ("setup: dense neurons (rest)", stream_check, "_DenseNeurons.__init__"),  # before 2026-12-07
+    ("fingerprint", neuron_match, "fingerprint"),
     ("fingerprint", stream_check, "fingerprint"),
-    ("short fingerprint", stream_check, "short_fingerprint"),
+    ("match: bit comparison", neuron_match, "DenseNeurons.match"),
     ("match: bit comparison", stream_check, "_DenseNeurons.match"),
     ("fresh statistics", stream_check, "check_stats"),
-    ("down: neurons as rows", stream_check, "_as_rows"),
+    ("down: neurons as rows", stream_check, "as_rows"),
 ]
 
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
           f"r {RATIO}, bf16), thread CPU s, best of {args.repeat}, torch threads "
           f"{torch.get_num_threads()}")
     print("| part | CPU s |\n|---|---:|")
-    for label, _, _ in PARTS:
+    for label in dict.fromkeys(label for label, _, _ in PARTS):
         if label in parts:
             print(f"| {label} | {parts[label]:.3f} |")
     print(f"| other | {total - sum(parts.values()):.3f} |")
