@@ -48,7 +48,9 @@ class NeuronSums:
         for start in range(0, neurons, _CHUNK):
             stop = start + _CHUNK
             # a block of whole neurons, read in w's own memory order (down: a column block)
-            x = w.narrow(neuron_dim, start, min(_CHUNK, neurons - start)).double()
+            # a copy even when w is fp64 (.double() would return w itself, changed in place below)
+            x = w.narrow(neuron_dim, start, min(_CHUNK, neurons - start)).to(torch.float64,
+                                                                              copy=True)
             x -= self.shift
             self.s1[start:stop] = x.sum(dim=1 - neuron_dim)
             self.s2[start:stop] = x.square_().sum(dim=1 - neuron_dim)

@@ -56,3 +56,13 @@ def test_drop_bytes_equal_a_std_mean_replay(dtype) -> None:
         got, want = perturb_expert(mlp, spec, ours), _replay(mlp, spec, theirs)
         for role in got:
             assert torch.equal(got[role].view(torch.uint8), want[role].view(torch.uint8)), role
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_sums_leave_the_matrix_unchanged(dtype) -> None:
+    """An fp64 matrix once came back shifted and squared: ``.double()`` of it is itself."""
+    w = (0.3 + 0.02 * torch.randn(64, 24, generator=torch.Generator().manual_seed(2))).to(dtype)
+    before = w.clone()
+    for dim in (0, 1):
+        NeuronSums(w, dim)
+        assert torch.equal(w, before)

@@ -65,6 +65,17 @@ def test_every_method_passes(dense, spec: dict) -> None:
     assert "PASS" in check.summary()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["drop", "noise"])
+def test_wider_dtypes_pass_and_their_dense_model_is_left_unchanged(dense, dtype,
+                                                                   method: str) -> None:
+    wide = {n: t.to(dtype) for n, t in dense.items()}
+    before = {n: t.clone() for n, t in wide.items()}
+    check = _check(wide, UpcycleSpec(num_experts=4, method=method, ratio=0.5))
+    assert "PASS" in check.summary()
+    assert all(torch.equal(wide[n], before[n]) for n in wide)
+
+
 def test_flipped_bit_in_an_untouched_neuron_names_layer_and_tensor(dense) -> None:
     name = HF_EXPERT["down"].format(layer=1, expert=2)
     mlp_down = dense["model.layers.1.mlp.down_proj.weight"]
