@@ -277,8 +277,10 @@ class ShardedWriter:
             (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def close(self) -> None:
+        """Close the files still open: after ``finish`` there are none; after an error their
+        buffered bytes are dropped (the caller's staging directory goes with them)."""
         for f in self._open.values():
-            f.close()
+            f.close(discard=True)
         self._open.clear()
 
 

@@ -129,20 +129,26 @@ class SequentialFile:
             self._buf.close()
             self._buf = None
 
-    def close(self) -> None:
-        """Write what is buffered and close; the file is then exactly ``_end`` bytes long."""
+    def close(self, discard: bool = False) -> None:
+        """Write what is buffered and close; the file is then exactly ``_end`` bytes long.
+        ``discard``: close without writing what is buffered (a file given up on after an error,
+        whose owner deletes it). Closing twice does nothing."""
+        if self._fd < 0:
+            return
         try:
-            if self._direct_fd is not None and self._used:
+            if not discard and self._direct_fd is not None and self._used:
                 tail = self._used
                 padded = -(-tail // ALIGN) * ALIGN
                 assert self._buf_t is not None
                 self._buf_t[tail:padded].zero_()
                 self._used = padded
                 self._flush_block(padded)
-            os.ftruncate(self._fd, self._end)  # the padding of the last block
+            if not discard:
+                os.ftruncate(self._fd, self._end)  # the padding of the last block
         finally:
             if self._direct_fd is not None:
                 os.close(self._direct_fd)
                 self._direct_fd = None
             self._release_buffer()
             os.close(self._fd)
+            self._fd = -1

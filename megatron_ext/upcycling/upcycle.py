@@ -80,7 +80,9 @@ def upcycle(
     ``dense_keys`` is checked against ``arch`` up front (strict: missing or extra keys raise), and
     so is ``spec``; nothing is read until the caller iterates. btx sources are
     ``spec.btx_sources`` (the input is source 0). Copied tensors are the getter's own objects;
-    do not modify yielded tensors in place.
+    do not modify yielded tensors in place. A drop/noise expert's memory is reused for a later
+    expert once nothing refers to it any more (``neuron_stats.Recycler``): keep the tensor (or a
+    view of it), not a raw pointer, for as long as you need its values.
     """
     spec.validate(arch)
     check_key_set(dense_keys, hf_shapes(arch), "dense checkpoint")

@@ -115,3 +115,15 @@ def test_a_refused_first_direct_write_falls_back(tmp_path: Path, small_blocks: i
         f = _write(tmp_path / "c.bin", pieces)
         assert not f.direct
         assert (tmp_path / "c.bin").read_bytes() == want
+
+
+def test_discard_closes_without_writing_and_closing_twice_is_harmless(tmp_path: Path,
+                                                                      small_blocks: int) -> None:
+    f = SequentialFile(tmp_path / "d.bin")
+    f.write_at(0, _data(small_blocks + 10))
+    direct = f.direct
+    f.close(discard=True)
+    f.close()
+    # direct: the full block already flushed, not the 10 buffered bytes; else all was written
+    size = (tmp_path / "d.bin").stat().st_size
+    assert size == (small_blocks if direct else small_blocks + 10)
