@@ -89,20 +89,26 @@ def apply_draws(
     out = {role: torch.index_select(mlp[role], 0, perm,
                                     out=outputs.get(mlp[role].shape, mlp[role].dtype))
            for role in ("gate", "up")}
-    # down's neurons are columns: gathered as rows of its transpose (a memcpy per neuron), then
-    # transposed into place, 1.4x faster than index_select on dim 1 (an element at a time).
+    # down's neurons are columns: gathered as rows of its transpose (a memcpy per neuron), its
+    # drawn neurons written as rows too, then transposed into place: 1.5x faster than
+    # index_select and index_copy_ on dim 1 (an element at a time).
     if down_rows is None:
         down_rows = mlp["down"].t().contiguous()
-    rows = torch.index_select(down_rows, 0, perm,
-                              out=scratch.get(tuple(down_rows.shape), down_rows.dtype))
-    out["down"] = outputs.get(mlp["down"].shape, mlp["down"].dtype).copy_(rows.t())
+    n_rows, k = down_rows.numel(), len(draws.idx.get("down", ()))
+    flat = scratch.get((n_rows + k * down_rows.shape[1],), down_rows.dtype)
+    rows = torch.index_select(down_rows, 0, perm, out=flat[:n_rows].view(down_rows.shape))
+    neurons = {"gate": out["gate"], "up": out["up"], "down": rows}  # rows are the neurons
     for role, idx in draws.idx.items():
-        w, dim = out[role], 1 if role == "down" else 0  # dim: the neuron axis
-        new = draws.new[role]
+        w, new = neurons[role], draws.new[role]
+        if role == "down":
+            new = new.t()  # drawn as [H, k]: the same values, as k rows
         if spec.method == "noise":
             # torch.normal's samples, added in fp32 as before, then cast
-            new = (w.index_select(dim, idx).float() + new).to(w.dtype)
-        w.index_copy_(dim, idx, new)
+            new = (w.index_select(0, idx).float() + new).to(w.dtype)
+        elif not new.is_contiguous():
+            new = flat[n_rows:].view(new.shape).copy_(new)
+        w.index_copy_(0, idx, new)
+    out["down"] = outputs.get(mlp["down"].shape, mlp["down"].dtype).copy_(rows.t())
     return out
 
 
