@@ -66,10 +66,7 @@ class SequentialFile:
         if self._direct_fd is not None and offset != self._end:
             self._fall_back()
         if self._direct_fd is None:
-            view = data.numpy().data
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self._fd, view[done:], offset + done)
+            self._pwrite(self._fd, data.numpy().data, offset)
         else:
             assert self._buf_t is not None
             done = 0
@@ -107,11 +104,18 @@ class SequentialFile:
     def _pwrite_buffer(self, fd: int, length: int) -> None:
         view = memoryview(self._buf)[:length]
         try:
-            done = 0
-            while done < length:
-                done += os.pwrite(fd, view[done:], self._flushed + done)
+            self._pwrite(fd, view, self._flushed)
         finally:
             view.release()
+
+    def _pwrite(self, fd: int, view: memoryview, offset: int) -> None:
+        """All of ``view`` at ``offset``; an error names this file (a full disk, a size limit)."""
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def _fall_back(self) -> None:
         """From here on, ordinary writes: the buffered bytes go through the page cache."""

@@ -3,7 +3,9 @@ they went through O_DIRECT, fell back to ordinary writes part way, or never used
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,21 @@ def test_discard_closes_without_writing_and_closing_twice_is_harmless(tmp_path: 
     # direct: the full block already flushed, not the 10 buffered bytes; else all was written
     size = (tmp_path / "d.bin").stat().st_size
     assert size == (small_blocks if direct else small_blocks + 10)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_refused_write_names_the_file(tmp_path: Path, small_blocks: int, direct: bool) -> None:
+    """A full disk or a size limit (here RLIMIT_FSIZE; Python ignores SIGXFSZ) is an OSError
+    that names the file, not a bare errno."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 * small_blocks, hard))
+    try:
+        f = SequentialFile(tmp_path / "big.bin", direct=direct)
+        with pytest.raises(OSError) as raised:
+            f.write_at(0, _data(4 * small_blocks))
+            f.close()
+        f.close(discard=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert raised.value.errno == errno.EFBIG
+    assert raised.value.filename == str(tmp_path / "big.bin")
