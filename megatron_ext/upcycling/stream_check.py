@@ -41,10 +41,10 @@ from megatron_ext.platform.background import consume_behind
 from megatron_ext.upcycling.neuron_match import (
     DenseNeurons,
     Prints,
-    as_bits,
     as_rows,
     as_words,
     fingerprint_weights,
+    same_bits,
 )
 from megatron_ext.upcycling.neuron_stats import Scratch
 from megatron_ext.upcycling.spec import UpcycleSpec
@@ -198,7 +198,7 @@ class StreamCheck:
             for source in self.sources[1:]:
                 acc += source(name).float()
             want = (acc / len(self.sources)).to(want.dtype)
-        if want.dtype != t.dtype or not torch.equal(as_bits(t), as_bits(want)):
+        if not same_bits(t, want):
             what = "the btx sources' mean" if self.spec.method == "btx" else "the dense tensor"
             raise ValidationError(f"{name}: differs from {what}")
 
@@ -233,7 +233,7 @@ class StreamCheck:
         if spec.method in ("naive", "btx"):
             dense = self._dense_mlp(layer, source)
             for role in ROLES:
-                if not torch.equal(as_bits(weights[role]), as_bits(dense[role])):
+                if not same_bits(weights[role], dense[role]):
                     raise ValidationError(f"{names[role]}: differs from the dense MLP's "
                                           f"{role}_proj (source {source}), expected an exact copy")
         elif spec.method == "scratch":

@@ -18,7 +18,7 @@ import torch
 from megatron_ext.conversion.keymaps import HF_EXPERT, HF_Q, Arch, hf_shapes
 from megatron_ext.model.compare import ValidationError
 from megatron_ext.upcycling import UpcycleSpec, upcycle
-from megatron_ext.upcycling.neuron_match import DenseNeurons
+from megatron_ext.upcycling.neuron_match import DenseNeurons, same_bits
 from megatron_ext.upcycling.stream_check import StreamCheck, std_mean
 from tests.conftest import REPO
 
@@ -74,6 +74,45 @@ def test_wider_dtypes_pass_and_their_dense_model_is_left_unchanged(dense, dtype,
     check = _check(wide, UpcycleSpec(num_experts=4, method=method, ratio=0.5))
     assert "PASS" in check.summary()
     assert all(torch.equal(wide[n], before[n]) for n in wide)
+
+
+def _at_offset(t: torch.Tensor, elements: int) -> torch.Tensor:
+    """``t``'s values in a tensor that starts ``elements`` into its storage, as a tensor read
+    from a file can (safetensors does not align its data)."""
+    flat = torch.empty(t.numel() + elements, dtype=t.dtype)
+    return flat[elements:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("elements", [1, 2, 3])
+@pytest.mark.parametrize("method", ["drop", "naive"])
+def test_tensors_at_unaligned_offsets_pass_and_a_flipped_bit_is_still_caught(
+        dense, method: str, elements: int) -> None:
+    shifted = {n: _at_offset(t, elements) for n, t in dense.items()}
+    spec = UpcycleSpec(method=method, ratio=0.5, num_experts=4)
+    check = _check(shifted, spec, edit=lambda s: ((n, _at_offset(t, elements)) for n, t in s))
+    assert "PASS" in check.summary()
+    q = HF_Q.format(layer=1)
+
+    def flip(t: torch.Tensor) -> torch.Tensor:
+        t.view(torch.int16)[3, 7] ^= 1
+        return _at_offset(t, elements)
+
+    with pytest.raises(ValidationError, match=re.escape(q) + ": differs from the dense tensor"):
+        _check(shifted, spec, edit=_replace(q, flip))
+
+
+def test_same_bits_compares_bits_dtype_and_shape() -> None:
+    a = torch.randn(6, 10).to(torch.bfloat16)
+    assert same_bits(a, a.clone()) and same_bits(a, _at_offset(a, 1))
+    assert not same_bits(a, a.float()) and not same_bits(a, a.reshape(10, 6))
+    nan = torch.full((4,), float("nan"))
+    assert same_bits(nan, nan.clone())  # bits, not values: equal NaNs are the same
+    zeros = torch.zeros(4)
+    assert not same_bits(zeros, -zeros)  # and -0.0 is not 0.0
+    for i in range(a.numel()):
+        b = a.clone()
+        b.view(torch.int16).view(-1)[i] ^= 1 << (i % 16)
+        assert not same_bits(a, b) and not same_bits(a.t(), b.t())
 
 
 def test_flipped_bit_in_an_untouched_neuron_names_layer_and_tensor(dense) -> None:
