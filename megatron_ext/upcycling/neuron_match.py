@@ -123,8 +123,11 @@ class DenseNeurons:
     words), the projection uses full prints, as before: ``unique`` then says whether those are
     distinct (when not, the rules that need distinct dense neurons are skipped)."""
 
-    def __init__(self, w: Tensor, role: str, prints: Prints) -> None:
-        self.rows = aligned(neurons_of(w, role))
+    def __init__(self, w: Tensor, role: str, prints: Prints, scratch: Scratch | None = None,
+                 ) -> None:
+        """``scratch``: where down's columns are copied into rows (``as_rows``), kept until the
+        next layer's; a fresh tensor when not given."""
+        self.rows = aligned(as_rows(w, role, scratch or Scratch()))
         self.sums = NeuronSums(self.rows, 0)  # statistics of any set of dropped neurons
         self.prints = prints
         self.short = True

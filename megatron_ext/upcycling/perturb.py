@@ -136,6 +136,7 @@ class Buffers:
     def __init__(self) -> None:
         self.outputs, self.drawn = Recycler(), Recycler()
         self.draw_scratch, self.apply_scratch = Scratch(), Scratch()
+        self.down_rows = Scratch()  # the layer's dense down as rows, valid for that layer
 
 
 def draw_experts(
@@ -154,6 +155,7 @@ def draw_experts(
         for _ in range(num_experts):
             yield draw_expert(shapes, dtypes, spec, g, sums, b.draw_scratch, b.drawn)
 
-    down_rows = mlp["down"].t().contiguous()
+    down = mlp["down"]
+    down_rows = b.down_rows.get((down.shape[1], down.shape[0]), down.dtype).copy_(down.t())
     for d in produce_ahead(draws(), depth=2, name="draw"):
         yield apply_draws(mlp, d, spec, b.outputs, b.apply_scratch, down_rows)

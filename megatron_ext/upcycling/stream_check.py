@@ -145,6 +145,7 @@ class StreamCheck:
         self._probe: tuple[Tensor, Tensor, Tensor] | None = None  # route_TE, out_TH, want_TH
         self._scratch = Scratch()  # the checks run on one thread (``tap``)
         self._stats = Scratch()  # the statistics' chunks: never the buffer of down's rows
+        self._dense_rows = Scratch()  # the layer's dense down as rows (``DenseNeurons``)
 
     # --- the stream -----------------------------------------------------------------------
     def tap(self, stream: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
@@ -309,8 +310,8 @@ class StreamCheck:
     def _dense_neurons(self, layer: int) -> dict[str, DenseNeurons]:
         if self._neurons is None:
             mlp = self._dense_mlp(layer, 0)
-            self._neurons = {r: DenseNeurons(mlp[r], r, self.prints_for(mlp[r]))
-                             for r in ROLES}
+            self._neurons = {r: DenseNeurons(mlp[r], r, self.prints_for(mlp[r]),
+                                             self._dense_rows) for r in ROLES}
         return self._neurons
 
     def _close_layer(self) -> None:
