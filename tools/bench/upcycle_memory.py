@@ -6,15 +6,17 @@ sharded safetensors) tensor by tensor in a temp dir, upcycles it (drop, r=0.5, 8
 default validation unless --skip-validation) in a subprocess, and measures its peak memory
 (ru_maxrss and polled VmHWM of the CLI process) and its write rate (output bytes over the time
 from the first output file to the end), beside the disk's own rate measured by dd in the same
-directory just before each run, and the 1-minute load average. --layers scales the model down
-(the output says so): memory is per layer, so measuring two layer counts shows whether the peak
-grows with depth. Results are printed and appended to docs/benchmarks.md under "## Upcycling
+directory just before each run, the 1-minute load average, and the rate a single torch
+generator allows (``generator_seconds``: the reference's draws are one sequential stream).
+--layers scales the model down (the output says so): memory is per layer, so measuring two
+layer counts shows whether the peak grows with depth. Results are printed and appended to docs/benchmarks.md under "## Upcycling
 memory"; everything generated is deleted.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import re
@@ -150,6 +152,22 @@ def disk_rate(directory: Path, mode: str) -> float:
     return int(m.group(1)) / float(m.group(2))
 
 
+def generator_seconds(arch: Arch, experts: int = 8, ratio: float = 0.5, repeats: int = 3) -> float:
+    """Seconds one torch generator takes to draw one MoE layer's drop samples here (best of
+    ``repeats``): the reference's stream comes from a single generator in a fixed order, so no
+    upcycle of a seed can make a layer's experts faster than this, however many cores it has."""
+    k = math.floor(ratio * arch.ffn_hidden_size)
+    samples = torch.empty(k * arch.hidden_size)
+    g = torch.Generator().manual_seed(0)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(3 * experts):  # gate, down, up of each expert
+            samples.normal_(0.0, 0.02, generator=g)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def pick_workdir(need_bytes: int, requested: Path | None) -> Path:
     candidates = [requested] if requested else [Path(tempfile.gettempdir()), ROOT]
     for base in candidates:
@@ -208,7 +226,7 @@ measure.repeats = 3
 
 
 def entry(shape: str, layers: int, full: int, results: dict, dense_bytes: int, sizes: tuple,
-          argv: list[str]) -> str:
+          argv: list[str], draw_s: float) -> str:
     """The docs/benchmarks.md section for one model (every mode and run, then the ratios)."""
     dense_params, moe_params = sizes
     scale = "full depth" if layers == full else f"SCALED to {layers} of {full} layers"
@@ -245,6 +263,14 @@ def entry(shape: str, layers: int, full: int, results: dict, dense_bytes: int, s
             f"{best[1] / best[2]:.2f}x dd oflag=direct ({best[2] / 1e6:.0f} MB/s) and "
             f"{best[1] / best[3]:.2f}x dd conv=fdatasync ({best[3] / 1e6:.0f} MB/s) of the same "
             f"run, load {best[0].load:.1f}")
+    bound = out_bytes / (layers * draw_s)
+    lines.append(f"- the generator's bound: one layer's drop samples take {draw_s:.2f} s from one "
+                 f"generator here (`generator_seconds`, best of 3), so no upcycle of a seed can "
+                 f"write this model faster than {bound / 1e6:.0f} MB/s")
+    for mode, (runs, _) in results.items():
+        best = max(runs, key=lambda r: r[1])
+        lines.append(f"  - {mode}: best run {best[1] / bound:.2f}x that bound; the bound is "
+                     f"{bound / best[2]:.2f}x that run's dd oflag=direct")
     if "skip" in results:
         peaks = {mode: max(max(r[0].maxrss, r[0].vmhwm) for r in runs)
                  for mode, (runs, _) in results.items()}
@@ -283,12 +309,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"generating dense {args.shape}, {arch.num_layers} layers, "
                   f"{dense_params / 1e9:.2f}B params in {tmp} ...", flush=True)
             dense_bytes = make_dense(tmp / "dense", arch, parse_size(args.max_shard_size))
+            draw_s = generator_seconds(arch)
             results = {mode: measure(tmp, args.shape, arch.num_layers, mode, args.max_shard_size)
                        for mode in args.modes}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         text = entry(args.shape, arch.num_layers, full, results, dense_bytes,
-                     (dense_params, moe_params), argv)
+                     (dense_params, moe_params), argv, draw_s)
         print(text)
         if "default" in results:
             worst = max(worst, *(max(r[0].maxrss, r[0].vmhwm) / 1e9
