@@ -157,5 +157,8 @@ def draw_experts(
 
     down = mlp["down"]
     down_rows = b.down_rows.get((down.shape[1], down.shape[0]), down.dtype).copy_(down.t())
-    for d in produce_ahead(draws(), depth=2, name="draw"):
+    # one expert handed over while the next is drawn: building one (~0.14 s at 8x3.7B) is
+    # faster than drawing one (~0.25 s), so a deeper queue only holds more buffers and leaves
+    # the worker idle longer at the layer's end (measured: the same rate, 70 MB less peak)
+    for d in produce_ahead(draws(), depth=1, name="draw"):
         yield apply_draws(mlp, d, spec, b.outputs, b.apply_scratch, down_rows)
