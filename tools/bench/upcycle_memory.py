@@ -9,8 +9,8 @@ from the first output file to the end), beside the disk's own rate measured by d
 directory just before each run, the 1-minute load average, and the rate a single torch
 generator allows (``generator_seconds``: the reference's draws are one sequential stream).
 --layers scales the model down (the output says so): memory is per layer, so measuring two
-layer counts shows whether the peak grows with depth. Results are printed and appended to docs/benchmarks.md under "## Upcycling
-memory"; everything generated is deleted.
+layer counts shows whether the peak grows with depth. Results are printed and appended to
+docs/benchmarks.md under "## Upcycling memory"; everything generated is deleted.
 """
 
 from __future__ import annotations
