@@ -3,17 +3,18 @@
 ``draw_expert`` consumes the generator (the permutation, each projection's neurons and their
 samples, in the order ``upcycle``'s docstring fixes) and touches no weight; ``apply_draws``
 builds the expert from the dense MLP and the draws and consumes nothing. A seed's bytes depend
-only on the generator being consumed in that order, so ``draw_experts`` can run the draws for
+only on the generator being consumed in that order, so ``ExpertStream`` can run the draws for
 a layer's experts on a worker thread (``platform.background.produce_ahead``) while the caller
-builds the previous expert. Measured at the 8x3.7B shape, the halves cost ~0.19 s (samples)
-and ~0.12 s (gathers and copies) per expert, so on two free cores the upcycler's critical path
-is the draws alone, and every byte stays what it was.
+builds the previous expert, and the next layer's stream can start as soon as this one's last
+draws are taken. Measured at the 8x3.7B shape, the halves cost ~0.19-0.25 s (samples) and
+~0.12-0.14 s (gathers and copies) per expert, so on two free cores the upcycler's critical
+path is the draws alone, and every byte stays what it was.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,7 @@ def perturb_expert(
 
 
 class Buffers:
-    """What ``draw_experts`` reuses from layer to layer: the experts' tensors (``outputs``),
+    """What ``ExpertStream`` reuses from layer to layer: the experts' tensors (``outputs``),
     the drawn values, and a scratch per thread (the draws' worker, the caller)."""
 
     def __init__(self) -> None:
@@ -139,26 +140,61 @@ class Buffers:
         self.down_rows = Scratch()  # the layer's dense down as rows, valid for that layer
 
 
+class ExpertStream:
+    """``num_experts`` drop/noise experts of one layer, in order (an iterator): their draws
+    made on a worker thread that starts at construction and stays one expert ahead (module
+    docstring), each expert built by the caller's ``next``.
+
+    ``g`` must not be used elsewhere until the last expert's draws are taken: then
+    ``on_drawn`` runs (on the caller's thread, before that expert is built), so the next
+    layer's stream can start drawing while this layer's last expert is still being built and
+    written. ``close`` stops and joins the worker (exhausting the iterator does too)."""
+
+    def __init__(self, mlp: dict[str, Tensor], spec: UpcycleSpec, g: torch.Generator,
+                 sums: dict[str, NeuronSums] | None, buffers: Buffers, num_experts: int,
+                 on_drawn: Callable[[], None] | None = None) -> None:
+        self.mlp, self.spec, self.buffers = mlp, spec, buffers
+        self.left, self.on_drawn = num_experts, on_drawn
+        self._down_rows: Tensor | None = None
+        shapes = {r: tuple(w.shape) for r, w in mlp.items()}
+        dtypes = {r: w.dtype for r, w in mlp.items()}
+        b = buffers
+
+        def draws() -> Iterator[ExpertDraws]:
+            for _ in range(num_experts):
+                yield draw_expert(shapes, dtypes, spec, g, sums, b.draw_scratch, b.drawn)
+
+        # one expert handed over while the next is drawn: building one (~0.14 s at 8x3.7B) is
+        # faster than drawing one (~0.25 s), so a deeper queue only holds more buffers and
+        # leaves the worker idle longer at the layer's end (measured: 70 MB less peak)
+        self._draws = produce_ahead(draws(), depth=1, name="draw")
+
+    def __iter__(self) -> ExpertStream:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        if self.left == 0:
+            self.close()
+            raise StopIteration
+        d = next(self._draws)
+        self.left -= 1
+        if self.left == 0 and self.on_drawn is not None:
+            self.on_drawn()  # g is free: the last draw_expert has returned
+        if self._down_rows is None:  # here, not at construction: the previous layer's
+            # stream may still be building its last expert from the same buffer until then
+            down, b = self.mlp["down"], self.buffers
+            self._down_rows = b.down_rows.get((down.shape[1], down.shape[0]),
+                                              down.dtype).copy_(down.t())
+        return apply_draws(self.mlp, d, self.spec, self.buffers.outputs,
+                           self.buffers.apply_scratch, self._down_rows)
+
+    def close(self) -> None:
+        self._draws.close()
+
+
 def draw_experts(
     mlp: dict[str, Tensor], spec: UpcycleSpec, g: torch.Generator,
     sums: dict[str, NeuronSums] | None, buffers: Buffers, num_experts: int,
-) -> Iterator[dict[str, Tensor]]:
-    """``num_experts`` drop/noise experts of one layer, in order: their draws made on a worker
-    thread up to two experts ahead (module docstring), each expert built here. ``g`` must not
-    be used elsewhere until the iterator is exhausted or closed (the worker is joined then, so
-    the next layer's may use the same ``buffers``)."""
-    shapes = {r: tuple(w.shape) for r, w in mlp.items()}
-    dtypes = {r: w.dtype for r, w in mlp.items()}
-    b = buffers
-
-    def draws() -> Iterator[ExpertDraws]:
-        for _ in range(num_experts):
-            yield draw_expert(shapes, dtypes, spec, g, sums, b.draw_scratch, b.drawn)
-
-    down = mlp["down"]
-    down_rows = b.down_rows.get((down.shape[1], down.shape[0]), down.dtype).copy_(down.t())
-    # one expert handed over while the next is drawn: building one (~0.14 s at 8x3.7B) is
-    # faster than drawing one (~0.25 s), so a deeper queue only holds more buffers and leaves
-    # the worker idle longer at the layer's end (measured: the same rate, 70 MB less peak)
-    for d in produce_ahead(draws(), depth=1, name="draw"):
-        yield apply_draws(mlp, d, spec, b.outputs, b.apply_scratch, down_rows)
+) -> ExpertStream:
+    """``ExpertStream`` without a hook: ``g`` is free again once it is exhausted or closed."""
+    return ExpertStream(mlp, spec, g, sums, buffers, num_experts)

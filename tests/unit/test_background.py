@@ -53,6 +53,20 @@ def test_closing_produce_ahead_stops_the_worker() -> None:
     assert not any(t.name == "producer" for t in threading.enumerate())
 
 
+def test_produce_ahead_starts_at_the_call_and_a_dropped_one_stops() -> None:
+    items = Counted(1000)
+    it = produce_ahead(items, depth=2, name="eager")
+    deadline = time.monotonic() + 5
+    while items.taken == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert items.taken > 0  # working before anyone asked for an item
+    del it  # never iterated, never closed: dropping it stops and joins the worker
+    taken = items.taken
+    time.sleep(0.3)
+    assert items.taken == taken <= 2 + 1
+    assert not any(t.name == "eager" for t in threading.enumerate())
+
+
 def test_consume_behind_consumes_every_item_in_order_and_raises_its_error() -> None:
     seen: list[int] = []
     assert list(consume_behind(range(30), seen.append, depth=3)) == list(range(30))

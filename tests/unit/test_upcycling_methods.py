@@ -135,19 +135,46 @@ def test_seed_reproducible_and_documented_draw_order() -> None:
         assert all(i == perm[j].item() for j, i in got.items() if i is not None)
 
 
-def test_streaming_reads_each_key_once_in_model_order_and_lazily() -> None:
-    dense = dense_state()
-    reads: list[str] = []
+@pytest.mark.parametrize("method,moe_layers", [
+    ("drop", None), ("noise", None), ("naive", None), ("drop", {0, 2}), ("drop", {1, 2}),
+])
+def test_streaming_reads_each_key_once_lazily_and_at_most_one_layer_ahead(
+        method: str, moe_layers: set[int] | None) -> None:
+    """Model order, except that a drop / noise MoE layer right after another has its dense MLP
+    read once the previous layer's draws are done (its experts' draws start then): before its
+    attention, while the previous layer's last expert is still to come."""
+    arch = replace(ARCH, num_layers=3)
+    dense = dense_state(arch)
+    reads: list[tuple[str, int]] = []  # (key, outputs so far)
+    names: list[str] = []
 
     def get(name: str) -> torch.Tensor:
-        reads.append(name)
+        reads.append((name, len(names)))
         return dense[name]
 
-    stream = upcycle(get, dense, ARCH, UpcycleSpec(method="drop", num_experts=4))
+    spec = UpcycleSpec(method=method, num_experts=4, moe_layers=moe_layers)
+    stream = upcycle(get, dense, arch, spec)
     assert reads == []
-    names = [n for n, _ in stream]
-    assert reads == list(hf_shapes(ARCH))
-    assert names == list(hf_shapes(UpcycleSpec(num_experts=4).moe_arch(ARCH)))
+    for name, _ in stream:
+        names.append(name)
+    moe = spec.moe_arch(arch).moe_layers
+    want = list(hf_shapes(arch))
+    for layer in sorted(moe):
+        if layer - 1 in moe and method in ("drop", "noise"):
+            mlp = [HF_DENSE_MLP[r].format(layer=layer) for r in ("gate", "up", "down")]
+            for key in mlp:
+                want.remove(key)
+            at = want.index(f"model.layers.{layer}.input_layernorm.weight")
+            want[at:at] = mlp
+    assert [key for key, _ in reads] == want
+    assert names == list(hf_shapes(spec.moe_arch(arch)))
+    early = {n for n in moe if n - 1 in moe and method in ("drop", "noise")}
+    for key, made in reads:  # never more than one layer ahead of the output
+        if key.startswith("model.layers.") and (layer := int(key.split(".")[2])) > 0:
+            assert any(n.startswith(f"model.layers.{layer - 1}.") for n in names[:made]), key
+            if layer in early and ".mlp." in key:
+                # read just before the previous layer's last expert (3 of 4) comes out
+                assert names[made - 1] == HF_EXPERT["down"].format(layer=layer - 1, expert=2)
 
 
 @pytest.mark.parametrize("how", ["uniform_std002", "normal_std002"])
