@@ -5,12 +5,20 @@ that something still holds."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from megatron_ext.upcycling import UpcycleSpec
 from megatron_ext.upcycling.neuron_stats import Recycler
-from megatron_ext.upcycling.perturb import Buffers, draw_experts, mlp_sums, perturb_expert
+from megatron_ext.upcycling.perturb import (
+    Buffers,
+    ExpertStream,
+    draw_experts,
+    mlp_sums,
+    perturb_expert,
+)
 
 
 def _mlp(dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -85,3 +93,27 @@ def test_recycler_keeps_at_most_keep() -> None:
     r = Recycler(keep=2)
     held = [r.get((3,), torch.float32) for _ in range(5)]
     assert len(r._kept) == 2 and len({id(t) for t in held}) == 5
+
+
+def test_a_stream_draws_from_construction_and_hands_the_generator_back_before_its_last_expert(
+) -> None:
+    mlp, spec = _mlp(torch.bfloat16), UpcycleSpec(method="drop", ratio=0.5, num_experts=3)
+    g = torch.Generator().manual_seed(5)
+    start = g.get_state()
+    built: list[dict[str, torch.Tensor]] = []
+    handed: list[tuple[torch.Tensor, int]] = []
+    stream = ExpertStream(mlp, spec, g, mlp_sums(mlp), Buffers(), 3,
+                          on_drawn=lambda: handed.append((g.get_state(), len(built))))
+    deadline = time.monotonic() + 5
+    while torch.equal(g.get_state(), start) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not torch.equal(g.get_state(), start)  # drawing before the first ``next``
+    built.extend(stream)
+    replay = torch.Generator().manual_seed(5)
+    want = [perturb_expert(mlp, spec, replay) for _ in range(3)]
+    # once, with every draw made, before the last expert was built
+    assert len(handed) == 1 and torch.equal(handed[0][0], replay.get_state())
+    assert handed[0][1] == 2
+    for got, expert in zip(built, want):
+        assert all(torch.equal(got[r].view(torch.uint8), expert[r].view(torch.uint8))
+                   for r in expert)
