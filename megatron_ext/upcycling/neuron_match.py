@@ -126,8 +126,10 @@ class DenseNeurons:
     def __init__(self, w: Tensor, role: str, prints: Prints, scratch: Scratch | None = None,
                  ) -> None:
         """``scratch``: where down's columns are copied into rows (``as_rows``), kept until the
-        next layer's; a fresh tensor when not given."""
-        self.rows = aligned(as_rows(w, role, scratch or Scratch()))
+        next layer's; a fresh tensor when not given, and always for gate and up (copied only
+        when a getter hands them out non-contiguous: they must not share down's buffer)."""
+        use = scratch if scratch is not None and role == "down" else Scratch()
+        self.rows = aligned(as_rows(w, role, use))
         self.sums = NeuronSums(self.rows, 0)  # statistics of any set of dropped neurons
         self.prints = prints
         self.short = True

@@ -101,6 +101,16 @@ def test_tensors_at_unaligned_offsets_pass_and_a_flipped_bit_is_still_caught(
         _check(shifted, spec, edit=_replace(q, flip))
 
 
+@pytest.mark.parametrize("method", ["drop", "noise"])
+def test_column_major_dense_tensors_pass(dense, method: str) -> None:
+    """A getter may hand out non-contiguous tensors (here every matrix column-major): the
+    dense neurons of gate and up are then copied too, and must not share down's buffer."""
+    columns = {n: t.t().contiguous().t() if t.dim() == 2 else t for n, t in dense.items()}
+    assert not columns[HF_Q.format(layer=0)].is_contiguous()
+    check = _check(columns, UpcycleSpec(method=method, ratio=0.5, num_experts=4))
+    assert "PASS" in check.summary()
+
+
 def test_same_bits_compares_bits_dtype_and_shape() -> None:
     a = torch.randn(6, 10).to(torch.bfloat16)
     assert same_bits(a, a.clone()) and same_bits(a, _at_offset(a, 1))
