@@ -191,10 +191,3 @@ class ExpertStream:
     def close(self) -> None:
         self._draws.close()
 
-
-def draw_experts(
-    mlp: dict[str, Tensor], spec: UpcycleSpec, g: torch.Generator,
-    sums: dict[str, NeuronSums] | None, buffers: Buffers, num_experts: int,
-) -> ExpertStream:
-    """``ExpertStream`` without a hook: ``g`` is free again once it is exhausted or closed."""
-    return ExpertStream(mlp, spec, g, sums, buffers, num_experts)

@@ -1,4 +1,4 @@
-"""upcycling.perturb: the layer's experts drawn on a worker thread (``draw_experts``) are the
+"""upcycling.perturb: the layer's experts drawn on a worker thread (``ExpertStream``) are the
 bytes one thread gives (``perturb_expert`` in a loop, itself replayed against the reference
 algorithm in test_upcycling_neuron_stats.py); neuron_stats.Recycler never hands out a tensor
 that something still holds."""
@@ -15,7 +15,6 @@ from megatron_ext.upcycling.neuron_stats import Recycler
 from megatron_ext.upcycling.perturb import (
     Buffers,
     ExpertStream,
-    draw_experts,
     mlp_sums,
     perturb_expert,
 )
@@ -44,7 +43,7 @@ def test_experts_drawn_ahead_equal_one_thread(dtype, method: str, ratio: float,
     # intact while later ones are made
     buffers = Buffers()
     got = [e for _ in range(2)
-           for e in draw_experts(mlp, spec, ahead, sums, buffers, spec.num_experts)]
+           for e in ExpertStream(mlp, spec, ahead, sums, buffers, spec.num_experts)]
     for expert in got:
         want = perturb_expert(mlp, spec, one)
         for role in want:
@@ -56,7 +55,7 @@ def test_experts_drawn_ahead_equal_one_thread(dtype, method: str, ratio: float,
 def test_stopping_early_leaves_the_generator_where_the_draws_stopped() -> None:
     mlp, spec = _mlp(torch.bfloat16), UpcycleSpec(method="drop", ratio=0.5, num_experts=8)
     g = torch.Generator().manual_seed(5)
-    experts = draw_experts(mlp, spec, g, mlp_sums(mlp), Buffers(), 8)
+    experts = ExpertStream(mlp, spec, g, mlp_sums(mlp), Buffers(), 8)
     next(experts)
     experts.close()  # the worker stops; g is free again and was consumed for whole experts
     state = g.get_state()
