@@ -23,7 +23,8 @@ _SHORT_WORDS = 16  # words per short print (class DenseNeurons)
 
 def as_bits(t: Tensor) -> Tensor:
     """``t`` reinterpreted as integers of its width: bit equality, NaN and -0.0 included."""
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}.get(t.element_size(), t.dtype))
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(bits.get(t.element_size(), t.dtype))
 
 
 def neurons_of(w: Tensor, role: str) -> Tensor:

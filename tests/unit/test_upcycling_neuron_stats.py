@@ -28,7 +28,8 @@ def test_sums_equal_std_mean_of_the_slice(dtype, offset: float) -> None:
 
 
 def _replay(mlp: dict, spec: UpcycleSpec, g: torch.Generator) -> dict:
-    """drop, the slice gathered and its torch.std_mean sampled from (REFERENCE.md section 1)."""
+    """drop, the slice gathered and its torch.std_mean sampled from (REFERENCE.md section 1);
+    noise, N(0, noise_std) added to the gathered slice in fp32 (section 6)."""
     f = mlp["gate"].shape[0]
     k = math.floor(spec.ratio * f)
     perm = torch.randperm(f, generator=g)
@@ -37,20 +38,24 @@ def _replay(mlp: dict, spec: UpcycleSpec, g: torch.Generator) -> dict:
         idx = torch.randperm(f, generator=g)[:k]
         dim = 1 if role == "down" else 0
         sel = out[role].index_select(dim, idx).float()
-        std, mean = torch.std_mean(sel)
-        new = torch.normal(mean.item(), std.item(), tuple(sel.shape), generator=g)
+        if spec.method == "noise":
+            new = sel + torch.normal(0.0, spec.noise_std, tuple(sel.shape), generator=g)
+        else:
+            std, mean = torch.std_mean(sel)
+            new = torch.normal(mean.item(), std.item(), tuple(sel.shape), generator=g)
         out[role].index_copy_(dim, idx, new.to(out[role].dtype))
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_drop_bytes_equal_a_std_mean_replay(dtype) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("method", ["drop", "noise"])
+def test_drop_and_noise_bytes_equal_a_replay(dtype, method: str) -> None:
     g = torch.Generator().manual_seed(1)
     mlp = {"gate": 0.02 * torch.randn(160, 48, generator=g),
            "up": 0.5 + 0.02 * torch.randn(160, 48, generator=g),
            "down": 0.02 * torch.randn(48, 160, generator=g)}
     mlp = {r: t.to(dtype) for r, t in mlp.items()}
-    spec = UpcycleSpec(method="drop", ratio=0.5, num_experts=2)
+    spec = UpcycleSpec(method=method, ratio=0.5, num_experts=2)
     ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     for _ in range(3):  # experts: the generator stays in step
         got, want = perturb_expert(mlp, spec, ours), _replay(mlp, spec, theirs)
