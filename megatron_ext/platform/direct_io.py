@@ -7,7 +7,9 @@ the bytes straight from one reused buffer.
 
 O_DIRECT wants offsets, lengths and memory aligned to the device's block. Bytes are gathered in
 a page-aligned buffer and written in whole blocks; the last block is padded and the file is then
-truncated to its real size. A write that does not continue where the last one ended, a file
+truncated to its real size. Data whose memory lies at the file's alignment (a tensor that starts
+on a page, written at a page of the file) skips the buffer: its whole blocks are written from
+where they are. A write that does not continue where the last one ended, a file
 system that refuses O_DIRECT (tmpfs: EINVAL when opening or at the first write), or a platform
 without it make the file fall back to ordinary writes from that point on. The bytes on disk are
 the same either way.
@@ -25,6 +27,7 @@ from torch import Tensor
 
 ALIGN = 4096  # the largest logical block size in common use; a multiple of the smaller ones
 BLOCK = 16 * 2**20  # bytes per direct write: large enough to stream, small enough to keep
+IN_PLACE_MIN = 2**20  # bytes of whole blocks worth a write of their own (``_write_in_place``)
 
 
 class SequentialFile:
@@ -43,6 +46,7 @@ class SequentialFile:
         self._buf: mmap.mmap | None = None
         self._buf_t: Tensor | None = None
         self._used = 0  # bytes in the buffer, which start at ``_flushed``
+        self.in_place = 0  # bytes written straight from the caller's memory
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
@@ -65,8 +69,11 @@ class SequentialFile:
             data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if self._direct_fd is not None and offset != self._end:
             self._fall_back()
+        end = offset + data.numel()
+        if self._direct_fd is not None:
+            data = self._write_in_place(data)
         if self._direct_fd is None:
-            self._pwrite(self._fd, data.numpy().data, offset)
+            self._pwrite(self._fd, data.numpy().data, end - data.numel())
         else:
             assert self._buf_t is not None
             done = 0
@@ -78,9 +85,38 @@ class SequentialFile:
                 if self._used == BLOCK:
                     self._flush_block(BLOCK)
                     if self._direct_fd is None:  # the first direct write was refused
-                        self.write_at(offset + done, data[done:])
-                        return
-        self._end = max(self._end, offset + data.numel())
+                        self._pwrite(self._fd, data[done:].numpy().data,
+                                     end - data.numel() + done)
+                        break
+        self._end = max(self._end, end)
+
+    def _write_in_place(self, data: Tensor) -> Tensor:
+        """Write the whole blocks of ``data`` (which continues the file) straight from its own
+        memory when that lies at the file's alignment: the bytes before them complete the
+        buffer's last block, which is flushed first. Returns the bytes left to buffer (all of
+        ``data`` when it is small or not aligned like the file). A bounce through the buffer
+        is a memcpy of every byte: 0.13 s of CPU per GB, measured, 5% of the upcycler's."""
+        head = -(self._flushed + self._used) % ALIGN
+        blocks = (data.numel() - head) // ALIGN * ALIGN
+        if blocks < IN_PLACE_MIN or (data.data_ptr() + head) % ALIGN:
+            return data
+        assert self._buf_t is not None
+        self._buf_t[self._used:self._used + head].copy_(data[:head])
+        self._used += head
+        if self._used:
+            self._flush_block(self._used)
+            if self._direct_fd is None:  # the first direct write was refused
+                return data[head:]
+        try:
+            self._pwrite(self._direct_fd, data[head:head + blocks].numpy().data, self._flushed)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._fall_back()  # this memory refused: ordinary writes from here on
+            return data[head:]
+        self._flushed += blocks
+        self.in_place += blocks
+        return data[head + blocks:]
 
     def _flush_block(self, length: int) -> None:
         """Write the buffer's first ``length`` bytes (a multiple of ALIGN) at ``_flushed``."""

@@ -4,6 +4,7 @@ they went through O_DIRECT, fell back to ordinary writes part way, or never used
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import resource
 from pathlib import Path
@@ -147,3 +148,92 @@ def test_a_refused_write_names_the_file(tmp_path: Path, small_blocks: int, direc
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert raised.value.errno == errno.EFBIG
     assert raised.value.filename == str(tmp_path / "big.bin")
+
+
+def _placed(data: torch.Tensor, residue: int) -> torch.Tensor:
+    """``data``'s bytes in memory whose address is ``residue`` past a page boundary (an
+    anonymous map is page-aligned)."""
+    room = mmap.mmap(-1, data.numel() + ALIGN)
+    out = torch.frombuffer(room, dtype=torch.uint8)[residue:residue + data.numel()]
+    return out.copy_(data)
+
+
+@pytest.fixture
+def small_in_place(monkeypatch: pytest.MonkeyPatch, small_blocks: int) -> int:
+    monkeypatch.setattr(direct_io, "IN_PLACE_MIN", 2 * ALIGN)
+    return small_blocks
+
+
+@pytest.mark.parametrize("header", [0, 13, ALIGN, 3 * ALIGN + 100])
+def test_data_aligned_like_the_file_is_written_in_place_with_the_same_bytes(
+        tmp_path: Path, small_in_place: int, header: int) -> None:
+    """Pieces whose memory lies at their file offset's alignment skip the buffer (their whole
+    blocks); the others, and the bytes around those blocks, go through it; the file is the
+    bytes written either way."""
+    sizes = [header, 5 * ALIGN + 7, 3 * small_in_place + 1, 2 * ALIGN, ALIGN - 1, 9 * ALIGN]
+    pieces, want = _sequential([n for n in sizes if n])
+    placed = []
+    for i, (offset, data) in enumerate(pieces):
+        # every other piece aligned like its offset in the file, the rest a little off
+        placed.append((offset, _placed(data, (offset + (0 if i % 2 else 8)) % ALIGN)))
+    f = SequentialFile(tmp_path / "p.bin")
+    if not f.direct:
+        f.close()
+        pytest.skip("this file system refuses O_DIRECT")
+    for offset, data in placed:
+        f.write_at(offset, data)
+    f.close()
+    assert (tmp_path / "p.bin").read_bytes() == want
+    aligned = [d for i, (_, d) in enumerate(pieces) if i % 2 and d.numel() >= 3 * ALIGN]
+    assert 0 < f.in_place <= sum(d.numel() for d in aligned)
+
+
+def test_data_aligned_unlike_the_file_is_buffered(tmp_path: Path, small_in_place: int) -> None:
+    pieces, want = _sequential([100, 6 * small_in_place])
+    f = _write(tmp_path / "q.bin", [(o, _placed(d, (o + 512) % ALIGN)) for o, d in pieces])
+    assert f.in_place == 0
+    assert (tmp_path / "q.bin").read_bytes() == want
+
+
+@pytest.mark.parametrize("refuse", ["first", "in_place"])
+def test_a_refused_in_place_write_falls_back_with_the_same_bytes(
+        tmp_path: Path, small_in_place: int, monkeypatch: pytest.MonkeyPatch,
+        refuse: str) -> None:
+    """A direct write refused (EINVAL) at the first block, or only for the caller's memory,
+    sends the rest of the file through ordinary writes."""
+    real_pwrite, real_open = os.pwrite, os.open
+    direct_fds: set[int] = set()
+    buffers: list[int] = []
+
+    def tracking_open(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_fds.add(fd)
+        return fd
+
+    def refusing_pwrite(fd, data, offset):
+        if fd in direct_fds:
+            buffer = torch.frombuffer(data, dtype=torch.uint8).data_ptr() if len(data) else 0
+            if refuse == "first" or buffer not in buffers:
+                raise OSError(22, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    f = SequentialFile(tmp_path / "r.bin")
+    if not f.direct:
+        f.close()
+        pytest.skip("this file system refuses O_DIRECT")
+    buffers.append(f._buf_t.data_ptr())  # the bounce buffer's writes pass
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    f.close(discard=True)
+    buffers[:] = []
+    pieces, want = _sequential([ALIGN + 5, 4 * small_in_place, 7000])
+    f = SequentialFile(tmp_path / "r.bin")
+    assert f.direct
+    if f._buf_t is not None:
+        buffers.append(f._buf_t.data_ptr())
+    for offset, data in pieces:
+        f.write_at(offset, _placed(data, offset % ALIGN))
+    f.close()
+    assert not f.direct and f.in_place == 0
+    assert (tmp_path / "r.bin").read_bytes() == want
