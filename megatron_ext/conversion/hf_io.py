@@ -41,7 +41,7 @@ from megatron_ext.conversion.hf_config import read_hf_config, read_index
 from megatron_ext.conversion.keymaps import ConversionError
 from megatron_ext.errors import one_line
 from megatron_ext.platform.background import consume_behind
-from megatron_ext.platform.direct_io import SequentialFile
+from megatron_ext.platform.direct_io import ALIGN, SequentialFile
 from megatron_ext.platform.fs import recover_interrupted, staging
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -238,7 +238,10 @@ class ShardedWriter:
                 pos += nbytes
             self.total_bytes += pos
             raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, like the reference
+            # tensor data starts on a block of the file (spaces end a safetensors header, as
+            # the reference's 8-byte padding): tensors aligned in memory are then written
+            # from there (``SequentialFile``), where the layout keeps them aligned in the file
+            raw += b" " * (-(8 + len(raw)) % ALIGN)
             self._headers[fname] = struct.pack("<Q", len(raw)) + raw
             self._remaining[fname] = len(shard)
         self._open: dict[str, SequentialFile] = {}
