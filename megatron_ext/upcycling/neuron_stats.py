@@ -25,6 +25,8 @@ import sys
 import torch
 from torch import Tensor
 
+from megatron_ext.platform.direct_io import ALIGN
+
 _CHUNK = 256  # neurons per fp64 temporary: 256 x H x 8 bytes (6 MB at H = 3072)
 
 
@@ -85,6 +87,18 @@ class Scratch:
         return flat[:n].view(shape)
 
 
+def page_aligned(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An empty tensor whose data starts on a page: the writer then sends its whole blocks to
+    an O_DIRECT file from where they are (``platform.direct_io``), not through a copy. torch
+    aligns large tensors to 64 bytes (to a page only with THP_MEM_ALLOC_ENABLE)."""
+    n = math.prod(shape) * dtype.itemsize
+    raw = torch.empty(n + ALIGN, dtype=torch.uint8)
+    skip = -raw.data_ptr() % ALIGN  # a multiple of 64: of any element size
+    # set_, not a view: a view keeps ``raw`` as its base, a second use of the memory that
+    # ``Recycler`` would read as a consumer still holding it
+    return torch.empty(0, dtype=dtype).set_(raw.untyped_storage(), skip // dtype.itemsize, shape)
+
+
 class Recycler:
     """Tensors handed to consumers (a writer, a check, the caller) and reused once all of them
     have let go: a fresh 50 MB tensor costs a page fault and a zeroed page per 2 MB (4 KB
@@ -93,7 +107,7 @@ class Recycler:
     "Let go" is read from reference counts, both of which CPython and torch keep exactly: no
     other Python reference to the tensor object, and no other tensor (a view, a numpy array)
     sharing its memory. A tensor that is still held is never handed out again; at most ``keep``
-    tensors are kept (beyond that, plain fresh tensors)."""
+    tensors are kept (beyond that, fresh ones). All start on a page (``page_aligned``)."""
 
     def __init__(self, keep: int = 16) -> None:
         self.keep = keep
@@ -104,7 +118,7 @@ class Recycler:
         for i in range(len(self._kept)):
             if self._reusable(i, shape, dtype):
                 return self._kept[i]
-        t = torch.empty(shape, dtype=dtype)
+        t = page_aligned(shape, dtype)
         if len(self._kept) < self.keep:
             self._kept.append(t)
         return t

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from megatron_ext.platform.direct_io import ALIGN
 from megatron_ext.upcycling import UpcycleSpec
 from megatron_ext.upcycling.neuron_stats import Recycler
 from megatron_ext.upcycling.perturb import (
@@ -76,16 +77,30 @@ def test_recycler_reuses_only_what_nobody_holds() -> None:
     del b
     assert id(r.get((4, 4), torch.float32)) == b_id  # free again: reused
     assert r.get((4, 5), torch.float32) is not a and r.get((4, 4), torch.int32) is not a
-    view = a[1:]
+    view, a_at = a[1:], a.data_ptr()
     del a
     fresh = r.get((4, 4), torch.float32)
-    assert fresh.data_ptr() != view.data_ptr() - view.storage_offset() * 4  # a view holds it
+    assert fresh.data_ptr() != a_at and view.data_ptr() == a_at + 16  # a view holds it
     held = {"t": fresh}
     assert r.get((4, 4), torch.float32) is not fresh  # a Python reference holds it
     array = held.pop("t").numpy()
     del fresh
     got = r.get((4, 4), torch.float32)
     assert got.numpy().__array_interface__["data"][0] != array.__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64, torch.uint8])
+def test_recycled_tensors_start_on_a_page_and_are_reused(dtype) -> None:
+    """Page-aligned (the writer sends them to O_DIRECT files in place), contiguous, and free
+    again once let go: the alignment must not leave a second holder of the memory."""
+    r = Recycler(keep=4)
+    for shape in [(3, 5), (1000, 77), (0,), (2, 4096)]:
+        t = r.get(shape, dtype)
+        assert (t.shape, t.dtype, t.is_contiguous()) == (shape, dtype, True)
+        assert t.data_ptr() % ALIGN == 0
+        t_id = id(t)
+        del t
+        assert id(r.get(shape, dtype)) == t_id
 
 
 def test_recycler_keeps_at_most_keep() -> None:
