@@ -7,7 +7,9 @@ import errno
 import mmap
 import os
 import resource
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,6 +43,15 @@ def _sequential(sizes: list[int]) -> tuple[list[tuple[int, torch.Tensor]], bytes
     return pieces, b"".join(bytes(d.numpy()) for _, d in pieces)
 
 
+def _direct_file(path: Path) -> SequentialFile:
+    """A new ``SequentialFile`` at ``path`` writing through O_DIRECT, or the test skipped."""
+    f = SequentialFile(path)
+    if not f.direct:
+        f.close()
+        pytest.skip("this file system refuses O_DIRECT")
+    return f
+
+
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> int:
     """A 64 KiB block, so that a few hundred KB cross several block boundaries."""
@@ -52,10 +63,7 @@ def test_in_order_writes_go_direct_and_give_the_exact_bytes(tmp_path: Path,
                                                             small_blocks: int) -> None:
     # odd sizes: pieces straddle blocks, and the file ends mid-block (padded, then truncated)
     pieces, want = _sequential([13, 3 * small_blocks + 77, 1, small_blocks, 4095, 70001])
-    f = SequentialFile(tmp_path / "a.bin")
-    if not f.direct:
-        f.close()
-        pytest.skip("this file system refuses O_DIRECT")
+    f = _direct_file(tmp_path / "a.bin")
     for offset, data in pieces:
         f.write_at(offset, data)
         assert f.direct
@@ -93,12 +101,11 @@ def test_a_file_system_without_o_direct_gets_ordinary_writes(small_blocks: int) 
         path.unlink(missing_ok=True)
 
 
-def test_a_refused_first_direct_write_falls_back(tmp_path: Path, small_blocks: int,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Some file systems accept O_DIRECT at open and refuse the first write (EINVAL)."""
-    real_pwrite = os.pwrite
+def _refuse_direct_writes(monkeypatch: pytest.MonkeyPatch, refused: Callable[[Any], bool]) -> None:
+    """Writes to descriptors opened with O_DIRECT fail with EINVAL where ``refused(data)``, as
+    on file systems that accept O_DIRECT at open and refuse the write."""
+    real_pwrite, real_open = os.pwrite, os.open
     direct_fds: set[int] = set()
-    real_open = os.open
 
     def tracking_open(path, flags, *args):
         fd = real_open(path, flags, *args)
@@ -107,12 +114,18 @@ def test_a_refused_first_direct_write_falls_back(tmp_path: Path, small_blocks: i
         return fd
 
     def refusing_pwrite(fd, data, offset):
-        if fd in direct_fds:
-            raise OSError(22, "Invalid argument")
+        if fd in direct_fds and refused(data):
+            raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "open", tracking_open)
     monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+
+
+def test_a_refused_first_direct_write_falls_back(tmp_path: Path, small_blocks: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some file systems accept O_DIRECT at open and refuse the first write (EINVAL)."""
+    _refuse_direct_writes(monkeypatch, lambda data: True)
     for sizes in ([3 * small_blocks + 5], [100]):  # refused at a full block / at the last one
         pieces, want = _sequential(sizes)
         f = _write(tmp_path / "c.bin", pieces)
@@ -176,10 +189,7 @@ def test_data_aligned_like_the_file_is_written_in_place_with_the_same_bytes(
     for i, (offset, data) in enumerate(pieces):
         # every other piece aligned like its offset in the file, the rest a little off
         placed.append((offset, _placed(data, (offset + (0 if i % 2 else 8)) % ALIGN)))
-    f = SequentialFile(tmp_path / "p.bin")
-    if not f.direct:
-        f.close()
-        pytest.skip("this file system refuses O_DIRECT")
+    f = _direct_file(tmp_path / "p.bin")
     for offset, data in placed:
         f.write_at(offset, data)
     f.close()
@@ -201,37 +211,12 @@ def test_a_refused_in_place_write_falls_back_with_the_same_bytes(
         refuse: str) -> None:
     """A direct write refused (EINVAL) at the first block, or only for the caller's memory,
     sends the rest of the file through ordinary writes."""
-    real_pwrite, real_open = os.pwrite, os.open
-    direct_fds: set[int] = set()
-    buffers: list[int] = []
-
-    def tracking_open(path, flags, *args):
-        fd = real_open(path, flags, *args)
-        if flags & getattr(os, "O_DIRECT", 0):
-            direct_fds.add(fd)
-        return fd
-
-    def refusing_pwrite(fd, data, offset):
-        if fd in direct_fds:
-            buffer = torch.frombuffer(data, dtype=torch.uint8).data_ptr() if len(data) else 0
-            if refuse == "first" or buffer not in buffers:
-                raise OSError(22, "Invalid argument")
-        return real_pwrite(fd, data, offset)
-
-    f = SequentialFile(tmp_path / "r.bin")
-    if not f.direct:
-        f.close()
-        pytest.skip("this file system refuses O_DIRECT")
-    buffers.append(f._buf_t.data_ptr())  # the bounce buffer's writes pass
-    monkeypatch.setattr(os, "open", tracking_open)
-    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
-    f.close(discard=True)
-    buffers[:] = []
+    bounce: list[int] = []  # the buffer's writes pass unless all are refused
+    _refuse_direct_writes(monkeypatch, lambda data: refuse == "first" or bounce != [
+        torch.frombuffer(data, dtype=torch.uint8).data_ptr()])
+    f = _direct_file(tmp_path / "r.bin")
+    bounce.append(f._buf_t.data_ptr())
     pieces, want = _sequential([ALIGN + 5, 4 * small_in_place, 7000])
-    f = SequentialFile(tmp_path / "r.bin")
-    assert f.direct
-    if f._buf_t is not None:
-        buffers.append(f._buf_t.data_ptr())
     for offset, data in pieces:
         f.write_at(offset, _placed(data, offset % ALIGN))
     f.close()
