@@ -268,7 +268,7 @@ def test_validated_upcycle_fits_a_limit_the_whole_model_check_exceeds(tmp_path: 
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "dense")
     limit = _imports_vmpeak() + HEADROOM
 
-    def run(out: str, *extra: str) -> subprocess.CompletedProcess:
+    def run(out: str, *extra: str, capped: bool = True) -> subprocess.CompletedProcess:
         def cap() -> None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
@@ -276,7 +276,7 @@ def test_validated_upcycle_fits_a_limit_the_whole_model_check_exceeds(tmp_path: 
             [sys.executable, "-m", "megatron_ext.cli.upcycle", "--input", str(tmp_path / "dense"),
              "--output", str(tmp_path / out), "--method", "drop", "--num-experts", "8", *extra],
             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-            capture_output=True, text=True, timeout=300, preexec_fn=cap)
+            capture_output=True, text=True, timeout=300, preexec_fn=cap if capped else None)
 
     r = run("moe")  # the default: streaming validation; the logit check does not fit the limit
     assert r.returncode == 0, r.stderr[-2000:]
@@ -284,7 +284,13 @@ def test_validated_upcycle_fits_a_limit_the_whole_model_check_exceeds(tmp_path: 
     assert "full-model logit check skipped" in r.stdout
     r = run("whole", "--logit-check-memory", "100GB")  # forced: the old whole-model check
     assert r.returncode != 0 and not (tmp_path / "whole").exists()
-    assert re.search("MemoryError|Cannot allocate memory|out of memory", r.stderr), r.stderr[-2000:]
+    # where the allocation fails depends on the threads' timing: in our code or torch's (an error
+    # that names memory), or inside transformers 5's loader, which reports a failed weight
+    # conversion instead; the run without the limit below shows the limit is the cause
+    assert re.search("MemoryError|Cannot allocate memory|out of memory|automatic conversion of "
+                     "the weights", r.stderr), r.stderr[-2000:]
+    r = run("free", "--logit-check-memory", "100GB", capped=False)
+    assert r.returncode == 0 and "max |logit diff|" in r.stdout, r.stderr[-2000:]
 
 
 def test_btx_of_fp32_sources_passes_and_leaves_the_sources_unchanged(dense) -> None:
