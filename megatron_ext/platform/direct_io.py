@@ -72,8 +72,9 @@ class SequentialFile:
         end = offset + data.numel()
         if self._direct_fd is not None:
             data = self._write_in_place(data)
+        start = end - data.numel()  # of what is left to write
         if self._direct_fd is None:
-            self._pwrite(self._fd, data.numpy().data, end - data.numel())
+            self._pwrite(self._fd, data.numpy().data, start)
         else:
             assert self._buf_t is not None
             done = 0
@@ -85,8 +86,7 @@ class SequentialFile:
                 if self._used == BLOCK:
                     self._flush_block(BLOCK)
                     if self._direct_fd is None:  # the first direct write was refused
-                        self._pwrite(self._fd, data[done:].numpy().data,
-                                     end - data.numel() + done)
+                        self._pwrite(self._fd, data[done:].numpy().data, start + done)
                         break
         self._end = max(self._end, end)
 

@@ -21,10 +21,12 @@ _COMPARE_CHUNK = 256  # neurons per bit comparison: its buffers stay in cache
 _SHORT_WORDS = 16  # words per short print (class DenseNeurons)
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # by element size
+
+
 def as_bits(t: Tensor) -> Tensor:
     """``t`` reinterpreted as integers of its width: bit equality, NaN and -0.0 included."""
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return t.view(bits.get(t.element_size(), t.dtype))
+    return t.view(_BITS.get(t.element_size(), t.dtype))
 
 
 def neurons_of(w: Tensor, role: str) -> Tensor:
@@ -39,7 +41,7 @@ def as_words(rows: Tensor) -> Tensor:
     row_bytes = rows.shape[1] * rows.element_size()
     offset = rows.storage_offset() * rows.element_size()
     wide = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0 and offset % w == 0)
-    return rows.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[wide])
+    return rows.view(_BITS[wide])
 
 
 def same_bits(a: Tensor, b: Tensor) -> bool:
