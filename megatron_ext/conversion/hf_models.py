@@ -7,6 +7,7 @@ transformers is imported inside the loaders: conversion itself never needs it.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,22 +17,49 @@ import torch
 
 from megatron_ext.conversion.hf_io import HFCheckpoint
 from megatron_ext.conversion.keymaps import HF_DENSE_MLP, arch_from_hf_config
+from megatron_ext.errors import out_of_memory, out_of_memory_in
 from megatron_ext.model.compare import ValidationError
 
 
+class _Held(logging.Handler):
+    """Keeps the messages of the records it is handed, to show only if a load fails."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def _quiet_transformers(what: Path) -> Iterator[None]:
+    """transformers' warnings and progress bars held back while it loads ``what``. If the load
+    fails, they go with the error: transformers 5 catches an error in converting a weight
+    (running out of memory, say) and raises one that only points at its logged report, so an
+    allocation failure found there becomes a ``MemoryError`` (one line from the CLIs, see
+    ``errors.out_of_memory``) and anything else gets the report as a note on its traceback."""
     # why inside: transformers takes seconds to import and only validation needs it
     from transformers.utils import logging as hf_logging
 
-    before, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
+    root, held = hf_logging.get_logger(), _Held()  # the library's root logger
+    before = (root.level, root.handlers[:], root.propagate, hf_logging.is_progress_bar_enabled())
+    root.handlers[:], root.propagate = [held], False
+    root.setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
     try:
         yield
+    except Exception as e:
+        said = "\n".join(held.messages)
+        if out_of_memory(e) is None and (failed := out_of_memory_in(said)) is not None:
+            raise MemoryError(f"{failed} (transformers, loading {what})") from e
+        if said:
+            e.add_note(f"transformers said, loading {what}:\n{said}")
+        raise
     finally:
-        hf_logging.set_verbosity(before)
-        if bars:
+        root.setLevel(before[0])
+        root.handlers[:], root.propagate = before[1], before[2]
+        if before[3]:
             hf_logging.enable_progress_bar()
 
 
@@ -39,7 +67,7 @@ def load_dense(path: Path) -> Any:
     """LlamaForCausalLM in fp32, refusing missing or unexpected weights."""
     from transformers import LlamaForCausalLM  # why inside: start-up time (see module docstring)
 
-    with _quiet_transformers():
+    with _quiet_transformers(path):
         model, info = LlamaForCausalLM.from_pretrained(
             path, dtype=torch.float32, output_loading_info=True,
             use_safetensors=True)  # never a pickled .bin
@@ -57,7 +85,7 @@ def load_moe(path: Path) -> Any:
     ckpt = HFCheckpoint(path)
     arch = arch_from_hf_config(ckpt.config)
     dense_layers = set(range(arch.num_layers)) - arch.moe_layers
-    with _quiet_transformers():
+    with _quiet_transformers(path):
         model, info = MixtralForCausalLM.from_pretrained(
             path, dtype=torch.float32, output_loading_info=True,
             use_safetensors=True)  # never a pickled .bin

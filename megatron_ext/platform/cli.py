@@ -7,6 +7,8 @@ its parser is ``ArgumentParser``. What the user sees, whatever the tool:
 * a ``megatron_ext.errors.UserError`` (bad config, path, data, checkpoint; ``CheckFailed``):
   one line ``error: MESSAGE``, the error's ``exit_code`` (2, or 1 for ``CheckFailed``);
 * an ``OSError`` (disk full, permission denied): one line ``error: MESSAGE``, exit 1;
+* running out of memory (``errors.out_of_memory``: Python's, torch's CPU or CUDA allocator's,
+  also when a library re-raised it as its own error): ``error: out of memory: MESSAGE``, exit 1;
 * Ctrl-C: exit 130, SIGTERM (SLURM's scancel, a preemption): exit 143; both with one line and
   only after the tool's ``finally`` blocks have removed its temporary outputs (SIGTERM is raised
   as ``Terminated``, a BaseException like KeyboardInterrupt, so ``except Exception`` in library
@@ -40,6 +42,7 @@ from megatron_ext.errors import (
     UsageError,
     UserError,
     one_line,
+    out_of_memory,
 )
 from megatron_ext.platform.launch import is_rank0
 
@@ -118,8 +121,12 @@ def run_cli(main: Main, argv: Sequence[str] | None = None) -> int:
         return EXIT_OK if code is None else int(code)
     except UserError as e:
         return _fail(f"error: {e}", e.exit_code)
-    except OSError as e:  # the machine's fault, not the input's: disk full, permissions, ...
-        return _fail(f"error: {one_line(e)}", EXIT_FAILED)
+    except Exception as e:  # the machine's faults, not the input's, nor bugs:
+        if (what := out_of_memory(e)) is not None:  # ... its memory
+            return _fail(f"error: out of memory: {what}", EXIT_FAILED)
+        if isinstance(e, OSError):  # ... disk full, permissions, ...
+            return _fail(f"error: {one_line(e)}", EXIT_FAILED)
+        raise
     except KeyboardInterrupt:
         return _fail(INTERRUPTED_LINE, EXIT_INTERRUPTED)
     except Terminated:

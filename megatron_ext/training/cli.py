@@ -14,7 +14,7 @@ from megatron_ext.config.derived import Derived, derive
 from megatron_ext.config.loader import ConfigError, load_config, to_yaml
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import check_paths, planned_world_size, validate
-from megatron_ext.errors import UsageError, UserError, one_line
+from megatron_ext.errors import UsageError, UserError, one_line, out_of_memory
 from megatron_ext.platform import children, launch
 from megatron_ext.platform.cli import ArgumentParser, safe_console
 from megatron_ext.platform.launch import is_rank0
@@ -219,8 +219,12 @@ def _main(argv: list[str] | None, preempt: Preemption, extra_callbacks: Sequence
             return train_main(cfg, derived, preempt, extra_callbacks)
     except UserError as e:  # found while building (backend, tokenizer, data) or capturing
         return _fail(f"error: {e}")
-    except Exception:  # noqa: BLE001 - report, then a distinct exit code for the launcher
+    except Exception as e:  # noqa: BLE001 - report, then a distinct exit code for the launcher
         preempt.check()  # a failure that follows a signal (a peer rank left) is that signal
+        if (what := out_of_memory(e)) is not None:  # a limit, not a bug: the rank that hit it
+            print(one_line(f"error: out of memory on rank {launch.launch().rank}: {what}"),
+                  file=sys.stderr, flush=True)
+            return EXIT_FAILED
         traceback.print_exc()
         return EXIT_FAILED
 

@@ -57,6 +57,7 @@ from megatron_ext.conversion.mcore_io import (
     save_mcore_into,
     with_arch,
 )
+from megatron_ext.errors import out_of_memory
 from megatron_ext.model.compare import ValidationError, ValidationReport
 from megatron_ext.upcycling.spec import UpcycleError, UpcycleSpec
 from megatron_ext.upcycling.stream_check import StreamCheck
@@ -274,16 +275,23 @@ def upcycle_checkpoint(
                     "(--logit-check-memory)")
                 return None
             in_fmt = resolve_format(Path(input_dir), input_format)
-            if in_fmt == output_format == "hf":
-                report = validate_upcycled(Path(input_dir), tmp, spec.function_preserving())
-            else:
-                # Drop the sources (an mcore one is a whole state dict in memory): both sides
-                # are reloaded from disk, one model at a time.
-                vocab, preserving = dense.arch.vocab_size, spec.function_preserving()
-                del dense, sources, stream, progress
-                spec = replace(spec, btx_sources=())
-                report = compare_logits((Path(input_dir), in_fmt), (tmp, output_format), vocab,
-                                        preserving)
+            try:
+                if in_fmt == output_format == "hf":
+                    report = validate_upcycled(Path(input_dir), tmp, spec.function_preserving())
+                else:
+                    # Drop the sources (an mcore one is a whole state dict in memory): both
+                    # sides are reloaded from disk, one model at a time.
+                    vocab, preserving = dense.arch.vocab_size, spec.function_preserving()
+                    del dense, sources, stream, progress
+                    spec = replace(spec, btx_sources=())
+                    report = compare_logits((Path(input_dir), in_fmt), (tmp, output_format),
+                                            vocab, preserving)
+            except Exception as e:  # say which step and which flag let it run
+                if (failed := out_of_memory(e)) is None:
+                    raise
+                raise MemoryError(
+                    f"{failed}, in the full-model logit check (about {need / 1e9:.1f} GB, allowed "
+                    f"by --logit-check-memory; the streaming validation passed)") from e
             log(report.summary())
             if not report.passed:
                 raise ValidationError(report.summary())
