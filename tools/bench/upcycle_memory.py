@@ -5,8 +5,10 @@ Generates a random dense Llama checkpoint (8x1.5B: hidden 2048, 24 layers, 16 / 
 sharded safetensors) tensor by tensor in a temp dir, upcycles it (drop, r=0.5, 8 experts, the
 default validation unless --skip-validation) in a subprocess, and measures its peak memory
 (ru_maxrss and polled VmHWM of the CLI process) and its write rate (output bytes over the time
-from the first output file to the end), beside the disk's own rate measured by dd in the same
-directory just before each run, the 1-minute load average, and the rate a single torch
+from the first output file to the end), beside the disk's own rate: dd oflag=direct writing as
+many bytes as the run into the same directory just before and just after it (a short burst
+can read 2-3x the rate of a write this long on a virtual disk: caches in front of it), and
+dd conv=fdatasync of 1 GiB; also the 1-minute load average, and the rate a single torch
 generator allows (``generator_seconds``: the reference's draws are one sequential stream).
 --layers scales the model down (the output says so): memory is per layer, so measuring two
 layer counts shows whether the peak grows with depth. Results are printed and appended to
@@ -140,12 +142,14 @@ def run_measured(cmd: list[str], out_parent: Path, poll_s: float = 0.05) -> Meas
                     sum(loads) / max(1, len(loads)), logit)
 
 
-def disk_rate(directory: Path, mode: str) -> float:
-    """Bytes/s of dd writing 1 GiB into ``directory`` (mode: oflag=direct or conv=fdatasync)."""
+def disk_rate(directory: Path, mode: str, nbytes: int = 2**30) -> float:
+    """Bytes/s of dd writing ``nbytes`` (whole 16 MiB blocks, at least one) into ``directory``
+    (mode: oflag=direct or conv=fdatasync)."""
     target = directory / "dd.tmp"
+    count = max(1, nbytes // 2**24)
     try:
-        r = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", "count=64", mode],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}",
+                            mode], capture_output=True, text=True, check=True)
     finally:
         target.unlink(missing_ok=True)
     m = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", r.stderr)
@@ -199,8 +203,10 @@ def record(docs: Path, entry: str) -> None:
     docs.write_text(head + SECTION + body.rstrip("\n") + "\n\n" + entry.rstrip("\n") + "\n" + tail)
 
 
-def measure(tmp: Path, shape: str, layers: int, mode: str, max_shard: str) -> tuple[list, str]:
-    """One mode ("default" or "skip") on the dense model in ``tmp``: (runs, command)."""
+def measure(tmp: Path, shape: str, layers: int, mode: str, max_shard: str,
+            out_bytes: int) -> tuple[list, str]:
+    """One mode ("default" or "skip") on the dense model in ``tmp``, whose output is about
+    ``out_bytes``: (runs, command). A run's disk rate is the mean of dd's before and after."""
     cli = ["tools/convert/upcycle.py", "--input", str(tmp / "dense"), "--output",
            str(tmp / "moe"), "--method", "drop", "--ratio", "0.5", "--num-experts", "8",
            "--top-k", "2", "--seed", "1234", "--max-shard-size", max_shard]
@@ -208,17 +214,21 @@ def measure(tmp: Path, shape: str, layers: int, mode: str, max_shard: str) -> tu
         cli.append("--skip-validation")
     runs = []
     for _ in range(measure.repeats):
-        direct = disk_rate(tmp, "oflag=direct")
         synced = disk_rate(tmp, "conv=fdatasync")
-        shutil.rmtree(tmp / "moe", ignore_errors=True)
+        before = disk_rate(tmp, "oflag=direct", out_bytes)
         m = run_measured([sys.executable, str(ROOT / cli[0]), *cli[1:]], tmp)
         if m.rc != 0:
             raise SystemExit(f"upcycle_memory: the upcycle CLI failed (exit {m.rc})")
         out_bytes = sum(f.stat().st_size for f in (tmp / "moe").iterdir())
-        runs.append((m, out_bytes / m.writing, direct, synced, out_bytes))
+        shutil.rmtree(tmp / "moe")  # first: the disk holds the dense model and one of the two
+        after = disk_rate(tmp, "oflag=direct", out_bytes)
+        direct = (before + after) / 2
+        runs.append((m, out_bytes / m.writing, direct, synced, out_bytes, before, after))
         print(f"  {shape} {layers} layers {mode}: {out_bytes / m.writing / 1e6:.0f} MB/s "
-              f"(dd {direct / 1e6:.0f} / {synced / 1e6:.0f} MB/s), ru_maxrss "
-              f"{m.maxrss / 1e9:.2f} GB, load {m.load:.1f}", flush=True)
+              f"= {out_bytes / m.writing / direct:.2f}x dd (oflag=direct of as many bytes: "
+              f"{before / 1e6:.0f} before, {after / 1e6:.0f} after; fdatasync 1 GiB "
+              f"{synced / 1e6:.0f} MB/s), ru_maxrss {m.maxrss / 1e9:.2f} GB, load {m.load:.1f}",
+              flush=True)
     return runs, " ".join(cli).replace(str(tmp), "$TMP")
 
 
@@ -244,25 +254,30 @@ def entry(shape: str, layers: int, full: int, results: dict, dense_bytes: int, s
     ]
     for mode, (_, cmd) in results.items():
         lines.append(f"- {mode} command: `PYTHONPATH=. python {cmd}`")
-    lines += ["", "| mode | run | load (1 min) | dd direct MB/s | dd fdatasync MB/s | "
-              "upcycle MB/s (first file to end) | wall s | ru_maxrss GB | VmHWM GB | "
-              "tree RSS GB | full-model logit check |", "|---" * 11 + "|"]
+    lines += ["", "dd oflag=direct writes as many bytes as the run, just before and just after "
+              "it; the ratio is to their mean.", "",
+              "| mode | run | load (1 min) | dd direct MB/s before / after | "
+              "dd fdatasync 1 GiB MB/s | upcycle MB/s (first file to end) | x dd | wall s | "
+              "ru_maxrss GB | VmHWM GB | tree RSS GB | full-model logit check |",
+              "|---" * 12 + "|"]
     for mode, (runs, _) in results.items():
-        for i, (m, rate, direct, synced, _) in enumerate(runs, 1):
-            lines.append(f"| {mode} | {i} | {m.load:.1f} | {direct / 1e6:.0f} | "
-                         f"{synced / 1e6:.0f} | {rate / 1e6:.0f} | {m.wall:.0f} | "
+        for i, (m, rate, direct, synced, _, before, after) in enumerate(runs, 1):
+            lines.append(f"| {mode} | {i} | {m.load:.1f} | {before / 1e6:.0f} / "
+                         f"{after / 1e6:.0f} | {synced / 1e6:.0f} | {rate / 1e6:.0f} | "
+                         f"{rate / direct:.2f} | {m.wall:.0f} | "
                          f"{m.maxrss / 1e9:.2f} | {m.vmhwm / 1e9:.2f} | {m.tree_rss / 1e9:.2f} | "
                          f"{m.logit_check} |")
     lines.append("")
     for mode, (runs, _) in results.items():
-        best = max(runs, key=lambda r: r[1])
         peak = max(max(r[0].maxrss, r[0].vmhwm) for r in runs)
+        rates, ratios = [r[1] for r in runs], [r[1] / r[2] for r in runs]
         lines.append(
             f"- {mode}: peak {peak / 1e9:.2f} GB ({peak / 1e9 / TARGET_GB:.2f}x the "
-            f"{TARGET_GB:.0f} GB target); best write rate {best[1] / 1e6:.0f} MB/s = "
-            f"{best[1] / best[2]:.2f}x dd oflag=direct ({best[2] / 1e6:.0f} MB/s) and "
-            f"{best[1] / best[3]:.2f}x dd conv=fdatasync ({best[3] / 1e6:.0f} MB/s) of the same "
-            f"run, load {best[0].load:.1f}")
+            f"{TARGET_GB:.0f} GB target); write rate {min(rates) / 1e6:.0f}-"
+            f"{max(rates) / 1e6:.0f} MB/s = {min(ratios):.2f}-{max(ratios):.2f}x the same "
+            f"runs' dd oflag=direct of as many bytes (mean of before and after), "
+            f"{min(r[1] / r[3] for r in runs):.2f}-{max(r[1] / r[3] for r in runs):.2f}x "
+            f"dd conv=fdatasync of 1 GiB")
     bound = out_bytes / (layers * draw_s)
     lines.append(f"- the generator's bound: one layer's drop samples take {draw_s:.2f} s from one "
                  f"generator here (`generator_seconds`, best of 3), so no upcycle of a seed can "
@@ -310,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{dense_params / 1e9:.2f}B params in {tmp} ...", flush=True)
             dense_bytes = make_dense(tmp / "dense", arch, parse_size(args.max_shard_size))
             draw_s = generator_seconds(arch)
-            results = {mode: measure(tmp, args.shape, arch.num_layers, mode, args.max_shard_size)
-                       for mode in args.modes}
+            results = {mode: measure(tmp, args.shape, arch.num_layers, mode, args.max_shard_size,
+                                     2 * moe_params) for mode in args.modes}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         text = entry(args.shape, arch.num_layers, full, results, dense_bytes,
