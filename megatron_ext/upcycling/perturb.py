@@ -31,8 +31,9 @@ DRAW_ROLES = ("gate", "down", "up")  # RNG order, as the reference (w1, w2, w3)
 @dataclass
 class ExpertDraws:
     """What one expert takes from the generator: ``perm`` over the d_ff neurons, and per
-    projection the re-initialized positions ``idx`` and their new values ``new`` (drop: the
-    samples, already in the weights' dtype; noise: the fp32 noise, added to the slice later)."""
+    projection the re-initialized positions ``idx`` and their new values ``new``, fp32 (drop:
+    the samples, cast to the weights' dtype as they are put in place; noise: the noise, added
+    to the slice later)."""
 
     perm: Tensor
     idx: dict[str, Tensor]
@@ -45,13 +46,13 @@ def mlp_sums(mlp: dict[str, Tensor]) -> dict[str, NeuronSums]:
 
 
 def draw_expert(
-    shapes: dict[str, tuple[int, ...]], dtype: dict[str, torch.dtype], spec: UpcycleSpec,
-    g: torch.Generator, sums: dict[str, NeuronSums] | None,
-    scratch: Scratch, outputs: Recycler,
+    shapes: dict[str, tuple[int, ...]], spec: UpcycleSpec, g: torch.Generator,
+    sums: dict[str, NeuronSums] | None, outputs: Recycler,
 ) -> ExpertDraws:
-    """The draws of one expert. ``shapes``/``dtype``: of gate [F,H], up [F,H], down [H,F];
-    drop: ``sums`` of the dense MLP (``mlp_sums``). ``scratch`` holds the fp32 samples
-    while they are cast; the values handed out come from ``outputs``."""
+    """The draws of one expert. ``shapes``: of gate [F,H], up [F,H], down [H,F]; drop: ``sums``
+    of the dense MLP (``mlp_sums``). The values handed out come from ``outputs``. Nothing but
+    the draws happens here, not even the cast to the weights' dtype: on two cores the draws'
+    thread is the upcycler's critical path (``apply_draws`` casts, on the caller's thread)."""
     d_ff = shapes["gate"][0]
     k = math.floor(spec.ratio * d_ff)
     perm = torch.randperm(d_ff, generator=g)
@@ -68,11 +69,8 @@ def draw_expert(
             # the selected slice is the dense neurons perm[idx]
             std, mean = sums[role].std_mean(perm[idx])
             # normal_ on a contiguous fp32 tensor: the same draws and values as torch.normal
-            fp32 = outputs if dtype[role] == torch.float32 else scratch
-            new = fp32.get(shape, torch.float32).normal_(as_fp32(mean), as_fp32(std),
-                                                        generator=g)
-            if new.dtype != dtype[role]:
-                new = outputs.get(shape, dtype[role]).copy_(new)
+            new = outputs.get(shape, torch.float32).normal_(as_fp32(mean), as_fp32(std),
+                                                           generator=g)
         else:
             new = outputs.get(shape, torch.float32).normal_(0.0, spec.noise_std, generator=g)
         draws.idx[role], draws.new[role] = idx, new
@@ -81,11 +79,13 @@ def draw_expert(
 
 def apply_draws(
     mlp: dict[str, Tensor], draws: ExpertDraws, spec: UpcycleSpec, outputs: Recycler,
-    down_src: Tensor | None = None,
+    down_src: Tensor | None = None, cast: Scratch | None = None,
 ) -> dict[str, Tensor]:
     """The expert: the dense neurons in ``draws.perm``'s order (rows of gate/up, columns of
     down: reordering alone keeps the function), then the drawn positions replaced (drop) or
-    perturbed (noise). ``down_src``: ``down_source(mlp["down"], k)``, once per layer."""
+    perturbed (noise). ``down_src``: ``down_source(mlp["down"], k)``, once per layer.
+    ``cast``: where gate's and up's samples are cast to the weights' dtype (down's are cast
+    as they are copied into ``down_src``); a fresh buffer when not given."""
     perm = draws.perm
     out = {role: torch.index_select(mlp[role], 0, perm,
                                     out=outputs.get(mlp[role].shape, mlp[role].dtype))
@@ -95,6 +95,8 @@ def apply_draws(
             w, idx, new = out[role], draws.idx[role], draws.new[role]
             if spec.method == "noise":  # torch.normal's samples, added in fp32, then cast
                 new = (w.index_select(0, idx).float() + new).to(w.dtype)
+            elif new.dtype != w.dtype:
+                new = (cast or Scratch()).get(tuple(new.shape), w.dtype).copy_(new)
             w.index_copy_(0, idx, new)
     down = mlp["down"]
     idx = draws.idx.get("down", perm[:0])
@@ -139,20 +141,18 @@ def perturb_expert(
         sums = mlp_sums(mlp)
     outputs = Recycler(keep=0)
     shapes = {r: tuple(w.shape) for r, w in mlp.items()}
-    dtypes = {r: w.dtype for r, w in mlp.items()}
-    scratch = scratch or Scratch()
-    draws = draw_expert(shapes, dtypes, spec, g, sums, scratch, outputs)
-    return apply_draws(mlp, draws, spec, outputs)
+    draws = draw_expert(shapes, spec, g, sums, outputs)
+    return apply_draws(mlp, draws, spec, outputs, cast=scratch)
 
 
 class Buffers:
     """What ``ExpertStream`` reuses from layer to layer: the experts' tensors (``outputs``),
-    the drawn values, the draws' worker's scratch, and the layer's ``down_source``."""
+    the drawn values, the layer's ``down_source`` and the casts of the caller's thread."""
 
     def __init__(self) -> None:
         self.outputs, self.drawn = Recycler(), Recycler()
-        self.draw_scratch = Scratch()
         self.down_src = Scratch()  # valid for one layer
+        self.cast = Scratch()
 
 
 class ExpertStream:
@@ -172,12 +172,10 @@ class ExpertStream:
         self.left, self.on_drawn = num_experts, on_drawn
         self._down_src: Tensor | None = None
         shapes = {r: tuple(w.shape) for r, w in mlp.items()}
-        dtypes = {r: w.dtype for r, w in mlp.items()}
-        b = buffers
 
         def draws() -> Iterator[ExpertDraws]:
             for _ in range(num_experts):
-                yield draw_expert(shapes, dtypes, spec, g, sums, b.draw_scratch, b.drawn)
+                yield draw_expert(shapes, spec, g, sums, buffers.drawn)
 
         # one expert handed over while the next is drawn: building one (~0.08 s at 8x3.7B) is
         # faster than drawing one (~0.2 s), so a deeper queue only holds more buffers and
@@ -199,7 +197,8 @@ class ExpertStream:
             # stream may still be building its last expert from the same buffer until then
             k = len(d.idx.get("down", ()))
             self._down_src = down_source(self.mlp["down"], k, self.buffers.down_src)
-        return apply_draws(self.mlp, d, self.spec, self.buffers.outputs, self._down_src)
+        return apply_draws(self.mlp, d, self.spec, self.buffers.outputs, self._down_src,
+                           self.buffers.cast)
 
     def close(self) -> None:
         self._draws.close()

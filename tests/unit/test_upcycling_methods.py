@@ -140,9 +140,10 @@ def test_seed_reproducible_and_documented_draw_order() -> None:
 ])
 def test_streaming_reads_each_key_once_lazily_and_at_most_one_layer_ahead(
         method: str, moe_layers: set[int] | None) -> None:
-    """Model order, except that a drop / noise MoE layer right after another has its dense MLP
-    read once the previous layer's draws are done (its experts' draws start then): before its
-    attention, while the previous layer's last expert is still to come."""
+    """Model order, except for drop / noise MoE layers, whose experts' draws start early: layer
+    0 has its dense MLP read before anything (its draws run while the embedding is written);
+    a layer right after another MoE layer has its MLP read as that one's experts start, right
+    after that one's attention (its draws start when that one's last draws are done)."""
     arch = replace(ARCH, num_layers=3)
     dense = dense_state(arch)
     reads: list[tuple[str, int]] = []  # (key, outputs so far)
@@ -158,23 +159,31 @@ def test_streaming_reads_each_key_once_lazily_and_at_most_one_layer_ahead(
     for name, _ in stream:
         names.append(name)
     moe = spec.moe_arch(arch).moe_layers
+    drawn = method in ("drop", "noise")
     want = list(hf_shapes(arch))
-    for layer in sorted(moe):
-        if layer - 1 in moe and method in ("drop", "noise"):
-            mlp = [HF_DENSE_MLP[r].format(layer=layer) for r in ("gate", "up", "down")]
-            for key in mlp:
-                want.remove(key)
-            at = want.index(f"model.layers.{layer}.input_layernorm.weight")
-            want[at:at] = mlp
+
+    def mlp_of(layer: int) -> list[str]:
+        return [HF_DENSE_MLP[r].format(layer=layer) for r in ("gate", "up", "down")]
+
+    if drawn and 0 in moe:
+        want = mlp_of(0) + [key for key in want if key not in mlp_of(0)]
+    early = {n for n in moe if n - 1 in moe and drawn}
+    for layer in sorted(early):
+        want = [key for key in want if key not in mlp_of(layer)]
+        at = want.index(f"model.layers.{layer - 1}.post_attention_layernorm.weight") + 1
+        if layer - 1 not in early and layer - 1 != 0:  # the previous layer's own MLP first
+            at += 3
+        want[at:at] = mlp_of(layer)
     assert [key for key, _ in reads] == want
     assert names == list(hf_shapes(spec.moe_arch(arch)))
-    early = {n for n in moe if n - 1 in moe and method in ("drop", "noise")}
     for key, made in reads:  # never more than one layer ahead of the output
         if key.startswith("model.layers.") and (layer := int(key.split(".")[2])) > 0:
             assert any(n.startswith(f"model.layers.{layer - 1}.") for n in names[:made]), key
-            if layer in early and ".mlp." in key:
-                # read just before the previous layer's last expert (3 of 4) comes out
-                assert names[made - 1] == HF_EXPERT["down"].format(layer=layer - 1, expert=2)
+            if layer in early and ".mlp." in key:  # as the previous layer's experts start
+                before = f"model.layers.{layer - 1}.post_attention_layernorm.weight"
+                assert names[made - 1] == before, key
+        elif key in mlp_of(0) and drawn and 0 in moe:  # before anything
+            assert made == 0, key
 
 
 @pytest.mark.parametrize("how", ["uniform_std002", "normal_std002"])
