@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,7 +42,7 @@ from megatron_ext.conversion.hf_config import read_hf_config, read_index
 from megatron_ext.conversion.keymaps import ConversionError
 from megatron_ext.errors import one_line
 from megatron_ext.platform.background import consume_behind
-from megatron_ext.platform.direct_io import ALIGN, SequentialFile
+from megatron_ext.platform.direct_io import ALIGN, SequentialFile, will_need
 from megatron_ext.platform.fs import recover_interrupted, staging
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -67,6 +68,8 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    start: int = 0  # where its bytes are in ``file`` (after the header), and how many
+    nbytes: int = 0
 
 
 def parse_size(text: str | int) -> int:
@@ -87,6 +90,10 @@ def read_safetensors_header(path: Path, float_only: bool = True) -> dict[str, Te
                       for name in f.keys()}
     except SafetensorError as e:
         raise ConversionError(f"{path}: {_damage(path, one_line(e))}") from None
+    with open(path, "rb") as raw:  # the offsets, from the header the library just accepted
+        n = int.from_bytes(raw.read(8), "little")
+        offsets = {name: meta["data_offsets"] for name, meta in json.loads(raw.read(n)).items()
+                   if name != "__metadata__"}
     out: dict[str, TensorInfo] = {}
     for name, (dtype_name, shape) in header.items():
         dtype = DTYPES.get(dtype_name)
@@ -94,7 +101,8 @@ def read_safetensors_header(path: Path, float_only: bool = True) -> dict[str, Te
             raise ConversionError(f"{path}: {name} has dtype {dtype_name}, which we do not read")
         if float_only and not dtype.is_floating_point:
             raise ConversionError(f"{path}: {name} is {dtype_name}, not a floating-point weight")
-        out[name] = TensorInfo(path, dtype, tuple(shape))
+        begin, end = offsets[name]
+        out[name] = TensorInfo(path, dtype, tuple(shape), 8 + n + begin, end - begin)
     return out
 
 
@@ -130,6 +138,9 @@ def _data_end(raw: bytes) -> int | None:
         return None
 
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
 class HFCheckpoint:
     """A validated HF checkpoint directory: ``config``, ``keys()``, ``info()``, ``get()``.
     ``float_only``: every tensor must be floating point (a weight), as for our conversions."""
@@ -143,6 +154,8 @@ class HFCheckpoint:
             raise ConversionError(f"{self.path}: no config.json (not an HF checkpoint)")
         self.config: dict[str, Any] = read_hf_config(config_path)  # bounded and checked
         self._tensors: dict[str, TensorInfo] = {}
+        self._layers: dict[int, list[TensorInfo]] = {}  # for ``_read_ahead``
+        self._advised: set[int] = set()
         for file in self._weight_files():
             for name, info in read_safetensors_header(file, float_only).items():
                 if name in self._tensors:
@@ -154,6 +167,9 @@ class HFCheckpoint:
             for name, info in self._tensors.items():
                 if self._weight_map[name] != info.file.name:
                     raise ConversionError(f"{self.path}: index puts {name} in another shard")
+        for name, info in self._tensors.items():
+            if (m := _LAYER.match(name)) is not None:
+                self._layers.setdefault(int(m.group(1)), []).append(info)
 
     def _weight_files(self) -> list[Path]:
         index = self.path / INDEX_NAME
@@ -180,9 +196,23 @@ class HFCheckpoint:
     def get(self, name: str) -> Tensor:
         """Load one tensor (KeyError when absent, like a dict)."""
         info = self._tensors[name]
+        self._read_ahead(name)
         # Short-lived handle on purpose: see the module docstring.
         with safe_open(str(info.file), framework="pt") as f:
             return f.get_tensor(name)
+
+    def _read_ahead(self, name: str) -> None:
+        """Ask the kernel to read the next layer's tensors into the page cache in the background
+        (once per layer; any tensor outside a layer asks for layer 0): tensors are read through
+        a memory map, whose page faults read a cold file 128 KB at a time on the reading thread.
+        Measured at 8x3.7B (2 cores): a validated upcycle from an uncached dense took ~10 s
+        more CPU than from a cached one."""
+        m = _LAYER.match(name)
+        layer = int(m.group(1)) + 1 if m is not None else 0
+        if layer in self._advised or layer not in self._layers:
+            return
+        self._advised.add(layer)
+        will_need([(t.file, t.start, t.nbytes) for t in self._layers[layer]])
 
     __call__ = get
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -192,3 +193,27 @@ class SequentialFile:
             self._release_buffer()
             os.close(self._fd)
             self._fd = -1
+
+
+def will_need(ranges: Iterable[tuple[Path, int, int]]) -> None:
+    """Ask the kernel to read these (file, offset, length) ranges into the page cache now, in
+    the background (``POSIX_FADV_WILLNEED``: large reads, not one page fault at a time), so a
+    later read or memory-mapped access finds them there. A hint: where it is not available, or
+    the file is gone, nothing happens."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    by_file: dict[Path, list[tuple[int, int]]] = {}
+    for path, offset, length in ranges:
+        by_file.setdefault(path, []).append((offset, length))
+    for path, spans in by_file.items():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            for offset, length in spans:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,62 @@ def test_writer_starts_tensor_data_on_a_block_and_writes_aligned_tensors_in_plac
     probe.close(discard=True)
     if direct:  # t0 in place; t2 and t3 sit 3 rows past a block: buffered, unlike t0
         assert in_place[0] >= tensors["t0"].numel() * 2
+
+
+def _resident(path: Path, start: int, length: int) -> float:
+    """The share of the pages of ``path``'s byte range that are in the page cache (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    first = start // page * page
+    pages = (start + length - first + page - 1) // page
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        vec = (ctypes.c_ubyte * pages)()
+        assert libc.mincore(ctypes.c_void_p(base + first), ctypes.c_size_t(pages * page), vec) == 0
+        share = sum(v & 1 for v in vec) / pages
+        del base  # (the buffer export must end before the map closes)
+    return share
+
+
+def test_reading_a_layer_asks_the_kernel_for_the_next_one(tmp_path: Path) -> None:
+    """``HFCheckpoint.get`` of a layer's tensor has the next layer's bytes read into the page
+    cache in the background (the memory-mapped reads of a cold file are page faults otherwise);
+    a tensor outside the layers asks for layer 0; never more than one layer ahead."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"model.embed_tokens.weight": torch.randn(256, 1024, generator=g)}
+    for layer in range(3):
+        for role in ("gate", "up"):  # 8 MiB each: far beyond the kernel's own read-ahead
+            tensors[f"model.layers.{layer}.mlp.{role}_proj.weight"] = torch.randn(
+                1024, 2048, generator=g)
+    (tmp_path / "config.json").write_text("{}")
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    ckpt = HFCheckpoint(tmp_path)
+
+    def cached(layer: int) -> float:
+        infos = [ckpt.info(f"model.layers.{layer}.mlp.{r}_proj.weight") for r in ("gate", "up")]
+        return min(_resident(path, i.start, i.nbytes) for i in infos)
+
+    if max(cached(layer) for layer in range(3)) > 0.5:
+        pytest.skip("this file system keeps the file cached (tmpfs?): nothing to observe")
+
+    def soon(layer: int) -> float:  # (all but a page or two: the kernel's own rounding)
+        for _ in range(500):
+            if cached(layer) >= 0.99:
+                break
+            time.sleep(0.01)
+        return cached(layer)
+
+    ckpt.get("model.embed_tokens.weight")
+    assert soon(0) >= 0.99 and cached(1) < 0.5
+    ckpt.get("model.layers.0.mlp.gate_proj.weight")
+    assert soon(1) >= 0.99 and cached(2) < 0.5
+    ckpt.get("model.layers.1.mlp.up_proj.weight")
+    assert soon(2) >= 0.99
