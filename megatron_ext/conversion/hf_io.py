@@ -68,7 +68,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
-    start: int = 0  # where its bytes are in ``file`` (after the header), and how many
+    start: int = 0  # where its bytes start in ``file`` (from the file's first byte), and how many
     nbytes: int = 0
 
 
