@@ -290,8 +290,9 @@ def upcycle_checkpoint(
                 if (failed := out_of_memory(e)) is None:
                     raise
                 raise MemoryError(
-                    f"{failed}, in the full-model logit check (about {need / 1e9:.1f} GB, allowed "
-                    f"by --logit-check-memory; the streaming validation passed)") from e
+                    f"{failed}, in the full-model logit check (about {need / 1e9:.1f} GB, within "
+                    f"the {budget / 1e9:.1f} GB of --logit-check-memory; the streaming validation "
+                    "passed)") from e
             log(report.summary())
             if not report.passed:
                 raise ValidationError(report.summary())
