@@ -213,7 +213,6 @@ class _Upcycler:
         yield HF_LM_HEAD, self._plain(HF_LM_HEAD)
 
     def _moe_layer(self, layer: int, router_EH: Tensor) -> Iterator[tuple[str, Tensor]]:
-        names = {role: HF_DENSE_MLP[role].format(layer=layer) for role in _ROLES}
         experts: Iterator[dict[str, Tensor]]
         if self.spec.method in ("drop", "noise"):
             if self._next is None or self._next[0] != layer:
@@ -224,11 +223,10 @@ class _Upcycler:
             if layer + 1 in self.moe_arch.moe_layers and self._ready is None:
                 self._ready = self._prepare(layer + 1)
         else:
+            names = {role: HF_DENSE_MLP[role].format(layer=layer) for role in _ROLES}
             mlp = {role: self._fetch(name) for role, name in names.items()}
-        dtypes = {role: t.dtype for role, t in mlp.items()}
-        yield HF_ROUTER.format(layer=layer), router_EH.to(dtypes["gate"])
-        if self.spec.method not in ("drop", "noise"):
-            experts = self._copied_experts(names, mlp, dtypes)
+            experts = self._copied_experts(names, mlp, {r: t.dtype for r, t in mlp.items()})
+        yield HF_ROUTER.format(layer=layer), router_EH.to(mlp["gate"].dtype)
         with closing(experts):  # a consumer that stops early stops the draws too
             for expert, weights in enumerate(experts):
                 for role in _ROLES:
