@@ -7,7 +7,7 @@ only on the generator being consumed in that order, so ``ExpertStream`` can run 
 a layer's experts on a worker thread (``platform.background.produce_ahead``) while the caller
 builds the previous expert, and the next layer's stream can start as soon as this one's last
 draws are taken. Measured at the 8x3.7B shape in a full upcycle on two cores, the halves cost
-~0.19 s (the fp32 samples) and ~0.09 s (gathers, casts and copies) per expert, and the draws'
+~0.19 s (the fp32 samples) and ~0.08 s (gathers and casts) per expert, and the draws'
 thread is busy 96% of the run: the upcycler's critical path is the draws alone, and every byte
 stays what it was.
 """
