@@ -217,3 +217,29 @@ def will_need(ranges: Iterable[tuple[Path, int, int]]) -> None:
             pass
         finally:
             os.close(fd)
+
+
+
+def cached_share(path: str | os.PathLike[str], start: int = 0, length: int | None = None) -> float:
+    """The share (0 to 1) of the pages of ``path``'s byte range (by default the whole file) that
+    are in the page cache now, from ``mincore`` on a private map of the file (mapping faults
+    nothing in): what tells a cold read from a cached one. 0.0 for an empty range."""
+    import ctypes
+
+    size = os.path.getsize(path)
+    length = size - start if length is None else min(length, size - start)
+    if length <= 0:
+        return 0.0
+    page = mmap.PAGESIZE
+    first = start // page * page
+    pages = (start + length - first + page - 1) // page
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+        anchor = ctypes.c_char.from_buffer(mm)  # (a writable map exports its address)
+        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor) + first),
+                          ctypes.c_size_t(pages * page), vec)
+        del anchor  # the export must end before the map closes
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), f"mincore failed on {path}")
+    return sum(v & 1 for v in vec) / pages

@@ -21,6 +21,7 @@ from megatron_ext.conversion.hf_io import (
     staged_dir,
 )
 from megatron_ext.conversion.keymaps import ConversionError
+from megatron_ext.platform import direct_io
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -133,8 +134,6 @@ def test_writer_starts_tensor_data_on_a_block_and_writes_aligned_tensors_in_plac
     O_DIRECT buffer; both safetensors and our reader read the same tensors back."""
     import mmap
 
-    from megatron_ext.platform import direct_io
-
     monkeypatch.setattr(direct_io, "IN_PLACE_MIN", 2 * direct_io.ALIGN)
     in_place: list[int] = []
     real_close = direct_io.SequentialFile.close
@@ -168,24 +167,6 @@ def test_writer_starts_tensor_data_on_a_block_and_writes_aligned_tensors_in_plac
         assert in_place[0] >= tensors["t0"].numel() * 2
 
 
-def _resident(path: Path, start: int, length: int) -> float:
-    """The share of the pages of ``path``'s byte range that are in the page cache (mincore)."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = mmap.PAGESIZE
-    first = start // page * page
-    pages = (start + length - first + page - 1) // page
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
-        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-        vec = (ctypes.c_ubyte * pages)()
-        assert libc.mincore(ctypes.c_void_p(base + first), ctypes.c_size_t(pages * page), vec) == 0
-        share = sum(v & 1 for v in vec) / pages
-        del base  # (the buffer export must end before the map closes)
-    return share
-
-
 def test_reading_a_layer_asks_the_kernel_for_the_next_one(tmp_path: Path) -> None:
     """``HFCheckpoint.get`` of a layer's tensor has the next layer's bytes read into the page
     cache in the background (the memory-mapped reads of a cold file are page faults otherwise);
@@ -207,7 +188,7 @@ def test_reading_a_layer_asks_the_kernel_for_the_next_one(tmp_path: Path) -> Non
 
     def cached(layer: int) -> float:
         infos = [ckpt.info(f"model.layers.{layer}.mlp.{r}_proj.weight") for r in ("gate", "up")]
-        return min(_resident(path, i.start, i.nbytes) for i in infos)
+        return min(direct_io.cached_share(path, i.start, i.nbytes) for i in infos)
 
     if max(cached(layer) for layer in range(3)) > 0.5:
         pytest.skip("this file system keeps the file cached (tmpfs?): nothing to observe")
@@ -225,3 +206,25 @@ def test_reading_a_layer_asks_the_kernel_for_the_next_one(tmp_path: Path) -> Non
     assert soon(1) >= 0.99 and cached(2) < 0.5
     ckpt.get("model.layers.1.mlp.up_proj.weight")
     assert soon(2) >= 0.99
+
+
+def test_cached_share_tells_a_cold_file_from_a_read_one(tmp_path: Path) -> None:
+    """``direct_io.cached_share``: what the upcycle bench reports per run (cold or cached input)."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(64 * 4096))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if direct_io.cached_share(path) > 0.5:
+            pytest.skip("this file system keeps the file cached (tmpfs?): nothing to observe")
+        assert direct_io.cached_share(path) < 0.1
+        path.read_bytes()
+        assert direct_io.cached_share(path) == 1.0
+        os.posix_fadvise(fd, 32 * 4096, 0, os.POSIX_FADV_DONTNEED)  # the second half dropped
+    finally:
+        os.close(fd)
+    assert direct_io.cached_share(path, 0, 32 * 4096) == 1.0
+    assert direct_io.cached_share(path, 32 * 4096, 16 * 4096) < 0.1
+    assert 0.45 < direct_io.cached_share(path) < 0.55
+    assert direct_io.cached_share(path, 64 * 4096) == 0.0  # an empty range

@@ -36,6 +36,7 @@ import torch
 from megatron_ext.conversion.hf_io import parse_size, write_hf_checkpoint
 from megatron_ext.conversion.keymaps import Arch, hf_config_for, hf_shapes
 from megatron_ext.platform.cli import ArgumentParser, run_cli
+from megatron_ext.platform.direct_io import cached_share
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -216,6 +217,7 @@ def measure(tmp: Path, shape: str, layers: int, mode: str, max_shard: str,
     for _ in range(measure.repeats):
         synced = disk_rate(tmp, "conv=fdatasync")
         before = disk_rate(tmp, "oflag=direct", out_bytes)
+        cached = input_cached(tmp / "dense")
         m = run_measured([sys.executable, str(ROOT / cli[0]), *cli[1:]], tmp)
         if m.rc != 0:
             raise SystemExit(f"upcycle_memory: the upcycle CLI failed (exit {m.rc})")
@@ -223,30 +225,48 @@ def measure(tmp: Path, shape: str, layers: int, mode: str, max_shard: str,
         shutil.rmtree(tmp / "moe")  # first: the disk holds the dense model and one of the two
         after = disk_rate(tmp, "oflag=direct", out_bytes)
         direct = (before + after) / 2
-        runs.append((m, out_bytes / m.writing, direct, synced, out_bytes, before, after))
+        runs.append((m, out_bytes / m.writing, direct, synced, out_bytes, before, after, cached))
         print(f"  {shape} {layers} layers {mode}: {out_bytes / m.writing / 1e6:.0f} MB/s "
               f"= {out_bytes / m.writing / direct:.2f}x dd (oflag=direct of as many bytes: "
               f"{before / 1e6:.0f} before, {after / 1e6:.0f} after; fdatasync 1 GiB "
-              f"{synced / 1e6:.0f} MB/s), ru_maxrss {m.maxrss / 1e9:.2f} GB, load {m.load:.1f}",
-              flush=True)
+              f"{synced / 1e6:.0f} MB/s), ru_maxrss {m.maxrss / 1e9:.2f} GB, load {m.load:.1f}, "
+              f"input {cached:.0%} in the page cache", flush=True)
     return runs, " ".join(cli).replace(str(tmp), "$TMP")
 
 
 measure.repeats = 3
 
 
+def input_cached(dense: Path) -> float:
+    """The share of the dense model's bytes in the page cache: a run that reads it cold (the
+    first, since ``make_dense`` writes with O_DIRECT) reads 7.6 GB from the disk it writes to."""
+    files = sorted(dense.glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    return sum(cached_share(f) * f.stat().st_size for f in files) / max(1, total)
+
+
+def git_rev() -> str:
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD"]).returncode
+    return (r.stdout.strip() or "unknown") + (" + local changes" if dirty else "")
+
+
 def entry(shape: str, layers: int, full: int, results: dict, dense_bytes: int, sizes: tuple,
-          argv: list[str], draw_s: float) -> str:
+          argv: list[str], draw_s: float, load_before: float) -> str:
     """The docs/benchmarks.md section for one model (every mode and run, then the ratios)."""
     dense_params, moe_params = sizes
     scale = "full depth" if layers == full else f"SCALED to {layers} of {full} layers"
     cores = len(os.sched_getaffinity(0))
     out_bytes = next(iter(results.values()))[0][0][4]  # the same bytes in every mode
+    now = datetime.datetime.now(datetime.UTC)
     lines = [
-        f"### {datetime.date.today().isoformat()}: drop r=0.5, 8 experts, {shape} shape ({scale})",
+        f"### {now:%Y-%m-%d %H:%M} UTC: drop r=0.5, 8 experts, {shape} shape "
+        f"({scale}; {git_rev()})",
         "",
-        f"- machine: {cpu_model()}, {cores} cores shared with other jobs, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU; torch {torch.__version__}",
+        f"- machine: {cpu_model()}, {cores} cores (1-minute load {load_before:.1f} before the "
+        f"first run), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU; "
+        f"torch {torch.__version__}",
         f"- input: random dense Llama, {dense_params / 1e9:.2f}B params, "
         f"{dense_bytes / 1e9:.2f} GB bf16; output {moe_params / 1e9:.2f}B params, "
         f"{out_bytes / 1e9:.2f} GB",
@@ -256,13 +276,13 @@ def entry(shape: str, layers: int, full: int, results: dict, dense_bytes: int, s
         lines.append(f"- {mode} command: `PYTHONPATH=. python {cmd}`")
     lines += ["", "dd oflag=direct writes as many bytes as the run, just before and just after "
               "it; the ratio is to their mean.", "",
-              "| mode | run | load (1 min) | dd direct MB/s before / after | "
+              "| mode | run | input in page cache | load (1 min) | dd direct MB/s before / after | "
               "dd fdatasync 1 GiB MB/s | upcycle MB/s (first file to end) | x dd | wall s | "
               "ru_maxrss GB | VmHWM GB | tree RSS GB | full-model logit check |",
-              "|---" * 12 + "|"]
+              "|---" * 13 + "|"]
     for mode, (runs, _) in results.items():
-        for i, (m, rate, direct, synced, _, before, after) in enumerate(runs, 1):
-            lines.append(f"| {mode} | {i} | {m.load:.1f} | {before / 1e6:.0f} / "
+        for i, (m, rate, direct, synced, _, before, after, cached) in enumerate(runs, 1):
+            lines.append(f"| {mode} | {i} | {cached:.0%} | {m.load:.1f} | {before / 1e6:.0f} / "
                          f"{after / 1e6:.0f} | {synced / 1e6:.0f} | {rate / 1e6:.0f} | "
                          f"{rate / direct:.2f} | {m.wall:.0f} | "
                          f"{m.maxrss / 1e9:.2f} | {m.vmhwm / 1e9:.2f} | {m.tree_rss / 1e9:.2f} | "
@@ -325,12 +345,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{dense_params / 1e9:.2f}B params in {tmp} ...", flush=True)
             dense_bytes = make_dense(tmp / "dense", arch, parse_size(args.max_shard_size))
             draw_s = generator_seconds(arch)
+            load_before = os.getloadavg()[0]
             results = {mode: measure(tmp, args.shape, arch.num_layers, mode, args.max_shard_size,
                                      2 * moe_params) for mode in args.modes}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         text = entry(args.shape, arch.num_layers, full, results, dense_bytes,
-                     (dense_params, moe_params), argv, draw_s)
+                     (dense_params, moe_params), argv, draw_s, load_before)
         print(text)
         if "default" in results:
             worst = max(worst, *(max(r[0].maxrss, r[0].vmhwm) / 1e9
