@@ -219,7 +219,6 @@ def will_need(ranges: Iterable[tuple[Path, int, int]]) -> None:
             os.close(fd)
 
 
-
 def cached_share(path: str | os.PathLike[str], start: int = 0, length: int | None = None) -> float:
     """The share (0 to 1) of the pages of ``path``'s byte range (by default the whole file) that
     are in the page cache now, from ``mincore`` on a private map of the file (mapping faults

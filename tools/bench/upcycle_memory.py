@@ -238,8 +238,8 @@ measure.repeats = 3
 
 
 def input_cached(dense: Path) -> float:
-    """The share of the dense model's bytes in the page cache: a run that reads it cold (the
-    first, since ``make_dense`` writes with O_DIRECT) reads 7.6 GB from the disk it writes to."""
+    """The share of the dense model's bytes in the page cache: a run that finds it cold (the
+    first, since ``make_dense`` writes with O_DIRECT) reads all of it from the disk it writes to."""
     files = sorted(dense.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     return sum(cached_share(f) * f.stat().st_size for f in files) / max(1, total)
