@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,7 +38,7 @@ from torch import Tensor
 from megatron_ext.config.args import parse_size as bounded_size
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.conversion.hf_config import read_hf_config, read_index
-from megatron_ext.conversion.keymaps import ConversionError
+from megatron_ext.conversion.keymaps import ConversionError, hf_layer
 from megatron_ext.errors import one_line
 from megatron_ext.platform.background import consume_behind
 from megatron_ext.platform.direct_io import ALIGN, SequentialFile, will_need
@@ -138,9 +137,6 @@ def _data_end(raw: bytes) -> int | None:
         return None
 
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
-
-
 class HFCheckpoint:
     """A validated HF checkpoint directory: ``config``, ``keys()``, ``info()``, ``get()``.
     ``float_only``: every tensor must be floating point (a weight), as for our conversions."""
@@ -168,8 +164,8 @@ class HFCheckpoint:
                 if self._weight_map[name] != info.file.name:
                     raise ConversionError(f"{self.path}: index puts {name} in another shard")
         for name, info in self._tensors.items():
-            if (m := _LAYER.match(name)) is not None:
-                self._layers.setdefault(int(m.group(1)), []).append(info)
+            if (layer := hf_layer(name)) is not None:
+                self._layers.setdefault(layer, []).append(info)
 
     def _weight_files(self) -> list[Path]:
         index = self.path / INDEX_NAME
@@ -207,8 +203,8 @@ class HFCheckpoint:
         a memory map, whose page faults read a cold file on whichever busy thread touches it.
         Measured at 8x3.7B (2 cores): a validated upcycle from an uncached dense took ~10 s
         more CPU than from a cached one without this, about the same with it."""
-        m = _LAYER.match(name)
-        layer = int(m.group(1)) + 1 if m is not None else 0
+        at = hf_layer(name)
+        layer = at + 1 if at is not None else 0
         if layer in self._advised or layer not in self._layers:
             return
         self._advised.add(layer)

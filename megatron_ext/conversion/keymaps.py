@@ -15,6 +15,7 @@ Shape legend: V vocab, H hidden, F d_ff, E experts, G query groups (kv heads), D
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,15 @@ HF_EMBED = "model.embed_tokens.weight"
 HF_FINAL_NORM = "model.norm.weight"
 HF_LM_HEAD = "lm_head.weight"
 _L = "model.layers.{layer}"
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def hf_layer(name: str) -> int | None:
+    """The layer an HF tensor name belongs to (``model.layers.N.``), None outside the layers."""
+    m = _HF_LAYER.match(name)
+    return int(m.group(1)) if m is not None else None
+
+
 HF_INPUT_NORM = f"{_L}.input_layernorm.weight"
 HF_Q, HF_K, HF_V, HF_O = (f"{_L}.self_attn.{p}_proj.weight" for p in "qkvo")
 HF_POST_ATTN_NORM = f"{_L}.post_attention_layernorm.weight"

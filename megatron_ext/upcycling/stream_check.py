@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from megatron_ext.conversion.keymaps import HF_DENSE_MLP, Arch, hf_shapes
+from megatron_ext.conversion.keymaps import HF_DENSE_MLP, Arch, hf_layer, hf_shapes
 from megatron_ext.model.compare import ValidationError
 from megatron_ext.platform.background import consume_behind
 from megatron_ext.upcycling.neuron_match import (
@@ -54,7 +54,6 @@ ROLES = ("gate", "up", "down")
 _W_ROLE = {"w1": "gate", "w3": "up", "w2": "down"}
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 _ROUTER = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight")
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _BF16_SLACK = 2.0 ** -8
 _PROBE_TOKENS = 4
 _PROBE_TOLERANCE = 1e-4  # relative to max(1, max |dense output|), as the logit check
@@ -161,8 +160,7 @@ class StreamCheck:
             raise ValidationError(f"{name}: shape {list(t.shape)}, expected "
                                   f"{list(self.expected[name])}")
         self.seen.add(name)
-        m = _LAYER.match(name)
-        layer = int(m.group(1)) if m else None
+        layer = hf_layer(name)
         if layer != self._layer:
             self._close_layer()
             self._layer = layer
