@@ -9,7 +9,8 @@ from the first output file to the end), beside the disk's own rate: dd oflag=dir
 many bytes as the run into the same directory just before and just after it (a short burst
 can read 2-3x the rate of a write this long on a virtual disk: caches in front of it), and
 dd conv=fdatasync of 1 GiB; also the 1-minute load average, and the rate a single torch
-generator allows (``generator_seconds``: the reference's draws are one sequential stream).
+generator allows (``generator_seconds``: the reference's draws are one sequential stream,
+through the upcycler's ``fast_normal.normal_``).
 --layers scales the model down (the output says so): memory is per layer, so measuring two
 layer counts shows whether the peak grows with depth. Results are printed and appended to
 docs/benchmarks.md under "## Upcycling memory"; everything generated is deleted.
@@ -37,6 +38,7 @@ from megatron_ext.conversion.hf_io import parse_size, write_hf_checkpoint
 from megatron_ext.conversion.keymaps import Arch, hf_config_for, hf_shapes
 from megatron_ext.platform.cli import ArgumentParser, run_cli
 from megatron_ext.platform.direct_io import cached_share
+from megatron_ext.upcycling import fast_normal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,9 +160,10 @@ def disk_rate(directory: Path, mode: str, nbytes: int = 2**30) -> float:
 
 
 def generator_seconds(arch: Arch, experts: int = 8, ratio: float = 0.5, repeats: int = 3) -> float:
-    """Seconds one torch generator takes to draw one MoE layer's drop samples here (best of
-    ``repeats``): the reference's stream comes from a single generator in a fixed order, so no
-    upcycle of a seed can make a layer's experts faster than this, however many cores it has."""
+    """Seconds one torch generator takes to draw one MoE layer's drop samples here through the
+    upcycler's ``fast_normal.normal_`` (best of ``repeats``): the reference's stream comes from
+    a single generator in a fixed order, so no upcycle of a seed can make a layer's experts
+    faster than this, however many cores it has."""
     k = math.floor(ratio * arch.ffn_hidden_size)
     samples = torch.empty(k * arch.hidden_size)
     g = torch.Generator().manual_seed(0)
@@ -168,7 +171,7 @@ def generator_seconds(arch: Arch, experts: int = 8, ratio: float = 0.5, repeats:
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(3 * experts):  # gate, down, up of each expert
-            samples.normal_(0.0, 0.02, generator=g)
+            fast_normal.normal_(samples, 0.0, 0.02, g)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -300,8 +303,8 @@ def entry(shape: str, layers: int, full: int, results: dict, dense_bytes: int, s
             f"dd conv=fdatasync of 1 GiB")
     bound = out_bytes / (layers * draw_s)
     lines.append(f"- the generator's bound: one layer's drop samples take {draw_s:.2f} s from one "
-                 f"generator here (`generator_seconds`, best of 3), so no upcycle of a seed can "
-                 f"write this model faster than {bound / 1e6:.0f} MB/s")
+                 f"generator here (`generator_seconds`, best of 3; {fast_normal.backend()}), so no "
+                 f"upcycle of a seed can write this model faster than {bound / 1e6:.0f} MB/s")
     for mode, (runs, _) in results.items():
         best = max(runs, key=lambda r: r[1])
         lines.append(f"  - {mode}: best run {best[1] / bound:.2f}x that bound; the bound is "
