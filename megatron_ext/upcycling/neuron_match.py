@@ -10,6 +10,7 @@ permutation per expert.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -142,8 +143,9 @@ class DenseNeurons:
             self.short = False
             self.sorted, self.order = torch.sort(prints(self.rows, short=False))
             self.unique = bool((self.sorted[1:] != self.sorted[:-1]).all())
-        self._buf: Tensor | None = None  # a chunk of candidate rows and its equalities, reused
-        self._eq: Tensor | None = None
+        # a chunk of candidate rows and its equalities, reused: per thread, since the streaming
+        # check matches several experts against one layer's neurons at once
+        self._local = threading.local()
 
     def match(self, rows: Tensor) -> Tensor:
         """For each row of ``rows`` (contiguous neurons): the index of the bit-identical dense
@@ -161,15 +163,16 @@ class DenseNeurons:
         # faster than a bool ``all``)
         have, want = as_words(self.rows), as_words(rows)
         hit = same.nonzero().squeeze(1)
-        if self._buf is None:
-            self._buf = torch.empty(2, _COMPARE_CHUNK, have.shape[1], dtype=have.dtype)
-            self._eq = torch.empty(_COMPARE_CHUNK, have.shape[1], dtype=torch.bool)
+        if not hasattr(self._local, "buf"):
+            self._local.buf = torch.empty(2, _COMPARE_CHUNK, have.shape[1], dtype=have.dtype)
+            self._local.eq = torch.empty(_COMPARE_CHUNK, have.shape[1], dtype=torch.bool)
+        buf, eq_buf = self._local.buf, self._local.eq
         for start in range(0, len(hit), _COMPARE_CHUNK):
             rows_at = hit[start:start + _COMPARE_CHUNK]
             n = len(rows_at)
-            got = torch.index_select(have, 0, cand[rows_at], out=self._buf[0, :n])
-            wanted = torch.index_select(want, 0, rows_at, out=self._buf[1, :n])
+            got = torch.index_select(have, 0, cand[rows_at], out=buf[0, :n])
+            wanted = torch.index_select(want, 0, rows_at, out=buf[1, :n])
             if not torch.equal(got, wanted):  # (all equal, the rule: one memcmp confirms them)
-                eq = torch.eq(got, wanted, out=self._eq[:n])
+                eq = torch.eq(got, wanted, out=eq_buf[:n])
                 same[rows_at] = eq.view(torch.uint8).amin(dim=1).bool()
         return torch.where(same, cand, -1)
