@@ -20,6 +20,7 @@ import functools
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -39,7 +40,8 @@ MIN_SAMPLES = 1 << 16
 
 def normal_(out: Tensor, mean: float, std: float, g: torch.Generator) -> Tensor:
     """``out.normal_(mean, std, generator=g)``, in place, with the same values and leaving ``g``
-    in the same state."""
+    in the same state. No other thread may use ``g`` meanwhile: torch's ``normal_`` holds the
+    generator's lock, while this reads its state, draws, and writes the state back."""
     fill = _kernel()[0] if out.numel() >= MIN_SAMPLES else None
     if (fill is None or out.dtype != torch.float32 or out.device.type != "cpu"
             or not out.is_contiguous() or g.device.type != "cpu"
@@ -79,9 +81,14 @@ def _kernel() -> tuple[Callable[..., None] | None, str]:
 
 
 def _compile(avx2: bool) -> Callable[..., None]:
-    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    asked = os.environ.get("CXX") or "c++"  # $CXX may carry flags, or be "ccache g++"
+    try:
+        command = shlex.split(asked)
+    except ValueError as err:
+        raise OSError(f"$CXX={asked!r}: {err}") from err
+    cxx = shutil.which(command[0]) if command else None
     if cxx is None:
-        raise OSError("no C++ compiler (c++ or $CXX) on PATH")
+        raise OSError(f"no C++ compiler {asked!r} on PATH")
     # -ffp-contract=fast (GCC's default): torch's build fused avx_mathfun's multiply-adds, and
     # with contraction off 1% of the values differ in their last bit
     flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC"]
@@ -94,8 +101,8 @@ def _compile(avx2: bool) -> Callable[..., None]:
                   "-DCPU_CAPABILITY=AVX2", f"-I{include}"]
     with tempfile.TemporaryDirectory(prefix="megatron_ext_normal_") as tmp:
         lib = Path(tmp) / "normal_fill.so"
-        done = subprocess.run([cxx, *flags, str(_SOURCE), "-o", str(lib)], capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run([cxx, *command[1:], *flags, str(_SOURCE), "-o", str(lib)],
+                              capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
             raise OSError(f"{Path(cxx).name}: {last}")

@@ -123,8 +123,11 @@ def test_the_check_rejects_a_kernel_that_is_not_torchs() -> None:
 
 @pytest.mark.parametrize("env,why", [
     ({"MEGATRON_EXT_FAST_NORMAL": "0"}, "(MEGATRON_EXT_FAST_NORMAL=0)"),
-    ({"CXX": "/nonexistent/c++"}, "no C++ compiler"),
+    ({"CXX": "/nonexistent/c++"}, "no C++ compiler '/nonexistent/c++' on PATH"),
     ({"CXX": "false"}, "could not build normal_fill.cpp: false: exit 1"),
+    pytest.param({"CXX": "c++ -include /nonexistent/h.h"}, "could not build normal_fill.cpp",
+                 marks=pytest.mark.skipif(not shutil.which("c++"), reason="no c++")),
+    ({"CXX": "'c++"}, "$CXX=\"'c++\": No closing quotation"),
 ])
 def test_each_fallback_says_why_and_gives_torchs_values(monkeypatch, env: dict, why: str) -> None:
     for name, value in env.items():
